@@ -1,0 +1,32 @@
+"""Policies deciding which examples a replay buffer keeps, registered by CLI name (`reservoir`, ...)."""
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from utils.registry import Registry
+
+
+class BufferPolicy:
+    """Chooses the buffer slots that incoming stream examples overwrite.
+
+    `insert` returns (slots, rows): buffer slot slots[k] receives batch row rows[k]; slots are
+    unique. Slots fill front to back (0, 1, 2, ...) until the buffer is full.
+    """
+
+    NAME: str
+
+    @staticmethod
+    def add_args(parser: argparse._ArgumentGroup) -> None:
+        """Policy-specific flags (none by default)."""
+
+    def __init__(self, args: argparse.Namespace):
+        self.args = args
+
+    def insert(self, n_seen: int, capacity: int, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+
+BUFFER_POLICIES: Registry[BufferPolicy] = Registry("buffer policy", "buffer_policies")
+register_policy = BUFFER_POLICIES.register

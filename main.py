@@ -1,0 +1,135 @@
+"""One continual-learning run: arguments → dataset, backbone, model → tasks → evaluation → MLflow.
+
+    python main.py --model er --dataset seq-digits --buffer_size 200 --lr 0.1
+"""
+from __future__ import annotations
+
+import argparse
+import random
+import secrets
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+from backbones import BACKBONES
+from datasets import DATASETS
+from models import MODELS
+from utils.args import computational_config, parse_args
+from utils.checkpoint import check_same_config, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from utils.errors import ConfigError, TrainingDiverged
+from utils.mlflow_logger import RunLogger, check_reachable, default_tracking_uri, environment_tags
+from utils.training import RunState, train
+
+
+def set_seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def summary_table(state: RunState) -> str:
+    """The accuracy matrices and the final metrics as plain text."""
+    lines = []
+    for setting, matrix in state.matrices.items():
+        last = state.next_task - 1
+        lines.append(f"\n{setting.replace('_', '-')} accuracy (%), row t = after training task t")
+        lines.append("        " + "".join(f"{f'task {i}':>9}" for i in range(matrix.shape[1])))
+        for t in range(last + 1):
+            cells = "".join(f"{'' if np.isnan(v) else f'{v:.2f}':>9}" for v in matrix[t])
+            lines.append(f"after {t:<2}" + cells)
+        from utils.evaluation import summary_metrics
+        final = summary_metrics({setting: matrix}, last)
+        lines.append("  ".join(f"{k}: {v:.2f}" for k, v in final.items()))
+    return "\n".join(lines)
+
+
+def log_new_run(logger: RunLogger, args: argparse.Namespace, dataset) -> None:
+    logger.log_params(vars(args))
+    logger.set_tags(environment_tags(args.device))
+    derived = {"class_order": dataset.class_order.tolist(), "n_tasks": dataset.n_tasks,
+               "classes_per_task": dataset.classes_per_task, "n_train": len(dataset.train),
+               "n_test": len(dataset.test), "n_relabeled": int(dataset.noisy_mask.sum())}
+    logger.log_text(yaml.safe_dump({"arguments": vars(args), "derived": derived}, sort_keys=True), "config.yaml")
+    if dataset.noisy_mask.any():
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as folder:
+            path = Path(folder) / "noisy_mask.npy"
+            np.save(path, dataset.noisy_mask)  # which training examples (dataset order) were relabeled
+            logger.log_artifact(str(path))
+
+
+def run(args: argparse.Namespace) -> RunState:
+    checkpoint = load_checkpoint(args.resume) if args.resume else None
+    if checkpoint is not None:
+        if args.seed is None:
+            args.seed = checkpoint["config"]["seed"]
+        check_same_config(args.resume, checkpoint["config"], computational_config(args))
+        args.tracking_uri = args.tracking_uri or checkpoint["tracking_uri"]
+    else:
+        if args.seed is None:
+            args.seed = secrets.randbelow(2**31 - 1)
+        args.tracking_uri = args.tracking_uri or default_tracking_uri()
+    check_reachable(args.tracking_uri)  # before any work, so a dead server costs nothing
+
+    set_seed(args.seed)
+    dataset = DATASETS.get(args.dataset)(args)
+    backbone = BACKBONES.get(args.backbone)(args, dataset.SHAPE, dataset.N_CLASSES).to(args.device)
+    model = MODELS.get(args.model)(backbone, dataset, args)
+    state = RunState.fresh(dataset)
+    if checkpoint is not None:
+        model.net.load_state_dict(checkpoint["net"])
+        model.opt.load_state_dict(checkpoint["optimizer"])
+        model.load_extra_state(checkpoint["extra"])
+        state = RunState({k: v.numpy() for k, v in checkpoint["matrices"].items()}, checkpoint["next_task"],
+                         list(checkpoint["epoch_losses"]))
+        set_rng_state(checkpoint["rng"])
+
+    logger = RunLogger(args.tracking_uri, args.experiment_name, args.run_name,
+                       run_id=checkpoint["mlflow_run_id"] if checkpoint is not None else None)
+    if checkpoint is None:
+        log_new_run(logger, args, dataset)
+    checkpoint_path = None
+    if args.savecheck:
+        checkpoint_path = Path(args.resume) if args.resume else Path(args.checkpoint_dir) / f"{logger.run_id}.pt"
+        logger.set_tags({"checkpoint": str(checkpoint_path.resolve())})
+
+    def save(state: RunState) -> None:
+        save_checkpoint(checkpoint_path, {
+            "config": computational_config(args), "tracking_uri": args.tracking_uri,
+            "mlflow_run_id": logger.run_id, "next_task": state.next_task, "epoch_losses": state.epoch_losses,
+            "matrices": {k: torch.from_numpy(v) for k, v in state.matrices.items()},
+            "net": model.net.state_dict(), "optimizer": model.opt.state_dict(), "extra": model.extra_state(),
+            "rng": rng_state(),
+        })
+        print(f"checkpoint after task {state.next_task}: {checkpoint_path}", flush=True)
+
+    print(f"MLflow run {logger.run_id} in {args.tracking_uri}", flush=True)
+    try:
+        train(model, dataset, args, logger, state, after_task=save if checkpoint_path else None)
+    except TrainingDiverged as error:
+        logger.set_tags({"error": str(error)})
+        logger.finish("FAILED")
+        raise
+    except KeyboardInterrupt:
+        logger.finish("KILLED")
+        raise
+    print(summary_table(state))
+    logger.finish("FINISHED")
+    return state
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        run(parse_args(argv))
+    except (ConfigError, TrainingDiverged) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2 if isinstance(error, ConfigError) else 3
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

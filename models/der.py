@@ -1,0 +1,27 @@
+"""der: Dark Experience Replay — match the logits the buffer stored when each example was inserted."""
+import torch
+import torch.nn.functional as F
+
+from models import register_model
+from utils.continual_model import ContinualModel
+
+
+@register_model("der")
+class Der(ContinualModel):
+    USES_BUFFER = True
+
+    @staticmethod
+    def add_args(parser):
+        parser.add_argument("--alpha", type=float, default=0.3,
+                            help="weight of the logit-matching (MSE) replay loss (DER paper, seq-cifar10: 0.3)")
+
+    def observe(self, inputs, labels, not_aug_inputs, indices, task):
+        outputs = self.net(inputs)
+        loss = self.loss(outputs, labels)
+        if not self.buffer.is_empty():
+            replay = self.buffer.get_data(self.args.minibatch_size, transform=self.transform)
+            loss = loss + self.args.alpha * F.mse_loss(self.net(replay["examples"]), replay["logits"])
+        self.sgd_step(loss)
+        self.buffer.add_data(not_aug_inputs, labels, logits=outputs.detach(), indices=indices,
+                             task_labels=torch.full_like(indices, task))
+        return loss.detach()

@@ -1,0 +1,157 @@
+"""Command-line arguments of main.py: common flags plus the flags each chosen component declares."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+import yaml
+
+from backbones import BACKBONES
+from buffer_policies import BUFFER_POLICIES
+from datasets import DATASETS
+from models import MODELS
+from utils.continual_model import OPTIMIZERS
+from utils.errors import ConfigError
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+CONFIG_DIR = REPO_ROOT / "configs" / "best"
+# Flags that say where to log or resume, not what is computed: a checkpoint may differ in these.
+NON_COMPUTATIONAL = {"resume", "savecheck", "checkpoint_dir", "tracking_uri", "experiment_name", "run_name",
+                     "non_verbose", "data_path", "download", "model_config"}
+
+
+def common_parser(first_pass: bool = False) -> argparse.ArgumentParser:
+    """The flags every run has; the first pass only reads component names, so nothing is required yet."""
+    parser = argparse.ArgumentParser(
+        description="Run one continual-learning experiment and log it to MLflow.", add_help=not first_pass,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    what = parser.add_argument_group("what to run")
+    what.add_argument("--dataset", default="seq-digits", help=f"one of: {', '.join(DATASETS.names())}")
+    what.add_argument("--model", required=not first_pass, help=f"one of: {', '.join(MODELS.names())}")
+    what.add_argument("--backbone", default=None, help=f"one of: {', '.join(BACKBONES.names())} "
+                                                      "(default: the dataset's)")
+    what.add_argument("--buffer_policy", default="reservoir",
+                      help=f"for replay models, one of: {', '.join(BUFFER_POLICIES.names())}")
+    what.add_argument("--model_config", choices=("default", "best"), default="default",
+                      help="'best' loads the published hyperparameters from configs/best/<dataset>.yaml "
+                           "(flags given explicitly still win)")
+
+    train = parser.add_argument_group("training")
+    train.add_argument("--lr", type=float, default=None, help="learning rate (required unless --model_config best)")
+    train.add_argument("--batch_size", type=int, default=None, help="stream batch size (default: the dataset's)")
+    train.add_argument("--minibatch_size", type=int, default=None,
+                       help="replay batch size (default: --batch_size)")
+    train.add_argument("--n_epochs", type=int, default=None, help="epochs per task (default: the dataset's)")
+    train.add_argument("--buffer_size", type=int, default=0, help="replay buffer size in examples")
+    train.add_argument("--optimizer", choices=OPTIMIZERS, default="sgd")
+    train.add_argument("--optim_wd", type=float, default=0.0, help="weight decay")
+    train.add_argument("--optim_mom", type=float, default=0.0, help="SGD momentum")
+    train.add_argument("--optim_eps", type=float, default=1e-8, help="Adam/AdamW epsilon")
+    train.add_argument("--seed", type=int, default=None, help="random seed (default: drawn and logged)")
+    train.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+
+    data = parser.add_argument_group("data")
+    data.add_argument("--data_path", default="./data", help="folder holding the datasets' standard files")
+    data.add_argument("--download", action="store_true", help="download missing datasets (needs internet)")
+    data.add_argument("--n_tasks", type=int, default=None, help="number of tasks (default: the dataset's)")
+    data.add_argument("--class_order", default=None, help="comma-separated original class ids, in task order")
+    data.add_argument("--permute_classes", action="store_true", help="shuffle the class order with --seed")
+    data.add_argument("--label_noise", type=float, default=0.0,
+                      help="fraction of training examples relabeled (to another class of their task), seeded")
+
+    record = parser.add_argument_group("logging and checkpoints")
+    record.add_argument("--tracking_uri", default=None,
+                        help="MLflow tracking URI (default: sqlite:///<repo>/mlflow.db, artifacts in <repo>/mlruns)")
+    record.add_argument("--experiment_name", default="continual-learning")
+    record.add_argument("--run_name", default=None)
+    record.add_argument("--savecheck", action="store_true", help="write a checkpoint at the end of every task")
+    record.add_argument("--checkpoint_dir", default=str(REPO_ROOT / "checkpoints"))
+    record.add_argument("--resume", default=None, metavar="PATH", help="continue the run saved in this checkpoint")
+    record.add_argument("--non_verbose", action="store_true", help="no progress bars")
+    return parser
+
+
+def _add_component_args(parser: argparse.ArgumentParser, kind: str, components: list[type]) -> None:
+    """One argument group per component; a flag two components share is shown once (first wins)."""
+    for component in components:
+        group = parser.add_argument_group(f"{kind} {component.NAME}")
+        try:
+            component.add_args(group)
+        except argparse.ArgumentError:
+            pass  # a shared flag (e.g. --alpha of der and derpp) already declared by another component
+
+
+def _best_config(dataset: str, model: str, buffer_size: int) -> dict:
+    path = CONFIG_DIR / f"{dataset}.yaml"
+    if not path.exists():
+        known = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+        raise ConfigError(f"no published configuration for {dataset} (configs/best has {', '.join(known)}); "
+                          f"pass the hyperparameters explicitly instead of --model_config best")
+    table = yaml.safe_load(path.read_text())
+    if model not in table:
+        known = sorted(k for k in table if k != "source")
+        raise ConfigError(f"{path.name} has no entry for model {model!r} (it has {', '.join(known)}); "
+                          f"pass the hyperparameters explicitly instead of --model_config best")
+    entries = table[model]
+    key = "any" if "any" in entries else buffer_size
+    if key not in entries:
+        raise ConfigError(f"{path.name} has no {model} entry for --buffer_size {buffer_size} (published sizes: "
+                          f"{', '.join(map(str, entries))}); use one of those or pass the hyperparameters explicitly")
+    return dict(entries[key])
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse in two passes: first the component names, then every flag those components declare."""
+    first, _ = common_parser(first_pass=True).parse_known_args(argv)
+    parser = common_parser()
+    chosen = {}
+    for kind, registry, name in (("dataset", DATASETS, first.dataset), ("backbone", BACKBONES, first.backbone),
+                                 ("model", MODELS, first.model), ("buffer policy", BUFFER_POLICIES,
+                                                                  first.buffer_policy)):
+        chosen[kind] = [registry.get(name)] if name else [registry.get(n) for n in registry.names()]
+    if first.backbone is None:
+        chosen["backbone"] = [BACKBONES.get(chosen["dataset"][0].DEFAULT_BACKBONE)]
+    for kind, components in chosen.items():
+        _add_component_args(parser, kind, components)
+    if first.model_config == "best" and first.model:
+        parser.set_defaults(**_best_config(first.dataset, first.model, first.buffer_size))
+    args = parser.parse_args(argv)
+    return resolve(args)
+
+
+def resolve(args: argparse.Namespace) -> argparse.Namespace:
+    """Fill the defaults that depend on the dataset or the machine, then refuse impossible values."""
+    dataset = DATASETS.get(args.dataset)
+    model = MODELS.get(args.model)
+    args.backbone = args.backbone or dataset.DEFAULT_BACKBONE
+    BACKBONES.get(args.backbone)
+    BUFFER_POLICIES.get(args.buffer_policy)
+    args.batch_size = args.batch_size or dataset.DEFAULT_BATCH_SIZE
+    args.n_epochs = args.n_epochs or dataset.DEFAULT_N_EPOCHS
+    args.minibatch_size = args.minibatch_size or args.batch_size
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+    if args.lr is None:
+        raise ConfigError("--lr is required (or --model_config best for the published value)")
+    checks = [
+        (args.lr > 0, f"--lr must be positive, got {args.lr}"),
+        (args.batch_size >= 1, f"--batch_size must be at least 1, got {args.batch_size}"),
+        (args.minibatch_size >= 1, f"--minibatch_size must be at least 1, got {args.minibatch_size}"),
+        (args.n_epochs >= 1, f"--n_epochs must be at least 1, got {args.n_epochs}"),
+        (args.buffer_size >= 0, f"--buffer_size cannot be negative, got {args.buffer_size}"),
+        (args.optim_wd >= 0, f"--optim_wd cannot be negative, got {args.optim_wd}"),
+        (not model.USES_BUFFER or args.buffer_size > 0,
+         f"{args.model} replays from a buffer: pass --buffer_size greater than 0"),
+    ]
+    for ok, sentence in checks:
+        if not ok:
+            raise ConfigError(sentence)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"--device {args.device} asked for CUDA but no GPU is visible; pass --device cpu")
+    return args
+
+
+def computational_config(args: argparse.Namespace) -> dict:
+    """The arguments that determine the results (what a checkpoint must agree on)."""
+    return {k: v for k, v in sorted(vars(args).items()) if k not in NON_COMPUTATIONAL}

@@ -1,0 +1,70 @@
+"""End-of-task checkpoints: written atomically, read with weights_only=True, checked against the run's config."""
+from __future__ import annotations
+
+import os
+import pickle
+import random
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from utils.errors import ConfigError
+
+FORMAT_VERSION = 1
+
+
+def rng_state() -> dict:
+    """All generators training draws from (torch on CPU and every GPU; numpy and random for safety)."""
+    np_state = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+        "python": random.getstate(),
+    }
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+
+
+def save_checkpoint(path: str | Path, payload: dict) -> None:
+    """Write to a temporary file and rename, so a kill mid-write never leaves a truncated checkpoint."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(path.name + ".tmp")
+    torch.save({"format": FORMAT_VERSION, **payload}, temporary)
+    os.replace(temporary, path)
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"--resume {path}: no such checkpoint file; pass the path printed by --savecheck")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, pickle.UnpicklingError, zipfile.BadZipFile, EOFError, ValueError) as error:
+        raise ConfigError(f"--resume {path} is corrupt or not a checkpoint of this framework "
+                          f"({type(error).__name__}); resume from another checkpoint or start the run again") from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT_VERSION:
+        raise ConfigError(f"--resume {path} is not a checkpoint of this framework (format "
+                          f"{payload.get('format') if isinstance(payload, dict) else '?'}); start the run again")
+    return payload
+
+
+def check_same_config(path: str | Path, saved: dict, current: dict) -> None:
+    """Refuse to continue a run whose results-determining arguments differ from the checkpoint's."""
+    keys = sorted(set(saved) | set(current))
+    differences = [f"--{k} {saved.get(k)!r} in the checkpoint, {current.get(k)!r} now"
+                   for k in keys if saved.get(k) != current.get(k)]
+    if differences:
+        raise ConfigError(f"checkpoint {path} belongs to another configuration ({'; '.join(differences)}); "
+                          f"resume with the checkpoint's arguments or start a new run without --resume")

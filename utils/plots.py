@@ -1,0 +1,34 @@
+"""Figures logged as artifacts (matplotlib, no display needed)."""
+from __future__ import annotations
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def accuracy_heatmap(matrix: np.ndarray, title: str):
+    """R[t][i] as a heatmap with the numbers written in, blank where not measured."""
+    n = matrix.shape[0]
+    size = min(0.6 * n + 2, 16)
+    figure, axes = plt.subplots(figsize=(size, size * 0.85))
+    image = axes.imshow(np.ma.masked_invalid(matrix), vmin=0, vmax=100, cmap="viridis")
+    figure.colorbar(image, ax=axes, label="accuracy (%)")
+    axes.set_xlabel("evaluated task i")
+    axes.set_ylabel("after training task t")
+    axes.set_title(title)
+    if n <= 20:
+        axes.set_xticks(range(n))
+        axes.set_yticks(range(n))
+        for t in range(n):
+            for i in range(n):
+                if not np.isnan(matrix[t, i]):
+                    axes.text(i, t, f"{matrix[t, i]:.0f}", ha="center", va="center", fontsize=8,
+                              color="white" if matrix[t, i] < 60 else "black")
+    figure.tight_layout()
+    return figure
+
+
+def close(figure) -> None:
+    plt.close(figure)
