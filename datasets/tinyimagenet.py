@@ -46,7 +46,9 @@ def _read_release(root: str) -> dict[str, np.ndarray]:
     with open(os.path.join(root, "wnids.txt")) as f:
         wnids = [line.strip() for line in f if line.strip()]
     if len(wnids) != N_CLASSES or len(set(wnids)) != N_CLASSES:
-        raise ConfigError(f"{root}/wnids.txt lists {len(wnids)} classes instead of 200 distinct ones; download it again")
+        raise ConfigError(
+            f"{root}/wnids.txt lists {len(wnids)} classes instead of 200 distinct ones; download it again"
+        )
     require_files("Tiny ImageNet", os.path.join(root, "train"), [f"{w}/images" for w in wnids])
     train_paths, train_labels = [], []
     for label, wnid in enumerate(wnids):
@@ -67,7 +69,9 @@ def _read_release(root: str) -> dict[str, np.ndarray]:
     val_names = sorted(n for n in os.listdir(val_folder) if n.endswith(".JPEG"))
     unlabelled = [n for n in val_names if n not in annotations]
     if unlabelled:
-        raise ConfigError(f"{val_folder}/{unlabelled[0]} has no line in val_annotations.txt; download Tiny ImageNet again")
+        raise ConfigError(
+            f"{val_folder}/{unlabelled[0]} has no line in val_annotations.txt; download Tiny ImageNet again"
+        )
     return {
         "train_x": _decode_all(train_paths),
         "train_y": np.array(train_labels, dtype=np.int64),
@@ -93,7 +97,7 @@ def _write_cache(path: str, arrays: dict[str, np.ndarray]) -> None:
             np.savez(f, **arrays)
         os.replace(temporary, path)
     except OSError as error:  # a read-only dataset folder: the run goes on, only the next start is slower
-        warnings.warn(f"could not write the Tiny ImageNet cache {path} ({error}); the JPEGs will be decoded again next time")
+        warnings.warn(f"could not write the Tiny ImageNet cache {path} ({error}); the next run decodes the JPEGs again")
         if os.path.exists(temporary):
             os.remove(temporary)
 

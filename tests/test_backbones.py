@@ -1,4 +1,4 @@
-"""Backbones: output shapes, exact parameter counts, and hidden-unit groups that allow function-preserving resets."""
+"""Backbones: output shapes, exact parameter counts, hidden-unit groups that allow function-preserving resets."""
 from __future__ import annotations
 
 import argparse
@@ -14,8 +14,8 @@ from utils.errors import ConfigError
 # (name, input shape, flags): small sizes so the reset checks run fast on CPU.
 SMALL = [
     ("mlp", (1, 8, 8), {}),
-    ("resnet18", (3, 32, 32), {"resnet_width": 8}),
-    ("reduced_resnet18", (3, 32, 32), {}),
+    ("resnet18", (3, 16, 16), {"resnet_width": 8}),
+    ("reduced_resnet18", (3, 16, 16), {}),
     ("vit", (3, 32, 32), {}),
 ]
 UNITS = torch.tensor([0, 2])  # reset units; below n_classes so a wrong axis 0 on the head still indexes
@@ -49,7 +49,7 @@ def vit_params(depth: int, d: int, mlp_ratio: float, patch: int, in_ch: int, img
     m = int(d * mlp_ratio)
     tokens = (img // patch) ** 2 + 1
     embed = in_ch * patch * patch * d + d + d + tokens * d  # patch conv, class token, positions
-    block = 4 * d + (3 * d * d + 3 * d) + (d * d + d) + (d * m + m) + (m * d + d)  # 2 LNs, qkv, proj, fc1, fc2
+    block = 4 * d + (3 * d * d + 3 * d) + (d * d + d) + (d * m + m) + (m * d + d)  # LNs qkv proj fc1 fc2
     return embed + depth * block + 2 * d + d * n_classes + n_classes
 
 
@@ -88,9 +88,9 @@ def test_activation_hooks_see_the_units(name, shape, flags):
     model = make(name, shape, **flags)
     seen = {}
     for group in model.hidden_units():
-        group.activation.register_forward_hook(
-            lambda module, inputs, out, g=group: seen.setdefault(g.name, []).append(out.shape[g.activation_axis])
-        )
+        def hook(module, inputs, out, g=group):
+            seen.setdefault(g.name, []).append(out.shape[g.activation_axis])
+        group.activation.register_forward_hook(hook)
     model(torch.rand(4, *shape))
     assert seen == {g.name: [g.n_units] for g in model.hidden_units()}  # each fires once, with n_units
 
@@ -122,7 +122,7 @@ def reset(model: Backbone, group: UnitGroup, incoming: bool, outgoing: bool) -> 
 
 
 def calibrated(model: Backbone, shape: tuple[int, int, int]) -> Backbone:
-    """Set BN running statistics from a batch: a fresh net's eval-mode BN gives tiny outputs that hide changes."""
+    """Set BN running statistics from a batch (a fresh net's eval-mode BN gives tiny outputs that hide changes)."""
     for module in model.modules():
         if isinstance(module, torch.nn.BatchNorm2d):
             module.momentum = None  # cumulative average: after one batch, exactly its statistics

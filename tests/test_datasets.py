@@ -69,7 +69,8 @@ def test_seq_mnist_round_trips_pixels_labels_and_tasks(mnist, tmp_path):
     assert np.array_equal(dataset.test.images[:, 0].numpy(), test_x)
     assert dataset.train.labels.tolist() == train_y.tolist() and dataset.test.labels.tolist() == test_y.tolist()
     assert dataset.train.indices.tolist() == list(range(30))
-    assert (dataset.n_tasks, dataset.DEFAULT_BACKBONE, dataset.DEFAULT_BATCH_SIZE, dataset.DEFAULT_N_EPOCHS) == (5, "mlp", 10, 1)
+    defaults = (dataset.DEFAULT_BACKBONE, dataset.DEFAULT_BATCH_SIZE, dataset.DEFAULT_N_EPOCHS)
+    assert dataset.n_tasks == 5 and defaults == ("mlp", 10, 1)
     assert_class_il_splits(dataset, train_y, test_y, per_task=2)
     # No normalisation: floats are pixels / 255.
     assert torch.equal(dataset.test_transform(dataset.train.images[:2]), dataset.train.images[:2].float() / 255)
@@ -108,10 +109,11 @@ def test_rot_mnist_rotates_by_the_drawn_angle(mnist, tmp_path):
         rotated = dataset.task_transform(t, blob)
         assert rotated.dtype == torch.uint8 and set(rotated.unique().tolist()) <= {0, 200}  # nearest: no blur
         ys, xs = torch.nonzero(rotated[0, 0], as_tuple=True)
-        theta = np.deg2rad(angles[t])
-        centre, dx = 13.5, 21 - 13.5  # blob centre relative to the image centre (row 13 ≈ centre)
-        expected_x, expected_y = centre + dx * np.cos(theta), 13 - dx * np.sin(theta)
-        assert abs(xs.float().mean().item() - expected_x) < 1.0 and abs(ys.float().mean().item() - expected_y) < 1.0
+        # Counter-clockwise on screen (rows grow downwards) about the image centre (13.5, 13.5).
+        theta, dx, dy = np.deg2rad(angles[t]), 21 - 13.5, 13 - 13.5
+        expected_x = 13.5 + dx * np.cos(theta) + dy * np.sin(theta)
+        expected_y = 13.5 - dx * np.sin(theta) + dy * np.cos(theta)
+        assert abs(xs.float().mean().item() - expected_x) < 0.5 and abs(ys.float().mean().item() - expected_y) < 0.5
         assert torch.equal(rotated[0], rotated[1])  # the whole batch turns by the same angle
     split = dataset.train_split(5)
     assert torch.equal(split.images, dataset.task_transform(5, dataset.train.images))
@@ -143,8 +145,10 @@ class Py2Pickler(pickle._Pickler):
     """Writes bytes with Python 2's str opcodes and numpy's old module name, as the real release does."""
 
     def save_bytes(self, obj):
-        header = pickle.SHORT_BINSTRING + bytes([len(obj)]) if len(obj) < 256 else pickle.BINSTRING + struct.pack("<i", len(obj))
-        self.write(header + obj)
+        if len(obj) < 256:
+            self.write(pickle.SHORT_BINSTRING + bytes([len(obj)]) + obj)
+        else:
+            self.write(pickle.BINSTRING + struct.pack("<i", len(obj)) + obj)
         self.memoize(obj)
 
     dispatch = {**pickle._Pickler.dispatch, bytes: save_bytes}
@@ -220,7 +224,8 @@ class RunsShell:
 
 def test_cifar_pickle_with_a_disallowed_global_is_refused(cifar10, tmp_path):
     marker = tmp_path / "pwned"
-    write_pickle(tmp_path / "cifar-10-batches-py" / "data_batch_3", {"data": RunsShell(f"touch {marker}"), "labels": []})
+    evil = {"data": RunsShell(f"touch {marker}"), "labels": []}
+    write_pickle(tmp_path / "cifar-10-batches-py" / "data_batch_3", evil)
     with pytest.raises(ConfigError, match=r"data_batch_3 refers to (posix|nt|os)\.system"):
         build("seq-cifar10", tmp_path)
     assert not marker.exists()
@@ -276,12 +281,13 @@ def test_seq_tinyimg_reads_the_folder_release_in_order(tinyimg, tmp_path):
     train_y = np.repeat(np.arange(200), 2)
     assert dataset.train.images.shape == (400, 3, 64, 64) and dataset.test.images.shape == (12, 3, 64, 64)
     assert dataset.train.labels.tolist() == train_y.tolist() and dataset.test.labels.tolist() == val_y.tolist()
-    reference = [np.asarray(Image.open(root / "train" / w / "images" / f"{w}_{i}.JPEG").convert("RGB")).transpose(2, 0, 1)
-                 for w in wnids for i in (0, 1)]
+    paths = [root / "train" / w / "images" / f"{w}_{i}.JPEG" for w in wnids for i in (0, 1)]
+    reference = [np.asarray(Image.open(p).convert("RGB")).transpose(2, 0, 1) for p in paths]
     assert np.array_equal(dataset.train.images.numpy(), np.stack(reference))  # exactly PIL's decoding
     images = dataset.train.images.numpy().astype(int)
     assert np.abs(images[20 * 2 + 1] - np.array(color(20, 1))[:, None, None]).max() <= 3  # channels in RGB order
-    assert (images[5 * 2] == images[5 * 2][0]).all() and abs(images[5 * 2, 0, 0, 0] - 77) <= 2  # gray → 3 equal channels
+    gray = images[5 * 2]  # class 5 is a grayscale JPEG: three equal channels
+    assert (gray == gray[0]).all() and abs(gray[0, 0, 0] - 77) <= 2
     test = dataset.test.images.numpy().astype(int)
     assert all(np.abs(test[k] - np.array(color(val_y[k], 2))[:, None, None]).max() <= 3 for k in range(12))
     assert (dataset.n_tasks, dataset.SHAPE, dataset.DEFAULT_N_EPOCHS) == (10, (3, 64, 64), 100)
@@ -363,7 +369,8 @@ def test_label_noise_relabels_exactly_the_masked_examples_within_their_task():
     assert np.array_equal(clean != noisy, dataset.noisy_mask)  # changed exactly where recorded
     assert np.array_equal(clean // 2, noisy // 2)  # every new label is in the same task
     again = build("seq-digits", "unused", label_noise=0.1, seed=3)
-    assert np.array_equal(again.noisy_mask, dataset.noisy_mask) and torch.equal(again.train.labels, dataset.train.labels)
+    assert np.array_equal(again.noisy_mask, dataset.noisy_mask)
+    assert torch.equal(again.train.labels, dataset.train.labels)
     assert not np.array_equal(build("seq-digits", "unused", label_noise=0.1, seed=4).noisy_mask, dataset.noisy_mask)
     assert torch.equal(dataset.test.labels, build("seq-digits", "unused").test.labels)  # test labels stay clean
 

@@ -127,9 +127,12 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
     args.backbone = args.backbone or dataset.DEFAULT_BACKBONE
     BACKBONES.get(args.backbone)
     BUFFER_POLICIES.get(args.buffer_policy)
-    args.batch_size = args.batch_size or dataset.DEFAULT_BATCH_SIZE
-    args.n_epochs = args.n_epochs or dataset.DEFAULT_N_EPOCHS
-    args.minibatch_size = args.minibatch_size or args.batch_size
+    if args.batch_size is None:
+        args.batch_size = dataset.DEFAULT_BATCH_SIZE
+    if args.n_epochs is None:
+        args.n_epochs = dataset.DEFAULT_N_EPOCHS
+    if args.minibatch_size is None:
+        args.minibatch_size = args.batch_size
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
 
     if args.lr is None:

@@ -58,7 +58,7 @@ class ContinualDataset:
     def __init__(self, args: argparse.Namespace):
         self.args = args
         self.device = torch.device(args.device)
-        self.n_tasks = args.n_tasks or self.N_TASKS
+        self.n_tasks = self.N_TASKS if args.n_tasks is None else args.n_tasks
         self._check_task_count()
         train_x, train_y, test_x, test_y = self.load(args.data_path, args.download)
         for name, x, y in (("train", train_x, train_y), ("test", test_x, test_y)):
