@@ -1,4 +1,4 @@
-"""resnet18, reduced_resnet18: the CIFAR-style ResNet-18 of Mammoth/DER (nf 64) and GEM's reduced one (nf 20)."""
+"""resnet18, reduced_resnet18: the CIFAR ResNet-18 of Mammoth/DER (nf 64) and GEM's reduced one (nf 20)."""
 from __future__ import annotations
 
 import torch
@@ -33,7 +33,7 @@ class BasicBlock(nn.Module):
 
 @register_backbone("resnet18")
 class ResNet18(Backbone):
-    """3×3 stem (stride 1, no max-pool) → BasicBlocks [2,2,2,2], widths nf·(1,2,4,8) → global avg pool → Linear.
+    """3×3 stem (stride 1, no max-pool) → BasicBlocks [2,2,2,2] of widths nf·(1,2,4,8) → mean pool → Linear.
 
     Only the inner channels of each block (conv1's outputs) are hidden units. The stem's and the
     blocks' output channels form the residual stream: each is read by the next block's conv1 and,

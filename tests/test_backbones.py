@@ -1,4 +1,4 @@
-"""Backbones: output shapes, exact parameter counts, hidden-unit groups that allow function-preserving resets."""
+"""Backbones: output shapes, exact parameter counts, hidden-unit groups fit for function-preserving resets."""
 from __future__ import annotations
 
 import argparse
@@ -122,7 +122,7 @@ def reset(model: Backbone, group: UnitGroup, incoming: bool, outgoing: bool) -> 
 
 
 def calibrated(model: Backbone, shape: tuple[int, int, int]) -> Backbone:
-    """Set BN running statistics from a batch (a fresh net's eval-mode BN gives tiny outputs that hide changes)."""
+    """Set BN running statistics from a batch (a fresh net's eval-mode BN gives outputs too tiny to test)."""
     for module in model.modules():
         if isinstance(module, torch.nn.BatchNorm2d):
             module.momentum = None  # cumulative average: after one batch, exactly its statistics
