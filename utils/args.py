@@ -72,14 +72,24 @@ def common_parser(first_pass: bool = False) -> argparse.ArgumentParser:
     return parser
 
 
+class _SkipSharedFlags:
+    """Argument group wrapper for `--help` over every component: a flag two components share is shown once."""
+
+    def __init__(self, group: argparse._ArgumentGroup):
+        self.group = group
+
+    def add_argument(self, *names, **options):
+        try:
+            return self.group.add_argument(*names, **options)
+        except argparse.ArgumentError:
+            return None  # e.g. --alpha of der and derpp: the first declaration is shown
+
+
 def _add_component_args(parser: argparse.ArgumentParser, kind: str, components: list[type]) -> None:
-    """One argument group per component; a flag two components share is shown once (first wins)."""
+    """One argument group per component with the flags it declares."""
     for component in components:
         group = parser.add_argument_group(f"{kind} {component.NAME}")
-        try:
-            component.add_args(group)
-        except argparse.ArgumentError:
-            pass  # a shared flag (e.g. --alpha of der and derpp) already declared by another component
+        component.add_args(_SkipSharedFlags(group) if len(components) > 1 else group)
 
 
 def _best_config(dataset: str, model: str, buffer_size: int) -> dict:

@@ -51,7 +51,9 @@ def load_checkpoint(path: str | Path) -> dict:
         raise ConfigError(f"--resume {path}: no such checkpoint file; pass the path printed by --savecheck")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, pickle.UnpicklingError, zipfile.BadZipFile, EOFError, ValueError) as error:
+    except PermissionError:
+        raise ConfigError(f"--resume {path} cannot be read (permission denied); fix its permissions") from None
+    except (RuntimeError, OSError, pickle.UnpicklingError, zipfile.BadZipFile, EOFError, ValueError) as error:
         raise ConfigError(f"--resume {path} is corrupt or not a checkpoint of this framework "
                           f"({type(error).__name__}); resume from another checkpoint or start the run again") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT_VERSION:
