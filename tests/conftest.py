@@ -27,30 +27,39 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="session")
-def mlflow_server(tmp_path_factory):
-    """A real `mlflow server` on loopback, with its own store and artifact folder."""
-    folder = tmp_path_factory.mktemp("mlflow_server")
+def start_mlflow(command: list[str], cwd: Path, log_path: Path):
+    """Start an MLflow web process on a free loopback port; returns (process, url) once /health answers."""
     port = free_port()
-    command = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-               "--backend-store-uri", f"sqlite:///{folder / 'server.db'}",
-               "--artifacts-destination", str(folder / "artifacts"), "--workers", "1"]
-    log = open(folder / "server.log", "w")
-    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=folder)
+    log = open(log_path, "w")
+    process = subprocess.Popen([sys.executable, "-m", "mlflow", *command, "--host", "127.0.0.1", "--port", str(port),
+                                "--workers", "1"], stdout=log, stderr=subprocess.STDOUT, cwd=cwd)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 120
     while time.time() < deadline:
         try:
             urllib.request.urlopen(url + "/health", timeout=2).read()
-            break
+            return process, url
         except OSError:
             if process.poll() is not None:
-                raise RuntimeError((folder / "server.log").read_text())
+                break
             time.sleep(0.5)
-    else:
-        process.kill()
-        raise RuntimeError("mlflow server did not start in 120 s: " + (folder / "server.log").read_text()[-2000:])
-    yield url
+    process.kill()
+    raise RuntimeError(f"mlflow {command[0]} did not start: " + log_path.read_text()[-2000:])
+
+
+def stop(process) -> None:
     process.terminate()
-    process.wait(timeout=30)
-    log.close()
+    try:
+        process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        process.kill()
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """A real `mlflow server` on loopback, with its own store and proxied artifact folder."""
+    folder = tmp_path_factory.mktemp("mlflow_server")
+    process, url = start_mlflow(["server", "--backend-store-uri", f"sqlite:///{folder / 'server.db'}",
+                                 "--artifacts-destination", str(folder / "artifacts")], folder, folder / "server.log")
+    yield url
+    stop(process)
