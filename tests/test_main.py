@@ -141,3 +141,32 @@ def test_nan_loss_stops_the_run_and_marks_it_failed(tracking_uri, capsys):
     assert code == 3 and "the training loss became nan at task 1" in err and "lower --lr" in err
     _, logged = only_run(tracking_uri)
     assert logged.info.status == "FAILED" and "nan" in logged.data.tags["error"]
+
+
+def test_domain_il_stream_reports_one_accuracy_per_task(tmp_path, tracking_uri):
+    """perm-mnist through main.py on small idx files in the real format: one domain-IL matrix, 3 tasks."""
+    from tests.test_datasets import MNIST_NAMES, write_idx
+
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "MNIST" / "raw"
+    folder.mkdir(parents=True)
+    # Learnable synthetic digits: class c lights up row block c, so a permutation is a new domain.
+    def make(n):
+        labels = np.arange(n) % 10
+        images = rng.integers(0, 40, (n, 28, 28)).astype(np.uint8)
+        for i, c in enumerate(labels):
+            images[i, 2 * c:2 * c + 3, :] = 255
+        return images, labels
+    train_x, train_y = make(400)
+    test_x, test_y = make(100)
+    for name, array in zip(MNIST_NAMES, (train_x, train_y, test_x, test_y)):
+        write_idx(folder / name, array)
+    state = main.run(parse_args(["--dataset", "perm-mnist", "--n_tasks", "3", "--model", "er", "--buffer_size", "100",
+                                 "--lr", "0.1", "--n_epochs", "3", "--batch_size", "32", "--seed", "0",
+                                 "--data_path", str(tmp_path), "--tracking_uri", tracking_uri, "--non_verbose"]))
+    assert list(state.matrices) == ["domain_il"]
+    matrix = state.matrices["domain_il"]
+    assert matrix.shape == (3, 3) and not np.isnan(matrix[2]).any()
+    assert np.diag(matrix).min() > 50  # each permuted task is learned (chance is 10%)
+    client, logged = only_run(tracking_uri)
+    assert logged.data.metrics["acc_domain_il"] == pytest.approx(np.mean(matrix[2]))
