@@ -92,6 +92,13 @@ def _add_component_args(parser: argparse.ArgumentParser, kind: str, components: 
         component.add_args(_SkipSharedFlags(group) if len(components) > 1 else group)
 
 
+def declared_flags(component: type) -> list[str]:
+    """Destinations of the flags a component declares in its add_args."""
+    parser = argparse.ArgumentParser(add_help=False)
+    component.add_args(parser)
+    return [action.dest for action in parser._actions]
+
+
 def _best_config(dataset: str, model: str, buffer_size: int) -> dict:
     path = CONFIG_DIR / f"{dataset}.yaml"
     if not path.exists():

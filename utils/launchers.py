@@ -1,0 +1,99 @@
+"""Launchers: run independent units of work in-process, in a local process pool, on Ray, or on SLURM.
+
+Every launcher takes a picklable top-level function and a list of argument tuples and yields the
+results as the units finish, in the driver process, which alone writes to MLflow.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Callable, Iterator
+
+from utils.errors import ConfigError
+
+LAUNCHERS = ("local", "pool", "ray", "slurm")
+
+
+def add_launcher_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("launcher")
+    group.add_argument("--launcher", choices=LAUNCHERS, default="local",
+                       help="local: in this process; pool: --workers local processes; ray: a Ray cluster; "
+                            "slurm: job arrays through submitit")
+    group.add_argument("--workers", type=int, default=2, help="processes of --launcher pool")
+    group.add_argument("--address", default=None,
+                       help="Ray cluster address (default: start a local cluster)")
+    group.add_argument("--gpus_per_task", type=float, default=0.0, help="GPUs per Ray task (fractions allowed)")
+    group.add_argument("--cpus_per_task", type=float, default=1.0, help="CPUs per Ray task")
+    group.add_argument("--partition", default=None, help="SLURM partition")
+    group.add_argument("--time", type=int, default=60, help="SLURM time limit per job, in minutes")
+    group.add_argument("--gpus_per_node", type=int, default=0, help="GPUs per SLURM job")
+    group.add_argument("--max_parallel", type=int, default=64, help="SLURM array tasks running at once")
+    group.add_argument("--slurm_folder", default=None, help="submitit logs (default: <out>/slurm)")
+    group.add_argument("--submitit_cluster", default=None, choices=(None, "local", "debug", "slurm"),
+                       help=argparse.SUPPRESS)  # 'local' runs submitit's local executor (tests)
+
+
+def run_units(function: Callable, units: list[tuple], args: argparse.Namespace, log_folder: Path) -> Iterator:
+    """Yield function(*unit) for every unit as it finishes, on the launcher chosen by --launcher."""
+    if not units:
+        return
+    if args.launcher == "local":
+        for unit in units:
+            yield function(*unit)
+    elif args.launcher == "pool":
+        yield from _pool(function, units, args.workers)
+    elif args.launcher == "ray":
+        yield from _ray(function, units, args)
+    else:
+        yield from _slurm(function, units, args, log_folder)
+
+
+def _pool(function: Callable, units: list[tuple], workers: int) -> Iterator:
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    if workers < 1:
+        raise ConfigError(f"--workers must be at least 1, got {workers}")
+    # spawn, not fork: forking a process that already started torch's thread pools can deadlock.
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = [pool.submit(function, *unit) for unit in units]
+        for future in as_completed(futures):
+            yield future.result()
+
+
+def _ray(function: Callable, units: list[tuple], args: argparse.Namespace) -> Iterator:
+    import ray
+
+    if not ray.is_initialized():
+        try:
+            ray.init(address=args.address, include_dashboard=False, log_to_driver=False)
+        except (ConnectionError, RuntimeError) as error:
+            raise ConfigError(f"cannot connect to the Ray cluster at {args.address} ({error}); start it or omit "
+                              f"--address for a local cluster") from None
+    # Retried on worker loss (max_retries); an exception raised by the function itself is not retried.
+    remote = ray.remote(function).options(num_cpus=args.cpus_per_task, num_gpus=args.gpus_per_task, max_retries=3)
+    pending = [remote.remote(*unit) for unit in units]
+    while pending:
+        done, pending = ray.wait(pending, num_returns=1)
+        yield ray.get(done[0])
+
+
+def _slurm(function: Callable, units: list[tuple], args: argparse.Namespace, log_folder: Path) -> Iterator:
+    import submitit
+
+    executor = submitit.AutoExecutor(folder=str(args.slurm_folder or log_folder), cluster=args.submitit_cluster)
+    parameters = {"timeout_min": args.time}
+    if executor.cluster == "slurm":
+        parameters.update(slurm_partition=args.partition, slurm_array_parallelism=args.max_parallel,
+                          gpus_per_node=args.gpus_per_node)
+    executor.update_parameters(**parameters)
+    jobs = executor.map_array(function, *zip(*units))
+    waiting = list(jobs)
+    while waiting:
+        for job in list(waiting):
+            if job.done():
+                waiting.remove(job)
+                yield job.result()
+        if waiting:
+            import time
+            time.sleep(0.5)

@@ -1,0 +1,210 @@
+"""The split-training run store: a plan file written first, then one atomically written file per model.
+
+Layout of a store folder:
+    plan.json        dataset, sizes, label fingerprints, ratios, seeds, training settings, hash
+    plan_arrays.npz  inclusion_mask [K, n] bool, model_ratio [K], model_seed [K], train_indices [n]
+    noisy_mask.npy   bool [N_train], dataset order: training examples whose label was replaced
+    input_noise_mask.npy  bool [N_train]: training examples whose image was replaced by noise
+    models/model_000042.npz   one model's predictions on every training and test example
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from utils.errors import ConfigError
+
+FORMAT_VERSION = 1
+MODEL_KEYS = ("model_id", "plan_hash", "epochs", "prob_train", "correct_train", "prob_test", "correct_test",
+              "train_seconds")
+
+
+def fingerprint(labels: np.ndarray) -> str:
+    """Short hash of a label vector: ties scores to the exact dataset (and order) they were computed on."""
+    return hashlib.sha256(np.ascontiguousarray(labels, dtype=np.int64).tobytes()).hexdigest()[:16]
+
+
+def balanced_masks(n: int, ratio: float, n_models: int, rng: np.random.Generator) -> np.ndarray:
+    """K subsets of exactly round(ratio·n) examples in which every example appears equally often (±1).
+
+    Each subset takes the examples included least often so far, ties broken at random; the
+    spread of inclusion counts therefore never exceeds 1, so no example is always in or always out
+    unless K is tiny.
+    """
+    size = int(round(ratio * n))
+    counts = np.zeros(n, dtype=np.int64)
+    masks = np.zeros((n_models, n), dtype=bool)
+    for k in range(n_models):
+        chosen = np.argpartition(counts + rng.random(n), size - 1)[:size] if size < n else np.arange(n)
+        masks[k, chosen] = True
+        counts[chosen] += 1
+    return masks
+
+
+def random_masks(n: int, ratio: float, n_models: int, rng: np.random.Generator) -> np.ndarray:
+    """K independent uniformly random subsets of round(ratio·n) examples (the original estimator's sampling)."""
+    size = int(round(ratio * n))
+    masks = np.zeros((n_models, n), dtype=bool)
+    for k in range(n_models):
+        masks[k, rng.choice(n, size, replace=False)] = True
+    return masks
+
+
+@dataclass
+class Plan:
+    settings: dict  # JSON-able: dataset, sizes, fingerprints, ratios, seeds, training settings
+    inclusion_mask: np.ndarray  # bool [K, n]
+    model_ratio: np.ndarray  # float64 [K]
+    model_seed: np.ndarray  # int64 [K]
+    train_indices: np.ndarray  # int64 [n]: dataset index of each planned training example
+    noisy_mask: np.ndarray  # bool [N_train]
+    input_noise_mask: np.ndarray  # bool [N_train]
+
+    @property
+    def n_models(self) -> int:
+        return len(self.model_seed)
+
+    @property
+    def hash(self) -> str:
+        digest = hashlib.sha256(json.dumps(self.settings, sort_keys=True).encode())
+        for array in (self.inclusion_mask, self.model_ratio, self.model_seed, self.train_indices, self.noisy_mask,
+                      self.input_noise_mask):
+            digest.update(np.ascontiguousarray(array).tobytes())
+        return digest.hexdigest()[:32]
+
+
+def _atomic_write(path: Path, write) -> None:
+    """Write through a temporary name in the same folder, then rename: readers never see a partial file."""
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    write(temporary)
+    os.replace(temporary, path)
+
+
+def _save_npz(path: Path, **arrays) -> None:
+    def write(temporary: Path):
+        with open(temporary, "wb") as f:
+            np.savez(f, **arrays)
+    _atomic_write(path, write)
+
+
+class CorruptModelFile(Exception):
+    """A model file that cannot be read or does not belong to this plan."""
+
+
+class SplitStore:
+    """A folder holding one plan and the per-model predictions trained under it."""
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+        self.models_dir = self.folder / "models"
+
+    # -- plan ----------------------------------------------------------------------------------
+    def exists(self) -> bool:
+        return (self.folder / "plan.json").exists()
+
+    def write_plan(self, plan: Plan) -> None:
+        """Write a new plan, or check that the store already holds exactly this plan."""
+        if self.exists():
+            existing = self.load_plan()
+            if existing.hash != plan.hash:
+                changed = sorted(k for k in set(existing.settings) | set(plan.settings)
+                                 if existing.settings.get(k) != plan.settings.get(k))
+                what = f"settings {', '.join(changed)} differ" if changed else "the inclusion masks differ"
+                raise ConfigError(f"{self.folder} already holds another split-training plan ({what}); "
+                                  f"rerun with the original arguments to resume it, or pass a new --out")
+            return
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.models_dir.mkdir(exist_ok=True)
+        np.save(self.folder / "noisy_mask.npy", plan.noisy_mask)
+        np.save(self.folder / "input_noise_mask.npy", plan.input_noise_mask)
+        _save_npz(self.folder / "plan_arrays.npz", inclusion_mask=plan.inclusion_mask, model_ratio=plan.model_ratio,
+                  model_seed=plan.model_seed, train_indices=plan.train_indices)
+        document = {"format": FORMAT_VERSION, "hash": plan.hash, **plan.settings}
+        # plan.json last: its presence marks a complete plan.
+        _atomic_write(self.folder / "plan.json",
+                      lambda p: p.write_text(json.dumps(document, indent=2, sort_keys=True)))
+
+    def load_plan(self) -> Plan:
+        path = self.folder / "plan.json"
+        if not path.exists():
+            raise ConfigError(f"{self.folder} is not a split-training store (no plan.json); pass the --out folder "
+                              f"of a train_splits.py run")
+        document = json.loads(path.read_text())
+        saved_hash = document.pop("hash")
+        if document.pop("format") != FORMAT_VERSION:
+            raise ConfigError(f"{path} was written by another version of train_splits.py; retrain into a new --out")
+        with np.load(self.folder / "plan_arrays.npz", allow_pickle=False) as arrays:
+            plan = Plan(document, arrays["inclusion_mask"], arrays["model_ratio"], arrays["model_seed"],
+                        arrays["train_indices"], np.load(self.folder / "noisy_mask.npy", allow_pickle=False),
+                        np.load(self.folder / "input_noise_mask.npy", allow_pickle=False))
+        if plan.hash != saved_hash:
+            raise ConfigError(f"the plan files in {self.folder} do not match their hash (edited or damaged); "
+                              f"start a new --out")
+        return plan
+
+    # -- models --------------------------------------------------------------------------------
+    def model_path(self, model_id: int) -> Path:
+        return self.models_dir / f"model_{model_id:06d}.npz"
+
+    def write_model(self, model_id: int, plan_hash: str, **arrays) -> None:
+        _save_npz(self.model_path(model_id), model_id=np.int64(model_id), plan_hash=np.array(plan_hash), **arrays)
+
+    def read_model(self, model_id: int, plan: Plan) -> dict[str, np.ndarray]:
+        """One model's arrays, fully read and checked against the plan; CorruptModelFile otherwise."""
+        path = self.model_path(model_id)
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                arrays = {key: data[key] for key in data.files}  # reading every member checks its CRC
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError) as error:
+            raise CorruptModelFile(f"{path.name} cannot be read ({type(error).__name__})") from None
+        missing = [k for k in MODEL_KEYS if k not in arrays]
+        n_train, n_test = plan.inclusion_mask.shape[1], plan.settings["n_test"]
+        n_epochs = len(plan.settings["training"]["record_epochs"])
+        if missing:
+            raise CorruptModelFile(f"{path.name} lacks {', '.join(missing)}")
+        if str(arrays["plan_hash"]) != plan.hash or int(arrays["model_id"]) != model_id:
+            raise CorruptModelFile(f"{path.name} belongs to another plan or model")
+        expected = {"prob_train": (n_epochs, n_train), "correct_train": (n_epochs, n_train),
+                    "prob_test": (n_epochs, n_test), "correct_test": (n_epochs, n_test)}
+        for key, shape in expected.items():
+            if arrays[key].shape != shape:
+                raise CorruptModelFile(f"{path.name}: {key} has shape {arrays[key].shape}, expected {shape}")
+        return arrays
+
+    def stored_models(self) -> set[int]:
+        """Model ids with a file in the store (not yet validated)."""
+        if not self.models_dir.is_dir():
+            return set()
+        return {int(p.stem.split("_")[1]) for p in self.models_dir.glob("model_*.npz")}
+
+    def set_aside(self, model_id: int) -> Path:
+        """Rename a corrupt model file out of the way (kept for inspection, never read again)."""
+        path = self.model_path(model_id)
+        target = path.with_name(f"{path.stem}.corrupt-{int(time.time())}")
+        os.replace(path, target)
+        return target
+
+    def finished_models(self, plan: Plan, repair: bool = False) -> tuple[list[int], list[str]]:
+        """Ids of readable models of this plan, and a sentence per unreadable one (set aside if `repair`)."""
+        good, problems = [], []
+        for model_id in sorted(self.stored_models()):
+            if model_id >= plan.n_models:
+                problems.append(f"model_{model_id:06d}.npz is outside the plan's {plan.n_models} models")
+                continue
+            try:
+                self.read_model(model_id, plan)
+                good.append(model_id)
+            except CorruptModelFile as error:
+                if repair:
+                    moved = self.set_aside(model_id)
+                    problems.append(f"{error}; moved to {moved.name} and retrained")
+                else:
+                    problems.append(str(error))
+        return good, problems
