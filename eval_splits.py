@@ -131,7 +131,7 @@ def run(args: argparse.Namespace) -> dict:
     noisy = plan.noisy_mask[rows] if plan is not None else None
     summary = {"n_models": len(data["model_ids"]), "n_models_planned": plan.n_models if plan else len(mask),
                "n_undefined": int(final["n_undefined"]), "mean": float(np.nanmean(final["mem"])),
-               "fraction_memorized": float(np.nanmean(final["mem"] >= args.mem_threshold)),
+               "fraction_memorized": float(np.mean(final["mem"][np.isfinite(final["mem"])] >= args.mem_threshold)),
                "influence_pairs": int(len(infl["pair_value"]))}
     if noisy is not None and noisy.any():
         summary["auroc_relabeled"] = auroc(final["mem"], noisy)

@@ -146,3 +146,28 @@ def test_minimal_report_without_optional_inputs(tmp_path):
     assert float(values["mean_se"]) == pytest.approx(0.2)
     assert int(values["min_n_out"]) == 0
     assert plt.get_fignums() == []
+
+
+def test_caller_summary_keys_do_not_duplicate_computed_ones(tmp_path):
+    """eval_splits passes its own n_undefined/mean: equal ones appear once, disagreeing ones as given_<key>."""
+    mem = np.array([np.nan, 0.3, 0.1, 0.5])
+    given = {"n_models": 3, "n_undefined": 1, "mean": float(np.nanmean(mem)), "median": 99.0}
+    write_report(tmp_path, mem=mem, se=np.full(4, 0.1), n_in=np.full(4, 2), n_out=np.full(4, 2),
+                 train_images=np.zeros((4, 1, 8, 8), np.uint8), train_labels=np.arange(4), summary=given)
+    with open(tmp_path / "summary.csv", newline="") as handle:
+        keys = [row[0] for row in csv.reader(handle)][1:]
+    assert len(keys) == len(set(keys))
+    values = read_summary(tmp_path / "summary.csv")
+    assert values["n_models"] == "3" and values["given_median"] == "99.0"
+    assert float(values["median"]) == pytest.approx(0.3)
+    assert "given_mean" not in values and "given_n_undefined" not in values
+
+
+def test_report_without_images(tmp_path, inputs):
+    """Without a plan eval_splits has no images: the image figures are skipped, the rest is written."""
+    del inputs["test_images"], inputs["test_labels"]
+    written = write_report(tmp_path, **{**inputs, "train_images": None, "train_labels": None})
+    names = {path.name for path in written}
+    assert not names & {"most_memorized.png", "least_memorized.png", "influence_pairs.png"}
+    assert {"mem_histogram.png", "influence_histogram.png", "mem_per_epoch.png", "summary.csv"} <= names
+    assert plt.get_fignums() == []

@@ -51,6 +51,9 @@ def _save(figure, path: Path, written: list[Path]) -> None:
 def _show(axes, image: np.ndarray) -> None:
     """Draw one uint8 [C, H, W] image, upsampled by nearest neighbour, grayscale when C == 1."""
     image = np.asarray(image)
+    if image.dtype != np.uint8:  # tolerate float images: stretch to 0..255
+        low, high = float(image.min()), float(image.max())
+        image = ((image - low) / max(high - low, 1e-12) * 255).astype(np.uint8)
     factor = max(1, math.ceil(MIN_DISPLAY_PIXELS / max(image.shape[-2], 1)))
     image = image.repeat(factor, axis=-2).repeat(factor, axis=-1)
     if image.shape[0] == 1:
@@ -95,8 +98,8 @@ def _mem_histogram(mem: np.ndarray, noisy_mask: np.ndarray | None, threshold: fl
         for chosen, name, color in ((~noisy_mask, "clean", "tab:blue"), (noisy_mask, "relabeled", "tab:red")):
             part = mem[defined & chosen]
             axes.hist(part, bins=bins, alpha=0.55, color=color, label=f"{name} (n={part.size})")
-        axes.legend()
-    axes.axvline(threshold, color="black", linestyle="--", label=f"threshold {threshold:g}")
+    axes.axvline(threshold, color="black", linestyle="--", label=f"memorized threshold {threshold:g}")
+    axes.legend()
     axes.set_xlabel("memorization score")
     axes.set_ylabel("examples")
     axes.set_title(f"Memorization scores (n={mem.size}, undefined/NaN: {int((~defined).sum())})")
@@ -191,12 +194,14 @@ def _mem_vs_loss(final: np.ndarray, loss: np.ndarray, noisy_mask: np.ndarray | N
     return figure
 
 
-def summary_rows(mem, se, n_in, n_out, influence=None, noisy_mask=None, summary=None,
+def summary_rows(mem: np.ndarray, se: np.ndarray, n_in: np.ndarray, n_out: np.ndarray, influence: dict | None = None,
+                 noisy_mask: np.ndarray | None = None, summary: dict | None = None,
                  threshold: float = 0.25) -> list[tuple[str, object]]:
     """The summary table as (key, value) rows, every number computed from the inputs."""
+    mem = np.asarray(mem, dtype=float)
+    noisy_mask = None if noisy_mask is None else np.asarray(noisy_mask, dtype=bool)
     mean, median, fraction = _stats(mem, threshold)
-    rows: list[tuple[str, object]] = list((summary or {}).items())
-    rows += [("n", int(mem.size)), ("n_undefined", int((~np.isfinite(mem)).sum())),
+    rows: list[tuple[str, object]] = [("n", int(mem.size)), ("n_undefined", int((~np.isfinite(mem)).sum())),
              ("mean", mean), ("median", median), (f"fraction_ge_{threshold:g}", fraction),
              ("mean_se", float(_finite(se).mean()) if _finite(se).size else math.nan),
              ("min_n_in", int(np.min(n_in))), ("median_n_in", float(np.median(n_in))),
@@ -211,7 +216,26 @@ def summary_rows(mem, se, n_in, n_out, influence=None, noisy_mask=None, summary=
                  ("mean_clean", _stats(mem[~noisy_mask], threshold)[0])]
         if labels.any() and not labels.all():
             rows.append(("auroc_relabeled_vs_clean", float(roc_auc_score(labels, mem[defined]))))
+    return _given_rows(summary or {}, rows) + rows
+
+
+def _given_rows(given: dict, computed: list[tuple[str, object]]) -> list[tuple[str, object]]:
+    """The caller's rows; a key also computed here is dropped when equal, else kept as given_<key>."""
+    known, rows = dict(computed), []
+    for key, value in given.items():
+        if key not in known:
+            rows.append((key, value))
+        elif not _same(value, known[key]):
+            rows.append((f"given_{key}", value))
     return rows
+
+
+def _same(a: object, b: object) -> bool:
+    """Whether two table values agree (floats to 1e-9, NaN equal to NaN)."""
+    try:
+        return bool(np.isclose(float(a), float(b), rtol=1e-9, atol=1e-12, equal_nan=True))
+    except (TypeError, ValueError):
+        return a == b
 
 
 def per_epoch_rows(per_epoch: dict, threshold: float = 0.25) -> list[dict]:
@@ -225,6 +249,19 @@ def per_epoch_rows(per_epoch: dict, threshold: float = 0.25) -> list[dict]:
     return rows
 
 
+MEANINGS = {
+    "n": "training examples", "n_undefined": "examples never left out or never included (NaN score)",
+    "mean": "mean of defined scores", "median": "median of defined scores",
+    "mean_se": "mean standard error of defined scores", "min_n_in": "fewest models that trained on an example",
+    "median_n_in": "median models that trained on an example", "min_n_out": "fewest models that left an example out",
+    "median_n_out": "median models that left an example out", "influence_threshold": "influence pair threshold",
+    "influence_pairs_above_threshold": "train-test pairs with influence above the threshold",
+    "n_relabeled": "relabeled (noisy) examples", "mean_relabeled": "mean defined score of relabeled examples",
+    "mean_clean": "mean defined score of clean examples",
+    "auroc_relabeled_vs_clean": "AUROC of the score separating relabeled from clean (defined scores)",
+}
+
+
 def _format(value: object) -> str:
     """A value for the markdown table (4 significant digits for floats)."""
     if isinstance(value, (float, np.floating)):
@@ -234,18 +271,23 @@ def _format(value: object) -> str:
 
 def _write_markdown(path: Path, rows: list, epoch_rows: list[dict]) -> None:
     """summary.md: the key/value table, then the per-epoch table when there is one."""
-    lines = ["# Memorization report", "", "| quantity | value |", "|---|---|"]
-    lines += [f"| {key} | {_format(value)} |" for key, value in rows]
+    lines = ["# Memorization report", "", "| quantity | value | meaning |", "|---|---|---|"]
+    for key, value in rows:
+        meaning = "share of defined scores at or above the threshold" if str(key).startswith("fraction_ge_") else \
+            MEANINGS.get(key, "")
+        lines.append(f"| {key} | {_format(value)} | {meaning} |")
     if epoch_rows:
         header = list(epoch_rows[0])
-        lines += ["", "## Per epoch", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        lines += ["", "## Per epoch", "", "gap = train_acc - test_acc; fraction over defined scores at that epoch.", "",
+                  "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         lines += ["| " + " | ".join(_format(row[key]) for key in header) + " |" for row in epoch_rows]
     path.write_text("\n".join(lines) + "\n")
 
 
 def write_report(folder: Path, *, mem: np.ndarray, se: np.ndarray, n_in: np.ndarray, n_out: np.ndarray,
-                 train_images: np.ndarray, train_labels: np.ndarray, test_images: np.ndarray | None = None,
-                 test_labels: np.ndarray | None = None, influence: dict | None = None,
+                 train_images: np.ndarray | None, train_labels: np.ndarray | None,
+                 test_images: np.ndarray | None = None, test_labels: np.ndarray | None = None,
+                 influence: dict | None = None,
                  per_epoch: dict | None = None, noisy_mask: np.ndarray | None = None,
                  summary: dict | None = None, threshold: float = 0.25, grid_size: int = 32) -> list[Path]:
     """Write figures, summary.md, summary.csv (and per_epoch.csv) into `folder`; return the paths."""
@@ -255,12 +297,13 @@ def write_report(folder: Path, *, mem: np.ndarray, se: np.ndarray, n_in: np.ndar
     noisy_mask = None if noisy_mask is None else np.asarray(noisy_mask, dtype=bool)
     written: list[Path] = []
     _save(_mem_histogram(mem, noisy_mask, threshold), folder / "mem_histogram.png", written)
-    for most, name in ((True, "most"), (False, "least")):
+    have_images = train_images is not None and train_labels is not None  # eval_splits passes None without a plan
+    for most, name in ((True, "most"), (False, "least")) if have_images else ():
         index = rank_examples(mem, grid_size, most=most)
         title = f"{name.capitalize()} memorized ({len(index)} of {int(np.isfinite(mem).sum())} defined)"
         _save(_image_grid(train_images, train_labels, index, mem, title), folder / f"{name}_memorized.png", written)
     if influence is not None:
-        if test_images is not None and test_labels is not None:
+        if have_images and test_images is not None and test_labels is not None:
             pairs = _top_pairs(influence, len(train_images), len(test_images))
             figure = _influence_pairs(pairs, train_images, train_labels, test_images, test_labels)
             _save(figure, folder / "influence_pairs.png", written)
