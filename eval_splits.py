@@ -150,7 +150,7 @@ def run(args: argparse.Namespace) -> dict:
     for key, value in summary.items():
         print(f"  {key}: {value:.4f}" if isinstance(value, float) else f"  {key}: {value}")
     report = write_report_for(data, final, infl, noisy, args, Path(f"{stem}_report"), summary)
-    log_to_mlflow(args, summary, sidecar, [out, Path(f"{stem}.json")] + report)
+    log_to_mlflow(args, summary, sidecar, [out, Path(f"{stem}.json")], report)
     return {"scores": scores, "summary": summary, "memorization": final, "influence": infl}
 
 
@@ -196,17 +196,16 @@ def write_report_for(data: dict, final: dict, infl: dict, noisy, args, folder: P
                         noisy_mask=noisy, summary=summary, threshold=args.mem_threshold)
 
 
-def log_to_mlflow(args: argparse.Namespace, summary: dict, sidecar: dict, files: list[Path]) -> None:
+def log_to_mlflow(args: argparse.Namespace, summary: dict, sidecar: dict, files: list[Path],
+                  report: list[Path]) -> None:
     logger = RunLogger(args.tracking_uri or default_tracking_uri(), args.experiment_name, args.run_name)
     logger.log_params({k: v for k, v in vars(args).items()} | {k: v for k, v in sidecar.items() if k != "files"})
     logger.set_tags(environment_tags("cpu"))
     logger.log_metrics({k: float(v) for k, v in summary.items()}, step=0)
     for path in files:
-        if path.is_dir():
-            for child in sorted(path.iterdir()):
-                logger.log_artifact(str(child), "report")
-        else:
-            logger.log_artifact(str(path))
+        logger.log_artifact(str(path))
+    for path in report:
+        logger.log_artifact(str(path), "report")
     logger.finish()
 
 

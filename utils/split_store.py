@@ -94,6 +94,14 @@ def _save_npz(path: Path, **arrays) -> None:
     _atomic_write(path, write)
 
 
+def _flatten(settings: dict) -> dict:
+    """{'training': {'lr': 0.1}} → {'lr': 0.1}: nested settings under their own flag names."""
+    flat = {}
+    for key, value in settings.items():
+        flat.update(_flatten(value) if isinstance(value, dict) else {key: value})
+    return flat
+
+
 class CorruptModelFile(Exception):
     """A model file that cannot be read or does not belong to this plan."""
 
@@ -114,8 +122,8 @@ class SplitStore:
         if self.exists():
             existing = self.load_plan()
             if existing.hash != plan.hash:
-                changed = sorted(k for k in set(existing.settings) | set(plan.settings)
-                                 if existing.settings.get(k) != plan.settings.get(k))
+                old, new = _flatten(existing.settings), _flatten(plan.settings)
+                changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
                 what = f"settings {', '.join(changed)} differ" if changed else "the inclusion masks differ"
                 raise ConfigError(f"{self.folder} already holds another split-training plan ({what}); "
                                   f"rerun with the original arguments to resume it, or pass a new --out")

@@ -1,0 +1,131 @@
+"""Speed and memory of the held-out memorization estimator against its arithmetic floor.
+
+A synthetic store of K models x n training x m test examples (random inclusion masks at --ratio, 0/1
+targets with per-example difficulty, memorized training examples and planted train->test pairs). It
+times `memorization` and `influence(topk=10, threshold=0.15)` without the full matrix. The floor of
+`influence` is its matrix products, 2*K*n*m FLOPs, at the float32 matmul rate measured in this process
+on the same block shape ([block_rows, K] @ [K, m]), best of several runs before and after, so load from
+other processes makes the floor lower and the ratio more honest, not less. Peak memory is
+ru_maxrss, reported after each step with the bytes of the synthetic input itself. A benchmark, not a
+test: it prints a table and never fails on a slow machine.
+
+    .venv/bin/python benchmarks/estimator.py [--n_models 2000 --n_train 50000 --n_test 10000]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import resource
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
+
+import numpy as np  # noqa: E402
+
+from utils.memorization import influence, memorization  # noqa: E402
+
+GB = 1e9
+
+
+def peak_rss() -> float:
+    """Peak resident memory of this process so far, in GB (ru_maxrss is in KiB on Linux)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GB
+
+
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo where there is one."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        return next(line.split(":", 1)[1].strip() for line in lines if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
+def synthetic_store(n_models: int, n_train: int, n_test: int, ratio: float, seed: int):
+    """Inclusion mask and 0/1 targets, built a few models at a time so no float64 K x n array exists."""
+    rng = np.random.default_rng(seed)
+    difficulty = rng.beta(5, 1, n_train).astype(np.float32)  # P(right) on a training example left out
+    difficulty[rng.choice(n_train, n_train // 20, replace=False)] = 0.0  # 5% right only when trained on
+    test_difficulty = rng.beta(5, 1, n_test).astype(np.float32)
+    planted_train = rng.choice(n_train, 200, replace=False)  # test j right exactly when train i was in
+    planted_test = rng.choice(n_test, 200, replace=False)
+    mask = np.empty((n_models, n_train), bool)
+    target = np.empty((n_models, n_train), np.float32)
+    test_target = np.empty((n_models, n_test), np.float32)
+    for models in (slice(s, min(s + 100, n_models)) for s in range(0, n_models, 100)):
+        size = models.stop - models.start
+        mask[models] = rng.random((size, n_train), np.float32) < ratio
+        target[models] = mask[models] | (rng.random((size, n_train), np.float32) < difficulty)
+        test_target[models] = rng.random((size, n_test), np.float32) < test_difficulty
+        test_target[models, planted_test] = mask[models][:, planted_train]
+    return mask, target, test_target
+
+
+def matmul_rate(block_rows: int, n_models: int, n_test: int, repeats: int = 3) -> float:
+    """Best float32 GFLOP/s of [block_rows, K] @ [K, m], the product `influence` runs per block."""
+    rng = np.random.default_rng(1)
+    left = (rng.random((n_models, block_rows), np.float32) < 0.7).astype(np.float32).T  # transposed view, as there
+    right = (rng.random((n_models, n_test), np.float32) < 0.7).astype(np.float32)
+    out = np.empty((block_rows, n_test), np.float32)
+    best = np.inf
+    for _ in range(repeats):
+        start = time.perf_counter()
+        np.matmul(left, right, out=out)
+        best = min(best, time.perf_counter() - start)
+    return 2 * block_rows * n_models * n_test / best / GB
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--n_models", type=int, default=2000)
+    parser.add_argument("--n_train", type=int, default=50_000)
+    parser.add_argument("--n_test", type=int, default=10_000)
+    parser.add_argument("--ratio", type=float, default=0.7)
+    parser.add_argument("--block_rows", type=int, default=4096)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    n_models, n, m = args.n_models, args.n_train, args.n_test
+    block_rows = min(args.block_rows, n)
+
+    rate = matmul_rate(block_rows, n_models, m)  # first: its buffers are smaller than the input built next
+    before_input = peak_rss()
+    mask, target, test_target = synthetic_store(n_models, n, m, args.ratio, args.seed)
+    input_gb = (mask.nbytes + target.nbytes + test_target.nbytes) / GB
+    after_input = peak_rss()
+
+    start = time.perf_counter()
+    scores = memorization(mask, target)
+    mem_time = time.perf_counter() - start
+    after_mem = peak_rss()
+
+    start = time.perf_counter()
+    result = influence(mask, test_target, topk=10, threshold=0.15, block_rows=block_rows)
+    infl_time = time.perf_counter() - start
+    after_infl = peak_rss()
+    rate = max(rate, matmul_rate(block_rows, n_models, m))
+
+    flops = 2 * n_models * n * m
+    floor = flops / (rate * GB)
+    blas = np.show_config(mode="dicts")["Build Dependencies"]["blas"]
+    print(f"K={n_models} n={n} m={m} ratio={args.ratio} block_rows={block_rows}; {cpu_model()}, "
+          f"{os.cpu_count()} cores; numpy {np.__version__}, {blas['name']} {blas['version']}")
+    print(f"input {input_gb:.2f} GB (mask {mask.nbytes / GB:.2f}, target {target.nbytes / GB:.2f}, "
+          f"test_target {test_target.nbytes / GB:.2f}); peak RSS before it {before_input:.2f} GB, "
+          f"after building it {after_input:.2f} GB")
+    print(f"float32 matmul rate on [{block_rows}, {n_models}] @ [{n_models}, {m}]: {rate:.0f} GFLOP/s")
+    print(f"undefined: {scores['n_undefined']} train scores, {result['n_undefined_train']} influence rows; "
+          f"pairs > 0.15: {result['pair_value'].size}; memorized (mem >= 0.25): "
+          f"{int(np.sum(scores['mem'] >= 0.25))}")
+    print()
+    print("| step | time s | floor s | ratio | GFLOP/s | peak RSS GB | peak - input GB |")
+    print("|---|---|---|---|---|---|---|")
+    print(f"| memorization | {mem_time:.2f} | - | - | - | {after_mem:.2f} | {after_mem - input_gb:.2f} |")
+    print(f"| influence | {infl_time:.2f} | {floor:.2f} | {infl_time / floor:.2f} | "
+          f"{flops / infl_time / GB:.0f} | {after_infl:.2f} | {after_infl - input_gb:.2f} |")
+
+
+if __name__ == "__main__":
+    main()

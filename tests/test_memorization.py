@@ -1,0 +1,197 @@
+"""The held-out memorization estimator gives the scores one derives by hand, undefined ones as NaN."""
+import numpy as np
+import pytest
+
+from utils.memorization import auroc, consistency_scores, influence, memorization
+
+# A hand-made store: 6 models, 3 training and 3 test examples (rows are models).
+MASK = np.array([  # train example 0 is in every model: its scores are undefined
+    [1, 1, 1],
+    [1, 1, 0],
+    [1, 1, 1],
+    [1, 0, 0],
+    [1, 0, 1],
+    [1, 0, 0],
+], bool)
+TARGET = np.array([  # 0/1 correctness of each model on each training example
+    [1, 1, 1],
+    [0, 1, 0],
+    [1, 0, 1],
+    [1, 0, 0],
+    [1, 1, 1],
+    [1, 0, 1],
+], np.float32)
+TEST_TARGET = np.array([  # test 0 is right exactly when train 1 was in, test 1 when train 2 was in
+    [1, 1, 0],
+    [1, 0, 1],
+    [1, 1, 0],
+    [0, 0, 1],
+    [0, 1, 0],
+    [0, 0, 1],
+], np.float32)
+# Influence by hand, mean over models with i minus mean over models without i (models 0-2 hold train 1,
+# models 0, 2, 4 hold train 2):
+#   train 1: test 0: 3/3 - 0/3 = 1;    test 1: 2/3 - 1/3 = 1/3;  test 2: 1/3 - 2/3 = -1/3
+#   train 2: test 0: 2/3 - 1/3 = 1/3;  test 1: 3/3 - 0/3 = 1;    test 2: 0/3 - 3/3 = -1
+HAND_INFLUENCE = np.array([[np.nan, np.nan, np.nan], [1, 1 / 3, -1 / 3], [1 / 3, 1, -1]], np.float32)
+
+
+def test_hand_made_memorization_counts_and_standard_errors():
+    scores = memorization(MASK, TARGET)
+    np.testing.assert_array_equal(scores["n_in"], [6, 3, 3])
+    np.testing.assert_array_equal(scores["n_out"], [0, 3, 3])
+    # train 0 was never left out: undefined, reported as NaN and counted, not as 0
+    assert np.isnan(scores["mem"][0]) and np.isnan(scores["se"][0]) and np.isnan(scores["mean_out"][0])
+    assert scores["n_undefined"] == 1
+    assert scores["mean_in"][0] == pytest.approx(5 / 6)
+    # train 1: in models 0-2 -> 1, 1, 0 (p_in 2/3); out models 3-5 -> 0, 1, 0 (p_out 1/3)
+    # train 2: in models 0, 2, 4 -> 1, 1, 1 (p_in 1);  out models 1, 3, 5 -> 0, 0, 1 (p_out 1/3)
+    np.testing.assert_allclose(scores["mem"][1:], [2 / 3 - 1 / 3, 1 - 1 / 3], rtol=1e-6)
+    np.testing.assert_allclose(scores["mean_in"][1:], [2 / 3, 1], rtol=1e-6)
+    np.testing.assert_allclose(scores["mean_out"][1:], [1 / 3, 1 / 3], rtol=1e-6)
+    # SE = sqrt(p_in(1-p_in)/n_in + p_out(1-p_out)/n_out): train 1 sqrt(2/27 + 2/27) = 0.38490018,
+    # train 2 sqrt(0/3 + 2/27) = 0.27216553
+    np.testing.assert_allclose(scores["se"][1:], [0.38490018, 0.27216553], rtol=1e-6)
+    assert scores["mem"].dtype == np.float32 and scores["n_in"].dtype == np.int32
+
+
+def test_hand_made_influence_topk_pairs_and_histogram():
+    result = influence(MASK, TEST_TARGET, topk=3, threshold=0.15)
+    assert result["n_undefined_train"] == 1
+    # per test example, training examples by influence descending; only two are defined, so the
+    # third slot is empty (-1, NaN) rather than the undefined train 0
+    np.testing.assert_array_equal(result["topk_index"], [[1, 2, -1], [2, 1, -1], [1, 2, -1]])
+    np.testing.assert_allclose(result["topk_value"], [[1, 1 / 3, np.nan], [1, 1 / 3, np.nan],
+                                                      [-1 / 3, -1, np.nan]], rtol=1e-6)
+    # pairs above 0.15, value descending, ties by train index: exactly these four
+    pairs = list(zip(result["pair_train"].tolist(), result["pair_test"].tolist()))
+    assert pairs == [(1, 0), (2, 1), (1, 1), (2, 0)]
+    np.testing.assert_allclose(result["pair_value"], [1, 1, 1 / 3, 1 / 3], rtol=1e-6)
+    # bins of width 0.025 on [-1, 1]: -1 -> bin 0, -1/3 -> 26, 1/3 -> 53, 1 -> 79 (last bin is closed)
+    expected = np.zeros(80, np.int64)
+    expected[[0, 26, 53, 79]] = [1, 1, 2, 2]
+    np.testing.assert_array_equal(result["histogram"], expected)
+
+
+def test_block_size_does_not_change_results_and_full_matrix_is_memory_mapped(tmp_path):
+    rng = np.random.default_rng(1)
+    mask = rng.random((50, 40)) < 0.6
+    mask[:, 7] = True  # never left out
+    test_target = (rng.random((50, 25)) < 0.5).astype(np.float32)
+    one = influence(mask, test_target, topk=4, threshold=0.2, block_rows=1, full_path=tmp_path / "a.npy")
+    big = influence(mask, test_target, topk=4, threshold=0.2, block_rows=10_000, full_path=tmp_path / "b.npy")
+    some = influence(mask, test_target, topk=4, threshold=0.2, block_rows=17)
+    for key in ("topk_index", "topk_value", "pair_train", "pair_test", "pair_value", "histogram"):
+        np.testing.assert_array_equal(one[key], big[key])
+        np.testing.assert_array_equal(one[key], some[key])
+    full = np.load(tmp_path / "a.npy", mmap_mode="r")
+    assert isinstance(full, np.memmap) and full.dtype == np.float32 and full.shape == (40, 25)
+    np.testing.assert_array_equal(full, np.load(tmp_path / "b.npy"))
+    np.testing.assert_array_equal(full, brute_influence(mask, test_target))
+
+
+def test_hand_made_full_matrix(tmp_path):
+    influence(MASK, TEST_TARGET, full_path=tmp_path / "full.npy")
+    np.testing.assert_allclose(np.load(tmp_path / "full.npy", mmap_mode="r"), HAND_INFLUENCE, rtol=1e-6)
+
+
+def test_consistency_score_averages_held_out_accuracy_over_ratios():
+    ratio = np.array([0.5, 0.5, 0.9, 0.9])
+    mask = np.array([[1, 0, 1], [0, 0, 1], [0, 1, 1], [1, 1, 1]], bool)
+    target = np.array([[1, 1, 1], [0, 1, 1], [1, 0, 1], [0, 0, 1]], np.float32)
+    # train 0: ratio .5 left out by model 1 -> 0; ratio .9 left out by model 2 -> 1; C-score 0.5
+    # train 1: ratio .5 left out by models 0, 1 -> 1; ratio .9 never left out -> NaN; C-score 1
+    # train 2: never left out at any ratio -> NaN everywhere
+    scores = consistency_scores(mask, target, ratio)
+    assert sorted(scores["per_ratio"]) == [0.5, 0.9]
+    np.testing.assert_array_equal(scores["per_ratio"][0.5], [0, 1, np.nan])
+    np.testing.assert_array_equal(scores["per_ratio"][0.9], [1, np.nan, np.nan])
+    np.testing.assert_array_equal(scores["cscore"], [0.5, 1, np.nan])
+
+
+# -- against a straightforward loop -------------------------------------------------------------------
+def held_out_difference(included: np.ndarray, values: np.ndarray) -> np.float32:
+    """Mean of values where included minus where not, in float32 as the estimator does; NaN if one is empty."""
+    if included.all() or not included.any():
+        return np.float32(np.nan)
+    mean_in = np.float32(values[included].sum(dtype=np.float64)) / np.float32(included.sum())
+    mean_out = np.float32(values[~included].sum(dtype=np.float64)) / np.float32((~included).sum())
+    return mean_in - mean_out
+
+
+def brute_influence(mask: np.ndarray, test_target: np.ndarray) -> np.ndarray:
+    n, m = mask.shape[1], test_target.shape[1]
+    return np.array([[held_out_difference(mask[:, i], test_target[:, j]) for j in range(m)]
+                     for i in range(n)], np.float32)
+
+
+@pytest.mark.parametrize("binary", [True, False])
+@pytest.mark.parametrize("block_rows", [7, 1000])  # 1000: the first block is cut to its own top-k first
+def test_random_store_matches_a_loop(binary, block_rows):
+    rng = np.random.default_rng(0)
+    n_models, n, m, k = 40, 30, 20, 5
+    mask = rng.random((n_models, n)) < 0.7
+    mask[:, 3], mask[:, 11] = True, False  # one never left out, one never included
+    target = rng.random((n_models, n)).astype(np.float32)
+    test_target = rng.random((n_models, m)).astype(np.float32)
+    if binary:
+        target, test_target = (target < 0.6).astype(np.float32), (test_target < 0.6).astype(np.float32)
+
+    scores = memorization(mask, target)
+    expected_mem = [held_out_difference(mask[:, i], target[:, i]) for i in range(n)]
+    expected_se = [np.sqrt(target[mask[:, i], i].var(dtype=np.float64) / mask[:, i].sum()
+                           + target[~mask[:, i], i].var(dtype=np.float64) / (~mask[:, i]).sum())
+                   if 0 < mask[:, i].sum() < n_models else np.nan for i in range(n)]
+    np.testing.assert_allclose(scores["mem"], expected_mem, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(scores["se"], expected_se, rtol=1e-5, atol=1e-6)
+    assert scores["n_undefined"] == 2
+
+    dense = brute_influence(mask, test_target)
+    result = influence(mask, test_target, topk=k, threshold=0.15, block_rows=block_rows)
+    for j in range(m):  # value descending, ties to the lower train index, undefined rows skipped
+        defined = np.flatnonzero(np.isfinite(dense[:, j]))
+        order = defined[np.lexsort((defined, -dense[defined, j]))][:k]
+        np.testing.assert_allclose(result["topk_value"][j], dense[order, j], rtol=1e-5, atol=1e-6)
+        if binary:  # 0/1 sums are exact, so ties are ties in both and the indices must agree
+            np.testing.assert_array_equal(result["topk_index"][j], order)
+    hits = np.argwhere(dense > 0.15)
+    if binary:
+        assert set(zip(result["pair_train"], result["pair_test"])) == set(map(tuple, hits))
+        finite = dense[np.isfinite(dense)]
+        np.testing.assert_array_equal(result["histogram"], np.histogram(finite, np.linspace(-1, 1, 81))[0])
+    assert np.all(np.diff(result["pair_value"]) <= 0)
+
+
+def test_histogram_matches_numpy_on_bin_edges_and_outside_the_range():
+    rng = np.random.default_rng(2)
+    # test targets outside [0, 1] give influences beyond the bins; multiples of 1/40 sit on edges
+    n_models = 80
+    mask = np.zeros((n_models, 12), bool)
+    mask[: n_models // 2] = True
+    mask[:, 6:] = rng.random((n_models, 6)) < 0.5
+    test_target = rng.integers(-2, 4, (n_models, 30)).astype(np.float32)
+    result = influence(mask, test_target, bins=np.linspace(-1, 1, 81))
+    dense = brute_influence(mask, test_target)
+    np.testing.assert_array_equal(result["histogram"],
+                                  np.histogram(dense[np.isfinite(dense)], np.linspace(-1, 1, 81))[0])
+    uneven = np.array([-1, -0.5, 0, 0.1, 1.0])
+    np.testing.assert_array_equal(influence(mask, test_target, bins=uneven)["histogram"],
+                                  np.histogram(dense[np.isfinite(dense)], uneven)[0])
+
+
+def test_planted_memorized_examples_score_one_and_rank_first():
+    rng = np.random.default_rng(3)
+    n_models, n = 200, 100
+    mask = rng.random((n_models, n)) < 0.7
+    memorized = np.zeros(n, bool)
+    memorized[rng.choice(n, 10, replace=False)] = True
+    # memorized examples are right only when trained on; the others are always right
+    target = np.where(memorized, mask, True).astype(np.float32)
+    scores = memorization(mask, target)
+    np.testing.assert_array_equal(scores["mem"], memorized.astype(np.float32))
+    np.testing.assert_array_equal(scores["se"], 0)
+    assert auroc(scores["mem"], memorized) == 1.0
+    # an undefined score is left out of the AUROC rather than counted as 0
+    with_nan = scores["mem"].copy()
+    with_nan[np.flatnonzero(~memorized)[0]] = np.nan
+    assert auroc(with_nan, memorized) == 1.0
