@@ -343,7 +343,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--steps", type=int, default=20, help="timed steps per run of the ResNet-18 case")
+    parser.add_argument("--steps", type=int, default=15, help="timed steps per run of the ResNet-18 case")
     parser.add_argument("--mlp_steps", type=int, default=300, help="timed steps per run of the MLP cases")
     parser.add_argument("--repeats", type=int, default=3, help="runs per side; the table shows the medians")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's own)")

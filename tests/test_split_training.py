@@ -19,7 +19,8 @@ from utils.split_store import SplitStore, balanced_masks
 
 
 def train(tmp_path, *extra: str, out: str = "store"):
-    argv = ["--dataset", "seq-digits", "--n_epochs", "3", "--lr", "0.1", "--batch_size", "64", "--mlp_hidden", "64",
+    width = [] if "--backbone" in extra else ["--mlp_hidden", "64"]
+    argv = ["--dataset", "seq-digits", "--n_epochs", "3", "--lr", "0.1", "--batch_size", "64", *width,
             "--out", str(tmp_path / out), "--tracking_uri", f"sqlite:///{tmp_path / 'mlflow.db'}", "--non_verbose",
             *extra]
     return train_splits.run(train_splits.parse_args(argv))

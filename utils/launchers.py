@@ -6,12 +6,37 @@ results as the units finish, in the driver process, which alone writes to MLflow
 from __future__ import annotations
 
 import argparse
+import os
+import time
 from pathlib import Path
 from typing import Callable, Iterator
 
 from utils.errors import ConfigError
 
 LAUNCHERS = ("local", "pool", "ray", "slurm")
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def _repo_on_pythonpath() -> dict[str, str]:
+    """Workers import the project's modules by name: put the repository on their PYTHONPATH."""
+    paths = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    if str(REPO_ROOT) not in paths:
+        os.environ["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), *paths])
+    return {"PYTHONPATH": os.environ["PYTHONPATH"]}
+
+
+def start_ray(address: str | None = None, num_cpus: int | None = None) -> None:
+    """Connect to the Ray cluster at `address`, or start a local one."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    try:
+        ray.init(address=address, num_cpus=None if address else num_cpus, include_dashboard=False,
+                 log_to_driver=False, runtime_env={"env_vars": _repo_on_pythonpath()})
+    except (ConnectionError, RuntimeError, ValueError) as error:
+        raise ConfigError(f"cannot connect to the Ray cluster at {address} ({error}); start it or omit --address "
+                          f"for a local cluster") from None
 
 
 def add_launcher_args(parser: argparse.ArgumentParser) -> None:
@@ -54,6 +79,7 @@ def _pool(function: Callable, units: list[tuple], workers: int) -> Iterator:
 
     if workers < 1:
         raise ConfigError(f"--workers must be at least 1, got {workers}")
+    _repo_on_pythonpath()
     # spawn, not fork: forking a process that already started torch's thread pools can deadlock.
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
         futures = [pool.submit(function, *unit) for unit in units]
@@ -64,12 +90,7 @@ def _pool(function: Callable, units: list[tuple], workers: int) -> Iterator:
 def _ray(function: Callable, units: list[tuple], args: argparse.Namespace) -> Iterator:
     import ray
 
-    if not ray.is_initialized():
-        try:
-            ray.init(address=args.address, include_dashboard=False, log_to_driver=False)
-        except (ConnectionError, RuntimeError) as error:
-            raise ConfigError(f"cannot connect to the Ray cluster at {args.address} ({error}); start it or omit "
-                              f"--address for a local cluster") from None
+    start_ray(args.address)
     # Retried on worker loss (max_retries); an exception raised by the function itself is not retried.
     remote = ray.remote(function).options(num_cpus=args.cpus_per_task, num_gpus=args.gpus_per_task, max_retries=3)
     pending = [remote.remote(*unit) for unit in units]
@@ -81,6 +102,7 @@ def _ray(function: Callable, units: list[tuple], args: argparse.Namespace) -> It
 def _slurm(function: Callable, units: list[tuple], args: argparse.Namespace, log_folder: Path) -> Iterator:
     import submitit
 
+    _repo_on_pythonpath()  # submitted jobs inherit the driver's environment
     executor = submitit.AutoExecutor(folder=str(args.slurm_folder or log_folder), cluster=args.submitit_cluster)
     parameters = {"timeout_min": args.time}
     if executor.cluster == "slurm":
@@ -95,5 +117,4 @@ def _slurm(function: Callable, units: list[tuple], args: argparse.Namespace, log
                 waiting.remove(job)
                 yield job.result()
         if waiting:
-            import time
             time.sleep(0.5)

@@ -1,0 +1,62 @@
+"""Every launcher trains the same models into the same store as the in-process default."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import train_splits
+from utils.launchers import start_ray
+from utils.split_store import SplitStore
+
+ARGS = ["--dataset", "seq-digits", "--n_models", "4", "--n_epochs", "2", "--lr", "0.1", "--batch_size", "64",
+        "--mlp_hidden", "32", "--ensemble", "2", "--non_verbose"]
+
+
+@pytest.fixture(scope="module")
+def local_store(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("local")
+    train_splits.run(train_splits.parse_args([*ARGS, "--out", str(folder / "store"),
+                                              "--tracking_uri", f"sqlite:///{folder / 'mlflow.db'}"]))
+    return folder / "store"
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    ray = pytest.importorskip("ray")
+    start_ray(num_cpus=2)  # one local cluster shared by the tests of this module
+    yield
+    ray.shutdown()
+
+
+def same_models(store_a, store_b) -> None:
+    for model_id in range(4):
+        a = np.load(SplitStore(store_a).model_path(model_id))
+        b = np.load(SplitStore(store_b).model_path(model_id))
+        for key in ("prob_train", "correct_train", "prob_test", "correct_test"):
+            np.testing.assert_array_equal(a[key], b[key])
+
+
+@pytest.mark.parametrize("launcher", [["--launcher", "pool", "--workers", "2"],
+                                      ["--launcher", "slurm", "--submitit_cluster", "local"]])
+def test_pool_and_slurm_launchers_store_the_same_models(tmp_path, local_store, launcher):
+    result = train_splits.run(train_splits.parse_args([*ARGS, *launcher, "--out", str(tmp_path / "store"),
+                                                       "--tracking_uri", f"sqlite:///{tmp_path / 'mlflow.db'}"]))
+    assert result["trained"] == 4
+    same_models(local_store, tmp_path / "store")
+
+
+def test_ray_launcher_stores_the_same_models(tmp_path, local_store, ray_cluster):
+    result = train_splits.run(train_splits.parse_args([*ARGS, "--launcher", "ray", "--out", str(tmp_path / "store"),
+                                                       "--tracking_uri", f"sqlite:///{tmp_path / 'mlflow.db'}"]))
+    assert result["trained"] == 4
+    same_models(local_store, tmp_path / "store")
+
+
+def test_chunks_partition_the_plan(tmp_path):
+    """SLURM arrays run `--chunk I/N`: together the chunks train every model exactly once."""
+    stored = []
+    for index in range(3):
+        train_splits.run(train_splits.parse_args([*ARGS, "--chunk", f"{index}/3", "--out", str(tmp_path / "store"),
+                                                  "--tracking_uri", f"sqlite:///{tmp_path / 'mlflow.db'}"]))
+        stored.append(SplitStore(tmp_path / "store").stored_models())
+    assert stored[0] < stored[1] < stored[2] == {0, 1, 2, 3}
