@@ -21,7 +21,7 @@ from utils.memorization import auroc, consistency_scores, influence, memorizatio
 from utils.mlflow_logger import RunLogger, default_tracking_uri, environment_tags
 from utils.released_runs import find_released_runs, read_released_runs
 from utils.split_report import write_report
-from utils.split_store import SplitStore
+from utils.split_store import CorruptModelFile, SplitStore
 from utils.split_training import load_plan_data
 
 
@@ -55,25 +55,30 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def load_store(run_dir: Path, args: argparse.Namespace) -> dict:
-    """Masks and targets of every usable model, as float32 matrices [epochs, models, examples]."""
+    """Masks and targets of every readable model, as float32 matrices [epochs, models, examples]; one read each."""
     store = SplitStore(run_dir)
     plan = store.load_plan()
-    finished, problems = store.finished_models(plan)
-    for problem in problems:
-        print(f"warning: {problem} (not used)", file=sys.stderr)
+    stored = sorted(i for i in store.stored_models() if i < plan.n_models)
+    n, m = plan.inclusion_mask.shape[1], plan.settings["n_test"]
+    epochs = plan.settings["training"]["record_epochs"]
+    arrays = {key: np.zeros((len(epochs), len(stored), size), dtype=np.float32)
+              for key, size in (("prob_train", n), ("correct_train", n), ("prob_test", m), ("correct_test", m))}
+    finished = []
+    for model_id in stored:
+        try:
+            model = store.read_model(model_id, plan)
+        except CorruptModelFile as error:
+            print(f"warning: {error} (not used; train_splits.py retrains it)", file=sys.stderr)
+            continue
+        for key in arrays:
+            arrays[key][:, len(finished)] = model[key]
+        finished.append(model_id)
     if not finished:
         raise ConfigError(f"{run_dir} holds no finished model yet; run train_splits.py first")
     if len(finished) < plan.n_models and not args.allow_partial:
         raise ConfigError(f"{run_dir} holds {len(finished)} of the plan's {plan.n_models} models; finish it with "
                           f"train_splits.py or pass --allow_partial to use the {len(finished)}")
-    n, m = plan.inclusion_mask.shape[1], plan.settings["n_test"]
-    epochs = plan.settings["training"]["record_epochs"]
-    arrays = {key: np.zeros((len(epochs), len(finished), size), dtype=np.float32)
-              for key, size in (("prob_train", n), ("correct_train", n), ("prob_test", m), ("correct_test", m))}
-    for k, model_id in enumerate(finished):
-        model = store.read_model(model_id, plan)
-        for key in arrays:
-            arrays[key][:, k] = model[key]
+    arrays = {key: value[:, :len(finished)] for key, value in arrays.items()}
     return {"plan": plan, "model_ids": finished, "mask": plan.inclusion_mask[finished], "epochs": epochs,
             "ratio": plan.model_ratio[finished], "train": arrays[f"{args.target}_train"],
             "test": arrays[f"{args.target}_test"], "prob_train": arrays["prob_train"],

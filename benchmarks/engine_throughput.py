@@ -306,8 +306,8 @@ def measure(case: Case, cli: argparse.Namespace, scratch: Path) -> Row:
             workers = (max(WORKER_COUNTS, key=lambda w: straight_rates[w][0]),)
     (chosen,) = workers
     print(f"  {case.name}: {'synthetic' if synthetic else 'real'} data; ours "
-          f"{' '.join(f'{r:.0f}' for r in ours_rates)} img/s; straightforward "
-          + "; ".join(f"{w} workers {' '.join(f'{r:.0f}' for r in rates)}" for w, rates in straight_rates.items()),
+          f"{' '.join(map(rate, ours_rates))} img/s; straightforward "
+          + "; ".join(f"{w} workers {' '.join(map(rate, rates))}" for w, rates in straight_rates.items()),
           flush=True)
     best = straight_rates[chosen]
     return Row(case, steps, statistics.median(ours_rates), statistics.median(best), chosen,
@@ -327,14 +327,18 @@ def machine() -> str:
     return f"{model}, {cores} cores available"
 
 
+def rate(images_per_second: float) -> str:
+    return f"{images_per_second:.0f}" if images_per_second >= 100 else f"{images_per_second:.1f}"
+
+
 def table(rows: list[Row]) -> str:
     head = f"{'case':<22}{'batch/mb':>9}{'steps':>7}{'ours img/s':>12}{'straightforward img/s':>24}" \
            f"{'ours/straightforward':>22}{'range':>13}"
     lines = [head, "-" * len(head)]
     for r in rows:
-        straight = f"{r.straightforward:.0f} ({r.workers} workers)"
+        straight = f"{rate(r.straightforward)} ({r.workers} workers)"
         lines.append(f"{r.case.name:<22}{f'{r.case.batch_size}/{r.case.batch_size}':>9}{r.steps:>7}"
-                     f"{r.ours:>12.0f}{straight:>24}{r.ours / r.straightforward:>21.2f}x"
+                     f"{rate(r.ours):>12}{straight:>24}{r.ours / r.straightforward:>21.2f}x"
                      f"{f'{min(r.ratios):.2f}-{max(r.ratios):.2f}':>13}")
     return "\n".join(lines)
 

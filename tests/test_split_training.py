@@ -223,3 +223,15 @@ def test_released_aux_arrays_give_the_same_scores_as_our_store(tmp_path):
     np.testing.assert_array_equal(ours["influence"]["topk_value"], released["influence"]["topk_value"])
     with pytest.raises(Exception, match="hold 0/1 correctness only; pass --target correct"):
         evaluate(tmp_path, out="released")
+
+
+def test_a_class_range_scores_only_its_examples_in_dataset_order(tmp_path):
+    train(tmp_path, "--n_models", "4", "--classes", "2,4")
+    plan = SplitStore(tmp_path / "store").load_plan()
+    labels = np.load(tmp_path / "store" / "plan_arrays.npz")["train_indices"]
+    assert plan.settings["n_train"] == len(labels) < 1438
+    evaluate(tmp_path)
+    scores = np.load(tmp_path / "scores" / "store.npy")
+    assert len(scores) == 1438  # dataset order over the whole training set ...
+    assert np.isfinite(scores).sum() == len(labels)  # ... defined only for the planned classes
+    assert np.isfinite(scores[plan.train_indices]).all()
