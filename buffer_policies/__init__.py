@@ -3,9 +3,14 @@ from __future__ import annotations
 
 import argparse
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from utils.registry import Registry
+
+if TYPE_CHECKING:
+    from utils.buffer import Buffer
 
 
 class BufferPolicy:
@@ -24,7 +29,8 @@ class BufferPolicy:
     def __init__(self, args: argparse.Namespace):
         self.args = args
 
-    def insert(self, n_seen: int, capacity: int, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def insert(self, buffer: "Buffer", labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Slots for an incoming batch with these labels (the buffer's fields are readable, not yet updated)."""
         raise NotImplementedError
 
 

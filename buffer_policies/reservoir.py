@@ -10,8 +10,8 @@ from buffer_policies import BufferPolicy, register_policy
 class Reservoir(BufferPolicy):
     """Reservoir sampling (Vitter's algorithm R) for a whole batch at once."""
 
-    def insert(self, n_seen, capacity, labels):
-        device = labels.device
+    def insert(self, buffer, labels):
+        n_seen, capacity, device = buffer.n_seen, buffer.capacity, labels.device
         rows = torch.arange(len(labels), device=device)
         seen = n_seen + rows  # how many examples came before each row
         # Row j replaces a uniform slot in [0, seen_j] and is kept if that slot exists.

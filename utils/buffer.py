@@ -33,7 +33,7 @@ class Buffer:
                  "task_labels": task_labels, "indices": indices}
         if self.examples is None:
             self._allocate(batch)
-        slots, rows = self.policy.insert(self.n_seen, self.capacity, labels)
+        slots, rows = self.policy.insert(self, labels)
         for name, value in batch.items():
             store = getattr(self, name)
             if store is not None and value is not None:
