@@ -21,6 +21,7 @@ from utils.args import computational_config, parse_args
 from utils.checkpoint import check_same_config, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from utils.errors import ConfigError, TrainingDiverged
 from utils.mlflow_logger import RunLogger, check_reachable, default_tracking_uri, environment_tags
+from utils.scores import load_scores
 from utils.training import RunState, train
 
 
@@ -54,12 +55,7 @@ def log_new_run(logger: RunLogger, args: argparse.Namespace, dataset) -> None:
                "n_test": len(dataset.test), "n_relabeled": int(dataset.noisy_mask.sum())}
     logger.log_text(yaml.safe_dump({"arguments": vars(args), "derived": derived}, sort_keys=True), "config.yaml")
     if dataset.noisy_mask.any():
-        import tempfile
-
-        with tempfile.TemporaryDirectory() as folder:
-            path = Path(folder) / "noisy_mask.npy"
-            np.save(path, dataset.noisy_mask)  # which training examples (dataset order) were relabeled
-            logger.log_artifact(str(path))
+        logger.log_array(dataset.noisy_mask, "noisy_mask.npy")  # which training examples were relabeled
 
 
 def run(args: argparse.Namespace) -> RunState:
@@ -77,6 +73,8 @@ def run(args: argparse.Namespace) -> RunState:
 
     set_seed(args.seed)
     dataset = DATASETS.get(args.dataset)(args)
+    if args.mem_scores:
+        dataset.mem_scores = load_scores(args.mem_scores, dataset)
     backbone = BACKBONES.get(args.backbone)(args, dataset.SHAPE, dataset.N_CLASSES).to(args.device)
     model = MODELS.get(args.model)(backbone, dataset, args)
     state = RunState.fresh(dataset)

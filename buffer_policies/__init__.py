@@ -29,10 +29,17 @@ class BufferPolicy:
     def __init__(self, args: argparse.Namespace):
         self.args = args
 
+    def state_dict(self) -> dict:
+        """Bookkeeping a checkpoint must restore (plain ints, lists, tensors); none by default."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore what state_dict returned."""
+
     def insert(self, buffer: "Buffer", labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Slots for an incoming batch with these labels (the buffer's fields are readable, not yet updated)."""
         raise NotImplementedError
 
 
-BUFFER_POLICIES: Registry[BufferPolicy] = Registry("buffer policy", "buffer_policies")
+BUFFER_POLICIES: Registry[BufferPolicy] = Registry("buffer policy", "buffer_policies", plural="buffer policies")
 register_policy = BUFFER_POLICIES.register

@@ -82,5 +82,5 @@ def test_state_dict_round_trip_restores_contents_and_counter():
 
 
 def test_unknown_policy_lists_known_ones():
-    with pytest.raises(ConfigError, match="known buffer policys?: .*reservoir"):
+    with pytest.raises(ConfigError, match="known buffer policies: .*reservoir"):
         BUFFER_POLICIES.get("fifo")

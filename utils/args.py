@@ -59,6 +59,11 @@ def common_parser(first_pass: bool = False) -> argparse.ArgumentParser:
     data.add_argument("--permute_classes", action="store_true", help="shuffle the class order with --seed")
     data.add_argument("--label_noise", type=float, default=0.0,
                       help="fraction of training examples relabeled (to another class of their task), seeded")
+    data.add_argument("--mem_scores", default=None, metavar="FILE.npy",
+                      help="memorization score per training example (eval_splits.py output or a released float32 "
+                           "array, dataset order): drives maer's policies and the per-bucket accuracy of any model")
+    data.add_argument("--bucket_thresholds", default="0.1,0.25",
+                      help="with --mem_scores: low ≤ a < middle ≤ b < high memorization buckets")
 
     record = parser.add_argument_group("logging and checkpoints")
     record.add_argument("--tracking_uri", default=None,
@@ -69,6 +74,9 @@ def common_parser(first_pass: bool = False) -> argparse.ArgumentParser:
     record.add_argument("--checkpoint_dir", default=str(REPO_ROOT / "checkpoints"))
     record.add_argument("--resume", default=None, metavar="PATH", help="continue the run saved in this checkpoint")
     record.add_argument("--non_verbose", action="store_true", help="no progress bars")
+    record.add_argument("--ignore_other_metrics", action="store_true",
+                        help="accepted for Mammoth command lines; the metrics here are always the same few")
+    record.add_argument("--nowand", action="store_true", help="accepted for Mammoth command lines (no W&B here)")
     return parser
 
 
@@ -167,9 +175,38 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
     for ok, sentence in checks:
         if not ok:
             raise ConfigError(sentence)
+    _check_buffer_policy(args, dataset, model)
+    args.bucket_thresholds = _thresholds(args.bucket_thresholds)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"--device {args.device} asked for CUDA but no GPU is visible; pass --device cpu")
     return args
+
+
+def _check_buffer_policy(args: argparse.Namespace, dataset: type, model: type) -> None:
+    from buffer_policies._memorization import MemorizationPolicy
+
+    policy = BUFFER_POLICIES.get(args.buffer_policy)
+    if args.buffer_policy != "reservoir" and not model.USES_BUFFER:
+        raise ConfigError(f"--buffer_policy {args.buffer_policy} chooses a replay buffer's contents, but {args.model} "
+                          f"has no buffer; use a replay model ({', '.join(n for n in MODELS.names() if MODELS.get(n).USES_BUFFER)})")
+    if issubclass(policy, MemorizationPolicy):
+        if args.model != "maer":
+            raise ConfigError(f"--buffer_policy {args.buffer_policy} re-selects the buffer by memorization values, "
+                              f"which the maer model computes; use --model maer")
+        n_classes = dataset.N_CLASSES
+        if args.buffer_size < n_classes:
+            raise ConfigError(f"a buffer of {args.buffer_size} cannot keep one example of each of {args.dataset}'s "
+                              f"{n_classes} classes; pass --buffer_size of at least {n_classes}")
+
+
+def _thresholds(text: str) -> tuple[float, float]:
+    try:
+        low, high = (float(t) for t in str(text).split(","))
+    except ValueError:
+        raise ConfigError(f"--bucket_thresholds must be two numbers 'a,b', got {text!r}") from None
+    if not low < high:
+        raise ConfigError(f"--bucket_thresholds needs a < b, got {text!r}")
+    return low, high
 
 
 def computational_config(args: argparse.Namespace) -> dict:

@@ -60,11 +60,12 @@ class Buffer:
                 setattr(self, name, torch.zeros(shape, dtype=value.dtype, device=self.device))
 
     def state_dict(self) -> dict:
-        state = {"n_seen": self.n_seen}
+        state = {"n_seen": self.n_seen, "policy": self.policy.state_dict()}
         state.update({name: getattr(self, name) for name in FIELDS if getattr(self, name) is not None})
         return state
 
     def load_state_dict(self, state: dict) -> None:
         self.n_seen = int(state["n_seen"])
+        self.policy.load_state_dict(state["policy"])
         for name in FIELDS:
             setattr(self, name, state[name].to(self.device) if name in state else None)

@@ -47,6 +47,7 @@ class ContinualDataset:
     DEFAULT_BACKBONE: str = "mlp"
     DEFAULT_BATCH_SIZE: int = 32
     DEFAULT_N_EPOCHS: int = 1
+    mem_scores: np.ndarray | None = None  # per training example (dataset order), set from --mem_scores
 
     @staticmethod
     def add_args(parser: argparse._ArgumentGroup) -> None:

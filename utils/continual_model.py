@@ -66,6 +66,11 @@ class ContinualModel(nn.Module):
         """The examples the model trains on during a task (the task's own split by default)."""
         return self.dataset.train_split(task)
 
+    def task_record(self, task: int) -> dict:
+        """What the model wants logged after a task: {"metrics": {...}, "arrays": {file: array},
+        "histograms": {file: (all values, kept values)}}."""
+        return {}
+
     def sgd_step(self, loss: torch.Tensor) -> None:
         self.opt.zero_grad(set_to_none=True)
         loss.backward()

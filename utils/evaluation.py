@@ -79,3 +79,39 @@ def summary_metrics(matrices: dict[str, np.ndarray], t: int) -> dict[str, float]
             out[f"forgetting_{setting}"] = forgetting(matrix, t)
             out[f"bwt_{setting}"] = backward_transfer(matrix, t)
     return out
+
+
+BUCKETS = ("low", "middle", "high")
+
+
+def memorization_buckets(scores: np.ndarray, low: float, high: float) -> np.ndarray:
+    """0 (score ≤ low), 1 (low < score ≤ high), 2 (score > high), −1 where the score is undefined."""
+    bucket = np.full(len(scores), -1)
+    finite = np.isfinite(scores)
+    bucket[finite] = np.digitize(scores[finite], [low, high], right=True)
+    return bucket
+
+
+@torch.no_grad()
+def accuracy_by_bucket(model: torch.nn.Module, dataset: ContinualDataset, last_task: int, scores: np.ndarray,
+                       thresholds: tuple[float, float]) -> dict[str, np.ndarray]:
+    """Class-IL accuracy (%) on the *training* examples of tasks 0..last_task, per memorization bucket.
+
+    Forgetting is read per bucket from how these numbers fall over later tasks; NaN marks a bucket
+    with no example in a task.
+    """
+    was_training = model.training
+    model.eval()
+    n_seen = dataset.seen_classes(last_task)
+    out = {b: np.full(last_task + 1, np.nan) for b in BUCKETS}
+    for task in range(last_task + 1):
+        split = dataset.train_split(task)
+        bucket = memorization_buckets(scores[split.indices.cpu().numpy()], *thresholds)
+        correct = torch.cat([model(dataset.test_transform(split.images[i:i + EVAL_BATCH_SIZE]))[:, :n_seen].argmax(1)
+                             == split.labels[i:i + EVAL_BATCH_SIZE] for i in range(0, len(split), EVAL_BATCH_SIZE)])
+        correct = correct.cpu().numpy()
+        for b, name in enumerate(BUCKETS):
+            if (bucket == b).any():
+                out[name][task] = 100.0 * correct[bucket == b].mean()
+    model.train(was_training)
+    return out

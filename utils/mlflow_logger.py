@@ -127,6 +127,18 @@ class RunLogger:
     def log_figure(self, figure, artifact_file: str) -> None:
         self.client.log_figure(self.run_id, figure, artifact_file)
 
+    def log_array(self, array, artifact_file: str) -> None:
+        """An array as a .npy artifact (read back with np.load(..., allow_pickle=False))."""
+        import tempfile
+
+        import numpy as np
+
+        folder, name = os.path.split(artifact_file)
+        with tempfile.TemporaryDirectory() as temporary:
+            path = os.path.join(temporary, name)
+            np.save(path, array)
+            self.client.log_artifact(self.run_id, path, folder or None)
+
     def log_artifact(self, local_path: str, artifact_path: str | None = None) -> None:
         self.client.log_artifact(self.run_id, local_path, artifact_path)
 

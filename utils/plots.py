@@ -32,3 +32,19 @@ def accuracy_heatmap(matrix: np.ndarray, title: str):
 
 def close(figure) -> None:
     plt.close(figure)
+
+
+def value_histogram(everything: np.ndarray, kept: np.ndarray, title: str):
+    """The task's memorization values against those of the examples the buffer kept (density)."""
+    figure, axes = plt.subplots(figsize=(6, 4))
+    everything, kept = everything[np.isfinite(everything)], kept[np.isfinite(kept)]
+    if len(everything):
+        bins = np.histogram_bin_edges(everything, bins=30)
+        axes.hist(everything, bins=bins, density=True, alpha=0.5, label=f"task examples ({len(everything)})")
+        axes.hist(kept, bins=bins, density=True, alpha=0.7, label=f"kept in the buffer ({len(kept)})")
+        axes.legend()
+    axes.set_xlabel("memorization value")
+    axes.set_ylabel("density")
+    axes.set_title(title)
+    figure.tight_layout()
+    return figure

@@ -13,8 +13,9 @@ T = TypeVar("T")
 class Registry(Generic[T]):
     """Maps CLI names to classes of one kind (datasets, backbones, models, buffer policies)."""
 
-    def __init__(self, kind: str, package: str):
+    def __init__(self, kind: str, package: str, plural: str | None = None):
         self.kind = kind
+        self.plural = plural or kind + "s"
         self.package = package
         self._entries: dict[str, type[T]] = {}
         self._loaded = False
@@ -47,6 +48,6 @@ class Registry(Generic[T]):
         self._load()
         if name not in self._entries:
             raise ConfigError(
-                f"unknown {self.kind} {name!r}; known {self.kind}s: {', '.join(self.names())}"
+                f"unknown {self.kind} {name!r}; known {self.plural}: {', '.join(self.names())}"
             )
         return self._entries[name]

@@ -14,9 +14,9 @@ from tqdm import tqdm
 from utils.continual_dataset import ContinualDataset
 from utils.continual_model import ContinualModel
 from utils.errors import TrainingDiverged
-from utils.evaluation import empty_matrix, evaluate, settings_of, summary_metrics
+from utils.evaluation import accuracy_by_bucket, empty_matrix, evaluate, settings_of, summary_metrics
 from utils.mlflow_logger import RunLogger
-from utils.plots import accuracy_heatmap, close
+from utils.plots import accuracy_heatmap, close, value_histogram
 
 LOSS_REFRESH_STEPS = 20  # read the loss back from the device this often (progress bar and NaN check)
 PER_TASK_METRICS_UP_TO = 50  # log each task's accuracy as its own metric for streams up to this long
@@ -86,7 +86,21 @@ def record_task(model: ContinualModel, dataset: ContinualDataset, task: int, log
         if dataset.n_tasks <= PER_TASK_METRICS_UP_TO:
             metrics.update({f"acc_{setting}_task_{i}": v for i, v in enumerate(values)})
     metrics.update(summary_metrics(state.matrices, task))
+    if dataset.mem_scores is not None:
+        for bucket, values in accuracy_by_bucket(model, dataset, task, dataset.mem_scores,
+                                                 model.args.bucket_thresholds).items():
+            metrics.update({f"train_acc_{bucket}_task_{i}": v for i, v in enumerate(values) if np.isfinite(v)})
+            if np.isfinite(values).any():
+                metrics[f"train_acc_{bucket}"] = float(np.nanmean(values))
+    record = model.task_record(task)
+    metrics.update(record.get("metrics", {}))
     logger.log_metrics(metrics, step=task)
+    for name, array in record.get("arrays", {}).items():
+        logger.log_array(array, name)
+    for name, (everything, kept) in record.get("histograms", {}).items():
+        figure = value_histogram(everything, kept, f"memorization values after task {task + 1}")
+        logger.log_figure(figure, name)
+        close(figure)
     for setting, matrix in state.matrices.items():
         logger.log_text(matrix_csv(matrix), f"accuracy/{setting}.csv")
         figure = accuracy_heatmap(matrix, f"{setting.replace('_', '-')} accuracy (%)")
