@@ -106,7 +106,7 @@ def test_help_shows_the_flags_of_every_component(capsys):
 
 
 @pytest.mark.parametrize("argv, sentence", [
-    (["--model", "nope", "--lr", "0.1"], "unknown model 'nope'; known models: der, derpp, er, joint, sgd"),
+    (["--model", "nope", "--lr", "0.1"], "unknown model 'nope'; known models: der, derpp, er, joint, maer, sgd"),
     (["--model", "sgd", "--dataset", "nope", "--lr", "0.1"], "unknown dataset 'nope'; known datasets: "),
     (["--model", "sgd", "--backbone", "nope", "--lr", "0.1"], "unknown backbone 'nope'; known backbones: "),
     (["--model", "er", "--buffer_size", "10", "--buffer_policy", "nope", "--lr", "0.1"],
