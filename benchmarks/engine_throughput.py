@@ -9,9 +9,10 @@ Replay and a reservoir buffer, at the same stream batch and replay minibatch siz
   `DataLoader`, and an ER whose float32 CPU buffer is filled one example at a time by a Python
   reservoir loop and whose replay batch is augmented per example through PIL (old Mammoth).
 
-Throughput counts stream images per second (not the replayed ones). Runs alternate between the
-sides and each figure is the median over --repeats, so background load favours neither. A
-benchmark, not a test: it prints a table and never fails on a slow machine.
+Throughput counts stream images per second (not the replayed ones). The sides alternate in short
+timed blocks (--repeats of them, each --steps long); the table shows each side's median and the
+median of the per-block ratios, so background load favours neither. A benchmark, not a test: it
+prints a table and never fails on a slow machine.
 
     .venv/bin/python benchmarks/engine_throughput.py
 """
@@ -245,23 +246,23 @@ class Straightforward:
         self.buffer.add_data(not_aug_inputs, labels[:batch_size])
         return loss.item()  # Mammoth reads the loss back every step
 
-    def seconds(self, steps: int, warmup: int, workers: int) -> float:
-        """Time `steps` batches after `warmup` ones; worker start-up happens before the clock starts."""
+    def start(self, workers: int, warmup: int):
+        """A DataLoader iterator, with worker start-up and `warmup` steps done before any clock starts."""
         self.net.train()
         batches = iter(DataLoader(self.data, batch_size=self.args.batch_size, shuffle=True, num_workers=workers))
+        self.seconds(batches, warmup)
+        return batches
+
+    def seconds(self, batches, steps: int) -> float:
+        """Train `steps` batches from a started iterator (its workers keep prefetching between calls)."""
         device = self.args.device
-        for _ in range(warmup):
-            inputs, labels, not_aug = next(batches)
-            self.observe(inputs.to(device), labels.to(device), not_aug)
         synchronize(device)
         start = time.perf_counter()
         for _ in range(steps):
             inputs, labels, not_aug = next(batches)
             self.observe(inputs.to(device), labels.to(device), not_aug)
         synchronize(device)
-        elapsed = time.perf_counter() - start
-        del batches  # stops the workers
-        return elapsed
+        return time.perf_counter() - start
 
 
 # -- measurement --------------------------------------------------------------------------------------
@@ -277,7 +278,7 @@ class Row:
     ours: float  # stream images per second, median over repeats
     straightforward: float
     workers: int  # DataLoader workers of the faster straightforward variant
-    ratios: list[float]  # ours / straightforward in each repeat
+    ratios: list[float]  # ours / straightforward within each repeat; the table shows their median
 
 
 def measure(case: Case, cli: argparse.Namespace, scratch: Path) -> Row:
@@ -289,22 +290,22 @@ def measure(case: Case, cli: argparse.Namespace, scratch: Path) -> Row:
                        "--minibatch_size", batch, "--n_epochs", "1", "--seed", str(SEED),
                        "--device", cli.device, "--data_path", data_path, "--non_verbose"])
     ours = Ours(args)
-    straightforward = Straightforward(args, ours, length=(case.warmup + steps) * case.batch_size)
-    ours_rates, straight_rates = [], {w: [] for w in WORKER_COUNTS}
+    straightforward = Straightforward(args, ours, length=(case.warmup + steps * cli.repeats) * case.batch_size)
     ours.seconds(case.warmup)
-    workers = WORKER_COUNTS
+    loaders = {w: straightforward.start(w, case.warmup) for w in WORKER_COUNTS}
+    ours_rates, straight_rates = [], {w: [] for w in WORKER_COUNTS}
     for repeat in range(cli.repeats):
-        # Alternating which side goes first keeps drift in background load from favouring either.
-        order = ["ours", *workers] if repeat % 2 == 0 else [*workers, "ours"]
+        # Short blocks that alternate sides, each side first in turn: a burst of background load hits
+        # both sides of a repeat, and the median over repeats drops the bursts.
+        order = ["ours", *loaders] if repeat % 2 == 0 else [*loaders, "ours"]
         for who in order:
             if who == "ours":
                 ours_rates.append(steps * case.batch_size / ours.seconds(steps))
             else:
-                seconds = straightforward.seconds(steps, case.warmup, who)
-                straight_rates[who].append(steps * case.batch_size / seconds)
-        if repeat == 0:  # every worker count once, then the faster carries on (a ResNet step is slow)
-            workers = (max(WORKER_COUNTS, key=lambda w: straight_rates[w][0]),)
-    (chosen,) = workers
+                straight_rates[who].append(steps * case.batch_size / straightforward.seconds(loaders[who], steps))
+        if repeat == 0:  # every worker count once, then only the faster carries on (a ResNet step is slow)
+            chosen = max(loaders, key=lambda w: straight_rates[w][0])
+            loaders = {chosen: loaders[chosen]}  # dropping an iterator stops its workers
     print(f"  {case.name}: {'synthetic' if synthetic else 'real'} data; ours "
           f"{' '.join(map(rate, ours_rates))} img/s; straightforward "
           + "; ".join(f"{w} workers {' '.join(map(rate, rates))}" for w, rates in straight_rates.items()),
@@ -332,13 +333,14 @@ def rate(images_per_second: float) -> str:
 
 
 def table(rows: list[Row]) -> str:
-    head = f"{'case':<22}{'batch/mb':>9}{'steps':>7}{'ours img/s':>12}{'straightforward img/s':>24}" \
+    head = f"{'case':<22}{'batch/mb':>9}{'timed steps':>13}{'ours img/s':>12}{'straightforward img/s':>24}" \
            f"{'ours/straightforward':>22}{'range':>13}"
     lines = [head, "-" * len(head)]
     for r in rows:
         straight = f"{rate(r.straightforward)} ({r.workers} workers)"
-        lines.append(f"{r.case.name:<22}{f'{r.case.batch_size}/{r.case.batch_size}':>9}{r.steps:>7}"
-                     f"{rate(r.ours):>12}{straight:>24}{r.ours / r.straightforward:>21.2f}x"
+        lines.append(f"{r.case.name:<22}{f'{r.case.batch_size}/{r.case.batch_size}':>9}"
+                     f"{f'{len(r.ratios)}x{r.steps}':>13}"
+                     f"{rate(r.ours):>12}{straight:>24}{statistics.median(r.ratios):>21.2f}x"
                      f"{f'{min(r.ratios):.2f}-{max(r.ratios):.2f}':>13}")
     return "\n".join(lines)
 
@@ -347,9 +349,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--steps", type=int, default=15, help="timed steps per run of the ResNet-18 case")
-    parser.add_argument("--mlp_steps", type=int, default=300, help="timed steps per run of the MLP cases")
-    parser.add_argument("--repeats", type=int, default=3, help="runs per side; the table shows the medians")
+    parser.add_argument("--steps", type=int, default=6, help="timed steps per side and repeat, ResNet-18 case")
+    parser.add_argument("--mlp_steps", type=int, default=100, help="timed steps per side and repeat, MLP cases")
+    parser.add_argument("--repeats", type=int, default=5, help="alternating blocks per side; the table shows medians")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's own)")
     parser.add_argument("--buffer_size", type=int, default=500)
     parser.add_argument("--data_path", default=None,

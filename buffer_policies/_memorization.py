@@ -1,11 +1,12 @@
 """Shared machinery of the memorization policies (min, middle, max, 0.1min, 0.9max, randomized).
 
-During a task the buffer fills like ER's (class-balanced reservoir). At the end of task t the
-buffer is rebuilt: each seen task gets buffer_size // (t + 1) slots (the remainder to the earliest
-tasks), split evenly over its classes (remainder to the lowest classes); the current task's
-classes are chosen from all of the task's training examples by the policy's rule over their
-memorization values; earlier classes shrink to their new quota, keeping their examples in the
-policy's order. Examples whose value is undefined (NaN) are never chosen while defined ones remain.
+Each seen task owns buffer_size // tasks_seen slots (the remainder to the earliest tasks), split
+evenly over its classes (remainder to the lowest classes). When task t begins, the earlier classes
+shrink to their new quotas, keeping their examples in the policy's order, and the freed slots
+become the current task's share. During the task the stream fills that share by reservoir
+sampling, so replay works as in ER. When the task ends, the share is re-selected from all of the
+task's training examples by the policy's rule over their memorization values, class by class.
+Examples whose value is undefined (NaN) are never chosen while defined ones remain.
 """
 from __future__ import annotations
 
@@ -14,12 +15,13 @@ import argparse
 import numpy as np
 import torch
 
-from buffer_policies import BUFFER_POLICIES, BufferPolicy
+from buffer_policies import BufferPolicy
+from buffer_policies.reservoir import reservoir_slots
 from utils.errors import ConfigError
 
 
 def quotas(capacity: int, n_tasks_seen: int, classes_of_task: list[range]) -> dict[int, int]:
-    """Slots per class after a task: equal per task, then equal per class, remainders spread to the first ones."""
+    """Slots per class: equal per task, then equal per class, remainders spread to the first ones."""
     per_class = {}
     for task, classes in enumerate(classes_of_task[:n_tasks_seen]):
         task_quota = capacity // n_tasks_seen + (1 if task < capacity % n_tasks_seen else 0)
@@ -28,8 +30,12 @@ def quotas(capacity: int, n_tasks_seen: int, classes_of_task: list[range]) -> di
     return per_class
 
 
+def _spread(total: int, parts: int) -> list[int]:
+    return [total // parts + (1 if i < total % parts else 0) for i in range(parts)]
+
+
 class MemorizationPolicy(BufferPolicy):
-    """Base of the policies that re-select the buffer by memorization value at the end of each task."""
+    """Base of the policies that select the buffer by memorization value; subclasses define `choose`."""
 
     @staticmethod
     def add_args(parser):
@@ -40,22 +46,17 @@ class MemorizationPolicy(BufferPolicy):
         super().__init__(args)
         if not 0.0 <= args.longtail_fraction <= 1.0:
             raise ConfigError(f"--longtail_fraction is a fraction in [0, 1], got {args.longtail_fraction}")
-        self.filling = BUFFER_POLICIES.get("class_balanced")(args)
         self.generator = np.random.default_rng([args.seed, 8])
-
-    def insert(self, buffer, labels):
-        return self.filling.insert(buffer, labels)
-
-    def state_dict(self) -> dict:
-        return {"filling": self.filling.state_dict(), "generator": self.generator.bit_generator.state}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.filling.load_state_dict(state["filling"])
-        self.generator.bit_generator.state = state["generator"]
+        self.start = 0  # slots [0, start) hold earlier tasks; the current task fills [start, capacity)
 
     def choose(self, values: np.ndarray, k: int) -> np.ndarray:
         """Positions of the k examples the policy keeps among `values` (all finite)."""
         raise NotImplementedError
+
+    def insert(self, buffer, labels):
+        slots, rows = reservoir_slots(buffer.n_seen - self.start, buffer.capacity - self.start, len(labels),
+                                      labels.device)
+        return slots + self.start, rows
 
     def rank(self, values: np.ndarray, k: int) -> np.ndarray:
         """Up to k positions: the long-tail share from the top, the rest by the policy; NaN values last."""
@@ -71,48 +72,52 @@ class MemorizationPolicy(BufferPolicy):
             chosen = np.concatenate([chosen, self.generator.permutation(undefined)[: k - len(chosen)]])
         return chosen
 
-    def rebuild(self, buffer, task: int, classes_of_task: list[range], candidates: dict[str, torch.Tensor],
-                values: np.ndarray) -> dict[str, np.ndarray]:
-        """Re-select the buffer after `task`; `candidates` holds the task's examples (images, labels, indices,
-        logits); `values` is indexed by dataset index. Returns what was kept, for logging."""
+    def begin_task(self, buffer, task: int, classes_of_task: list[range], values: np.ndarray) -> None:
+        """Shrink the earlier classes to their quotas with `task` + 1 tasks; the rest becomes the task's share."""
+        if task == 0 or buffer.labels is None:
+            self.start = 0
+            buffer.n_seen = 0
+            return
         quota = quotas(buffer.capacity, task + 1, classes_of_task)
-        current = set(classes_of_task[task])
         stored = buffer.get_all()
-        stored_labels = stored["labels"].cpu().numpy() if stored else np.zeros(0, dtype=np.int64)
-        stored_indices = stored["indices"].cpu().numpy() if stored else np.zeros(0, dtype=np.int64)
-        parts = []  # (source, rows): source 'buffer' rows are slots, 'task' rows index the candidates
-        spare = 0
-        for c in sorted(c for c in quota if c not in current):
-            slots = np.flatnonzero(stored_labels == c)
-            keep = slots[self.rank(values[stored_indices[slots]], min(quota[c], len(slots)))]
-            spare += quota[c] - len(keep)
-            parts.append(("buffer", keep))
-        task_labels = candidates["labels"].cpu().numpy()
-        task_indices = candidates["indices"].cpu().numpy()
-        current_classes = sorted(current)
-        for position, c in enumerate(current_classes):
-            # Slots old classes could not fill go to the current task's classes, so the buffer stays full.
-            extra = spare // len(current_classes) + (1 if position < spare % len(current_classes) else 0)
-            rows = np.flatnonzero(task_labels == c)
-            parts.append(("task", rows[self.rank(values[task_indices[rows]], min(quota[c] + extra, len(rows)))]))
-        self._write(buffer, stored, candidates, parts)
-        self.filling.sync(buffer)  # the filling policy's per-class bookkeeping follows the new contents
-        kept = buffer.get_all()
-        return {"indices": kept["indices"].cpu().numpy(), "labels": kept["labels"].cpu().numpy()}
+        labels, indices = stored["labels"].cpu().numpy(), stored["indices"].cpu().numpy()
+        keep = []
+        for c in sorted(c for t in range(task) for c in classes_of_task[t]):
+            slots = np.flatnonzero(labels == c)
+            keep.append(slots[self.rank(values[indices[slots]], min(quota[c], len(slots)))])
+        self.start = self._write(buffer, 0, [(stored, np.concatenate(keep))])
+        buffer.n_seen = self.start
+
+    def end_task(self, buffer, task: int, classes_of_task: list[range], candidates: dict[str, torch.Tensor],
+                 values: np.ndarray) -> None:
+        """Fill the task's share with the policy's choice among all the task's examples, class by class."""
+        classes = list(classes_of_task[task])
+        labels = candidates["labels"].cpu().numpy()
+        indices = candidates["indices"].cpu().numpy()
+        rows = []
+        for c, k in zip(classes, _spread(buffer.capacity - self.start, len(classes))):
+            members = np.flatnonzero(labels == c)
+            rows.append(members[self.rank(values[indices[members]], min(k, len(members)))])
+        end = self._write(buffer, self.start, [(candidates, np.concatenate(rows))])
+        buffer.n_seen = end
 
     @staticmethod
-    def _write(buffer, stored: dict, candidates: dict, parts: list[tuple[str, np.ndarray]]) -> None:
-        fields = {}
-        for name in ("examples", "labels", "logits", "task_labels", "indices"):
-            if getattr(buffer, name) is None:
-                continue
-            pieces = []
-            for source, rows in parts:
-                table = stored if source == "buffer" else candidates
-                pieces.append(table[name][torch.as_tensor(rows, device=table[name].device)])
-            fields[name] = torch.cat(pieces)
-        n = len(fields["labels"])
-        for name, value in fields.items():
-            getattr(buffer, name)[:n] = value.to(buffer.device)
-        # The buffer now holds n examples in slots 0..n-1; reservoir counting continues from there.
-        buffer.n_seen = max(buffer.n_seen, n) if n == buffer.capacity else n
+    def _write(buffer, offset: int, parts: list[tuple[dict, np.ndarray]]) -> int:
+        """Write the chosen rows into consecutive slots from `offset`; returns the first slot after them."""
+        end = offset
+        for table, rows in parts:
+            rows_tensor = torch.as_tensor(rows, dtype=torch.long)
+            for name in ("examples", "labels", "logits", "task_labels", "indices"):
+                store = getattr(buffer, name)
+                if store is not None and name in table:
+                    values = table[name][rows_tensor.to(table[name].device)]
+                    store[end:end + len(rows)] = values.to(store.device, store.dtype)
+            end += len(rows)
+        return end
+
+    def state_dict(self) -> dict:
+        return {"start": self.start, "generator": self.generator.bit_generator.state}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.start = int(state["start"])
+        self.generator.bit_generator.state = state["generator"]

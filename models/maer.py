@@ -67,6 +67,13 @@ class Maer(ContinualModel):
     def memorization_values(self) -> np.ndarray:
         return self.scores if self.scores is not None else self.proxy.values()
 
+    def begin_task(self, task):
+        if isinstance(self.buffer.policy, MemorizationPolicy):
+            self.buffer.policy.begin_task(self.buffer, task, self.classes_of_tasks(task), self.memorization_values())
+
+    def classes_of_tasks(self, task: int) -> list[range]:
+        return [self.dataset.task_classes(t) for t in range(task + 1)]
+
     @torch.no_grad()
     def end_task(self, task):
         policy = self.buffer.policy
@@ -81,8 +88,8 @@ class Maer(ContinualModel):
                                               for i in range(0, len(split), 512)])
             self.net.train()
         values = self.memorization_values()
-        kept = policy.rebuild(self.buffer, task, [self.dataset.task_classes(t) for t in range(task + 1)],
-                              candidates, values)
+        policy.end_task(self.buffer, task, self.classes_of_tasks(task), candidates, values)
+        kept = {k: v.cpu().numpy() for k, v in self.buffer.get_all().items() if k in ("indices", "labels")}
         task_values = values[split.indices.cpu().numpy()]
         self.selection = {"task": task, "kept": kept, "task_values": task_values,
                           "buffer_values": values[kept["indices"]],

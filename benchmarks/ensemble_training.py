@@ -1,0 +1,381 @@
+"""Models per hour of split training: one vectorised ensemble of K models against the same K one at a time.
+
+Both ways run the engine's `train_group` on a plan built exactly as train_splits.py builds it
+(`parse_args`, `make_plan`, `load_plan_data`), in one process: the ensemble is one call with K
+model ids, one at a time is K calls with one id each (the `--ensemble 1` path). Same models, same
+seeds, same subsets, same settings: an MLP with SGD (lr 0.1, momentum 0.9), batch 32, subset
+ratio 0.5. Each figure is the median over --repeats; the order of the two ways alternates
+between repeats, so background load favours neither.
+
+The arithmetic floor of an ensemble is its matrix-multiply FLOPs (forward, weight gradients and
+the input gradients of every layer but the first, plus the evaluation passes) at the rate
+`torch.bmm` reaches on the same [K, ...] shapes, measured in the same process just before each
+ensemble run. A prototype row (--prototype, on by default) trains the same ensemble through a
+stacked MLP that is not the engine's code; see `StackedMLPEnsemble`. A benchmark, not a test:
+it prints a table and never fails on a slow machine.
+
+    .venv/bin/python benchmarks/ensemble_training.py
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import math
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+import train_splits  # noqa: E402
+from benchmarks.engine_throughput import machine, synchronize, write_idx  # noqa: E402
+from datasets.mnist import FILES as MNIST_FILES  # noqa: E402
+from utils import split_training  # noqa: E402
+from utils.continual_model import build_optimizer  # noqa: E402
+from utils.split_store import Plan  # noqa: E402
+from utils.split_training import PlanData, load_plan_data, train_group  # noqa: E402
+
+BATCH = 32
+MATMUL_CALLS = 20  # one step's matmuls run this many times per timed burst of the floor measurement
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    dataset: str
+    hidden: str  # --mlp_hidden
+    epochs_flag: str  # the flag of this script that sets its epochs
+
+
+CASES = {
+    "digits": Case("seq-digits 64-256-10", "seq-digits", "256", "epochs"),
+    "mnist": Case("MNIST-sized 784-100-100-10", "seq-mnist", "100,100", "mnist_epochs"),
+}
+
+
+# -- data and plans -----------------------------------------------------------------------------------
+def write_mnist_like(root: Path, n_train: int, n_test: int, seed: int = 0) -> None:
+    """MNIST's four idx files with n_train + n_test learnable 28×28 images.
+
+    Each class has a random binary template; an image shows its class's template in a random 30% of
+    its pixels and uniform noise elsewhere, so the networks learn something and the accuracy of the
+    two ways can be compared (uniformly random labels would leave only chance on the test set).
+    """
+    folder = root / "MNIST" / "raw"
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    templates = rng.choice(np.array([0, 255], np.uint8), (10, 28, 28))
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        labels = rng.permutation(np.arange(n) % 10)
+        shown = rng.random((n, 28, 28)) < 0.3
+        images = np.where(shown, templates[labels], rng.integers(0, 256, (n, 28, 28), dtype=np.uint8))
+        write_idx(folder / f"{prefix}-images-idx3-ubyte", images)
+        write_idx(folder / f"{prefix}-labels-idx1-ubyte", labels)
+    assert sorted(p.name for p in folder.iterdir()) == sorted(MNIST_FILES)
+
+
+def build_plan(case: Case, epochs: int, n_models: int, data_path: str, out: Path, device: str) -> Plan:
+    """The plan train_splits.py would write for these settings (not written: only held in memory)."""
+    args = train_splits.parse_args([
+        "--dataset", case.dataset, "--backbone", "mlp", "--mlp_hidden", case.hidden, "--batch_size", str(BATCH),
+        "--lr", "0.1", "--optim_mom", "0.9", "--subset_ratio", "0.5", "--n_epochs", str(epochs),
+        "--n_models", str(n_models), "--data_path", data_path, "--out", str(out), "--device", device,
+        "--non_verbose"])
+    return train_splits.make_plan(args)
+
+
+def layer_widths(plan: Plan, data: PlanData) -> list[int]:
+    hidden = [int(w) for w in str(plan.settings["backbone_args"]["mlp_hidden"]).split(",") if w]
+    return [math.prod(data.dataset.SHAPE), *hidden, data.dataset.N_CLASSES]
+
+
+# -- the arithmetic floor ------------------------------------------------------------------------------
+def step_matmuls(widths: list[int], batch: int) -> list[tuple[int, int, int]]:
+    """The (rows, inner, cols) of each matrix product one training step runs per model.
+
+    Forward x @ W per layer; backward the weight gradient x^T @ g per layer, and the input gradient
+    g @ W^T for every layer but the first (the images do not require a gradient).
+    """
+    layers = list(zip(widths[:-1], widths[1:]))
+    forward = [(batch, n_in, n_out) for n_in, n_out in layers]
+    weight_grads = [(n_in, batch, n_out) for n_in, n_out in layers]
+    input_grads = [(batch, n_out, n_in) for n_in, n_out in layers[1:]]
+    return forward + weight_grads + input_grads
+
+
+def flops(shapes: list[tuple[int, int, int]]) -> int:
+    return sum(2 * rows * inner * cols for rows, inner, cols in shapes)
+
+
+def ensemble_flops_per_model(plan: Plan, widths: list[int]) -> float:
+    """One model's matmul FLOPs over the whole run: training steps plus the recorded evaluation passes."""
+    training = plan.settings["training"]
+    per_example_step = flops(step_matmuls(widths, 1))
+    per_example_forward = flops(step_matmuls(widths, 1)[:len(widths) - 1])
+    examples_per_epoch = int(plan.inclusion_mask[0].sum())
+    evaluated = plan.settings["n_train"] + plan.settings["n_test"]
+    return (training["n_epochs"] * examples_per_epoch * per_example_step
+            + len(training["record_epochs"]) * evaluated * per_example_forward)
+
+
+def matmul_rate(widths: list[int], n_models: int, device: str, bursts: int = 5) -> float:
+    """FLOP/s of one training step's products as torch.bmm on [K, ...] operands (median of bursts).
+
+    bf16 on CUDA, where train_group runs under bf16 autocast; float32 elsewhere.
+    """
+    dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    shapes = step_matmuls(widths, BATCH)
+    operands = [(torch.randn(n_models, rows, inner, device=device, dtype=dtype),
+                 torch.randn(n_models, inner, cols, device=device, dtype=dtype)) for rows, inner, cols in shapes]
+    seconds = []
+    for burst in range(bursts + 1):  # the first burst warms up and is not counted
+        synchronize(device)
+        start = time.perf_counter()
+        for _ in range(MATMUL_CALLS):
+            for left, right in operands:
+                torch.bmm(left, right)
+        synchronize(device)
+        if burst:
+            seconds.append((time.perf_counter() - start) / MATMUL_CALLS)
+    return n_models * flops(shapes) / statistics.median(seconds)
+
+
+# -- PROTOTYPE, not the engine -------------------------------------------------------------------------
+class StackedMLPEnsemble:
+    """PROTOTYPE of a faster vectorised MLP ensemble; the engine's `Ensemble` is what train_splits.py runs.
+
+    The same parameters (copied from the same initialised networks) and the same optimizer, laid out
+    for batched matrix products: weights stacked as [K, in, out] and each layer one `baddbmm`,
+    without vmap or functional_call. Every product then reads contiguous operands, and the weight
+    gradient autograd forms (x^T @ g, [K, in, out]) already has the leaf's layout, so AccumulateGrad
+    stores it without the transposing copy the engine's [K, out, in] leaves need.
+    """
+
+    def __init__(self, nets: list[torch.nn.Module], training: argparse.Namespace):
+        linears = [*nets[0].layers, nets[0].head]
+        self.size = len(nets)
+        self.weights = [torch.stack([self._linear(net, i).weight.detach().t() for net in nets]).contiguous()
+                        .requires_grad_() for i in range(len(linears))]
+        self.biases = [torch.stack([self._linear(net, i).bias.detach()[None] for net in nets]).requires_grad_()
+                       for i in range(len(linears))]
+        self.parameters = self.weights + self.biases
+        self.optimizer = build_optimizer(self.parameters, training)
+
+    @staticmethod
+    def _linear(net: torch.nn.Module, index: int) -> torch.nn.Linear:
+        return net.layers[index] if index < len(net.layers) else net.head
+
+    def train(self, mode: bool = True) -> None:
+        """No dropout or BatchNorm in the MLP: nothing changes between training and evaluation."""
+
+    def __call__(self, x: torch.Tensor, shared_input: bool = False) -> torch.Tensor:
+        h = x.flatten(1).expand(self.size, -1, -1) if shared_input else x.flatten(2)
+        for i, (weight, bias) in enumerate(zip(self.weights, self.biases)):
+            h = torch.baddbmm(bias, h, weight)
+            if i < len(self.weights) - 1:
+                h = torch.relu(h)
+        return h
+
+
+@contextlib.contextmanager
+def prototype_ensemble():
+    """train_group builds StackedMLPEnsemble instead of the engine's Ensemble (for K > 1) inside the block."""
+    engine = split_training.Ensemble
+
+    def build(nets, training):
+        return engine(nets, training) if len(nets) == 1 else StackedMLPEnsemble(nets, training)
+
+    split_training.Ensemble = build
+    try:
+        yield
+    finally:
+        split_training.Ensemble = engine
+
+
+# -- measurement ---------------------------------------------------------------------------------------
+@dataclass
+class Trained:
+    seconds: float  # wall seconds of the whole train_group call(s)
+    train_accuracy: list[float]  # per model, on its own subset, after the last epoch
+    test_accuracy: list[float]
+
+
+def train_models(plan: Plan, data: PlanData, model_ids: list[int], device: str, prototype: bool = False) -> Trained:
+    synchronize(device)
+    start = time.perf_counter()
+    with prototype_ensemble() if prototype else contextlib.nullcontext():
+        results = train_group(plan, model_ids, data, device)
+    synchronize(device)
+    seconds = time.perf_counter() - start
+    train_accuracy = [float(results[i]["correct_train"][-1][plan.inclusion_mask[i]].mean()) for i in model_ids]
+    test_accuracy = [float(results[i]["correct_test"][-1].mean()) for i in model_ids]
+    return Trained(seconds, train_accuracy, test_accuracy)
+
+
+@dataclass
+class Row:
+    case: str
+    size: int
+    alone: list[float]  # seconds per model one at a time, each repeat
+    together: list[float]  # seconds per model in the ensemble, each repeat
+    floor: list[float]  # floor seconds per model, each repeat
+    accuracy: dict  # "alone" / "together" → (mean train accuracy, mean test accuracy)
+
+    @property
+    def speedups(self) -> list[float]:
+        return [a / t for a, t in zip(self.alone, self.together)]
+
+
+def measure(case: Case, cli: argparse.Namespace, scratch: Path) -> list[Row]:
+    epochs = getattr(cli, case.epochs_flag)
+    n_models = max(cli.sizes)
+    data_path = str(scratch)
+    if case.dataset == "seq-mnist":
+        write_mnist_like(scratch, cli.mnist_train, cli.mnist_test)
+    plan = build_plan(case, epochs, n_models, data_path, scratch / "store", cli.device)
+    data = load_plan_data(plan, data_path, cli.device)
+    widths = layer_widths(plan, data)
+    ways = [("engine", False)] + ([("prototype", True)] if cli.prototype else [])
+    # One short run of every variant first: one-time costs (vmap set-up, kernel selection) stay off the clock.
+    warmup = build_plan(case, 1, n_models, data_path, scratch / "warmup", cli.device)
+    train_models(warmup, data, [0], cli.device)
+    for size in cli.sizes:
+        for _, prototype in ways:
+            train_models(warmup, data, list(range(size)), cli.device, prototype)
+    flops_per_model = ensemble_flops_per_model(plan, widths)
+    alone_runs, together_runs, floors = [], {}, {}
+    for repeat in range(cli.repeats):
+        steps = ["alone"] + [(way, size) for size in cli.sizes for way in ways]
+        for step in (steps if repeat % 2 == 0 else steps[::-1]):
+            if step == "alone":
+                alone_runs.append([train_models(plan, data, [i], cli.device) for i in range(n_models)])
+                print(f"  {case.name} repeat {repeat}: one at a time "
+                      f"{statistics.mean(r.seconds for r in alone_runs[-1]):.2f} s/model", flush=True)
+            else:
+                (way, prototype), size = step
+                rate = matmul_rate(widths, size, cli.device)
+                floors.setdefault((way, size), []).append(flops_per_model / rate)
+                trained = train_models(plan, data, list(range(size)), cli.device, prototype)
+                together_runs.setdefault((way, size), []).append(trained)
+                print(f"  {case.name} repeat {repeat}: {way} K={size} {trained.seconds / size:.2f} s/model "
+                      f"(bmm {rate / 1e9:.0f} GFLOP/s)", flush=True)
+    rows = []
+    for (way, _), size in [(w, s) for s in cli.sizes for w in ways]:
+        alone = [statistics.mean(r.seconds for r in run[:size]) for run in alone_runs]
+        runs = together_runs[(way, size)]
+        accuracy = {"alone": (statistics.mean(a for r in alone_runs[0][:size] for a in r.train_accuracy),
+                              statistics.mean(a for r in alone_runs[0][:size] for a in r.test_accuracy)),
+                    "together": (statistics.mean(runs[0].train_accuracy), statistics.mean(runs[0].test_accuracy))}
+        name = case.name + (" (prototype)" if way == "prototype" else "")
+        rows.append(Row(name, size, alone, [r.seconds / size for r in runs], floors[(way, size)], accuracy))
+    return rows
+
+
+# -- report --------------------------------------------------------------------------------------------
+HEADER = ("| case | K | one at a time s/model | ensemble s/model | speed-up (range) | models/h one at a time "
+          "| models/h ensemble | train acc % one / ens | test acc % one / ens | floor s/model | ensemble/floor |")
+
+
+def table(rows: list[Row]) -> str:
+    lines = [HEADER, "|" + "---|" * (HEADER.count("|") - 1)]
+    for r in rows:
+        alone, together, floor = (statistics.median(v) for v in (r.alone, r.together, r.floor))
+        speedup = statistics.median(r.speedups)
+        (train_a, test_a), (train_t, test_t) = r.accuracy["alone"], r.accuracy["together"]
+        lines.append(f"| {r.case} | {r.size} | {alone:.3f} | {together:.3f} | {speedup:.2f}x "
+                     f"({min(r.speedups):.2f}-{max(r.speedups):.2f}) | {3600 / alone:,.0f} | {3600 / together:,.0f} "
+                     f"| {100 * train_a:.1f} / {100 * train_t:.1f} | {100 * test_a:.1f} / {100 * test_t:.1f} "
+                     f"| {floor:.3f} | {together / floor:.1f} |")
+    return "\n".join(lines)
+
+
+def accuracy_check(rows: list[Row]) -> list[str]:
+    """A sentence per row whose mean accuracy differs by more than one point between the two ways."""
+    problems = []
+    for r in rows:
+        for split, a, t in zip(("train", "test"), r.accuracy["alone"], r.accuracy["together"]):
+            if abs(a - t) > 0.01:
+                problems.append(f"{r.case} K={r.size}: mean {split} accuracy {100 * a:.1f}% one at a time, "
+                                f"{100 * t:.1f}% in the ensemble")
+    return problems
+
+
+def profile(case: Case, cli: argparse.Namespace, scratch: Path) -> None:
+    """Operator table (self time, by input shape) of a few epochs of the largest ensemble, each way."""
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+
+    size = max(cli.sizes)
+    data_path = str(scratch)
+    if case.dataset == "seq-mnist":
+        write_mnist_like(scratch, cli.mnist_train, cli.mnist_test)
+    plan = build_plan(case, cli.profile_epochs, size, data_path, scratch / "profile", cli.device)
+    data = load_plan_data(plan, data_path, cli.device)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.device(cli.device).type == "cuda" else [])
+    for way, prototype in [("engine", False)] + ([("prototype", True)] if cli.prototype else []):
+        train_models(plan, data, list(range(size)), cli.device, prototype)  # warm-up
+        with torch_profile(activities=activities, record_shapes=True) as prof:
+            trained = train_models(plan, data, list(range(size)), cli.device, prototype)
+        print(f"\n{case.name}, {way} ensemble K={size}, {cli.profile_epochs} epochs: {trained.seconds:.2f} s")
+        print(prof.key_averages(group_by_input_shape=True).table(
+            sort_by="self_cpu_time_total", row_limit=cli.profile_rows, max_name_column_width=34,
+            max_shapes_column_width=70))
+
+
+def load_average() -> str:
+    """The 1, 5 and 15 minute load averages: how busy the machine was with other work."""
+    try:
+        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return "unknown"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--epochs", type=int, default=100, help="epochs of the seq-digits case")
+    parser.add_argument("--mnist_epochs", type=int, default=10, help="epochs of the MNIST-sized case")
+    parser.add_argument("--mnist_train", type=int, default=6000, help="synthetic MNIST training images")
+    parser.add_argument("--mnist_test", type=int, default=1000, help="synthetic MNIST test images")
+    parser.add_argument("--sizes", type=int, nargs="+", default=[4, 16], help="ensemble sizes K")
+    parser.add_argument("--repeats", type=int, default=3, help="runs of each way; the table shows the medians")
+    parser.add_argument("--cases", nargs="+", choices=list(CASES), default=list(CASES))
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch intra-op threads on CPU; 0 keeps torch's default (one per core)")
+    parser.add_argument("--prototype", action=argparse.BooleanOptionalAction, default=True,
+                        help="also time the StackedMLPEnsemble prototype (not the engine's code)")
+    parser.add_argument("--profile", action="store_true",
+                        help="instead of the table, print torch.profiler's operator table of the largest ensemble")
+    parser.add_argument("--profile_epochs", type=int, default=5)
+    parser.add_argument("--profile_rows", type=int, default=25)
+    cli = parser.parse_args()
+    if cli.threads:
+        torch.set_num_threads(cli.threads)
+    device = cli.device
+    if torch.device(device).type == "cuda":
+        device += f" ({torch.cuda.get_device_name(device)}, bf16 autocast)"
+    print(f"machine: {machine()}; torch {torch.__version__}; {torch.get_num_threads()} intra-op threads; "
+          f"device {device}; {cli.repeats} repeats; load average {load_average()}", flush=True)
+    rows = []
+    for key in cli.cases:
+        with tempfile.TemporaryDirectory() as scratch:
+            if cli.profile:
+                profile(CASES[key], cli, Path(scratch))
+            else:
+                rows += measure(CASES[key], cli, Path(scratch))
+    if cli.profile:
+        return
+    print()
+    print(table(rows))
+    problems = accuracy_check(rows)
+    print("\naccuracy: " + ("the same within one point in every row" if not problems else "; ".join(problems)))
+
+
+if __name__ == "__main__":
+    main()
