@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from scipy.stats import spearmanr
 
-from utils.errors import ConfigError
+from utils.errors import ConfigError, run_command
 from utils.memorization import auroc, consistency_scores, influence, memorization
 from utils.mlflow_logger import RunLogger, default_tracking_uri, environment_tags
 from utils.released_runs import find_released_runs, read_released_runs
@@ -215,12 +215,7 @@ def log_to_mlflow(args: argparse.Namespace, summary: dict, sidecar: dict, files:
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        run(parse_args(argv))
-    except ConfigError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    return 0
+    return run_command(run, parse_args, argv)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ from datasets import DATASETS
 from models import MODELS
 from utils.args import computational_config, parse_args
 from utils.checkpoint import check_same_config, load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from utils.errors import ConfigError, TrainingDiverged
+from utils.errors import TrainingDiverged, run_command
 from utils.mlflow_logger import RunLogger, check_reachable, default_tracking_uri, environment_tags
 from utils.scores import load_scores
 from utils.training import RunState, train
@@ -121,12 +121,7 @@ def run(args: argparse.Namespace) -> RunState:
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        run(parse_args(argv))
-    except (ConfigError, TrainingDiverged) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2 if isinstance(error, ConfigError) else 3
-    return 0
+    return run_command(run, parse_args, argv)
 
 
 if __name__ == "__main__":

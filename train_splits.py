@@ -20,7 +20,7 @@ from tqdm import tqdm
 from backbones import BACKBONES
 from datasets import DATASETS
 from utils.args import declared_flags
-from utils.errors import ConfigError
+from utils.errors import ConfigError, run_command
 from utils.launchers import add_launcher_args, run_units
 from utils.mlflow_logger import RunLogger, default_tracking_uri, environment_tags
 from utils.split_store import Plan, SplitStore, balanced_masks, fingerprint, random_masks
@@ -228,12 +228,7 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        run(parse_args(argv))
-    except ConfigError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    return 0
+    return run_command(run, parse_args, argv)
 
 
 if __name__ == "__main__":

@@ -7,3 +7,15 @@ class ConfigError(Exception):
 
 class TrainingDiverged(Exception):
     """The loss became NaN or infinite."""
+
+
+def run_command(run, parse_args, argv: list[str] | None = None) -> int:
+    """A script's main: bad input and a diverged loss end with one sentence on stderr and a non-zero exit."""
+    import sys
+
+    try:
+        run(parse_args(argv))
+    except (ConfigError, TrainingDiverged) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2 if isinstance(error, ConfigError) else 3
+    return 0
