@@ -22,6 +22,7 @@ from utils.checkpoint import check_same_config, load_checkpoint, rng_state, save
 from utils.errors import TrainingDiverged, run_command
 from utils.mlflow_logger import RunLogger, check_reachable, default_tracking_uri, environment_tags
 from utils.scores import load_scores
+from utils.evaluation import summary_metrics
 from utils.training import RunState, train
 
 
@@ -41,7 +42,6 @@ def summary_table(state: RunState) -> str:
         for t in range(last + 1):
             cells = "".join(f"{'' if np.isnan(v) else f'{v:.2f}':>9}" for v in matrix[t])
             lines.append(f"after {t:<2}" + cells)
-        from utils.evaluation import summary_metrics
         final = summary_metrics({setting: matrix}, last)
         lines.append("  ".join(f"{k}: {v:.2f}" for k, v in final.items()))
     return "\n".join(lines)

@@ -5,6 +5,8 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -116,8 +118,6 @@ class RunLogger:
         self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        import time
-
         now = int(time.time() * 1000)
         self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
 
@@ -129,8 +129,6 @@ class RunLogger:
 
     def log_array(self, array, artifact_file: str) -> None:
         """An array as a .npy artifact (read back with np.load(..., allow_pickle=False))."""
-        import tempfile
-
         import numpy as np
 
         folder, name = os.path.split(artifact_file)
