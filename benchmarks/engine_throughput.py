@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import os
 import pickle
-import platform
 import statistics
 import struct
 import sys
@@ -40,6 +39,7 @@ from torch.utils.data import DataLoader, Dataset  # noqa: E402
 from torchvision import transforms  # noqa: E402
 
 from backbones import BACKBONES  # noqa: E402
+from benchmarks.estimator import cpu_model  # noqa: E402
 from datasets import DATASETS  # noqa: E402
 from datasets.cifar import RELEASES  # noqa: E402
 from datasets.mnist import FILES as MNIST_FILES  # noqa: E402
@@ -315,17 +315,17 @@ def measure(case: Case, cli: argparse.Namespace, scratch: Path) -> Row:
                [o / s for o, s in zip(ours_rates, best)])
 
 
+def available_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def machine() -> str:
-    model = "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        model = platform.processor() or model
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return f"{model}, {cores} cores available"
+    return f"{cpu_model()}, {available_cores()} cores available"
+
+
+def load_average() -> str:
+    """How busy the machine is with other work (1, 5 and 15 minute averages)."""
+    return " ".join(f"{x:.2f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "unknown"
 
 
 def rate(images_per_second: float) -> str:
@@ -364,13 +364,19 @@ def main() -> None:
     if torch.device(device).type == "cuda":
         device += f" ({torch.cuda.get_device_name(device)})"
     print(f"machine: {machine()}; torch {torch.__version__}; {torch.get_num_threads()} intra-op threads; "
-          f"device {device}; buffer {cli.buffer_size}; {cli.repeats} repeats", flush=True)
+          f"device {device}; buffer {cli.buffer_size}; {cli.repeats} repeats; load average {load_average()}",
+          flush=True)
+    if torch.get_num_threads() > 1 and hasattr(os, "getloadavg") and os.getloadavg()[0] >= available_cores() / 2:
+        # Measured: with other jobs on the cores, OpenMP's busy-waiting intra-op threads make small
+        # steps 5-15x slower on both sides, unevenly; one thread (or OMP_WAIT_POLICY=PASSIVE) does not.
+        print("note: other work is running on these cores; with several intra-op threads the figures swing "
+              "widely, --threads 1 gives steadier ones", flush=True)
     rows = []
     with tempfile.TemporaryDirectory() as scratch:
         for case in CASES:
             if case.name in cli.cases:
                 rows.append(measure(case, cli, Path(scratch)))
-    print()
+    print(f"\nload average (1, 5, 15 min) at the end: {load_average()}")
     print(table(rows))
 
 

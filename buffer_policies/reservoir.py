@@ -9,6 +9,8 @@ from buffer_policies import BufferPolicy, register_policy
 def reservoir_slots(n_seen: int, capacity: int, batch: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Slots in [0, capacity) for a batch after n_seen earlier examples, and the row that ends in each."""
     rows = torch.arange(batch, device=device)
+    if n_seen + batch <= capacity:  # still filling: every row takes the next free slot, nothing to draw
+        return rows + n_seen, rows
     seen = n_seen + rows  # how many examples came before each row
     # Row j replaces a uniform slot in [0, seen_j] and is kept if that slot exists.
     draw = (torch.rand(batch, device=device, dtype=torch.float64) * (seen + 1)).long()
