@@ -19,7 +19,7 @@ images, an MLP), in one process, through the repository's own entry points:
 Everything is logged to one MLflow store, <out>/mlflow.db (artifacts in <out>/mlruns/); the split
 stores, score files and a log of every run's printout are in <out> too.
 
-    OMP_NUM_THREADS=1 .venv/bin/python experiments/maer_digits.py            # full: about 15 min on 2 cores
+    OMP_NUM_THREADS=1 .venv/bin/python experiments/maer_digits.py            # full: about 12 min on 2 cores
     OMP_NUM_THREADS=1 .venv/bin/python experiments/maer_digits.py --quick    # a smoke test, about 2 min
 """
 from __future__ import annotations
@@ -89,6 +89,9 @@ def parse_cli(argv: list[str] | None = None) -> argparse.Namespace:
     noise.add_argument("--noise_analysis", choices=("auto", "always", "never"), default="auto",
                        help="auto: only when the clean high bucket holds fewer than --small_high of the examples")
     noise.add_argument("--small_high", type=float, default=0.10)
+    parser.add_argument("--no_tie_check", dest="tie_check", action="store_false",
+                        help="skip re-running min / middle with the scores' ties broken at random (at the smallest "
+                             "and largest buffer; only done when over 10%% of the scores are tied)")
     noise.add_argument("--label_noise", type=float, default=0.1)
     noise.add_argument("--noise_models", type=int, default=16,
                        help="split models per seed for the noisy scores (16 give AUROC 0.99 on digits)")
@@ -182,6 +185,14 @@ def random_scores(out: Path, seed: int, n: int) -> Path:
     """Uniform random values per training example (no sidecar: only the length is checked)."""
     path = out / "scores" / f"random_seed{seed}.npy"
     np.save(path, np.random.default_rng([seed, 123]).random(n, dtype=np.float32))
+    return path
+
+
+def jittered_scores(out: Path, seed: int, scores: np.ndarray) -> Path:
+    """The scores plus uniform noise of 1e-6: ties broken at random, every other order kept."""
+    path = out / "scores" / f"mem_random_ties_seed{seed}.npy"
+    noise = np.random.default_rng([seed, 321]).random(len(scores)) * 1e-6
+    np.save(path, (scores.astype(np.float64) + noise).astype(np.float32))
     return path
 
 
@@ -367,6 +378,20 @@ def run(args: argparse.Namespace) -> str:
                         ["--model", "maer", "--buffer_policy", policy, "--buffer_size", str(b),
                          "--mem_proxy", "learned_iteration"], seed))
     n_tasks = results[("sgd", "none", 0)][0]["matrix"].shape[0]
+
+    # b'. do ties in the scores matter? min / middle again with ties broken at random
+    tie_fraction = 1.0 - len(np.unique(scores[np.isfinite(scores)])) / max(1, np.isfinite(scores).sum())
+    tie_policies = [p for p in args.policies if p in ("min", "middle")]
+    if args.tie_check and tie_fraction > 0.1 and tie_policies:
+        print(f"b'. {100 * tie_fraction:.0f}% of the scores repeat another's value: min / middle with random "
+              f"tie-breaking", flush=True)
+        with runner.phase("b'. tie-break check"):
+            for b in sorted({args.buffers[0], args.buffers[-1]}):
+                for policy in tie_policies:
+                    for seed in args.seeds:
+                        results.setdefault((policy, "scores, random ties", b), []).append(runner.main(
+                            ["--model", "maer", "--buffer_policy", policy, "--buffer_size", str(b), "--mem_scores",
+                             str(jittered_scores(runner.out, seed, scores)), "--mem_proxy", "none"], seed))
 
     # d. proxy vs scores (the scores choose)
     print("d. proxy vs scores", flush=True)
@@ -554,8 +579,9 @@ def report(args, runner, results, n_tasks, scores, labels, counts, mem_summary, 
         max_wins_large = significant(*dl[:2]) and dl[0] < 0
         gap_closes = dl[0] < ds[0] and significant(ds[0] - dl[0], float(np.hypot(ds[1], dl[1])))
         if min_wins_small and gap_closes:
-            reading = ("This follows the paper's pattern (low-memorization examples better for small buffers, "
-                       "the gap closing as the buffer grows).")
+            reading = ("This follows the paper's pattern: the least memorized examples are the better choice for the "
+                       "smallest buffer and the advantage shrinks as the buffer grows"
+                       + (f", here to the point where max is better at buffer {large}." if max_wins_large else "."))
         elif min_wins_small or max_wins_large:
             reading = "This matches the paper's pattern only in part."
         elif not significant(*ds[:2]) and not significant(*dl[:2]):
@@ -566,6 +592,21 @@ def report(args, runner, results, n_tasks, scores, labels, counts, mem_summary, 
             f"- With {label}: at buffer {small}, min − max = {ds[0]:+.1f} ± {ds[1]:.1f} points ({ds[2]}/{ds[3]} "
             f"seeds favour min): {verdict(*ds[:2])}; at buffer {large}, {dl[0]:+.1f} ± {dl[1]:.1f} ({dl[2]}/{dl[3]}): "
             f"{verdict(*dl[:2])}. " + reading)
+        vs = {(p, b): paired(acc[(p, s, b)], acc[("random", "control", b)]) for p in ("min", "max") for b in (small, large)
+              if p in args.policies}
+        if len(vs) == 4:
+            mark = lambda d: f"{d[0]:+.1f} ± {d[1]:.1f}{'*' if significant(*d[:2]) else ''}"
+            note = []
+            if not (significant(*vs[("min", small)][:2]) and vs[("min", small)][0] > 0) and \
+                    significant(*vs[("max", small)][:2]) and vs[("max", small)][0] < 0:
+                note.append(f"at buffer {small} the gap comes from max doing worse than a random choice, not from "
+                            f"min doing better")
+            if significant(*vs[("max", large)][:2]) and vs[("max", large)][0] > 0:
+                note.append(f"at buffer {large} max beats a random choice")
+            lines.append(f"  Against the random control with the same quotas ({label}; * = significant): min "
+                         f"{mark(vs[('min', small)])}, max {mark(vs[('max', small)])} at buffer {small}; min "
+                         f"{mark(vs[('min', large)])}, max {mark(vs[('max', large)])} at buffer {large}"
+                         + (": " + "; ".join(note) if note else "") + ".")
     n_comparisons = 2 * len(args.buffers) * len(args.policies)
     lines.append(f"- Significance here means outside the 95% paired-t interval over the {n_seeds} seeds; with "
                  f"{n_comparisons} policy comparisons against each reference, about {0.05 * n_comparisons:.0f} "
@@ -591,18 +632,28 @@ def report(args, runner, results, n_tasks, scores, labels, counts, mem_summary, 
                 continue
             f = {b: mean_std(summary[b]["forgetting"])[0] for b in BUCKETS}
             parts.append(f"{title}: low {f['low']:.1f}, middle {f['middle']:.1f}, high {f['high']:.1f} points")
-        lines.append("- Forgetting per bucket under ER (mean over seeds) — " + "; ".join(parts) + ".")
+        f = {b: mean_std(clean[b]["forgetting"])[0] for b in BUCKETS}
+        order = " (the more memorized, the more forgotten)" if f["low"] < f["middle"] < f["high"] else ""
+        lines.append(f"- Forgetting per bucket under ER, buffer {args.bucket_buffer} (mean over seeds) — "
+                     + "; ".join(parts) + f"{order if noisy_summary is None else ''}." + (
+                         f" On clean labels{order or ' the order is not monotone'}." if noisy_summary is not None else ""))
     spear = {p: mean_std(np.nanmean(np.array(v), axis=1))[0] for p, v in spearman.items()}
     lines.append("- Spearman with the scores: " + ", ".join(f"{p} {v:.2f}" for p, v in spear.items())
-                 + f" (paper, learned_iteration on CIFAR-100: {PAPER_SPEARMAN}).")
+                 + f" (paper, learned_iteration on CIFAR-100: {PAPER_SPEARMAN})"
+                 + (f"; on digits {100 * np.mean(scores == 0):.0f}% of the scores are tied at exactly 0, which limits "
+                    f"any rank correlation with them." if np.mean(scores == 0) > 0.1 else "."))
+    ties = [(p, b) for (p, s, b) in results if s == "scores, random ties"]
+    if ties:
+        lines.append("- Ties: with the scores' ties broken at random instead of in dataset order, Acc "
+                     + "; ".join(f"{p} at buffer {b} {fmt(acc[(p, 'scores, random ties', b)])} (dataset order "
+                                 f"{fmt(acc[(p, 'scores', b)])})" for p, b in sorted(ties, key=lambda x: (x[1], x[0])))
+                     + ".")
     typical_se = np.nanmedian([d[1] for d in diffs.values()]) if diffs else float("nan")
     lines.append(
         f"- Caveats: digits is tiny (about 290 training images per task; a buffer of {large} holds "
         f"{100 * large / len(scores):.0f}% of the training set and, at the end, {large // n_tasks} images of each "
         f"task), and {n_seeds} seeds give paired standard errors of about {typical_se:.1f} points; "
-        + (f"{100 * np.mean(scores == 0):.0f}% of the scores are exactly 0, so `min` and `middle` choose among tied "
-           f"examples (the stable sort takes them in dataset order); " if np.mean(scores == 0) > 0.1 else "")
-        + f"these runs say how the policies behave on this "
+f"these runs say how the policies behave on this "
         f"small problem, not how they behave on CIFAR or ImageNet.")
     lines.append("")
 

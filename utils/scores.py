@@ -76,7 +76,7 @@ class MemorizationProxy:
                 self.learned_at[indices] = torch.where(correct, torch.where(before < 0, self.step, before), -1)
             else:
                 self.loss_sum[indices] += losses.detach().float()
-            self.passes[indices] += 1
+                self.passes[indices] += 1
         self.step += 1
 
     def values(self) -> np.ndarray:
