@@ -4,17 +4,20 @@ Both ways run the engine's `train_group` on a plan built exactly as train_splits
 (`parse_args`, `make_plan`, `load_plan_data`), in one process: the ensemble is one call with K
 model ids, one at a time is K calls with one id each (the `--ensemble 1` path). Same models, same
 seeds, same subsets, same settings: an MLP with SGD (lr 0.1, momentum 0.9), batch 32, subset
-ratio 0.5. Each figure is the median over --repeats; the order of the two ways alternates
-between repeats, so background load favours neither.
+ratio 0.5; a 64-256-10 MLP on seq-digits, and a 784-100-100-10 MLP on synthetic MNIST-sized
+images (see `write_mnist_like`). Each figure is the median over --repeats; the order of the ways
+alternates between repeats, so background load favours none of them.
 
 The arithmetic floor of an ensemble is its matrix-multiply FLOPs (forward, weight gradients and
 the input gradients of every layer but the first, plus the evaluation passes) at the rate
 `torch.bmm` reaches on the same [K, ...] shapes, measured in the same process just before each
-ensemble run. A prototype row (--prototype, on by default) trains the same ensemble through a
-stacked MLP that is not the engine's code; see `StackedMLPEnsemble`. A benchmark, not a test:
-it prints a table and never fails on a slow machine.
+ensemble run. Prototype rows (--prototype, on by default) train the same ensembles through
+`StackedMLPEnsemble`, which is not the engine's code. --profile prints torch.profiler's operator
+table instead; --step_costs the cost of one training step per variant (--compile adds each step
+through torch.compile). A benchmark, not a test: it prints tables and never fails on a slow machine.
 
-    .venv/bin/python benchmarks/ensemble_training.py
+    .venv/bin/python benchmarks/ensemble_training.py                 # about 5 minutes on 2 cores
+    .venv/bin/python benchmarks/ensemble_training.py --step_costs [--compile]
 """
 from __future__ import annotations
 
@@ -34,15 +37,16 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import train_splits  # noqa: E402
-from benchmarks.engine_throughput import machine, synchronize, write_idx  # noqa: E402
+from benchmarks.engine_throughput import load_average, machine, synchronize, write_idx  # noqa: E402
 from datasets.mnist import FILES as MNIST_FILES  # noqa: E402
 from utils import split_training  # noqa: E402
 from utils.continual_model import build_optimizer  # noqa: E402
 from utils.split_store import Plan  # noqa: E402
-from utils.split_training import PlanData, load_plan_data, train_group  # noqa: E402
+from utils.split_training import (Ensemble, PlanData, autocast, build_backbones, load_plan_data,  # noqa: E402
+                                  train_group)
 
 BATCH = 32
-MATMUL_CALLS = 20  # one step's matmuls run this many times per timed burst of the floor measurement
+MATMUL_CALLS = 50  # one step's matmuls run this many times per timed burst of the floor measurement
 
 
 @dataclass(frozen=True)
@@ -126,7 +130,7 @@ def ensemble_flops_per_model(plan: Plan, widths: list[int]) -> float:
             + len(training["record_epochs"]) * evaluated * per_example_forward)
 
 
-def matmul_rate(widths: list[int], n_models: int, device: str, bursts: int = 5) -> float:
+def matmul_rate(widths: list[int], n_models: int, device: str, bursts: int = 5, clock=time.perf_counter) -> float:
     """FLOP/s of one training step's products as torch.bmm on [K, ...] operands (median of bursts).
 
     bf16 on CUDA, where train_group runs under bf16 autocast; float32 elsewhere.
@@ -138,13 +142,13 @@ def matmul_rate(widths: list[int], n_models: int, device: str, bursts: int = 5) 
     seconds = []
     for burst in range(bursts + 1):  # the first burst warms up and is not counted
         synchronize(device)
-        start = time.perf_counter()
+        start = clock()
         for _ in range(MATMUL_CALLS):
             for left, right in operands:
                 torch.bmm(left, right)
         synchronize(device)
         if burst:
-            seconds.append((time.perf_counter() - start) / MATMUL_CALLS)
+            seconds.append((clock() - start) / MATMUL_CALLS)
     return n_models * flops(shapes) / statistics.median(seconds)
 
 
@@ -153,25 +157,20 @@ class StackedMLPEnsemble:
     """PROTOTYPE of a faster vectorised MLP ensemble; the engine's `Ensemble` is what train_splits.py runs.
 
     The same parameters (copied from the same initialised networks) and the same optimizer, laid out
-    for batched matrix products: weights stacked as [K, in, out] and each layer one `baddbmm`,
-    without vmap or functional_call. Every product then reads contiguous operands, and the weight
-    gradient autograd forms (x^T @ g, [K, in, out]) already has the leaf's layout, so AccumulateGrad
-    stores it without the transposing copy the engine's [K, out, in] leaves need.
+    as the engine lays them out in memory (weights [K, in, out]), but each layer is one `baddbmm`
+    (bias folded in) followed by a ReLU, without vmap or functional_call: the reference for what a
+    vmap-free stacked MLP path in the engine would give.
     """
 
     def __init__(self, nets: list[torch.nn.Module], training: argparse.Namespace):
-        linears = [*nets[0].layers, nets[0].head]
         self.size = len(nets)
-        self.weights = [torch.stack([self._linear(net, i).weight.detach().t() for net in nets]).contiguous()
-                        .requires_grad_() for i in range(len(linears))]
-        self.biases = [torch.stack([self._linear(net, i).bias.detach()[None] for net in nets]).requires_grad_()
-                       for i in range(len(linears))]
+        linears = [[*net.layers, net.head] for net in nets]  # per network, its Linear layers in order
+        self.weights = [torch.stack([layer.weight.detach().t() for layer in same]).contiguous().requires_grad_()
+                        for same in zip(*linears)]
+        self.biases = [torch.stack([layer.bias.detach()[None] for layer in same]).requires_grad_()
+                       for same in zip(*linears)]
         self.parameters = self.weights + self.biases
         self.optimizer = build_optimizer(self.parameters, training)
-
-    @staticmethod
-    def _linear(net: torch.nn.Module, index: int) -> torch.nn.Linear:
-        return net.layers[index] if index < len(net.layers) else net.head
 
     def train(self, mode: bool = True) -> None:
         """No dropout or BatchNorm in the MLP: nothing changes between training and evaluation."""
@@ -203,21 +202,22 @@ def prototype_ensemble():
 # -- measurement ---------------------------------------------------------------------------------------
 @dataclass
 class Trained:
-    seconds: float  # wall seconds of the whole train_group call(s)
+    seconds: float  # wall seconds of the train_group call
+    cpu_seconds: float  # CPU seconds of this process meanwhile: less sensitive to other jobs on the machine
     train_accuracy: list[float]  # per model, on its own subset, after the last epoch
     test_accuracy: list[float]
 
 
 def train_models(plan: Plan, data: PlanData, model_ids: list[int], device: str, prototype: bool = False) -> Trained:
     synchronize(device)
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     with prototype_ensemble() if prototype else contextlib.nullcontext():
         results = train_group(plan, model_ids, data, device)
     synchronize(device)
-    seconds = time.perf_counter() - start
+    seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
     train_accuracy = [float(results[i]["correct_train"][-1][plan.inclusion_mask[i]].mean()) for i in model_ids]
     test_accuracy = [float(results[i]["correct_test"][-1].mean()) for i in model_ids]
-    return Trained(seconds, train_accuracy, test_accuracy)
+    return Trained(seconds, cpu_seconds, train_accuracy, test_accuracy)
 
 
 @dataclass
@@ -226,6 +226,7 @@ class Row:
     size: int
     alone: list[float]  # seconds per model one at a time, each repeat
     together: list[float]  # seconds per model in the ensemble, each repeat
+    cpu_speedups: list[float]  # the speed-up in CPU seconds, each repeat
     floor: list[float]  # floor seconds per model, each repeat
     accuracy: dict  # "alone" / "together" → (mean train accuracy, mean test accuracy)
 
@@ -234,26 +235,33 @@ class Row:
         return [a / t for a, t in zip(self.alone, self.together)]
 
 
-def measure(case: Case, cli: argparse.Namespace, scratch: Path) -> list[Row]:
-    epochs = getattr(cli, case.epochs_flag)
-    n_models = max(cli.sizes)
-    data_path = str(scratch)
-    if case.dataset == "seq-mnist":
+def plan_and_data(case: Case, cli: argparse.Namespace, scratch: Path, epochs: int) -> tuple[Plan, PlanData]:
+    """The case's plan of max(--sizes) models and its data, the synthetic MNIST files written first if needed."""
+    if case.dataset == "seq-mnist" and not (scratch / "MNIST").exists():
         write_mnist_like(scratch, cli.mnist_train, cli.mnist_test)
-    plan = build_plan(case, epochs, n_models, data_path, scratch / "store", cli.device)
-    data = load_plan_data(plan, data_path, cli.device)
+    plan = build_plan(case, epochs, max(cli.sizes), str(scratch), scratch / f"store-{epochs}", cli.device)
+    return plan, load_plan_data(plan, str(scratch), cli.device)
+
+
+def ways(cli: argparse.Namespace) -> list[tuple[str, bool]]:
+    """(name, through the prototype?) of each vectorised way to time."""
+    return [("engine", False)] + ([("prototype", True)] if cli.prototype else [])
+
+
+def measure(case: Case, cli: argparse.Namespace, scratch: Path) -> list[Row]:
+    n_models = max(cli.sizes)
+    plan, data = plan_and_data(case, cli, scratch, getattr(cli, case.epochs_flag))
     widths = layer_widths(plan, data)
-    ways = [("engine", False)] + ([("prototype", True)] if cli.prototype else [])
     # One short run of every variant first: one-time costs (vmap set-up, kernel selection) stay off the clock.
-    warmup = build_plan(case, 1, n_models, data_path, scratch / "warmup", cli.device)
+    warmup, _ = plan_and_data(case, cli, scratch, 1)
     train_models(warmup, data, [0], cli.device)
     for size in cli.sizes:
-        for _, prototype in ways:
+        for _, prototype in ways(cli):
             train_models(warmup, data, list(range(size)), cli.device, prototype)
     flops_per_model = ensemble_flops_per_model(plan, widths)
     alone_runs, together_runs, floors = [], {}, {}
     for repeat in range(cli.repeats):
-        steps = ["alone"] + [(way, size) for size in cli.sizes for way in ways]
+        steps = ["alone"] + [(way, size) for size in cli.sizes for way in ways(cli)]
         for step in (steps if repeat % 2 == 0 else steps[::-1]):
             if step == "alone":
                 alone_runs.append([train_models(plan, data, [i], cli.device) for i in range(n_models)])
@@ -268,20 +276,24 @@ def measure(case: Case, cli: argparse.Namespace, scratch: Path) -> list[Row]:
                 print(f"  {case.name} repeat {repeat}: {way} K={size} {trained.seconds / size:.2f} s/model "
                       f"(bmm {rate / 1e9:.0f} GFLOP/s)", flush=True)
     rows = []
-    for (way, _), size in [(w, s) for s in cli.sizes for w in ways]:
+    for (way, _), size in [(w, s) for s in cli.sizes for w in ways(cli)]:
         alone = [statistics.mean(r.seconds for r in run[:size]) for run in alone_runs]
         runs = together_runs[(way, size)]
+        cpu_speedups = [sum(r.cpu_seconds for r in run[:size]) / together.cpu_seconds
+                        for run, together in zip(alone_runs, runs)]
         accuracy = {"alone": (statistics.mean(a for r in alone_runs[0][:size] for a in r.train_accuracy),
                               statistics.mean(a for r in alone_runs[0][:size] for a in r.test_accuracy)),
                     "together": (statistics.mean(runs[0].train_accuracy), statistics.mean(runs[0].test_accuracy))}
-        name = case.name + (" (prototype)" if way == "prototype" else "")
-        rows.append(Row(name, size, alone, [r.seconds / size for r in runs], floors[(way, size)], accuracy))
+        name = case.name + (" (prototype, not engine)" if way == "prototype" else "")
+        rows.append(Row(name, size, alone, [r.seconds / size for r in runs], cpu_speedups, floors[(way, size)],
+                        accuracy))
     return rows
 
 
 # -- report --------------------------------------------------------------------------------------------
-HEADER = ("| case | K | one at a time s/model | ensemble s/model | speed-up (range) | models/h one at a time "
-          "| models/h ensemble | train acc % one / ens | test acc % one / ens | floor s/model | ensemble/floor |")
+HEADER = ("| case | K | one at a time s/model | ensemble s/model | speed-up (range) | speed-up in CPU time "
+          "| models/h one at a time | models/h ensemble | train acc % one / ens | test acc % one / ens "
+          "| floor s/model | ensemble/floor |")
 
 
 def table(rows: list[Row]) -> str:
@@ -291,7 +303,8 @@ def table(rows: list[Row]) -> str:
         speedup = statistics.median(r.speedups)
         (train_a, test_a), (train_t, test_t) = r.accuracy["alone"], r.accuracy["together"]
         lines.append(f"| {r.case} | {r.size} | {alone:.3f} | {together:.3f} | {speedup:.2f}x "
-                     f"({min(r.speedups):.2f}-{max(r.speedups):.2f}) | {3600 / alone:,.0f} | {3600 / together:,.0f} "
+                     f"({min(r.speedups):.2f}-{max(r.speedups):.2f}) | {statistics.median(r.cpu_speedups):.2f}x "
+                     f"| {3600 / alone:,.0f} | {3600 / together:,.0f} "
                      f"| {100 * train_a:.1f} / {100 * train_t:.1f} | {100 * test_a:.1f} / {100 * test_t:.1f} "
                      f"| {floor:.3f} | {together / floor:.1f} |")
     return "\n".join(lines)
@@ -313,28 +326,84 @@ def profile(case: Case, cli: argparse.Namespace, scratch: Path) -> None:
     from torch.profiler import ProfilerActivity, profile as torch_profile
 
     size = max(cli.sizes)
-    data_path = str(scratch)
-    if case.dataset == "seq-mnist":
-        write_mnist_like(scratch, cli.mnist_train, cli.mnist_test)
-    plan = build_plan(case, cli.profile_epochs, size, data_path, scratch / "profile", cli.device)
-    data = load_plan_data(plan, data_path, cli.device)
+    plan, data = plan_and_data(case, cli, scratch, cli.profile_epochs)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.device(cli.device).type == "cuda" else [])
-    for way, prototype in [("engine", False)] + ([("prototype", True)] if cli.prototype else []):
+    for way, prototype in ways(cli):
         train_models(plan, data, list(range(size)), cli.device, prototype)  # warm-up
         with torch_profile(activities=activities, record_shapes=True) as prof:
             trained = train_models(plan, data, list(range(size)), cli.device, prototype)
         print(f"\n{case.name}, {way} ensemble K={size}, {cli.profile_epochs} epochs: {trained.seconds:.2f} s")
+        on_cuda = torch.device(cli.device).type == "cuda"
         print(prof.key_averages(group_by_input_shape=True).table(
-            sort_by="self_cpu_time_total", row_limit=cli.profile_rows, max_name_column_width=34,
-            max_shapes_column_width=70))
+            sort_by="self_device_time_total" if on_cuda else "self_cpu_time_total", row_limit=cli.profile_rows,
+            max_name_column_width=34, max_shapes_column_width=70))
 
 
-def load_average() -> str:
-    """The 1, 5 and 15 minute load averages: how busy the machine was with other work."""
-    try:
-        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
-    except OSError:
-        return "unknown"
+def step_costs(case: Case, cli: argparse.Namespace, scratch: Path) -> None:
+    """Microseconds of one training step (forward, loss, backward, SGD) on fixed inputs, per variant and K.
+
+    The step of train_group without its data gathering and evaluation; median of --step_samples steps,
+    in CPU time on CPU (robust to other jobs on the machine), wall time after a synchronize elsewhere;
+    the floor's matmuls are timed with the same clock.
+    """
+    plan, data = plan_and_data(case, cli, scratch, 1)
+    training = argparse.Namespace(**plan.settings["training"])
+    widths = layer_widths(plan, data)
+    on_cpu = torch.device(cli.device).type == "cpu"
+    clock = time.process_time if on_cpu else time.perf_counter
+    print(f"\n{case.name}: one training step, {'CPU' if on_cpu else 'wall'} µs, median of {cli.step_samples}")
+    print("| K | variant | µs per step | µs per model | matmul floor µs per step | step/floor |")
+    print("|---|---|---|---|---|---|")
+    for size in [1, *cli.sizes]:
+        builds = {"one model (the --ensemble 1 path)": Ensemble} if size == 1 else {
+            "engine Ensemble": Ensemble, "StackedMLPEnsemble (prototype, not engine code)": StackedMLPEnsemble}
+        x = torch.rand(size, BATCH, *data.dataset.SHAPE, device=cli.device)
+        y = torch.randint(0, data.dataset.N_CLASSES, (size, BATCH), device=cli.device)
+        floor = size * flops(step_matmuls(widths, BATCH)) / matmul_rate(widths, size, cli.device, clock=clock)
+        for name, build in builds.items():
+            for compiled in [False] + [True] * cli.compile:
+                ensemble = build(build_backbones(plan, list(range(size)), data, cli.device), training)
+                step = median_seconds(train_step(ensemble, x, y, compiled), clock, cli)
+                print(f"| {size} | {name}{', torch.compile' * compiled} | {step * 1e6:.0f} | {step * 1e6 / size:.0f} "
+                      f"| {floor * 1e6:.0f} | {step / floor:.1f} |", flush=True)
+    rows = torch.randint(0, len(data.train_labels), (max(cli.sizes) * BATCH,), device=cli.device)
+    gathers = {"images.index_select(0, rows) (the engine's)": lambda: data.train_images.index_select(0, rows),
+               "images[rows]": lambda: data.train_images[rows]}
+    print(f"gathering the uint8 images of one K={max(cli.sizes)} step: " + "; ".join(
+        f"{name} {median_seconds(gather, clock, cli) * 1e6:.0f} µs" for name, gather in gathers.items()))
+
+
+def train_step(ensemble, x: torch.Tensor, y: torch.Tensor, compiled: bool):
+    """One step of train_group on fixed inputs; with `compiled`, the forward and loss (with their backward)
+    and the optimizer step each go through torch.compile (compiled at the first call, a warm-up call)."""
+    def loss_of():
+        with autocast(x.device):
+            logits = ensemble(x).float()
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none")
+        return loss.view_as(y).mean(1).sum()
+
+    update = ensemble.optimizer.step
+    if compiled:
+        loss_of, update = torch.compile(loss_of), torch.compile(update)
+
+    def step():
+        loss = loss_of()
+        ensemble.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        update()
+    return step
+
+
+def median_seconds(work, clock, cli: argparse.Namespace) -> float:
+    """Median time of one call of `work` over --step_samples calls, after 20 more that warm up."""
+    samples = []
+    for _ in range(cli.step_samples + 20):
+        synchronize(cli.device)
+        start = clock()
+        work()
+        synchronize(cli.device)
+        samples.append(clock() - start)
+    return statistics.median(samples[20:])
 
 
 def main() -> None:
@@ -349,13 +418,20 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="runs of each way; the table shows the medians")
     parser.add_argument("--cases", nargs="+", choices=list(CASES), default=list(CASES))
     parser.add_argument("--threads", type=int, default=1,
-                        help="torch intra-op threads on CPU; 0 keeps torch's default (one per core)")
+                        help="torch intra-op threads on CPU; 0 keeps torch's default (one per core). One, "
+                             "because at these sizes a second thread gains little and, on a machine shared "
+                             "with other jobs, its waits made training 10-20x slower")
     parser.add_argument("--prototype", action=argparse.BooleanOptionalAction, default=True,
                         help="also time the StackedMLPEnsemble prototype (not the engine's code)")
     parser.add_argument("--profile", action="store_true",
                         help="instead of the table, print torch.profiler's operator table of the largest ensemble")
     parser.add_argument("--profile_epochs", type=int, default=5)
     parser.add_argument("--profile_rows", type=int, default=25)
+    parser.add_argument("--step_costs", action="store_true",
+                        help="instead of the table, print the cost of one training step per variant and K")
+    parser.add_argument("--step_samples", type=int, default=200)
+    parser.add_argument("--compile", action="store_true",
+                        help="with --step_costs, also time each variant's step through torch.compile")
     cli = parser.parse_args()
     if cli.threads:
         torch.set_num_threads(cli.threads)
@@ -369,11 +445,13 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as scratch:
             if cli.profile:
                 profile(CASES[key], cli, Path(scratch))
+            elif cli.step_costs:
+                step_costs(CASES[key], cli, Path(scratch))
             else:
                 rows += measure(CASES[key], cli, Path(scratch))
-    if cli.profile:
+    if cli.profile or cli.step_costs:
         return
-    print()
+    print(f"\nload average (1, 5, 15 min) at the end: {load_average()}")
     print(table(rows))
     problems = accuracy_check(rows)
     print("\naccuracy: " + ("the same within one point in every row" if not problems else "; ".join(problems)))
