@@ -136,7 +136,7 @@ def _chunk(text: str | None) -> tuple[int, int]:
 
 def make_plan(args: argparse.Namespace) -> Plan:
     """Everything that determines the stored predictions, derived deterministically from the arguments."""
-    dataset = DATASETS.get(args.dataset)(dataset_args(vars(args) | {"seed": args.seed}, args.data_path, "cpu",
+    dataset = DATASETS.get(args.dataset)(dataset_args(vars(args), args.data_path, "cpu",
                                                       args.download))
     if args.classes is not None and args.classes[1] > dataset.N_CLASSES:
         raise ConfigError(f"--classes {args.classes[0]},{args.classes[1]} exceeds {args.dataset}'s "
