@@ -50,6 +50,22 @@ class Backbone(nn.Module):
         """Penultimate features, the input of the classifier head."""
         raise NotImplementedError
 
+    def attention_modules(self) -> list[nn.Module]:
+        """The self-attention modules whose attention maps covariates measure (none outside ViTs)."""
+        return []
+
+    @torch.no_grad()
+    def reinitialize_(self, modules: list[nn.Module] | None = None) -> None:
+        """Draw the parameters of `modules` (default: the whole network) afresh from the initialisation.
+
+        Resets and Shrink & Perturb call this on a scratch copy of the network and take the values
+        they need from it. The default is each module's `reset_parameters` (PyTorch's initialisation,
+        used by the mlp and resnet backbones); a backbone initialised otherwise overrides it.
+        """
+        for module in self.modules() if modules is None else modules:
+            if hasattr(module, "reset_parameters"):
+                module.reset_parameters()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))
 

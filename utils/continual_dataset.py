@@ -47,6 +47,9 @@ class ContinualDataset:
     DEFAULT_BACKBONE: str = "mlp"
     DEFAULT_BATCH_SIZE: int = 32
     DEFAULT_N_EPOCHS: int = 1
+    # A long stream (hundreds of tasks) is evaluated on the task just trained only, by default: its
+    # terminal accuracy, not the whole accuracy matrix (see --eval_scope).
+    LONG_STREAM: bool = False
     mem_scores: np.ndarray | None = None  # per training example (dataset order), set from --mem_scores
 
     @staticmethod
