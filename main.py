@@ -32,9 +32,15 @@ def set_seed(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def summary_table(state: RunState) -> str:
-    """The accuracy matrices and the final metrics as plain text."""
+def summary_table(state: RunState, args: argparse.Namespace) -> str:
+    """The accuracy matrices (or, for a terminal-only evaluation, the terminal accuracies) as plain text."""
     lines = []
+    if args.eval_scope == "current":
+        for name in ("terminal_test_acc", "terminal_train_acc"):
+            values = state.history.get(name, [])
+            means = "  ".join(f"last {k}: {np.mean(values[-k:]):.2f}" for k in args.last_k)
+            lines.append(f"{name.replace('_', ' ')} (%), mean over the {means}")
+        return "\n".join(lines)
     for setting, matrix in state.matrices.items():
         last = state.next_task - 1
         lines.append(f"\n{setting.replace('_', '-')} accuracy (%), row t = after training task t")
@@ -83,7 +89,7 @@ def run(args: argparse.Namespace) -> RunState:
         model.opt.load_state_dict(checkpoint["optimizer"])
         model.load_extra_state(checkpoint["extra"])
         state = RunState({k: v.numpy() for k, v in checkpoint["matrices"].items()}, checkpoint["next_task"],
-                         list(checkpoint["epoch_losses"]))
+                         list(checkpoint["epoch_losses"]), {k: list(v) for k, v in checkpoint["history"].items()})
         set_rng_state(checkpoint["rng"])
 
     logger = RunLogger(args.tracking_uri, args.experiment_name, args.run_name,
@@ -99,6 +105,7 @@ def run(args: argparse.Namespace) -> RunState:
         save_checkpoint(checkpoint_path, {
             "config": computational_config(args), "tracking_uri": args.tracking_uri,
             "mlflow_run_id": logger.run_id, "next_task": state.next_task, "epoch_losses": state.epoch_losses,
+            "history": state.history,
             "matrices": {k: torch.from_numpy(v) for k, v in state.matrices.items()},
             "net": model.net.state_dict(), "optimizer": model.opt.state_dict(), "extra": model.extra_state(),
             "rng": rng_state(),
@@ -115,7 +122,7 @@ def run(args: argparse.Namespace) -> RunState:
     except KeyboardInterrupt:
         logger.finish("KILLED")
         raise
-    print(summary_table(state))
+    print(summary_table(state, args))
     logger.finish("FINISHED")
     return state
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 import torch
@@ -11,6 +12,7 @@ from backbones import BACKBONES
 from buffer_policies import BUFFER_POLICIES
 from datasets import DATASETS
 from models import MODELS
+from plasticity import PLASTICITY, check_plasticity_args
 from utils.continual_model import OPTIMIZERS
 from utils.errors import ConfigError
 
@@ -18,7 +20,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = REPO_ROOT / "configs" / "best"
 # Flags that say where to log or resume, not what is computed: a checkpoint may differ in these.
 NON_COMPUTATIONAL = {"resume", "savecheck", "checkpoint_dir", "tracking_uri", "experiment_name", "run_name",
-                     "non_verbose", "data_path", "download", "model_config"}
+                     "non_verbose", "data_path", "download", "model_config", "config", "log_every"}
 
 
 def common_parser(first_pass: bool = False) -> argparse.ArgumentParser:
@@ -33,9 +35,15 @@ def common_parser(first_pass: bool = False) -> argparse.ArgumentParser:
                                                       "(default: the dataset's)")
     what.add_argument("--buffer_policy", default="reservoir",
                       help=f"for replay models, one of: {', '.join(BUFFER_POLICIES.names())}")
+    what.add_argument("--plasticity", default="",
+                      help=f"comma-separated plasticity methods composed on top of the model, of: "
+                           f"{', '.join(PLASTICITY.names())}")
     what.add_argument("--model_config", choices=("default", "best"), default="default",
                       help="'best' loads the published hyperparameters from configs/best/<dataset>.yaml "
                            "(flags given explicitly still win)")
+    what.add_argument("--config", default=None, metavar="FILE.yaml",
+                      help="a YAML file of flag: value defaults (e.g. configs/vit_l3.yaml); flags given "
+                           "explicitly still win")
 
     train = parser.add_argument_group("training")
     train.add_argument("--lr", type=float, default=None, help="learning rate (required unless --model_config best)")
@@ -48,6 +56,9 @@ def common_parser(first_pass: bool = False) -> argparse.ArgumentParser:
     train.add_argument("--optim_wd", type=float, default=0.0, help="weight decay")
     train.add_argument("--optim_mom", type=float, default=0.0, help="SGD momentum")
     train.add_argument("--optim_eps", type=float, default=1e-8, help="Adam/AdamW epsilon")
+    train.add_argument("--reset_head", action="store_true",
+                       help="set the output layer to 0 at the start of every task after the first (Dohare's "
+                            "continual-ImageNet protocol)")
     train.add_argument("--seed", type=int, default=None, help="random seed (default: drawn and logged)")
     train.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
 
@@ -74,6 +85,20 @@ def common_parser(first_pass: bool = False) -> argparse.ArgumentParser:
     record.add_argument("--checkpoint_dir", default=str(REPO_ROOT / "checkpoints"))
     record.add_argument("--resume", default=None, metavar="PATH", help="continue the run saved in this checkpoint")
     record.add_argument("--non_verbose", action="store_true", help="no progress bars")
+    record.add_argument("--eval_scope", choices=("seen", "current"), default=None,
+                        help="after each task evaluate every seen task (the accuracy matrix) or only the task "
+                             "just trained (its terminal accuracy); default: current for long streams")
+    record.add_argument("--last_k", default="50,10",
+                        help="report the mean terminal accuracy over the last K tasks, for each K")
+    record.add_argument("--covariates", action="store_true",
+                        help="log plasticity covariates per task: dead and dormant units, neuron ages, weight "
+                             "magnitudes, effective and stable rank, attention entropy (ViT)")
+    record.add_argument("--log_every", type=int, default=0, metavar="N",
+                        help="with --covariates, also log them every N optimizer steps (0: per task only)")
+    record.add_argument("--probe_size", type=int, default=512,
+                        help="training examples of the current task the covariates are measured on")
+    record.add_argument("--dormant_tau", type=float, default=0.025,
+                        help="ReDO threshold τ of the dormant-unit covariate")
     record.add_argument("--ignore_other_metrics", action="store_true",
                         help="accepted for Mammoth command lines; the metrics here are always the same few")
     record.add_argument("--nowand", action="store_true", help="accepted for Mammoth command lines (no W&B here)")
@@ -126,9 +151,28 @@ def _best_config(dataset: str, model: str, buffer_size: int) -> dict:
     return dict(entries[key])
 
 
+def load_config(path: str) -> dict:
+    """A YAML mapping of flag names (without --) to values."""
+    try:
+        config = yaml.safe_load(Path(path).read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"--config {path} does not exist; pass the path of a YAML file such as configs/vit_l3.yaml") from None
+    except yaml.YAMLError as error:
+        raise ConfigError(f"--config {path} is not valid YAML ({str(error).splitlines()[0]}); fix the file") from None
+    if not isinstance(config, dict):
+        raise ConfigError(f"--config {path} must be a mapping of flag: value, got {type(config).__name__}")
+    return config
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Parse in two passes: first the component names, then every flag those components declare."""
-    first, _ = common_parser(first_pass=True).parse_known_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    first_parser = common_parser(first_pass=True)
+    first, _ = first_parser.parse_known_args(argv)
+    config = load_config(first.config) if first.config else {}
+    if config:
+        first_parser.set_defaults(**config)
+        first, _ = first_parser.parse_known_args(argv)
     parser = common_parser()
     chosen = {}
     for kind, registry, name in (("dataset", DATASETS, first.dataset), ("backbone", BACKBONES, first.backbone),
@@ -137,11 +181,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         chosen[kind] = [registry.get(name)] if name else [registry.get(n) for n in registry.names()]
     if first.backbone is None:
         chosen["backbone"] = [BACKBONES.get(chosen["dataset"][0].DEFAULT_BACKBONE)]
+    chosen["plasticity method"] = [PLASTICITY.get(n) for n in PLASTICITY.names()]
     for kind, components in chosen.items():
         _add_component_args(parser, kind, components)
+    known = {action.dest for action in parser._actions}
+    unknown = sorted(set(config) - known)
+    if unknown:
+        raise ConfigError(f"--config {first.config} sets {', '.join(unknown)}, which no chosen component declares; "
+                          f"fix the names (see python main.py --help)")
+    parser.set_defaults(**config)
     if first.model_config == "best" and first.model:
         parser.set_defaults(**_best_config(first.dataset, first.model, first.buffer_size))
     args = parser.parse_args(argv)
+    check_plasticity_args(args, argv)
     return resolve(args)
 
 
@@ -158,6 +210,8 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
         args.n_epochs = dataset.DEFAULT_N_EPOCHS
     if args.minibatch_size is None:
         args.minibatch_size = args.batch_size
+    if args.eval_scope is None:
+        args.eval_scope = "current" if dataset.LONG_STREAM else "seen"
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
 
     if args.lr is None:
@@ -169,6 +223,10 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
         (args.n_epochs >= 1, f"--n_epochs must be at least 1, got {args.n_epochs}"),
         (args.buffer_size >= 0, f"--buffer_size cannot be negative, got {args.buffer_size}"),
         (args.optim_wd >= 0, f"--optim_wd cannot be negative, got {args.optim_wd}"),
+        (args.log_every >= 0, f"--log_every cannot be negative, got {args.log_every}"),
+        (args.log_every == 0 or args.covariates, "--log_every N logs covariates every N steps; add --covariates"),
+        (args.probe_size >= 1, f"--probe_size must be at least 1, got {args.probe_size}"),
+        (args.dormant_tau >= 0, f"--dormant_tau cannot be negative, got {args.dormant_tau}"),
         (not model.USES_BUFFER or args.buffer_size > 0,
          f"{args.model} replays from a buffer: pass --buffer_size greater than 0"),
     ]
@@ -177,6 +235,7 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
             raise ConfigError(sentence)
     _check_buffer_policy(args, dataset, model)
     args.bucket_thresholds = _thresholds(args.bucket_thresholds)
+    args.last_k = _last_k(args.last_k)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"--device {args.device} asked for CUDA but no GPU is visible; pass --device cpu")
     return args
@@ -207,6 +266,18 @@ def _thresholds(text: str) -> tuple[float, float]:
     if not low < high:
         raise ConfigError(f"--bucket_thresholds needs a < b, got {text!r}")
     return low, high
+
+
+def _last_k(text) -> list[int]:
+    if isinstance(text, list):
+        return text
+    try:
+        values = [int(k) for k in str(text).split(",") if k.strip()]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        raise ConfigError(f"--last_k must be positive integers 'K1,K2', got {text!r}")
+    return values
 
 
 def computational_config(args: argparse.Namespace) -> dict:

@@ -12,7 +12,7 @@ import torch
 
 from utils.errors import ConfigError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: plasticity state and the per-task history
 
 
 def rng_state() -> dict:

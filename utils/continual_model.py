@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from buffer_policies import BUFFER_POLICIES
+from plasticity import Plasticity
 from utils.buffer import Buffer
 from utils.continual_dataset import ContinualDataset, Split
 
@@ -42,6 +43,8 @@ class ContinualModel(nn.Module):
         self.device = torch.device(args.device)
         self.loss = nn.CrossEntropyLoss()
         self.opt = build_optimizer(self.net.parameters(), args)
+        # --plasticity methods (and the hidden-unit statistics of --covariates) act around every step.
+        self.plasticity = Plasticity(self.net, self.opt, args)
         self.transform = dataset.train_transform
         self.buffer = None
         if self.USES_BUFFER:
@@ -72,14 +75,21 @@ class ContinualModel(nn.Module):
         return {}
 
     def sgd_step(self, loss: torch.Tensor) -> None:
+        """Backward, regularizer gradients, optimizer step, then resets and unit statistics."""
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
+        self.plasticity.before_step()
         self.opt.step()
+        self.plasticity.after_step()
 
     def extra_state(self) -> dict:
         """Everything besides the network and optimizer that a checkpoint must restore."""
-        return {"buffer": self.buffer.state_dict()} if self.buffer is not None else {}
+        state = {"plasticity": self.plasticity.state_dict()}
+        if self.buffer is not None:
+            state["buffer"] = self.buffer.state_dict()
+        return state
 
     def load_extra_state(self, state: dict) -> None:
+        self.plasticity.load_state_dict(state["plasticity"])
         if self.buffer is not None:
             self.buffer.load_state_dict(state["buffer"])

@@ -15,34 +15,62 @@ def settings_of(dataset: ContinualDataset) -> list[str]:
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, dataset: ContinualDataset, last_task: int) -> dict[str, np.ndarray]:
-    """Test accuracy (%) on tasks 0..last_task after training task `last_task`, per setting.
+def split_accuracy(model: torch.nn.Module, dataset: ContinualDataset, split, classes: range, n_seen: int,
+                   augment: bool = False) -> dict[str, float]:
+    """Accuracy (%) on one split per setting: argmax over the n_seen classes, and within `classes` (task-IL)."""
+    settings = settings_of(dataset)
+    correct = {s: torch.zeros((), dtype=torch.long, device=split.labels.device) for s in settings}
+    for start in range(0, len(split), EVAL_BATCH_SIZE):
+        raw = split.images[start:start + EVAL_BATCH_SIZE]
+        images = dataset.train_transform(raw) if augment else dataset.test_transform(raw)
+        labels = split.labels[start:start + EVAL_BATCH_SIZE]
+        logits = model(images)
+        correct[settings[0]] += (logits[:, :n_seen].argmax(1) == labels).sum()
+        if "task_il" in settings:
+            task_pred = logits[:, classes.start:classes.stop].argmax(1) + classes.start
+            correct["task_il"] += (task_pred == labels).sum()
+    return {s: 100.0 * correct[s].item() / max(len(split), 1) for s in settings}
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, dataset: ContinualDataset, last_task: int,
+             tasks: list[int] | None = None) -> dict[str, np.ndarray]:
+    """Test accuracy (%) on `tasks` (default 0..last_task) after training task `last_task`, per setting.
 
     Class-IL predicts the argmax over all classes seen so far; task-IL the argmax within the
     task's own classes; both from the same logits.
     """
     was_training = model.training
     model.eval()
+    tasks = list(range(last_task + 1)) if tasks is None else tasks
     n_seen = dataset.seen_classes(last_task)
-    settings = settings_of(dataset)
-    accuracy = {s: np.zeros(last_task + 1) for s in settings}
-    for task in range(last_task + 1):
-        split = dataset.test_split(task)
-        classes = dataset.task_classes(task)
-        correct = {s: torch.zeros((), dtype=torch.long, device=split.labels.device) for s in settings}
-        for start in range(0, len(split), EVAL_BATCH_SIZE):
-            images = dataset.test_transform(split.images[start:start + EVAL_BATCH_SIZE])
-            labels = split.labels[start:start + EVAL_BATCH_SIZE]
-            logits = model(images)
-            seen_pred = logits[:, :n_seen].argmax(1)
-            correct[settings[0]] += (seen_pred == labels).sum()
-            if "task_il" in settings:
-                task_pred = logits[:, classes.start:classes.stop].argmax(1) + classes.start
-                correct["task_il"] += (task_pred == labels).sum()
-        for s in settings:
-            accuracy[s][task] = 100.0 * correct[s].item() / max(len(split), 1)
+    accuracy = {s: np.zeros(len(tasks)) for s in settings_of(dataset)}
+    for j, task in enumerate(tasks):
+        values = split_accuracy(model, dataset, dataset.test_split(task), dataset.task_classes(task), n_seen)
+        for s, v in values.items():
+            accuracy[s][j] = v
     model.train(was_training)
     return accuracy
+
+
+@torch.no_grad()
+def training_accuracy(model: torch.nn.Module, dataset: ContinualDataset, task: int) -> float:
+    """Accuracy (%) on the task's own training split at the end of the task (eval mode, no augmentation),
+    in the dataset's first setting (class-IL or domain-IL)."""
+    was_training = model.training
+    model.eval()
+    values = split_accuracy(model, dataset, dataset.train_split(task), dataset.task_classes(task),
+                            dataset.seen_classes(task))
+    model.train(was_training)
+    return values[settings_of(dataset)[0]]
+
+
+def terminal_metrics(terminal: np.ndarray, name: str, last_k: list[int]) -> dict[str, float]:
+    """The newest task's terminal accuracy and the mean over the last K tasks so far, for each K."""
+    metrics = {name: float(terminal[-1])}
+    for k in last_k:
+        metrics[f"{name}_last_{k}"] = float(np.mean(terminal[-k:]))
+    return metrics
 
 
 def empty_matrix(n_tasks: int) -> np.ndarray:

@@ -48,3 +48,17 @@ def value_histogram(everything: np.ndarray, kept: np.ndarray, title: str):
     axes.set_title(title)
     figure.tight_layout()
     return figure
+
+
+def terminal_accuracy_figure(test: np.ndarray, train: np.ndarray):
+    """Each task's test accuracy right after training it, and its training accuracy then, against tasks."""
+    figure, axes = plt.subplots(figsize=(7, 4))
+    tasks = np.arange(1, len(test) + 1)
+    axes.plot(tasks, test, label="terminal test accuracy", marker="." if len(test) <= 50 else None)
+    axes.plot(tasks, train, label="training accuracy at the end of the task", alpha=0.7)
+    axes.set_xlabel("task")
+    axes.set_ylabel("accuracy (%)")
+    axes.set_ylim(0, 100)
+    axes.legend()
+    figure.tight_layout()
+    return figure

@@ -14,12 +14,15 @@ from tqdm import tqdm
 from utils.continual_dataset import ContinualDataset
 from utils.continual_model import ContinualModel
 from utils.errors import TrainingDiverged
-from utils.evaluation import accuracy_by_bucket, empty_matrix, evaluate, settings_of, summary_metrics
+from utils.evaluation import (accuracy_by_bucket, empty_matrix, evaluate, settings_of, summary_metrics,
+                              terminal_metrics, training_accuracy)
 from utils.mlflow_logger import RunLogger
-from utils.plots import accuracy_heatmap, close, value_histogram
+from utils.plots import accuracy_heatmap, close, terminal_accuracy_figure, value_histogram
+from utils.units import zero_head
 
 LOSS_REFRESH_STEPS = 20  # read the loss back from the device this often (progress bar and NaN check)
 PER_TASK_METRICS_UP_TO = 50  # log each task's accuracy as its own metric for streams up to this long
+FIGURES_EVERY = 25  # on longer streams, redraw the per-task figures this often (and after the last task)
 
 
 @dataclass
@@ -29,6 +32,11 @@ class RunState:
     matrices: dict[str, np.ndarray]
     next_task: int = 0
     epoch_losses: list[float] = field(default_factory=list)
+    history: dict[str, list[float]] = field(default_factory=dict)  # per-task scalars, for the figures
+
+    def terminal_accuracy(self, setting: str) -> np.ndarray:
+        """Test accuracy of each finished task right after it was trained, before any further update."""
+        return np.diag(self.matrices[setting])[: self.next_task]
 
     @classmethod
     def fresh(cls, dataset: ContinualDataset) -> "RunState":
@@ -48,8 +56,11 @@ def train_task(model: ContinualModel, dataset: ContinualDataset, task: int, args
                logger: RunLogger, state: RunState) -> None:
     """All epochs of one task; the per-epoch mean loss is logged and checked for NaN."""
     model.train()
+    if args.reset_head and task > 0:
+        zero_head(model.net, model.opt)
     model.begin_task(task)
     data = model.training_data(task)
+    probe = data.images[: args.probe_size]
     n, batch_size = len(data), args.batch_size
     steps = math.ceil(n / batch_size)
     for epoch in range(args.n_epochs):
@@ -62,6 +73,9 @@ def train_task(model: ContinualModel, dataset: ContinualDataset, task: int, args
             raw = data.images[rows]
             loss = model.observe(dataset.train_transform(raw), data.labels[rows], raw, data.indices[rows], task)
             loss_sum += loss * len(rows)
+            if args.log_every and model.plasticity.step % args.log_every == 0:
+                covariates = measure_covariates(model, probe, args)
+                logger.log_metrics({f"step/{k}": v for k, v in covariates.items()}, step=model.plasticity.step)
             if step % LOSS_REFRESH_STEPS == LOSS_REFRESH_STEPS - 1 or step == steps - 1:
                 running = loss_sum.item() / min((step + 1) * batch_size, n)
                 if not math.isfinite(running):
@@ -76,38 +90,99 @@ def train_task(model: ContinualModel, dataset: ContinualDataset, task: int, args
     model.end_task(task)
 
 
+def measure_covariates(model: ContinualModel, images: torch.Tensor, args: argparse.Namespace) -> dict[str, float]:
+    """The plasticity covariates now: probe statistics, weight magnitudes and neuron ages."""
+    from utils.covariates import age_statistics, probe_statistics, weight_magnitudes
+
+    metrics = probe_statistics(model.net, model.dataset.test_transform(images), args.dormant_tau)
+    metrics.update(weight_magnitudes(model.net))
+    for unit in ("steps", "tokens"):
+        metrics.update(age_statistics(model.plasticity.units.monitor.ages(unit), unit))
+    return metrics
+
+
+def append_history(history: dict[str, list[float]], metrics: dict[str, float], task: int) -> None:
+    """Add the task's scalars (not the per-task-index ones) to the history, NaN-padding keys that start late."""
+    for key, value in metrics.items():
+        if "_task_" in key:
+            continue
+        values = history.setdefault(key, [])
+        values.extend([float("nan")] * (task - len(values)))
+        values.append(value)
+
+
 def record_task(model: ContinualModel, dataset: ContinualDataset, task: int, logger: RunLogger,
                 state: RunState) -> dict[str, float]:
-    """Evaluate every seen task, fill row `task` of the accuracy matrices, and log it all."""
-    accuracy = evaluate(model, dataset, task)
+    """Evaluate the seen tasks (or only this one), fill the accuracy matrices, and log it all."""
+    args = model.args
+    tasks = list(range(task + 1)) if args.eval_scope == "seen" else [task]
+    accuracy = evaluate(model, dataset, task, tasks)
     metrics = {}
     for setting, values in accuracy.items():
-        state.matrices[setting][task, : task + 1] = values
+        state.matrices[setting][task, tasks] = values
         if dataset.n_tasks <= PER_TASK_METRICS_UP_TO:
-            metrics.update({f"acc_{setting}_task_{i}": v for i, v in enumerate(values)})
-    metrics.update(summary_metrics(state.matrices, task))
+            metrics.update({f"acc_{setting}_task_{i}": v for i, v in zip(tasks, values)})
+    if args.eval_scope == "seen":
+        metrics.update(summary_metrics(state.matrices, task))
+    state.next_task = task + 1
+    main_setting = settings_of(dataset)[0]
+    train_accuracy = state.history.get("terminal_train_acc", [])[:task] + [training_accuracy(model, dataset, task)]
+    metrics.update(terminal_metrics(state.terminal_accuracy(main_setting), "terminal_test_acc", args.last_k))
+    metrics.update(terminal_metrics(np.array(train_accuracy), "terminal_train_acc", args.last_k))
     if dataset.mem_scores is not None:
         for bucket, values in accuracy_by_bucket(model, dataset, task, dataset.mem_scores,
-                                                 model.args.bucket_thresholds).items():
+                                                 args.bucket_thresholds).items():
             metrics.update({f"train_acc_{bucket}_task_{i}": v for i, v in enumerate(values) if np.isfinite(v)})
             if np.isfinite(values).any():
                 metrics[f"train_acc_{bucket}"] = float(np.nanmean(values))
+    metrics.update(model.plasticity.task_metrics(task))
+    if args.covariates:
+        metrics.update(measure_covariates(model, dataset.train_split(task).images[: args.probe_size], args))
     record = model.task_record(task)
     metrics.update(record.get("metrics", {}))
     logger.log_metrics(metrics, step=task)
+    append_history(state.history, metrics, task)
     for name, array in record.get("arrays", {}).items():
         logger.log_array(array, name)
     for name, (everything, kept) in record.get("histograms", {}).items():
         figure = value_histogram(everything, kept, f"memorization values after task {task + 1}")
         logger.log_figure(figure, name)
         close(figure)
-    for setting, matrix in state.matrices.items():
-        logger.log_text(matrix_csv(matrix), f"accuracy/{setting}.csv")
-        figure = accuracy_heatmap(matrix, f"{setting.replace('_', '-')} accuracy (%)")
-        logger.log_figure(figure, f"accuracy/{setting}.png")
-        close(figure)
-    state.next_task = task + 1
+    if dataset.n_tasks <= PER_TASK_METRICS_UP_TO or (task + 1) % FIGURES_EVERY == 0 or task == dataset.n_tasks - 1:
+        log_figures(model, dataset, task, logger, state)
     return metrics
+
+
+def log_figures(model: ContinualModel, dataset: ContinualDataset, task: int, logger: RunLogger,
+                state: RunState) -> None:
+    """Accuracy matrices (or terminal accuracies), and the covariates against tasks."""
+    if model.args.eval_scope == "seen":
+        for setting, matrix in state.matrices.items():
+            logger.log_text(matrix_csv(matrix), f"accuracy/{setting}.csv")
+            figure = accuracy_heatmap(matrix, f"{setting.replace('_', '-')} accuracy (%)")
+            logger.log_figure(figure, f"accuracy/{setting}.png")
+            close(figure)
+    test = state.terminal_accuracy(settings_of(dataset)[0])
+    train = np.array(state.history["terminal_train_acc"])
+    logger.log_text("task,terminal_test_acc,terminal_train_acc\n" + "".join(
+        f"{t},{a:.4f},{b:.4f}\n" for t, (a, b) in enumerate(zip(test, train))), "accuracy/terminal.csv")
+    figure = terminal_accuracy_figure(test, train)
+    logger.log_figure(figure, "accuracy/terminal.png")
+    close(figure)
+    if model.plasticity.units is None:
+        return
+    from utils.covariate_plots import COVARIATE_PLOTS, age_histogram, covariate_figure
+
+    for prefix, title in COVARIATE_PLOTS:
+        if prefix in state.history or any(k.startswith(prefix + "/") for k in state.history):
+            figure = covariate_figure(state.history, prefix, title)
+            logger.log_figure(figure, f"plasticity/{prefix}.png")
+            close(figure)
+    for unit in ("steps", "tokens"):
+        figure = age_histogram({k: v.cpu().numpy() for k, v in model.plasticity.units.monitor.ages(unit).items()},
+                               unit, f"neuron ages ({unit} since firing) after task {task + 1}")
+        logger.log_figure(figure, f"plasticity/ages_{unit}.png")
+        close(figure)
 
 
 def train(model: ContinualModel, dataset: ContinualDataset, args: argparse.Namespace, logger: RunLogger,
@@ -116,7 +191,9 @@ def train(model: ContinualModel, dataset: ContinualDataset, args: argparse.Names
     for task in range(state.next_task, dataset.n_tasks):
         train_task(model, dataset, task, args, logger, state)
         metrics = record_task(model, dataset, task, logger, state)
-        summary = "  ".join(f"{k} {v:.2f}" for k, v in metrics.items() if not k.split("_")[-1].isdigit())
+        shown = ("acc_", "forgetting_", "terminal_test_acc", "terminal_train_acc", "resets", "dormant_frac")
+        summary = "  ".join(f"{k} {v:.2f}" for k, v in metrics.items()
+                            if k.startswith(shown) and "/" not in k and "_task_" not in k and "_last_" not in k)
         tqdm.write(f"task {task + 1}/{dataset.n_tasks}: {summary}")
         if after_task is not None:
             after_task(state)

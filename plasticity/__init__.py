@@ -1,0 +1,144 @@
+"""Plasticity methods, one file each, registered by their CLI name (`l2`, `l2init`, `cbp`, `redo`, ...).
+
+`--plasticity snr_v2,l2` composes methods on top of any model: regularizers add the gradient of their
+penalty before the optimizer step; reset methods act after each optimizer step through the network's
+hidden-unit groups (utils/units.py), so one reset serves MLP units, conv channels and ViT MLP units.
+"""
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from backbones import Backbone
+from utils.errors import ConfigError
+from utils.registry import Registry
+from utils.units import HiddenUnits
+
+
+class PlasticityMethod:
+    """Base of every method. Flags are declared in `add_args` and start with the method's FLAG_PREFIX."""
+
+    NAME: str
+    FLAG_PREFIX: str = ""
+    NEEDS_UNITS = False  # True for methods that act on hidden units (resets)
+    STATE: tuple[str, ...] = ()  # attributes holding lists of tensors that a checkpoint keeps
+
+    @staticmethod
+    def add_args(parser: argparse._ArgumentGroup) -> None:
+        """Method-specific flags with their published defaults."""
+
+    @staticmethod
+    def check_args(args: argparse.Namespace) -> None:
+        """Refuse out-of-range values with one sentence (ConfigError)."""
+
+    def __init__(self, net: Backbone, optimizer: torch.optim.Optimizer, units: HiddenUnits | None,
+                 args: argparse.Namespace):
+        self.net = net
+        self.optimizer = optimizer
+        self.units = units
+        self.args = args
+
+    def before_step(self) -> None:
+        """Called between the backward pass and the optimizer step: regularizers add their gradient."""
+
+    def after_step(self, step: int) -> None:
+        """Called after every optimizer step, once the step's unit statistics are in."""
+
+    def task_metrics(self, task: int) -> dict[str, float]:
+        """Method-specific numbers logged after each task."""
+        return {}
+
+    def state_dict(self) -> dict:
+        return {key: [t.cpu() for t in getattr(self, key)] for key in self.STATE}
+
+    def load_state_dict(self, state: dict) -> None:
+        for key in self.STATE:
+            setattr(self, key, [t.to(old.device) for t, old in zip(state[key], getattr(self, key))])
+
+
+PLASTICITY: Registry[PlasticityMethod] = Registry("plasticity method", "plasticity")
+register_plasticity = PLASTICITY.register
+
+
+def method_names(text: str | None) -> list[str]:
+    """`--plasticity` as a list of names ('' and 'none' mean no method)."""
+    names = [n.strip() for n in (text or "").split(",") if n.strip() and n.strip() != "none"]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"--plasticity lists a method twice ({text!r}); name each method once")
+    return names
+
+
+def check_plasticity_args(args: argparse.Namespace, argv: list[str]) -> None:
+    """Unknown methods, out-of-range values, and flags of methods that were not chosen end the run."""
+    chosen = method_names(args.plasticity)
+    for name in chosen:
+        PLASTICITY.get(name).check_args(args)
+    given = {token.split("=")[0] for token in argv if token.startswith("--")}
+    for name in PLASTICITY.names():
+        if name in chosen:
+            continue
+        flags = _flags_of(PLASTICITY.get(name)) - _flags_of_chosen(chosen)
+        stray = sorted(f for f in flags if f in given)
+        if stray:
+            raise ConfigError(f"{', '.join(stray)} belongs to the plasticity method {name}, which is not in "
+                              f"--plasticity ({args.plasticity or 'none'}); add {name} to --plasticity or drop the flag")
+
+
+def _flags_of(method: type[PlasticityMethod]) -> set[str]:
+    parser = argparse.ArgumentParser(add_help=False)
+    method.add_args(parser)
+    return {option for action in parser._actions for option in action.option_strings}
+
+
+def _flags_of_chosen(chosen: list[str]) -> set[str]:
+    return set().union(*(_flags_of(PLASTICITY.get(n)) for n in chosen)) if chosen else set()
+
+
+class Plasticity:
+    """The methods of `--plasticity`, composed, plus the hidden-unit machinery they and covariates share."""
+
+    def __init__(self, net: Backbone, optimizer: torch.optim.Optimizer, args: argparse.Namespace):
+        classes = [PLASTICITY.get(name) for name in method_names(getattr(args, "plasticity", None))]
+        needs_units = any(c.NEEDS_UNITS for c in classes) or getattr(args, "covariates", False)
+        self.units = None
+        if needs_units:
+            self.units = HiddenUnits(net, optimizer)
+            if not self.units.groups:
+                raise ConfigError(f"the {args.backbone} backbone lists no hidden units, which "
+                                  f"{', '.join(c.NAME for c in classes if c.NEEDS_UNITS) or '--covariates'} "
+                                  f"needs; use a backbone with hidden-unit groups (mlp, resnet18, vit)")
+        self.methods = [c(net, optimizer, self.units, args) for c in classes]
+        self.step = 0
+
+    def before_step(self) -> None:
+        for method in self.methods:
+            method.before_step()
+
+    def after_step(self) -> None:
+        if self.units is not None:
+            self.units.monitor.end_step()
+        for method in self.methods:
+            method.after_step(self.step)
+        self.step += 1
+
+    def task_metrics(self, task: int) -> dict[str, float]:
+        metrics = {}
+        for method in self.methods:
+            metrics.update(method.task_metrics(task))
+        if self.units is not None:
+            resets = self.units.take_resets()
+            metrics.update({f"resets/{name}": float(n) for name, n in resets.items()})
+            metrics["resets"] = float(sum(resets.values()))
+        return metrics
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "methods": [m.state_dict() for m in self.methods],
+                "monitor": self.units.monitor.state_dict() if self.units is not None else None}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step = state["step"]
+        for method, method_state in zip(self.methods, state["methods"]):
+            method.load_state_dict(method_state)
+        if self.units is not None and state["monitor"] is not None:
+            self.units.monitor.load_state_dict(state["monitor"])

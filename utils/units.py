@@ -1,0 +1,201 @@
+"""Hidden units at work: per-step activation statistics, neuron ages, and the one reset every method uses.
+
+Plasticity methods see neurons, not layers: a backbone lists its hidden units as `UnitGroup`s
+(MLP units, conv channels, ViT MLP units), and everything here works on any backbone through them.
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from backbones import Backbone, UnitGroup
+
+
+class UnitMonitor:
+    """Forward hooks that sum, per unit, |h| and the count of h > 0 over the inputs × positions of
+    every training-mode forward pass of one optimisation step (a replay model's several passes
+    count together). `end_step` turns the sums into the step's statistics and updates neuron ages.
+
+    Ages: `age_steps` counts the steps since the unit last fired (it fires in a step when any input
+    × position is > 0); `age_tokens` counts inputs × positions ("tokens"): a silent step adds all
+    of the step's tokens, a step where the unit fires sets it to tokens / positive tokens, the
+    expected gap between two firings within the step (SNR-V2's token-level age).
+    """
+
+    def __init__(self, groups: list[UnitGroup]):
+        self.groups = groups
+        self.abs_sum = [torch.zeros(g.n_units, device=_device(g)) for g in groups]
+        self.positive = [torch.zeros(g.n_units, device=_device(g)) for g in groups]
+        self.positions = [0] * len(groups)
+        self.age_steps = [torch.zeros(g.n_units, device=_device(g)) for g in groups]
+        self.age_tokens = [torch.zeros(g.n_units, device=_device(g)) for g in groups]
+        self.previous_age_steps = [a.clone() for a in self.age_steps]
+        self.previous_age_tokens = [a.clone() for a in self.age_tokens]
+        # Statistics of the last finished step, per group: mean |h|, positive count, positions.
+        self.mean_abs: list[torch.Tensor] = [torch.zeros_like(a) for a in self.abs_sum]
+        self.step_positive: list[torch.Tensor] = [torch.zeros_like(a) for a in self.abs_sum]
+        self.step_positions: list[int] = [0] * len(groups)
+        self._handles = [g.activation.register_forward_hook(self._hook(i)) for i, g in enumerate(groups)]
+
+    def _hook(self, index: int):
+        group = self.groups[index]
+
+        def hook(module: nn.Module, inputs, output: torch.Tensor) -> None:
+            if not module.training:
+                return  # evaluation and probes do not count as training steps
+            h = output.detach()
+            axis = group.activation_axis % h.dim()
+            dims = [d for d in range(h.dim()) if d != axis]
+            self.abs_sum[index] += h.abs().sum(dim=dims)
+            self.positive[index] += (h > 0).sum(dim=dims)
+            self.positions[index] += h.numel() // group.n_units
+
+        return hook
+
+    def end_step(self) -> None:
+        """Close the step: per-unit statistics of its forward passes, and the new ages."""
+        for i in range(len(self.groups)):
+            positions = self.positions[i]
+            if positions == 0:
+                continue  # no training forward pass reached this group (cannot happen in a plain net)
+            self.mean_abs[i] = self.abs_sum[i] / positions
+            self.step_positive[i] = self.positive[i]
+            self.step_positions[i] = positions
+            fired = self.positive[i] > 0
+            self.previous_age_steps[i] = self.age_steps[i]
+            self.previous_age_tokens[i] = self.age_tokens[i]
+            self.age_steps[i] = torch.where(fired, 0.0, self.age_steps[i] + 1)
+            self.age_tokens[i] = torch.where(fired, positions / self.positive[i].clamp(min=1),
+                                             self.age_tokens[i] + positions)
+            self.abs_sum[i] = torch.zeros_like(self.abs_sum[i])
+            self.positive[i] = torch.zeros_like(self.positive[i])
+            self.positions[i] = 0
+
+    def on_reset(self, index: int, mask: torch.Tensor) -> None:
+        """A reset unit is newborn: both ages restart at 0."""
+        self.age_steps[index] = self.age_steps[index].masked_fill(mask, 0.0)
+        self.age_tokens[index] = self.age_tokens[index].masked_fill(mask, 0.0)
+
+    def ages(self, unit: str) -> dict[str, torch.Tensor]:
+        source = self.age_steps if unit == "steps" else self.age_tokens
+        return {g.name: a for g, a in zip(self.groups, source)}
+
+    def state_dict(self) -> dict:
+        return {"age_steps": [a.cpu() for a in self.age_steps], "age_tokens": [a.cpu() for a in self.age_tokens]}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.age_steps = [a.to(b.device) for a, b in zip(state["age_steps"], self.age_steps)]
+        self.age_tokens = [a.to(b.device) for a, b in zip(state["age_tokens"], self.age_tokens)]
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+
+def _device(group: UnitGroup) -> torch.device:
+    return group.incoming[0][0].device
+
+
+class Reinitializer:
+    """Fresh draws from the network's own initialisation, taken from a scratch copy of the network."""
+
+    def __init__(self, net: Backbone):
+        self.scratch = copy.deepcopy(net)
+        self.scratch.requires_grad_(False)
+        self.names = {id(p): name for name, p in net.named_parameters()}
+
+    def fresh(self, params: list[nn.Parameter]) -> list[torch.Tensor]:
+        """New initial values for `params` (their modules are re-initialised in the scratch copy)."""
+        names = [self.names[id(p)] for p in params]
+        modules = {name.rpartition(".")[0] for name in names}
+        self.scratch.reinitialize_([self.scratch.get_submodule(m) for m in sorted(modules)])
+        return [self.scratch.get_parameter(name) for name in names]
+
+    def fresh_network(self) -> dict[str, torch.Tensor]:
+        """A whole new sample of the initialisation, by parameter name."""
+        self.scratch.reinitialize_()
+        return dict(self.scratch.named_parameters())
+
+
+def _along(mask: torch.Tensor, param: torch.Tensor, axis: int) -> torch.Tensor:
+    """The unit mask shaped to broadcast over `param` along `axis`."""
+    shape = [1] * param.dim()
+    shape[axis] = -1
+    return mask.view(shape)
+
+
+class HiddenUnits:
+    """The network's hidden-unit groups, with the statistics hooks and the reset all methods share."""
+
+    def __init__(self, net: Backbone, optimizer: torch.optim.Optimizer):
+        self.net = net
+        self.optimizer = optimizer
+        self.groups = net.hidden_units()
+        self.names = {id(p): name for name, p in net.named_parameters()}
+        self.reinitializer = Reinitializer(net)  # before the hooks, so the scratch copy has none
+        self.monitor = UnitMonitor(self.groups)
+        self.resets = [torch.zeros((), dtype=torch.long, device=_device(g)) for g in self.groups]
+
+    @torch.no_grad()
+    def reset(self, index: int, mask: torch.Tensor) -> None:
+        """Reset the units of group `index` where `mask` is True.
+
+        Incoming weights are re-drawn from the initialisation, biases set to 0, outgoing weights set
+        to 0 (so the network's function is unchanged at this moment), and the optimizer state of all
+        those entries zeroed. PyTorch's Adam keeps one step count per tensor, so the step count stays
+        (as in the seed experiments' code, which zeroes Adam's moments only).
+        """
+        if not bool(mask.any()):
+            return
+        group = self.groups[index]
+        incoming = [p for p, _ in group.incoming]
+        fresh = self.reinitializer.fresh(incoming)
+        for (param, axis), new in zip(group.incoming, fresh):
+            where = _along(mask, param, axis)
+            if self.names[id(param)].endswith("bias"):
+                param.masked_fill_(where, 0.0)
+            else:
+                param.copy_(torch.where(where, new, param))
+            self._zero_state(param, where)
+        for param, axis in group.outgoing:
+            where = _along(mask, param, axis)
+            param.masked_fill_(where, 0.0)
+            self._zero_state(param, where)
+        self.monitor.on_reset(index, mask)
+        self.resets[index] += mask.sum()
+
+    def _zero_state(self, param: torch.Tensor, where: torch.Tensor) -> None:
+        for value in self.optimizer.state.get(param, {}).values():
+            if torch.is_tensor(value) and value.shape == param.shape:
+                value.masked_fill_(where, 0.0)
+
+    def unit_mask(self, index: int, units: torch.Tensor) -> torch.Tensor:
+        """Boolean mask of group `index` with the given unit indices set."""
+        mask = torch.zeros(self.groups[index].n_units, dtype=torch.bool, device=units.device)
+        return mask.index_fill_(0, units, True)
+
+    def take_resets(self) -> dict[str, int]:
+        """Resets per group since the last call (one device read per group)."""
+        counts = {g.name: int(r.item()) for g, r in zip(self.groups, self.resets)}
+        self.resets = [torch.zeros_like(r) for r in self.resets]
+        return counts
+
+    def outgoing_weight_sum(self, index: int) -> torch.Tensor:
+        """Σ_k |w_out,k| per unit of group `index` over every parameter that reads the unit."""
+        total = 0
+        for param, axis in self.groups[index].outgoing:
+            dims = [d for d in range(param.dim()) if d != axis]
+            total = total + param.detach().abs().sum(dim=dims)
+        return total
+
+
+@torch.no_grad()
+def zero_head(net: Backbone, optimizer: torch.optim.Optimizer) -> None:
+    """Set the output layer to 0 and clear its optimizer state (Dohare's new-task head reset)."""
+    for param in net.head.parameters():
+        param.zero_()
+        for value in optimizer.state.get(param, {}).values():
+            if torch.is_tensor(value) and value.shape == param.shape:
+                value.zero_()
