@@ -16,8 +16,11 @@ import main
 from tests.conftest import REPO_ROOT
 from utils.args import parse_args
 
+# Plasticity methods with state of their own (utilities, host-side ages, a random schedule, θ₀) and the
+# covariates' neuron ages must resume exactly too.
 ARGS = ["--dataset", "seq-digits", "--model", "derpp", "--buffer_size", "60", "--lr", "0.05",
-        "--n_epochs", "25", "--seed", "3", "--non_verbose"]
+        "--plasticity", "cbp,redo,l2init", "--cbp_maturity", "20", "--redo_prob", "0.05", "--l2init_lambda", "1e-4",
+        "--covariates", "--n_epochs", "25", "--seed", "3", "--non_verbose"]
 
 
 def test_a_run_killed_during_task_3_resumes_to_the_uninterrupted_result(tmp_path):
@@ -45,6 +48,8 @@ def test_a_run_killed_during_task_3_resumes_to_the_uninterrupted_result(tmp_path
     for setting in ("class_il", "task_il"):
         np.testing.assert_array_equal(resumed.matrices[setting], uninterrupted.matrices[setting])
     assert resumed.epoch_losses == uninterrupted.epoch_losses
+    np.testing.assert_equal(resumed.history, uninterrupted.history)  # resets, covariates, terminal accuracies
+    assert sum(resumed.history["resets"]) > 0
 
     # The resumed run continued the killed run's MLflow run: one run, all five tasks, finished.
     client = MlflowClient(tracking_uri)
