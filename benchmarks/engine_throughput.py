@@ -116,9 +116,12 @@ def data_path_for(dataset: str, requested: str | None, scratch: Path) -> tuple[s
 
 # -- ours ---------------------------------------------------------------------------------------------
 class SilentLogger:
-    """Stands in for the MLflow RunLogger: `train_task` only logs the epoch loss."""
+    """Stands in for the MLflow RunLogger: `train_task` only logs the epoch losses (and step covariates)."""
 
     def log_metrics(self, metrics: dict, step: int) -> None:
+        pass
+
+    def log_series(self, name: str, values: list, first_step: int) -> None:
         pass
 
 

@@ -121,6 +121,13 @@ class RunLogger:
         now = int(time.time() * 1000)
         self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
 
+    def log_series(self, name: str, values: list[float], first_step: int) -> None:
+        """One metric at consecutive steps, in as few writes as the store allows (a write costs ~30 ms)."""
+        now = int(time.time() * 1000)
+        metrics = [Metric(name, float(v), now, first_step + i) for i, v in enumerate(values)]
+        for start in range(0, len(metrics), 1000):  # MLflow's limit per batch
+            self.client.log_batch(self.run_id, metrics=metrics[start:start + 1000])
+
     def log_text(self, text: str, artifact_file: str) -> None:
         self.client.log_text(self.run_id, text, artifact_file)
 
