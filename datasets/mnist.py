@@ -51,6 +51,19 @@ def load_mnist(data_path: str, download: bool) -> tuple[np.ndarray, np.ndarray, 
     return tuple(arrays)
 
 
+class PermutedPixels:
+    """Domain-IL mixin: every task shuffles the pixels of the H×W image by its own fixed, seeded permutation."""
+
+    def permutation(self, task: int) -> torch.Tensor:
+        """The task's pixel permutation over the flattened H×W image (a bijection of 0..H·W−1)."""
+        rng = np.random.default_rng([self.args.seed, PERMUTATION_STREAM, task])
+        return torch.from_numpy(rng.permutation(self.SHAPE[1] * self.SHAPE[2])).to(self.device)
+
+    def task_transform(self, task: int, images: torch.Tensor) -> torch.Tensor:
+        # Every channel of a pixel moves together (MNIST and digits have one channel).
+        return images.flatten(2)[:, :, self.permutation(task)].view_as(images)
+
+
 class _MNIST(ContinualDataset):
     """Shared attributes and loader of the MNIST family."""
 
@@ -73,20 +86,13 @@ class SequentialMNIST(_MNIST):
 
 
 @register_dataset("perm-mnist")
-class PermutedMNIST(_MNIST):
+class PermutedMNIST(PermutedPixels, _MNIST):
     """Domain-IL MNIST: every task shuffles the pixels by its own fixed permutation."""
 
     SETTING = "domain-il"
     N_TASKS = 20
     DEFAULT_BATCH_SIZE = 128
 
-    def permutation(self, task: int) -> torch.Tensor:
-        """The task's pixel permutation over the flattened 28×28 image (a bijection of 0..783)."""
-        rng = np.random.default_rng([self.args.seed, PERMUTATION_STREAM, task])
-        return torch.from_numpy(rng.permutation(28 * 28)).to(self.device)
-
-    def task_transform(self, task: int, images: torch.Tensor) -> torch.Tensor:
-        return images.flatten(1)[:, self.permutation(task)].view_as(images)
 
 
 @register_dataset("rot-mnist")

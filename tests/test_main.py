@@ -44,7 +44,7 @@ def test_er_run_logs_arguments_metrics_tags_and_artifacts(tracking_uri):
     artifacts = {a.path for a in client.list_artifacts(logged.info.run_id)}
     assert {"accuracy", "config.yaml"} <= artifacts
     files = {a.path for a in client.list_artifacts(logged.info.run_id, "accuracy")}
-    assert files == {f"accuracy/{s}.{e}" for s in ("class_il", "task_il") for e in ("csv", "png")}
+    assert files == {f"accuracy/{s}.{e}" for s in ("class_il", "task_il", "terminal") for e in ("csv", "png")}
     # The CSV artifact holds exactly the matrix the run computed.
     local = client.download_artifacts(logged.info.run_id, "accuracy/class_il.csv")
     rows = list(csv.reader(io.StringIO(open(local).read())))[1:]

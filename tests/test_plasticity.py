@@ -358,3 +358,48 @@ def test_reset_head_zeroes_the_output_layer_at_each_new_task(tmp_path):
     model.begin_task = lambda task: seen.append(model.net.head.weight.abs().sum().item())
     train_task(model, dataset, 1, model.args, Silent(), RunState.fresh(dataset))
     assert seen == [0.0]
+
+
+@pytest.mark.parametrize("file,depth,width", [("vit_l3.yaml", 3, 48), ("vit_l12.yaml", 12, 192)])
+def test_the_seed_vit_configs_give_the_seed_network_and_optimizer(file, depth, width):
+    from tests.conftest import REPO_ROOT
+
+    args = parse_args(["--config", str(REPO_ROOT / "configs" / file), "--model", "sgd", "--device", "cpu",
+                       "--lr", "1e-4"])
+    assert (args.dataset, args.backbone, args.vit_depth, args.vit_width, args.vit_heads, args.vit_patch) == \
+        ("continual-imagenet", "vit", depth, width, 3, 4)
+    assert (args.optimizer, args.optim_eps, args.batch_size, args.n_epochs, args.last_k) == ("adam", 1e-7, 100, 10, [50, 10])
+    assert args.lr == 1e-4 and args.eval_scope == "current"  # a flag given explicitly wins over the file
+    net = BACKBONES.get("vit")(args, (3, 32, 32), 2)
+    groups = net.hidden_units()
+    assert len(groups) == depth and all(g.n_units == 4 * width for g in groups)
+    assert isinstance(groups[0].activation, torch.nn.ReLU)
+    assert net.net.patch_embed.num_patches + 1 == 65  # 64 patches and the class token
+    assert all(block.norm1 is not None for block in net.net.blocks)  # pre-LN
+
+
+def test_a_config_with_an_unknown_flag_is_refused(tmp_path, capsys):
+    config = tmp_path / "bad.yaml"
+    config.write_text("vit_depht: 3\nlr: 0.1\n")
+    assert main.main(["--config", str(config), "--model", "sgd", "--tracking_uri", f"sqlite:///{tmp_path / 'm.db'}"]) == 2
+    assert "sets vit_depht, which no chosen component declares" in capsys.readouterr().err
+
+
+def test_a_long_stream_reports_terminal_accuracies_and_their_last_k_means(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    state = main.run(parse_args(["--model", "sgd", "--lr", "0.05", "--seed", "0", "--device", "cpu", "--n_epochs", "1",
+                                 "--n_tasks", "4", "--dataset", "perm-digits", "--last_k", "2,3", "--non_verbose",
+                                 "--tracking_uri", uri]))
+    matrix = state.matrices["domain_il"]
+    terminal = np.diag(matrix)
+    assert np.isfinite(terminal).all() and np.isnan(matrix[~np.eye(4, dtype=bool)]).all()  # current task only
+    assert state.history["terminal_test_acc"] == terminal.tolist()
+    client = MlflowClient(uri)
+    run = client.search_runs([client.get_experiment_by_name("continual-learning").experiment_id])[0]
+    assert run.data.metrics["terminal_test_acc_last_2"] == pytest.approx(terminal[-2:].mean())
+    assert run.data.metrics["terminal_test_acc_last_3"] == pytest.approx(terminal[-3:].mean())
+    history = client.get_metric_history(run.info.run_id, "terminal_train_acc")
+    assert [m.step for m in history] == [0, 1, 2, 3] and all(0 <= m.value <= 100 for m in history)
+    assert len(client.get_metric_history(run.info.run_id, "train_loss")) == 4  # one epoch per task

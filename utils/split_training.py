@@ -40,9 +40,12 @@ class PlanData:
 
 
 def dataset_args(settings: dict, data_path: str, device: str, download: bool = False) -> argparse.Namespace:
-    """The arguments a registered dataset needs, from the plan's settings."""
-    return argparse.Namespace(device=device, n_tasks=None, data_path=data_path, download=download, class_order=None,
-                              permute_classes=False, label_noise=settings["label_noise"], seed=settings["seed"])
+    """The arguments a registered dataset needs, from the plan's settings (its own flags at their defaults)."""
+    parser = argparse.ArgumentParser(add_help=False)
+    DATASETS.get(settings["dataset"]).add_args(parser)
+    return argparse.Namespace(**vars(parser.parse_args([])), device=device, n_tasks=None, data_path=data_path,
+                              download=download, class_order=None, permute_classes=False,
+                              label_noise=settings["label_noise"], seed=settings["seed"])
 
 
 def class_rows(labels: np.ndarray, classes: list[int] | None) -> np.ndarray:
