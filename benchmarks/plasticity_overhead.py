@@ -1,0 +1,447 @@
+"""Per-step cost of the plasticity methods on top of plain training (Vanilla: `--model sgd`, no plasticity).
+
+The aim: cbp, redo and snr_v2 each add under 10% to a training step of the seed experiments' L3 ViT
+(depth 3, width 48, 3 heads, patch 4, MLP ratio 4, ReLU; Adam lr 1e-3, eps 1e-7) at batch 100 on
+32×32×3 images. Every model is built as main.py builds it (`parse_args`, `set_seed`, the registries)
+with `--model sgd` plus one method's flags, so the method acts through `ContinualModel.sgd_step`
+(backward, `plasticity.before_step`, Adam, `plasticity.after_step`) and the UnitMonitor's forward hooks.
+
+What is timed: `model.observe(inputs, labels, ...)`, one optimizer step, on the same few fixed batches
+for every method (drawn from task 0 and augmented once), so data loading and augmentation are not in
+it. The dataset is seq-cifar10 on random images written in CIFAR-10's pickle format to a temporary
+folder (continual-imagenet needs the Imagenet32 files); its head has 10 outputs instead of 2, which
+does not change the per-step cost noticeably.
+
+Every method does its real work when timed:
+
+- The network and Adam's state are those after `--warmup` steps of Vanilla (L3: 120, one task of the
+  seed stream), loaded into every model, so all are timed at the same point of training.
+- Each method's own state is brought forward, then it trains `--settle` steps of its own before the
+  timing: cbp's unit ages are advanced by 120 steps (all units past the maturity of 100, so it resets
+  ρ · eligible units per step from the start: an upper end, as in a long run about half the units are
+  immature); snr and snr_v2 estimate their thresholds at the last settle step (with their default
+  update probabilities the first estimate comes after 480 and 90 steps on average, and thresholds start
+  infinite, so no unit would be reset before it). `--own_warmup` instead trains every method `--warmup`
+  steps from initialisation, with nothing brought forward or forced (every method pays the warm-up).
+- The resets actually performed while timed are counted (`plasticity.units.take_resets()`), and the
+  table shows them per step, so a reader sees that the methods did their work.
+
+Methods (rows): cbp (ρ 1e-2, maturity 100), redo with `--redo_prob` 1/(0.5·120) (the seed sweep's best
+k = .5: one dormancy check every 60 steps on average) and with `--redo_every 1` (the check every step,
+the worst case; it resets nothing when no unit is dormant), snr_v2 and snr with their defaults, l2,
+l2init, shrink_perturb, and `--covariates` alone (the statistics hooks and ages, no method). The median
+hides the rare steps of redo k=.5 and of the threshold re-estimates: their average cost lies between
+the k=.5 row and the every-step row.
+
+The methods alternate in blocks of `--steps` steps, each first in turn, for `--repeats` rounds (by
+default blocks of one step, so a burst of load from other jobs hits every method alike: 70 rounds on
+L3, 5 on L12). The table
+shows the median ms per step and the overhead against Vanilla three ways: from the medians, the median
+(and range) of the per-round ratios, and from each method's fastest block. On a machine shared with
+other jobs these swing by several percent, so it also shows the time measured directly inside the
+UnitMonitor's forward hooks (timed by two hooks of this script, one just before and one just after)
+and inside `before_step` + `after_step`, and the direct overhead: that time less Vanilla's, over
+Vanilla's median step. A second case, the L12 ViT (depth 12, width 192) at batch 100, times Vanilla,
+cbp, redo k=.5 and snr_v2 after 3 Vanilla steps (a step takes seconds there).
+
+`--profile cbp snr_v2 ...` prints, for each named method, torch.profiler's operators run inside the
+hooks and the plasticity calls, by self CPU time per step. `--prototype` adds rows for every method
+with hidden units whose UnitMonitor hook counts positive activations as `h.sign().clamp_(min=0).sum()`
+instead of `(h > 0).sum()` and sums h instead of |h| behind a ReLU (a change proposed for
+utils/units.py, patched in here; not library code).
+A benchmark, not a test: it prints a table and never fails on a slow machine.
+
+    .venv/bin/python benchmarks/plasticity_overhead.py                          # about 4.5 min on 2 CPU cores
+    .venv/bin/python benchmarks/plasticity_overhead.py --cases vit-l3 --steps 5 --repeats 3    # about 1 min
+    .venv/bin/python benchmarks/plasticity_overhead.py --cases vit-l3 --methods cbp snr_v2 --prototype --profile cbp
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import statistics
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from unittest import mock
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+from backbones import BACKBONES  # noqa: E402
+from benchmarks.engine_throughput import data_path_for, load_average, machine, synchronize  # noqa: E402
+from datasets import DATASETS  # noqa: E402
+from main import set_seed  # noqa: E402
+from models import MODELS  # noqa: E402
+from plasticity import PLASTICITY  # noqa: E402
+from utils.args import parse_args  # noqa: E402
+from utils.units import UnitMonitor  # noqa: E402
+
+SEED = 0
+BATCH = 100
+N_BATCHES = 4  # fixed batches, cycled; the same ones for every method
+STEPS_PER_TASK = 120  # the seed stream: 1200 images per task, batch 100, 10 epochs
+COMMON = ["--model", "sgd", "--dataset", "seq-cifar10", "--backbone", "vit", "--vit_heads", "3", "--vit_patch", "4",
+          "--vit_mlp_ratio", "4", "--vit_act", "relu", "--optimizer", "adam", "--optim_eps", "1e-7", "--lr", "1e-3",
+          "--batch_size", str(BATCH), "--seed", str(SEED), "--non_verbose"]
+METHODS = {  # row name -> flags on top of Vanilla
+    "vanilla": [],
+    "cbp": ["--plasticity", "cbp", "--cbp_rho", "1e-2", "--cbp_maturity", "100"],
+    "redo k=.5": ["--plasticity", "redo", "--redo_prob", repr(1 / (0.5 * STEPS_PER_TASK))],
+    "redo every step": ["--plasticity", "redo", "--redo_every", "1"],
+    "snr_v2": ["--plasticity", "snr_v2"],
+    "snr": ["--plasticity", "snr"],
+    "l2": ["--plasticity", "l2"],
+    "l2init": ["--plasticity", "l2init"],
+    "shrink_perturb": ["--plasticity", "shrink_perturb"],
+    "covariates": ["--covariates"],
+}
+AIM = ("cbp", "redo k=.5", "snr_v2")  # the methods the 10% aim is about
+HOOKS = "plasticity.statistics_hooks"  # profiler label around the UnitMonitor's forward hooks
+PROPOSED = " + proposed hook"  # row suffix of --prototype rows
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    depth: int
+    width: int
+    methods: tuple[str, ...]
+    steps: int  # default timed steps per block
+    repeats: int  # default rounds of blocks
+    settle: int  # default steps each method trains on its own before the timing
+    warmup: int  # default Vanilla steps before that (cbp's ages are brought forward by a task's steps anyway)
+
+
+CASES = (
+    Case("vit-l3", 3, 48, tuple(METHODS), steps=1, repeats=70, settle=10, warmup=STEPS_PER_TASK),
+    Case("vit-l12", 12, 192, ("vanilla", "cbp", "redo k=.5", "snr_v2"), steps=1, repeats=5, settle=1, warmup=3),
+)
+
+
+def proposed_hook(self: UnitMonitor, index: int):
+    """UnitMonitor._hook with the positive count summed as floats, sign(h) clamped at 0, instead of through a
+    bool tensor (which `sum` first casts to int64, a full-size copy), and Σ|h| as Σh behind a ReLU, whose
+    outputs are never negative. Prototype, not library code."""
+    group = self.groups[index]
+    nonnegative = isinstance(group.activation, nn.ReLU)
+
+    def hook(module, inputs, output: torch.Tensor) -> None:
+        if not module.training:
+            return
+        h = output.detach()
+        axis = group.activation_axis % h.dim()
+        dims = [d for d in range(h.dim()) if d != axis]
+        self.abs_sum[index] += (h if nonnegative else h.abs()).sum(dim=dims)
+        self.positive[index] += h.sign().clamp_(min=0).sum(dim=dims)
+        self.positions[index] += h.numel() // group.n_units
+
+    return hook
+
+
+class Bench:
+    """One method's model built as main.py builds it, with timers around the plasticity calls."""
+
+    def __init__(self, case: Case, method: str, dataset, cli: argparse.Namespace, proposed: bool = False):
+        argv = [*COMMON, "--vit_depth", str(case.depth), "--vit_width", str(case.width), "--device", cli.device,
+                "--data_path", cli.data_path, *METHODS[method]]
+        self.name = f"{method}{PROPOSED if proposed else ''}"
+        self.args = parse_args(argv)
+        set_seed(SEED)  # the same initialisation for every method (l2init's θ₀ included)
+        backbone = BACKBONES.get(self.args.backbone)(self.args, dataset.SHAPE, dataset.N_CLASSES)
+        with mock.patch.object(UnitMonitor, "_hook", proposed_hook) if proposed else contextlib.nullcontext():
+            self.model = MODELS.get(self.args.model)(backbone.to(self.args.device), dataset, self.args)
+        self.model.train()
+        self.plasticity_seconds = 0.0  # inside before_step and after_step (CPU only: CUDA runs them async)
+        self.label = None  # set in profile mode: record_function labels around the calls
+        plasticity = self.model.plasticity
+        for name in ("before_step", "after_step"):
+            setattr(plasticity, name, self._timed(getattr(plasticity, name), f"plasticity.{name}"))
+        self.hook_seconds = 0.0  # inside the UnitMonitor's forward hooks (timed by hooks just before and after)
+        if plasticity.units is not None:
+            for group in plasticity.units.groups:
+                group.activation.register_forward_hook(self._hook_start, prepend=True)
+                group.activation.register_forward_hook(self._hook_stop)
+        self.step = 0
+
+    def _hook_start(self, module, inputs, output) -> None:
+        if self.label:
+            self._scope = torch.profiler.record_function(HOOKS)
+            self._scope.__enter__()
+        self._hook_started = time.perf_counter()
+
+    def _hook_stop(self, module, inputs, output) -> None:
+        self.hook_seconds += time.perf_counter() - self._hook_started
+        if self.label:
+            self._scope.__exit__(None, None, None)
+
+    def _timed(self, call, label: str):
+        def wrapper():
+            start = time.perf_counter()
+            if self.label:
+                with torch.profiler.record_function(label):
+                    call()
+            else:
+                call()
+            self.plasticity_seconds += time.perf_counter() - start
+        return wrapper
+
+    def method(self, name: str):
+        cls = PLASTICITY.get(name)
+        return next((m for m in self.model.plasticity.methods if isinstance(m, cls)), None)
+
+    def train(self, batches, steps: int) -> None:
+        for _ in range(steps):
+            inputs, raw, labels, indices = batches[self.step % len(batches)]
+            self.model.observe(inputs, labels, raw, indices, 0)
+            self.step += 1
+
+    def take_resets(self) -> int:
+        units = self.model.plasticity.units
+        return sum(units.take_resets().values()) if units is not None else 0
+
+    def bring_forward(self, steps: int) -> None:
+        """The method's state as if it had run `steps` steps already: cbp's units are that much older."""
+        cbp = self.method("cbp")
+        if cbp is not None:
+            for age in cbp.age:
+                age += steps
+
+    def settle(self, batches, steps: int, force_estimate: bool) -> None:
+        """Train `steps` steps of its own; snr and snr_v2 estimate their thresholds at the last one if forced."""
+        forced = [(flag, getattr(self.args, flag)) for flag in ("snr_update_prob", "snr2_update_prob")
+                  if force_estimate and self.method({"snr_update_prob": "snr", "snr2_update_prob": "snr_v2"}[flag])]
+        if steps > 1:
+            self.train(batches, steps - 1)
+        for flag, _ in forced:
+            setattr(self.args, flag, 1.0)
+        self.train(batches, 1)
+        for flag, value in forced:
+            setattr(self.args, flag, value)
+        self.take_resets()
+
+    def state(self) -> str:
+        """What the method's own state allows: mature cbp units, snr/snr_v2 units with a finite threshold."""
+        parts = []
+        cbp = self.method("cbp")
+        if cbp is not None:
+            mature = sum(int((age > self.args.cbp_maturity).sum()) for age in cbp.age)
+            parts.append(f"{mature}/{sum(len(age) for age in cbp.age)} units mature")
+        for name in ("snr", "snr_v2"):
+            method = self.method(name)
+            if method is not None:
+                finite = sum(int(torch.isfinite(tau).sum()) for tau in method.tau)
+                parts.append(f"{finite}/{sum(len(tau) for tau in method.tau)} finite thresholds")
+        return f"{self.name}: {', '.join(parts)}" if parts else ""
+
+    def block(self, batches, steps: int) -> tuple[float, float, float, int]:
+        """Per step: seconds, seconds inside the plasticity calls and inside the statistics hooks; and the
+        resets of the block."""
+        self.take_resets()
+        calls, hooks = self.plasticity_seconds, self.hook_seconds
+        synchronize(self.args.device)
+        wall = time.perf_counter()
+        self.train(batches, steps)
+        synchronize(self.args.device)
+        wall = time.perf_counter() - wall
+        return (wall / steps, (self.plasticity_seconds - calls) / steps,
+                (self.hook_seconds - hooks) / steps, self.take_resets())
+
+
+def fixed_batches(dataset, device: str) -> list[tuple[torch.Tensor, ...]]:
+    """N_BATCHES batches of task 0, augmented once: (inputs, raw images, labels, indices)."""
+    split = dataset.train_split(0)
+    set_seed(SEED)
+    rows = torch.randperm(len(split), device=split.labels.device)[: N_BATCHES * BATCH].view(N_BATCHES, BATCH)
+    return [(dataset.train_transform(split.images[r]).to(device), split.images[r], split.labels[r], split.indices[r])
+            for r in rows]
+
+
+@dataclass
+class Row:
+    case: Case
+    method: str
+    wall: list[float]  # seconds per step, one per block
+    calls: list[float]  # seconds per step inside before_step + after_step
+    hooks: list[float]  # seconds per step inside the UnitMonitor's forward hooks
+    resets: int
+    timed_steps: int
+    wall_ratios: list[float]  # this block / Vanilla's block of the same round
+
+
+def measure(case: Case, cli: argparse.Namespace) -> list[Row]:
+    steps = cli.steps or case.steps
+    repeats = cli.repeats or case.repeats
+    settle = case.settle if cli.settle is None else max(cli.settle, 1)
+    methods = [m for m in case.methods if m in cli.methods or m == "vanilla"]
+    warmup = case.warmup if cli.warmup is None else cli.warmup
+    argv = [*COMMON, "--vit_depth", str(case.depth), "--vit_width", str(case.width), "--device", cli.device,
+            "--data_path", cli.data_path]
+    dataset = DATASETS.get("seq-cifar10")(parse_args(argv))
+    batches = fixed_batches(dataset, cli.device)
+    started = time.perf_counter()
+    benches = {name: Bench(case, name, dataset, cli) for name in methods}
+    if cli.prototype:  # the same methods with the proposed statistics hook
+        for name in methods:
+            if name != "vanilla" and benches[name].model.plasticity.units is not None:
+                benches[name + PROPOSED] = Bench(case, name, dataset, cli, proposed=True)
+    methods = list(benches)
+    if cli.own_warmup:
+        for bench in benches.values():
+            bench.train(batches, warmup)
+    else:
+        vanilla = benches["vanilla"]
+        vanilla.train(batches, warmup)
+        for bench in benches.values():
+            if bench is not vanilla:
+                bench.model.net.load_state_dict(vanilla.model.net.state_dict())
+                bench.model.opt.load_state_dict(vanilla.model.opt.state_dict())
+                bench.bring_forward(max(warmup, STEPS_PER_TASK))
+    for bench in benches.values():
+        bench.settle(batches, settle, force_estimate=not cli.own_warmup)
+    print(f"  {case.name}: {'own' if cli.own_warmup else 'shared'} warm-up of {warmup} steps and {settle} settle "
+          f"steps per method took {time.perf_counter() - started:.0f} s; timing {repeats} rounds × {steps} steps",
+          flush=True)
+    wall, calls, hooks = defaultdict(list), defaultdict(list), defaultdict(list)
+    resets = defaultdict(int)
+    for repeat in range(repeats):
+        shift = repeat % len(methods)
+        for name in methods[shift:] + methods[:shift]:  # each first in turn
+            w, k, h, r = benches[name].block(batches, steps)
+            wall[name].append(w)
+            calls[name].append(k)
+            hooks[name].append(h)
+            resets[name] += r
+    rows = []
+    for name in methods:
+        rows.append(Row(case, name, wall[name], calls[name], hooks[name], resets[name], steps * repeats,
+                        [a / b for a, b in zip(wall[name], wall["vanilla"])]))
+    states = [s for s in (bench.state() for bench in benches.values()) if s]
+    if states:
+        print(f"  {case.name}, after the timing: " + "; ".join(states), flush=True)
+    if repeats <= 10:
+        print(f"  {case.name}: ms per step by round: " + "; ".join(
+            f"{n} {' '.join(f'{1e3 * t:.1f}' for t in wall[n])}" for n in methods), flush=True)
+    else:
+        print(f"  {case.name}: ms per step, fastest / quartiles / slowest of the rounds: " + "; ".join(
+            f"{n} {' / '.join(f'{1e3 * t:.0f}' for t in spread(wall[n]))}" for n in methods), flush=True)
+    for name in cli.profile:
+        for key in (name, name + PROPOSED):
+            if key in benches:
+                profile(benches[key], batches, cli.profile_steps)
+    return rows
+
+
+def profile(bench: Bench, batches, steps: int) -> None:
+    """torch.profiler over `steps` steps: the operators run inside the statistics hooks and the plasticity
+    calls, by self CPU time per step."""
+    bench.label = True
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        bench.train(batches, steps)
+    bench.label = None
+    bench.take_resets()
+    events = prof.events()
+    step_total = sum(e.self_cpu_time_total for e in events) / steps
+    scopes = {HOOKS: 0.0, "plasticity.before_step": 0.0, "plasticity.after_step": 0.0}
+    ops, calls = defaultdict(float), defaultdict(int)
+    for event in events:
+        if event.name in scopes:
+            scopes[event.name] += event.cpu_time_total / steps
+        parent = event.cpu_parent
+        while parent is not None and parent.name not in scopes:
+            parent = parent.cpu_parent
+        scope = event.name if event.name in scopes else parent.name if parent is not None else None
+        if scope is not None:
+            key = (scope, "(Python between operators)" if event.name in scopes else event.name)
+            ops[key] += event.self_cpu_time_total / steps
+            calls[key] += 1
+    print(f"\nprofile of {bench.name} on {bench.args.vit_depth} blocks over {steps} steps: {step_total:.0f} µs of "
+          f"CPU per step under the profiler, of which "
+          + ", ".join(f"{label} {total:.0f} µs" for label, total in scopes.items()))
+    print(f"  {'scope':<24}{'operator':<42}{'µs/step':>10}{'calls/step':>12}")
+    for (scope, name), micros in sorted(ops.items(), key=lambda item: -item[1])[:20]:
+        per_step = calls[(scope, name)] / steps
+        print(f"  {scope.removeprefix('plasticity.'):<24}{name:<42}{micros:>10.0f}{per_step:>12.1f}")
+
+
+def spread(values: list[float]) -> list[float]:
+    """Smallest, the three quartiles, largest."""
+    return [min(values), *statistics.quantiles(values, n=4), max(values)]
+
+
+def percent(ratio: float) -> str:
+    return f"{100 * (ratio - 1):+.1f}%"
+
+
+def table(rows: list[Row]) -> str:
+    head = ("| case | method | ms/step | overhead: of medians | per round, median (range) | of fastest blocks "
+            "| µs/step in hooks + before/after_step | direct overhead | resets/step |")
+    lines = [head, "|---|---|---|---|---|---|---|---|---|"]
+    vanilla = {r.case.name: r for r in rows if r.method == "vanilla"}
+    for r in rows:
+        base = vanilla[r.case.name]
+        wall, base_wall = statistics.median(r.wall), statistics.median(base.wall)
+        hooks, calls = statistics.median(r.hooks), statistics.median(r.calls)
+        inside = f"{1e6 * hooks:.0f} + {1e6 * calls:.0f}"
+        name = f"**{r.method}**" if r.method in AIM else r.method
+        if r is base:
+            lines.append(f"| {r.case.name} | {name} | {1e3 * wall:.1f} | – | – | – | {inside} | – | – |")
+            continue
+        direct = (hooks + calls - statistics.median(base.calls)) / base_wall
+        lines.append(
+            f"| {r.case.name} | {name} | {1e3 * wall:.1f} | {percent(wall / base_wall)} | "
+            f"{percent(statistics.median(r.wall_ratios))} ({percent(min(r.wall_ratios))} to "
+            f"{percent(max(r.wall_ratios))}) | {percent(min(r.wall) / min(base.wall))} | "
+            f"{inside} | {percent(1 + direct)} | {r.resets / r.timed_steps:.2f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--cases", nargs="+", choices=[c.name for c in CASES], default=[c.name for c in CASES])
+    parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS),
+                        help="rows to time (Vanilla always is)")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="timed steps per block (None: 1, so the methods alternate step by step)")
+    parser.add_argument("--repeats", type=int, default=None, help="rounds of blocks (None: L3 70, L12 5)")
+    parser.add_argument("--warmup", type=int, default=None,
+                        help="Vanilla steps before the timing (None: L3 120, one task of the seed stream; L12 3)")
+    parser.add_argument("--settle", type=int, default=None, help="steps each method trains on its own before the "
+                        "timing (None: L3 10, L12 1)")
+    parser.add_argument("--own_warmup", action="store_true",
+                        help="every method trains --warmup steps from initialisation itself (nothing brought forward)")
+    parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads")
+    parser.add_argument("--prototype", action="store_true",
+                        help="also time each method with units through the proposed statistics hook (not library code)")
+    parser.add_argument("--profile", nargs="*", default=[], choices=[m for m in METHODS if m != "vanilla"],
+                        help="methods to profile with torch.profiler after the timing")
+    parser.add_argument("--profile_steps", type=int, default=10)
+    parser.add_argument("--data_path", default=None,
+                        help="folder with the real CIFAR-10 files; random ones are written otherwise")
+    cli = parser.parse_args()
+    torch.set_num_threads(cli.threads)
+    device = cli.device if torch.device(cli.device).type != "cuda" else \
+        f"{cli.device} ({torch.cuda.get_device_name(cli.device)})"
+    print(f"machine: {machine()}; torch {torch.__version__}; {torch.get_num_threads()} intra-op threads; device "
+          f"{device}; batch {BATCH}; load average {load_average()}", flush=True)
+    started = time.perf_counter()
+    rows = []
+    with tempfile.TemporaryDirectory() as scratch:
+        cli.data_path, _ = data_path_for("seq-cifar10", cli.data_path, Path(scratch))
+        for case in CASES:
+            if case.name in cli.cases:
+                rows.extend(measure(case, cli))
+    print(f"\nload average (1, 5, 15 min) at the end: {load_average()}")
+    print(table(rows))
+    print(f"\n{time.perf_counter() - started:.0f} s in all")
+
+
+if __name__ == "__main__":
+    main()
