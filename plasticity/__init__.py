@@ -75,10 +75,11 @@ def check_plasticity_args(args: argparse.Namespace, argv: list[str]) -> None:
     for name in chosen:
         PLASTICITY.get(name).check_args(args)
     given = {token.split("=")[0] for token in argv if token.startswith("--")}
+    chosen_flags = set().union(*(_flags_of(PLASTICITY.get(n)) for n in chosen))
     for name in PLASTICITY.names():
         if name in chosen:
             continue
-        flags = _flags_of(PLASTICITY.get(name)) - _flags_of_chosen(chosen)
+        flags = _flags_of(PLASTICITY.get(name)) - chosen_flags
         stray = sorted(f for f in flags if f in given)
         if stray:
             raise ConfigError(f"{', '.join(stray)} belongs to the plasticity method {name}, which is not in "
@@ -89,10 +90,6 @@ def _flags_of(method: type[PlasticityMethod]) -> set[str]:
     parser = argparse.ArgumentParser(add_help=False)
     method.add_args(parser)
     return {option for action in parser._actions for option in action.option_strings}
-
-
-def _flags_of_chosen(chosen: list[str]) -> set[str]:
-    return set().union(*(_flags_of(PLASTICITY.get(n)) for n in chosen)) if chosen else set()
 
 
 class Plasticity:

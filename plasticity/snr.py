@@ -20,6 +20,17 @@ from utils.errors import ConfigError
 EXPANSION = 2.0  # the ViT code's threshold_expansion_factor
 
 
+def infinite_thresholds(units) -> list[torch.Tensor]:
+    """One threshold per unit, infinite until the first estimate (no reset before it)."""
+    return [torch.full((g.n_units,), math.inf, device=r.device) for g, r in zip(units.groups, units.resets)]
+
+
+def threshold_median(tau: list[torch.Tensor]) -> float:
+    """Median of the finite thresholds over all groups (inf while none was estimated)."""
+    finite = torch.cat([t[torch.isfinite(t)] for t in tau])
+    return float(finite.median()) if len(finite) else math.inf
+
+
 def check_snr(p: float, update_prob: float, prefix: str) -> None:
     if not 0 < p < 1:
         raise ConfigError(f"--{prefix}_p is a percentile in (0, 1), got {p}")
@@ -47,7 +58,7 @@ class SNR(PlasticityMethod):
 
     def __init__(self, net, optimizer, units, args):
         super().__init__(net, optimizer, units, args)
-        self.tau = [torch.full((g.n_units,), math.inf, device=r.device) for g, r in zip(units.groups, units.resets)]
+        self.tau = infinite_thresholds(units)
         self.arrival_sum = [torch.ones_like(t) for t in self.tau]
         self.arrival_count = [torch.ones_like(t) for t in self.tau]
 
@@ -73,5 +84,4 @@ class SNR(PlasticityMethod):
             self.arrival_count[i].fill_(1.0)
 
     def task_metrics(self, task):
-        finite = torch.cat([t[torch.isfinite(t)] for t in self.tau])
-        return {"snr_threshold_median": float(finite.median()) if len(finite) else math.inf}
+        return {"snr_threshold_median": threshold_median(self.tau)}

@@ -14,7 +14,7 @@ import math
 import torch
 
 from plasticity import PlasticityMethod, register_plasticity
-from plasticity.snr import check_snr
+from plasticity.snr import check_snr, infinite_thresholds, threshold_median
 
 
 @register_plasticity("snr_v2")
@@ -37,7 +37,7 @@ class SNRV2(PlasticityMethod):
 
     def __init__(self, net, optimizer, units, args):
         super().__init__(net, optimizer, units, args)
-        self.tau = [torch.full((g.n_units,), math.inf, device=r.device) for g, r in zip(units.groups, units.resets)]
+        self.tau = infinite_thresholds(units)
         self.positive_tokens = [torch.ones_like(t) for t in self.tau]
         self.tokens = [torch.ones_like(t) for t in self.tau]
 
@@ -55,5 +55,4 @@ class SNRV2(PlasticityMethod):
                 self.tokens[i].fill_(1.0)
 
     def task_metrics(self, task):
-        finite = torch.cat([t[torch.isfinite(t)] for t in self.tau])
-        return {"snr2_threshold_median": float(finite.median()) if len(finite) else math.inf}
+        return {"snr2_threshold_median": threshold_median(self.tau)}

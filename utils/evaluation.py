@@ -15,14 +15,13 @@ def settings_of(dataset: ContinualDataset) -> list[str]:
 
 
 @torch.no_grad()
-def split_accuracy(model: torch.nn.Module, dataset: ContinualDataset, split, classes: range, n_seen: int,
-                   augment: bool = False) -> dict[str, float]:
+def split_accuracy(model: torch.nn.Module, dataset: ContinualDataset, split, classes: range,
+                   n_seen: int) -> dict[str, float]:
     """Accuracy (%) on one split per setting: argmax over the n_seen classes, and within `classes` (task-IL)."""
     settings = settings_of(dataset)
     correct = {s: torch.zeros((), dtype=torch.long, device=split.labels.device) for s in settings}
     for start in range(0, len(split), EVAL_BATCH_SIZE):
-        raw = split.images[start:start + EVAL_BATCH_SIZE]
-        images = dataset.train_transform(raw) if augment else dataset.test_transform(raw)
+        images = dataset.test_transform(split.images[start:start + EVAL_BATCH_SIZE])
         labels = split.labels[start:start + EVAL_BATCH_SIZE]
         logits = model(images)
         correct[settings[0]] += (logits[:, :n_seen].argmax(1) == labels).sum()

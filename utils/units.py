@@ -31,8 +31,7 @@ class UnitMonitor:
         self.positions = [0] * len(groups)
         self.age_steps = [torch.zeros(g.n_units, device=_device(g)) for g in groups]
         self.age_tokens = [torch.zeros(g.n_units, device=_device(g)) for g in groups]
-        self.previous_age_steps = [a.clone() for a in self.age_steps]
-        self.previous_age_tokens = [a.clone() for a in self.age_tokens]
+        self.previous_age_steps = [a.clone() for a in self.age_steps]  # before the last step (SNR's arrivals)
         # Statistics of the last finished step, per group: mean |h|, positive count, positions.
         self.mean_abs: list[torch.Tensor] = [torch.zeros_like(a) for a in self.abs_sum]
         self.step_positive: list[torch.Tensor] = [torch.zeros_like(a) for a in self.abs_sum]
@@ -67,7 +66,6 @@ class UnitMonitor:
             self.step_positions[i] = positions
             fired = self.positive[i] > 0
             self.previous_age_steps[i] = self.age_steps[i]
-            self.previous_age_tokens[i] = self.age_tokens[i]
             self.age_steps[i] = torch.where(fired, 0.0, self.age_steps[i] + 1)
             self.age_tokens[i] = torch.where(fired, positions / self.positive[i].clamp(min=1),
                                              self.age_tokens[i] + positions)
@@ -135,7 +133,6 @@ class HiddenUnits:
         self.net = net
         self.optimizer = optimizer
         self.groups = net.hidden_units()
-        self.names = {id(p): name for name, p in net.named_parameters()}
         self.reinitializer = Reinitializer(net)  # before the hooks, so the scratch copy has none
         self.monitor = UnitMonitor(self.groups)
         self.resets = [torch.zeros((), dtype=torch.long, device=_device(g)) for g in self.groups]
@@ -156,7 +153,7 @@ class HiddenUnits:
         fresh = self.reinitializer.fresh(incoming)
         for (param, axis), new in zip(group.incoming, fresh):
             where = _along(mask, param, axis)
-            if self.names[id(param)].endswith("bias"):
+            if self.reinitializer.names[id(param)].endswith("bias"):
                 param.masked_fill_(where, 0.0)
             else:
                 param.copy_(torch.where(where, new, param))
