@@ -20,7 +20,7 @@ from models import MODELS
 from utils.args import computational_config, parse_args
 from utils.checkpoint import check_same_config, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from utils.errors import TrainingDiverged, run_command
-from utils.mlflow_logger import RunLogger, check_reachable, default_tracking_uri, environment_tags
+from utils.mlflow_logger import RecordingLogger, RunLogger, check_reachable, default_tracking_uri, environment_tags
 from utils.scores import load_scores
 from utils.evaluation import summary_metrics
 from utils.training import RunState, train
@@ -64,18 +64,19 @@ def log_new_run(logger: RunLogger, args: argparse.Namespace, dataset) -> None:
         logger.log_array(dataset.noisy_mask, "noisy_mask.npy")  # which training examples were relabeled
 
 
-def run(args: argparse.Namespace) -> RunState:
+def run(args: argparse.Namespace, logger: RunLogger | RecordingLogger | None = None) -> RunState:
+    """Train and evaluate every task, logging to MLflow (or, from a sweep's worker, into `logger`)."""
     checkpoint = load_checkpoint(args.resume) if args.resume else None
     if checkpoint is not None:
         if args.seed is None:
             args.seed = checkpoint["config"]["seed"]
         check_same_config(args.resume, checkpoint["config"], computational_config(args))
         args.tracking_uri = args.tracking_uri or checkpoint["tracking_uri"]
-    else:
-        if args.seed is None:
-            args.seed = secrets.randbelow(2**31 - 1)
+    elif args.seed is None:
+        args.seed = secrets.randbelow(2**31 - 1)
+    if logger is None:
         args.tracking_uri = args.tracking_uri or default_tracking_uri()
-    check_reachable(args.tracking_uri)  # before any work, so a dead server costs nothing
+        check_reachable(args.tracking_uri)  # before any work, so a dead server costs nothing
 
     set_seed(args.seed)
     dataset = DATASETS.get(args.dataset)(args)
@@ -92,8 +93,11 @@ def run(args: argparse.Namespace) -> RunState:
                          list(checkpoint["epoch_losses"]), {k: list(v) for k, v in checkpoint["history"].items()})
         set_rng_state(checkpoint["rng"])
 
-    logger = RunLogger(args.tracking_uri, args.experiment_name, args.run_name,
-                       run_id=checkpoint["mlflow_run_id"] if checkpoint is not None else None)
+    if logger is None:
+        logger = RunLogger(args.tracking_uri, args.experiment_name, args.run_name,
+                           run_id=checkpoint["mlflow_run_id"] if checkpoint is not None else None)
+    elif checkpoint is not None:
+        logger.load_state_dict(checkpoint["logger"])
     if checkpoint is None:
         log_new_run(logger, args, dataset)
     checkpoint_path = None
@@ -104,15 +108,16 @@ def run(args: argparse.Namespace) -> RunState:
     def save(state: RunState) -> None:
         save_checkpoint(checkpoint_path, {
             "config": computational_config(args), "tracking_uri": args.tracking_uri,
-            "mlflow_run_id": logger.run_id, "next_task": state.next_task, "epoch_losses": state.epoch_losses,
-            "history": state.history,
+            "mlflow_run_id": logger.run_id, "logger": logger.state_dict(), "next_task": state.next_task,
+            "epoch_losses": state.epoch_losses, "history": state.history,
             "matrices": {k: torch.from_numpy(v) for k, v in state.matrices.items()},
             "net": model.net.state_dict(), "optimizer": model.opt.state_dict(), "extra": model.extra_state(),
             "rng": rng_state(),
         })
         print(f"checkpoint after task {state.next_task}: {checkpoint_path}", flush=True)
 
-    print(f"MLflow run {logger.run_id} in {args.tracking_uri}", flush=True)
+    if isinstance(logger, RunLogger):
+        print(f"MLflow run {logger.run_id} in {args.tracking_uri}", flush=True)
     try:
         train(model, dataset, args, logger, state, after_task=save if checkpoint_path else None)
     except TrainingDiverged as error:

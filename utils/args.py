@@ -164,9 +164,8 @@ def load_config(path: str) -> dict:
     return config
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """Parse in two passes: first the component names, then every flag those components declare."""
-    argv = sys.argv[1:] if argv is None else argv
+def full_parser(argv: list[str]) -> argparse.ArgumentParser:
+    """main.py's parser with the flags of every component argv chooses, and --config's values as defaults."""
     first_parser = common_parser(first_pass=True)
     first, _ = first_parser.parse_known_args(argv)
     config = load_config(first.config) if first.config else {}
@@ -184,15 +183,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     chosen["plasticity method"] = [PLASTICITY.get(n) for n in PLASTICITY.names()]
     for kind, components in chosen.items():
         _add_component_args(parser, kind, components)
-    known = {action.dest for action in parser._actions}
-    unknown = sorted(set(config) - known)
+    unknown = sorted(set(config) - accepted_flags(parser))
     if unknown:
         raise ConfigError(f"--config {first.config} sets {', '.join(unknown)}, which no chosen component declares; "
                           f"fix the names (see python main.py --help)")
     parser.set_defaults(**config)
     if first.model_config == "best" and first.model:
         parser.set_defaults(**_best_config(first.dataset, first.model, first.buffer_size))
-    args = parser.parse_args(argv)
+    return parser
+
+
+def accepted_flags(parser: argparse.ArgumentParser) -> set[str]:
+    return {action.dest for action in parser._actions}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse in two passes: first the component names, then every flag those components declare."""
+    argv = sys.argv[1:] if argv is None else argv
+    args = full_parser(argv).parse_args(argv)
     check_plasticity_args(args, argv)
     return resolve(args)
 

@@ -52,7 +52,9 @@ def add_launcher_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--partition", default=None, help="SLURM partition")
     group.add_argument("--time", type=int, default=60, help="SLURM time limit per job, in minutes")
     group.add_argument("--gpus_per_node", type=int, default=0, help="GPUs per SLURM job")
-    group.add_argument("--max_parallel", type=int, default=64, help="SLURM array tasks running at once")
+    group.add_argument("--max_parallel", type=int, default=None,
+                       help="units running at once on any launcher (pool: processes, overriding --workers; ray: "
+                            "tasks in flight; slurm: array tasks; default: --workers, the cluster's capacity, 64)")
     group.add_argument("--slurm_folder", default=None, help="submitit logs (default: <out>/slurm)")
     group.add_argument("--submitit_cluster", default=None, choices=(None, "local", "debug", "slurm"),
                        help=argparse.SUPPRESS)  # 'local' runs submitit's local executor (tests)
@@ -62,15 +64,21 @@ def run_units(function: Callable, units: list[tuple], args: argparse.Namespace, 
     """Yield function(*unit) for every unit as it finishes, on the launcher chosen by --launcher."""
     if not units:
         return
+    if args.max_parallel is not None and args.max_parallel < 1:
+        raise ConfigError(f"--max_parallel must be at least 1, got {args.max_parallel}")
     if args.launcher == "local":
         for unit in units:
             yield function(*unit)
     elif args.launcher == "pool":
-        yield from _pool(function, units, args.workers)
+        yield from _pool(function, units, pool_workers(args))
     elif args.launcher == "ray":
         yield from _ray(function, units, args)
     else:
         yield from _slurm(function, units, args, log_folder)
+
+
+def pool_workers(args: argparse.Namespace) -> int:
+    return args.max_parallel or args.workers
 
 
 def _pool(function: Callable, units: list[tuple], workers: int) -> Iterator:
@@ -93,8 +101,11 @@ def _ray(function: Callable, units: list[tuple], args: argparse.Namespace) -> It
     start_ray(args.address)
     # Retried on worker loss (max_retries); an exception raised by the function itself is not retried.
     remote = ray.remote(function).options(num_cpus=args.cpus_per_task, num_gpus=args.gpus_per_task, max_retries=3)
-    pending = [remote.remote(*unit) for unit in units]
-    while pending:
+    waiting = list(units)
+    pending = []
+    while waiting or pending:
+        while waiting and len(pending) < (args.max_parallel or len(units)):
+            pending.append(remote.remote(*waiting.pop(0)))
         done, pending = ray.wait(pending, num_returns=1)
         yield ray.get(done[0])
 
@@ -106,7 +117,7 @@ def _slurm(function: Callable, units: list[tuple], args: argparse.Namespace, log
     executor = submitit.AutoExecutor(folder=str(args.slurm_folder or log_folder), cluster=args.submitit_cluster)
     parameters = {"timeout_min": args.time}
     if executor.cluster == "slurm":
-        parameters.update(slurm_partition=args.partition, slurm_array_parallelism=args.max_parallel,
+        parameters.update(slurm_partition=args.partition, slurm_array_parallelism=args.max_parallel or 64,
                           gpus_per_node=args.gpus_per_node)
     executor.update_parameters(**parameters)
     jobs = executor.map_array(function, *zip(*units))

@@ -1,6 +1,7 @@
 """Everything a run records goes to MLflow through this one class; only the driver process uses it."""
 from __future__ import annotations
 
+import io
 import os
 import re
 import subprocess
@@ -94,14 +95,17 @@ def environment_tags(device: str) -> dict[str, str]:
 class RunLogger:
     """One MLflow run: created new, or continued after a resume (same run id)."""
 
+    LIVE = True  # watched while it runs: figures are redrawn as tasks finish
+
     def __init__(self, tracking_uri: str, experiment_name: str, run_name: str | None = None,
-                 run_id: str | None = None):
+                 run_id: str | None = None, tags: dict[str, str] | None = None, keep_status: bool = False):
         check_reachable(tracking_uri)
         self.tracking_uri = tracking_uri
         self.client = MlflowClient(tracking_uri)
         if run_id is not None:
             self.run_id = run_id
-            self.client.update_run(run_id, status="RUNNING")
+            if not keep_status:
+                self.client.update_run(run_id, status="RUNNING")
             return
         experiment = self.client.get_experiment_by_name(experiment_name)
         if experiment is None:
@@ -109,10 +113,12 @@ class RunLogger:
                 experiment_name, artifact_location=_artifact_location(tracking_uri, experiment_name))
         else:
             experiment_id = experiment.experiment_id
-        self.run_id = self.client.create_run(experiment_id, run_name=run_name).info.run_id
+        self.run_id = self.client.create_run(experiment_id, run_name=run_name, tags=tags).info.run_id
 
     def log_params(self, params: dict) -> None:
-        self.client.log_batch(self.run_id, params=[Param(k, str(v)) for k, v in params.items()])
+        items = [Param(k, str(v)) for k, v in params.items()]
+        for start in range(0, len(items), 100):  # MLflow's limit of params per batch
+            self.client.log_batch(self.run_id, params=items[start:start + 100])
 
     def set_tags(self, tags: dict) -> None:
         self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
@@ -149,3 +155,80 @@ class RunLogger:
 
     def finish(self, status: str = "FINISHED") -> None:
         self.client.set_terminated(self.run_id, status=status)
+
+    def state_dict(self) -> dict:
+        return {}  # the run id is stored in the checkpoint itself
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+    def replay(self, record: dict) -> None:
+        """Write what a RecordingLogger recorded (in a worker) into this run, in a few batched writes."""
+        self.log_params(record["params"])
+        self.set_tags(record["tags"])
+        metrics = [Metric(key, value, timestamp, step) for key, value, timestamp, step in record["metrics"]]
+        for start in range(0, len(metrics), 1000):
+            self.client.log_batch(self.run_id, metrics=metrics[start:start + 1000])
+        if record["artifacts"]:
+            with tempfile.TemporaryDirectory() as temporary:
+                for name, content in record["artifacts"].items():
+                    path = Path(temporary, name)
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    path.write_bytes(content)
+                self.client.log_artifacts(self.run_id, temporary)
+
+
+class RecordingLogger:
+    """RunLogger's interface, kept in memory: a worker records a run and the driver replays it into MLflow.
+
+    Artifacts are kept by name, the last version winning, as MLflow overwrites them; the record is
+    saved in the run's checkpoints, so a resumed run's record holds everything logged before the kill.
+    """
+
+    LIVE = False  # nobody sees a figure before the run ends: draw them once, after the last task
+
+    def __init__(self, run_id: str):
+        self.run_id = run_id
+        self.record = {"params": {}, "tags": {}, "metrics": [], "artifacts": {}, "status": "RUNNING"}
+
+    def log_params(self, params: dict) -> None:
+        self.record["params"].update({k: str(v) for k, v in params.items()})
+
+    def set_tags(self, tags: dict) -> None:
+        self.record["tags"].update({k: str(v) for k, v in tags.items()})
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        now = int(time.time() * 1000)
+        self.record["metrics"].extend((k, float(v), now, step) for k, v in metrics.items())
+
+    def log_series(self, name: str, values: list[float], first_step: int) -> None:
+        now = int(time.time() * 1000)
+        self.record["metrics"].extend((name, float(v), now, first_step + i) for i, v in enumerate(values))
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        self.record["artifacts"][artifact_file] = text.encode()
+
+    def log_figure(self, figure, artifact_file: str) -> None:
+        buffer = io.BytesIO()
+        figure.savefig(buffer, format=Path(artifact_file).suffix[1:] or "png")
+        self.record["artifacts"][artifact_file] = buffer.getvalue()
+
+    def log_array(self, array, artifact_file: str) -> None:
+        import numpy as np
+
+        buffer = io.BytesIO()
+        np.save(buffer, array)
+        self.record["artifacts"][artifact_file] = buffer.getvalue()
+
+    def log_artifact(self, local_path: str, artifact_path: str | None = None) -> None:
+        name = Path(local_path).name
+        self.record["artifacts"][f"{artifact_path}/{name}" if artifact_path else name] = Path(local_path).read_bytes()
+
+    def finish(self, status: str = "FINISHED") -> None:
+        self.record["status"] = status
+
+    def state_dict(self) -> dict:
+        return self.record
+
+    def load_state_dict(self, state: dict) -> None:
+        self.record = state

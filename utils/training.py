@@ -148,7 +148,8 @@ def record_task(model: ContinualModel, dataset: ContinualDataset, task: int, log
         figure = value_histogram(everything, kept, f"memorization values after task {task + 1}")
         logger.log_figure(figure, name)
         close(figure)
-    if dataset.n_tasks <= FIGURES_EVERY or (task + 1) % FIGURES_EVERY == 0 or task == dataset.n_tasks - 1:
+    on_cadence = dataset.n_tasks <= FIGURES_EVERY or (task + 1) % FIGURES_EVERY == 0
+    if task == dataset.n_tasks - 1 or (on_cadence and logger.LIVE):
         log_figures(model, dataset, task, logger, state)
     return metrics
 

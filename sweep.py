@@ -1,0 +1,174 @@
+"""Compare methods fairly: grids × seeds of main.py runs, selection on one named metric, final runs, a report.
+
+    python sweep.py sweeps/random_label_digits.yaml --launcher pool --max_parallel 2
+    python sweep.py sweeps/imagenet_vit_l3_lr1e-3.yaml --launcher ray --gpus_per_task 0.25
+    python sweep.py sweeps/random_label_digits.yaml --report_only
+
+Each method's grid is run with the search seeds; per method the configuration with the best mean of
+the selection metric (its value after the last task) is chosen and run again with the final seeds;
+the report gives every metric as mean ± std over those final seeds. Everything goes to one MLflow
+experiment named after the sweep: a parent run per version of the sweep file, a child run per cell.
+Running the same file again runs only the cells that have not finished.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from utils.errors import ConfigError, run_command
+from utils.launchers import add_launcher_args, pool_workers, run_units
+from utils.mlflow_logger import check_reachable, default_tracking_uri
+from utils.sweep_runs import SweepTracker, run_cell
+from utils.sweep_spec import Cell, Sweep, load_sweep
+
+REPO_ROOT = Path(__file__).resolve().parent
+
+
+@dataclass
+class Choice:
+    """The selection of one method: every configuration's search score and the one chosen."""
+
+    method: str
+    scores: list[tuple[dict, float]]  # (configuration, mean selection metric over the search seeds; NaN: failed)
+    config: dict | None  # None while search cells are missing
+    missing: int  # search cells not finished yet
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("sweep_file", help="YAML file: base, methods (flags, grid, reuse), selection, seeds")
+    parser.add_argument("--tracking_uri", default=None,
+                        help="MLflow tracking URI (default: sqlite:///<repo>/mlflow.db); the driver alone writes it")
+    parser.add_argument("--out", default=None, help="report and cell checkpoints (default: sweeps/results/<name>)")
+    parser.add_argument("--report_only", action="store_true", help="rebuild the report from MLflow, run nothing")
+    add_launcher_args(parser)
+    return parser.parse_args(argv)
+
+
+def final_value(run, metric: str) -> float:
+    """The metric after the last task of a finished run; NaN for a diverged run."""
+    if run is None or run.info.status != "FINISHED":
+        return math.nan
+    return float(run.data.metrics.get(metric, math.nan))
+
+
+def choose(sweep: Sweep, method: str, chosen: dict[str, dict], runs: dict) -> Choice:
+    """The configuration with the best mean selection metric over the search seeds (the first on ties)."""
+    scores, missing = [], 0
+    for config in sweep.methods[method].configurations(chosen):
+        cells = sweep.cells(method, config, sweep.search_seeds)
+        missing += sum(cell.key not in runs for cell in cells)
+        values = [final_value(runs.get(cell.key), sweep.metric) for cell in cells]
+        scores.append((config, float(np.mean(values)) if all(map(math.isfinite, values)) else math.nan))
+    if missing:
+        return Choice(method, scores, None, missing)
+    best = None
+    for config, score in scores:
+        if math.isfinite(score) and (best is None or sweep.better(score, best[1])):
+            best = (config, score)
+    if best is None:
+        raise ConfigError(f"every configuration of method {method} diverged or did not log {sweep.metric}; "
+                          f"change its grid (e.g. smaller learning rates) and run the sweep again")
+    return Choice(method, scores, best[0], 0)
+
+
+def execute(cells: list[tuple[Cell, str]], tracker: SweepTracker, args: argparse.Namespace, out: Path) -> int:
+    """Run the cells that have not finished; the driver writes each result to MLflow as it arrives."""
+    unique: dict[str, tuple[Cell, str]] = {}
+    for cell, phase in cells:
+        unique.setdefault(cell.key, (cell, phase))
+    todo = []
+    for key, (cell, phase) in unique.items():
+        if key in tracker.runs:
+            tracker.adopt(tracker.runs[key])
+        else:
+            todo.append(cell)
+    print(f"{len(unique) - len(todo)} of {len(unique)} cells already finished; running {len(todo)}", flush=True)
+    threads = max(1, (os.cpu_count() or 1) // pool_workers(args)) if args.launcher == "pool" else None
+    checkpoints = out / "checkpoints"
+    units = [(cell.key, cell.argv(), str(checkpoints), threads) for cell in todo]
+    failures = []
+    for count, result in enumerate(run_units(run_cell, units, args, out / "launcher"), 1):
+        cell, phase = unique[result["key"]]
+        if result["outcome"] == "error":
+            failures.append((cell, result["error"]))
+            print(f"[{count}/{len(todo)}] {cell.run_name}: failed: {result['error']}", file=sys.stderr, flush=True)
+            continue
+        tracker.runs[cell.key] = tracker.log_cell(cell, phase, result)
+        (checkpoints / f"{cell.key}.pt").unlink(missing_ok=True)
+        value = final_value(tracker.runs[cell.key], tracker.sweep.metric)
+        print(f"[{count}/{len(todo)}] {cell.run_name}: {result['outcome']}, {tracker.sweep.metric} {value:.2f} "
+              f"({result['seconds']:.0f} s)", flush=True)
+    if failures:
+        cell, error = failures[0]
+        raise ConfigError(f"{len(failures)} of {len(todo)} cells failed, the first ({cell.run_name}) with: "
+                          f"{error.splitlines()[0]}; fix that and run the sweep again, which runs only the "
+                          f"unfinished cells")
+    return len(todo)
+
+
+def run(args: argparse.Namespace) -> dict:
+    from utils.sweep_report import write_report
+
+    sweep = load_sweep(args.sweep_file)  # every check of the file happens here, before anything runs
+    tracking_uri = args.tracking_uri or default_tracking_uri()
+    check_reachable(tracking_uri)
+    out = Path(args.out) if args.out else REPO_ROOT / "sweeps" / "results" / sweep.name
+    tracker = SweepTracker(tracking_uri, sweep)
+    tracker.load()
+    if args.report_only:
+        tracker.open_parent(create=False)
+    else:
+        print(tracker.open_parent(), flush=True)
+        overlap = sorted(set(sweep.search_seeds) & set(sweep.final_seeds))
+        if overlap:
+            print(f"warning: final seeds {overlap} are also search seeds; their final numbers are the runs the "
+                  f"selection saw, which biases them upward", flush=True)
+
+    ran = 0
+    choices: dict[str, Choice] = {}
+    chosen: dict[str, dict] = {}
+    try:
+        finals: list[tuple[Cell, str]] = []
+        for stage in sweep.stages():
+            stage = [m for m in stage if all(r in chosen for r in sweep.methods[m].reuse)]
+            if not args.report_only:
+                search = [(cell, "search") for m in stage for cell in sweep.search_cells(m, chosen)]
+                ran += execute(search + finals, tracker, args, out)
+            for method in stage:
+                choices[method] = choice = choose(sweep, method, chosen, tracker.runs)
+                if choice.config is not None:
+                    chosen[method] = choice.config
+                    tracker.record_choice(method, choice.config)
+            finals = [(cell, "final") for m in stage if m in chosen
+                      for cell in sweep.cells(m, chosen[m], sweep.final_seeds)]
+        if not args.report_only:
+            ran += execute(finals, tracker, args, out)
+        report = write_report(sweep, choices, tracker, out)
+    except KeyboardInterrupt:
+        tracker.finish("KILLED")
+        raise
+    except Exception:
+        if not args.report_only:
+            tracker.finish("FAILED")
+        raise
+    if not args.report_only:
+        tracker.finish("FINISHED")
+    print(report["text"])
+    print(f"report: {out}", flush=True)
+    return {"ran": ran, "parent_run_id": tracker.parent.run_id, "chosen": chosen, "report": report}
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_command(run, parse_args, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
