@@ -63,3 +63,14 @@ def mlflow_server(tmp_path_factory):
                                  "--artifacts-destination", str(folder / "artifacts")], folder, folder / "server.log")
     yield url
     stop(process)
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One local Ray cluster shared by every test that needs one; yields its address."""
+    ray = pytest.importorskip("ray")
+    from utils.launchers import start_ray
+
+    start_ray(num_cpus=2)
+    yield ray.get_runtime_context().gcs_address
+    ray.shutdown()

@@ -5,7 +5,6 @@ import numpy as np
 import pytest
 
 import train_splits
-from utils.launchers import start_ray
 from utils.split_store import SplitStore
 
 ARGS = ["--dataset", "seq-digits", "--n_models", "4", "--n_epochs", "2", "--lr", "0.1", "--batch_size", "64",
@@ -18,14 +17,6 @@ def local_store(tmp_path_factory):
     train_splits.run(train_splits.parse_args([*ARGS, "--out", str(folder / "store"),
                                               "--tracking_uri", f"sqlite:///{folder / 'mlflow.db'}"]))
     return folder / "store"
-
-
-@pytest.fixture(scope="module")
-def ray_cluster():
-    ray = pytest.importorskip("ray")
-    start_ray(num_cpus=2)  # one local cluster shared by the tests of this module
-    yield
-    ray.shutdown()
 
 
 def same_models(store_a, store_b) -> None:

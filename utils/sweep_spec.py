@@ -250,12 +250,12 @@ def _check_no_cycle(methods: dict[str, Method], where: str) -> None:
         visit(name, [])
 
 
-def _parse(argv: list[str], where: str):
+def _parse(parse, argv: list[str], where: str):
     """main.py's own parsing of a cell's flags; argparse's complaint becomes one sentence."""
     captured = io.StringIO()
     try:
         with contextlib.redirect_stderr(captured):
-            return parse_args(argv)
+            return parse(argv)
     except SystemExit:
         message = captured.getvalue().strip().splitlines()[-1].split("error: ", 1)[-1]
         raise ConfigError(f"{where}: {message}; fix the sweep file") from None
@@ -273,21 +273,14 @@ def _check_runs(sweep: Sweep) -> None:
                 cell = sweep.cells(name, config, sweep.search_seeds[:1])[0]
                 where = f"sweep file {sweep.path}, method {name}"
                 argv = cell.argv()
-                known = accepted_flags(_full_parser(argv, where))
+                known = accepted_flags(_parse(full_parser, argv, where))
                 unknown = sorted(set(cell.flags) - known)
                 if unknown:
                     raise ConfigError(f"{where} sets {', '.join(unknown)}, which main.py does not accept for this "
                                       f"dataset, backbone and model; fix the names (see python main.py --help)")
-                args = _parse(argv, where)
+                args = _parse(parse_args, argv, where)
                 logged = logged_summary_metrics(DATASETS.get(args.dataset), args.eval_scope, args.last_k)
                 if sweep.metric not in logged:
                     raise ConfigError(f"sweep file {sweep.path}: the selection metric {sweep.metric} is not logged by "
                                       f"the runs of method {name}; choose one of {', '.join(sorted(logged))}")
             stand_in[name] = method.configurations(stand_in)[0]
-
-
-def _full_parser(argv: list[str], where: str):
-    try:
-        return full_parser(argv)
-    except ConfigError as error:
-        raise ConfigError(f"{where}: {error}") from None

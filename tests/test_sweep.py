@@ -1,0 +1,263 @@
+"""sweep.py: cells in MLflow under one parent, selection on the named metric, resume, report, bad files."""
+from __future__ import annotations
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+import sweep as sweep_py
+from utils.errors import ConfigError
+from utils.sweep_runs import run_cell
+from utils.sweep_spec import load_sweep
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+BASE = {"dataset": "seq-digits", "model": "sgd", "n_epochs": 1, "batch_size": 32, "mlp_hidden": 32}
+# 2 methods × 2 settings × 2 search seeds, then the chosen settings with 2 final seeds: 12 runs.
+SPEC = {
+    "name": "digits-test",
+    "base": BASE,
+    "methods": {
+        "vanilla": {"grid": {"lr": [1.0e-4, 0.1]}},
+        "redo": {"flags": {"plasticity": "redo", "lr": 0.1, "redo_every": 5}, "grid": {"redo_tau": [0.0, 0.5]}},
+    },
+    "selection": {"metric": "acc_class_il"},
+    "search_seeds": [0, 1],
+    "final_seeds": [2, 3],
+}
+
+
+def write(path: Path, spec: dict) -> Path:
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return path
+
+
+def children(tracking_uri: str, name: str) -> list:
+    client = MlflowClient(tracking_uri)
+    experiment = client.get_experiment_by_name(name)
+    return [] if experiment is None else client.search_runs([experiment.experiment_id],
+                                                           "tags.sweep_role = 'cell'", max_results=1000)
+
+
+def parents(tracking_uri: str, name: str) -> list:
+    client = MlflowClient(tracking_uri)
+    experiment = client.get_experiment_by_name(name)
+    return client.search_runs([experiment.experiment_id], "tags.sweep_role = 'parent'",
+                              order_by=["attributes.start_time DESC"])
+
+
+def sweep_args(path: Path, tmp_path: Path, *extra: str):
+    return sweep_py.parse_args([str(path), "--tracking_uri", f"sqlite:///{tmp_path / 'mlflow.db'}",
+                                "--out", str(tmp_path / "report"), *extra])
+
+
+@pytest.fixture(scope="module")
+def ray_sweep(tmp_path_factory, ray_cluster):
+    """The test sweep, run once on the shared local Ray cluster."""
+    folder = tmp_path_factory.mktemp("ray_sweep")
+    path = write(folder / "digits.yaml", SPEC)
+    result = sweep_py.run(sweep_args(path, folder, "--launcher", "ray"))
+    return folder, path, result
+
+
+def test_children_and_parent_are_in_mlflow(ray_sweep):
+    folder, _, result = ray_sweep
+    uri = f"sqlite:///{folder / 'mlflow.db'}"
+    assert result["ran"] == 12
+    [parent] = parents(uri, "digits-test")
+    runs = children(uri, "digits-test")
+    assert len(runs) == 12
+    assert {r.data.tags["mlflow.parentRunId"] for r in runs} == {parent.info.run_id}
+    assert {r.info.status for r in runs} == {"FINISHED"}
+    assert sorted(r.data.tags["sweep_phase"] for r in runs) == ["final"] * 4 + ["search"] * 8
+    # each child is a full main.py run: its arguments, per-task metrics and figures
+    run = runs[0]
+    assert run.data.params["dataset"] == "seq-digits" and run.data.params["n_epochs"] == "1"
+    history = MlflowClient(uri).get_metric_history(run.info.run_id, "acc_class_il")
+    assert sorted(m.step for m in history) == [0, 1, 2, 3, 4]
+    artifacts = {a.path for a in MlflowClient(uri).list_artifacts(run.info.run_id, "accuracy")}
+    assert {"accuracy/class_il.csv", "accuracy/terminal.png"} <= artifacts
+    assert parent.info.status == "FINISHED"
+
+
+def test_the_chosen_configuration_has_the_best_mean_selection_metric(ray_sweep):
+    folder, _, result = ray_sweep
+    uri = f"sqlite:///{folder / 'mlflow.db'}"
+    runs = [r for r in children(uri, "digits-test") if r.data.tags["sweep_phase"] == "search"]
+    [parent] = parents(uri, "digits-test")
+    for method in ("vanilla", "redo"):
+        means = {}
+        for config in {r.data.tags["sweep_config"] for r in runs if r.data.tags["sweep_method"] == method}:
+            values = [r.data.metrics["acc_class_il"] for r in runs
+                      if r.data.tags["sweep_method"] == method and r.data.tags["sweep_config"] == config]
+            assert len(values) == 2  # both search seeds
+            means[config] = np.mean(values)
+        assert len(means) == 2
+        best = max(means, key=means.get)
+        assert parent.data.params[f"chosen/{method}"] == best
+        assert ", ".join(f"{k}={v}" for k, v in result["chosen"][method].items()) == best
+    assert parent.data.params["chosen/vanilla"] == "lr=0.1"  # lr 1e-4 barely learns in one epoch
+
+
+def test_report_gives_mean_and_std_over_the_final_seeds(ray_sweep):
+    folder, _, _ = ray_sweep
+    uri = f"sqlite:///{folder / 'mlflow.db'}"
+    finals = [r for r in children(uri, "digits-test") if r.data.tags["sweep_phase"] == "final"]
+    with open(folder / "report" / "summary.csv") as f:
+        summary = {(row["method"], row["metric"]): row for row in csv.DictReader(f)}
+    for method in ("vanilla", "redo"):
+        for metric in ("acc_class_il", "terminal_test_acc_last_10", "forgetting_class_il"):
+            values = [r.data.metrics[metric] for r in finals if r.data.tags["sweep_method"] == method]
+            row = summary[(method, metric)]
+            assert float(row["mean"]) == pytest.approx(np.mean(values))
+            assert float(row["std"]) == pytest.approx(np.std(values, ddof=1))
+            assert row["n_runs"] == "2"
+    # resets per task: redo resets units, vanilla has none
+    assert float(summary[("redo", "resets_per_task")]["mean"]) > 0
+    assert float(summary[("vanilla", "resets_per_task")]["mean"]) == 0
+    with open(folder / "report" / "per_task.csv") as f:
+        per_task = list(csv.DictReader(f))
+    assert len(per_task) == 4 * 5  # 4 final runs × 5 tasks
+    report = (folder / "report" / "report.md").read_text()
+    vanilla_final = [r.data.metrics["acc_class_il"] for r in finals if r.data.tags["sweep_method"] == "vanilla"]
+    assert f"{np.mean(vanilla_final):.2f} ± {np.std(vanilla_final, ddof=1):.2f}" in report
+    for name in ("terminal_accuracy.png", "resets.png", "runs.csv"):
+        assert (folder / "report" / name).stat().st_size > 0
+    [parent] = parents(uri, "digits-test")
+    logged = {a.path for a in MlflowClient(uri).list_artifacts(parent.info.run_id, "report")}
+    assert {"report/report.md", "report/terminal_accuracy.png", "report/resets.png", "report/summary.csv",
+            "report/runs.csv", "report/per_task.csv"} <= logged
+    assert parent.data.metrics["vanilla/acc_class_il"] == pytest.approx(np.mean(vanilla_final))
+
+
+def test_report_only_rebuilds_the_same_report_and_rerunning_runs_nothing(ray_sweep, tmp_path):
+    folder, path, _ = ray_sweep
+    before = (folder / "report" / "report.md").read_text()
+    (folder / "report" / "report.md").unlink()
+    result = sweep_py.run(sweep_args(path, folder, "--report_only"))
+    assert result["ran"] == 0
+    assert (folder / "report" / "report.md").read_text() == before
+    assert sweep_py.run(sweep_args(path, folder, "--launcher", "ray"))["ran"] == 0
+    assert len(children(f"sqlite:///{folder / 'mlflow.db'}", "digits-test")) == 12
+
+
+def test_a_changed_sweep_file_runs_only_the_new_cells(tmp_path):
+    spec = {**SPEC, "name": "changed", "methods": {"vanilla": {"grid": {"lr": [0.1]}}}}
+    path = write(tmp_path / "sweep.yaml", spec)
+    assert sweep_py.run(sweep_args(path, tmp_path))["ran"] == 4  # 2 search + 2 final
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    first_runs = {r.info.run_id for r in children(uri, "changed")}
+    spec["methods"]["vanilla"]["grid"]["lr"] = [0.1, 1.0e-5]
+    write(path, spec)
+    result = sweep_py.run(sweep_args(path, tmp_path))
+    assert result["ran"] == 2  # the new setting's search seeds; the choice stays lr 0.1, its finals are reused
+    new, old = parents(uri, "changed")
+    assert old.data.tags["superseded_by"] == new.info.run_id
+    runs = children(uri, "changed")
+    assert first_runs < {r.info.run_id for r in runs} and len(runs) == 6
+    assert {r.data.tags["mlflow.parentRunId"] for r in runs} == {new.info.run_id}
+
+
+def test_a_diverged_setting_is_recorded_never_chosen_and_not_run_again(tmp_path):
+    spec = {**SPEC, "name": "diverging", "methods": {"vanilla": {"grid": {"lr": [1.0e30, 0.1]}}},
+            "final_seeds": [2]}
+    path = write(tmp_path / "sweep.yaml", spec)
+    result = sweep_py.run(sweep_args(path, tmp_path))
+    assert result["chosen"]["vanilla"] == {"lr": 0.1}
+    runs = children(f"sqlite:///{tmp_path / 'mlflow.db'}", "diverging")
+    diverged = [r for r in runs if r.data.tags["sweep_outcome"] == "diverged"]
+    assert len(diverged) == 2 and {r.info.status for r in diverged} == {"FAILED"}
+    assert "lower --lr" in diverged[0].data.tags["error"]
+    assert sweep_py.run(sweep_args(path, tmp_path))["ran"] == 0
+
+
+def test_killing_the_sweep_and_rerunning_it_runs_only_the_unfinished_cells(tmp_path, ray_cluster):
+    spec = {**SPEC, "name": "killed", "base": {**BASE, "n_epochs": 4}}
+    path = write(tmp_path / "sweep.yaml", spec)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    driver = subprocess.Popen([sys.executable, str(REPO_ROOT / "sweep.py"), str(path), "--tracking_uri", uri,
+                               "--out", str(tmp_path / "report"), "--launcher", "ray", "--address", ray_cluster],
+                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, cwd=tmp_path, text=True)
+    assert driver.stdout.readline().startswith("new sweep killed")  # the store exists from here on
+    deadline = time.time() + 240
+    finished = []
+    while time.time() < deadline and len(finished) < 3:
+        time.sleep(0.5)
+        finished = [r for r in children(uri, "killed") if r.info.status == "FINISHED"]
+    os.kill(driver.pid, signal.SIGKILL)
+    driver.wait()
+    finished = {r.data.tags["sweep_cell"]: r.info.run_id for r in children(uri, "killed")
+                if r.info.status == "FINISHED"}
+    assert 3 <= len(finished) < 12, "the driver was killed after some cells and before the end"
+    result = sweep_py.run(sweep_args(path, tmp_path, "--launcher", "ray"))
+    assert result["ran"] == 12 - len(finished)
+    runs = [r for r in children(uri, "killed") if r.info.status == "FINISHED"]
+    assert len(runs) == 12 and len({r.data.tags["sweep_cell"] for r in runs}) == 12
+    assert {r.data.tags["sweep_cell"]: r.info.run_id for r in runs if r.data.tags["sweep_cell"] in finished} == finished
+
+
+def test_a_killed_cell_resumes_from_its_checkpoint_with_the_same_record(tmp_path):
+    """A cell killed after some tasks continues from its checkpoint; its record equals an uninterrupted one."""
+    argv = ["--dataset", "seq-digits", "--model", "sgd", "--n_epochs", "6", "--batch_size", "32", "--lr", "0.1",
+            "--mlp_hidden", "32", "--seed", "5", "--plasticity", "redo", "--redo_every", "7"]
+    whole = run_cell("whole", argv, str(tmp_path / "whole"))
+    assert whole["outcome"] == "finished"
+    code = ("import sys; from utils.sweep_runs import run_cell; "
+            f"run_cell('cut', {argv!r}, {str(tmp_path / 'cut')!r})")
+    worker = subprocess.Popen([sys.executable, "-c", code], cwd=REPO_ROOT, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    checkpoint = tmp_path / "cut" / "cut.pt"
+    deadline = time.time() + 120
+    while not checkpoint.exists() and time.time() < deadline and worker.poll() is None:
+        time.sleep(0.05)
+    worker.kill()
+    worker.wait()
+    assert checkpoint.exists(), "the worker was killed after its first task"
+    resumed = run_cell("cut", argv, str(tmp_path / "cut"))
+    assert resumed["outcome"] == "finished"
+
+    def metrics(record):
+        return sorted((k, s, v) for k, v, _, s in record["metrics"])
+
+    assert metrics(resumed["record"]) == metrics(whole["record"])
+    assert set(resumed["record"]["artifacts"]) == set(whole["record"]["artifacts"])
+
+
+@pytest.mark.parametrize("change, words", [
+    ({"methods": {"snr": {"flags": {"plasticity": "snrr"}}}}, "unknown plasticity method 'snrr'"),
+    ({"methods": {"l2": {"flags": {"plasticity": "l2"}, "grid": {"l2_lamda": [1e-3]}}}}, "l2_lamda"),
+    ({"methods": {"l2": {"flags": {"plasticity": "l2"}, "grid": {}}}}, "has an empty grid"),
+    ({"methods": {"l2": {"flags": {"plasticity": "l2"}, "grid": {"l2_lambda": []}}}}, "no values for l2_lambda"),
+    ({"selection": {"metric": "terminal_test_acc_last_7"}}, "is not logged by the runs"),
+    ({"base": {**BASE, "dataset": "random-label-digits"}, "selection": {"metric": "acc_class_il"}},
+     "is not logged by the runs"),
+    ({"methods": {"a": {"reuse": "b"}, "b": {"reuse": "a"}}}, "in a circle"),
+    ({"base": {**BASE, "seed": 3}}, "which the sweep sets itself"),
+    ({"methods": {"vanilla": {"grid": {"lr": ["fast"]}}}}, "invalid float value"),
+    ({"final_seeds": []}, "non-empty list of integer seeds"),
+])
+def test_bad_sweep_files_fail_before_anything_runs(tmp_path, capsys, change, words):
+    path = write(tmp_path / "bad.yaml", {**SPEC, **change})
+    with pytest.raises(ConfigError, match=words):
+        load_sweep(path)
+    code = sweep_py.main([str(path), "--tracking_uri", f"sqlite:///{tmp_path / 'mlflow.db'}",
+                          "--out", str(tmp_path / "report")])
+    error = capsys.readouterr().err.strip()
+    assert code == 2 and len(error.splitlines()) == 1 and words in error
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "report").exists()
+
+
+def test_a_missing_sweep_file_and_report_only_before_a_run_are_one_sentence(tmp_path, capsys):
+    assert sweep_py.main([str(tmp_path / "nope.yaml")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    path = write(tmp_path / "sweep.yaml", SPEC)
+    assert sweep_py.main([str(path), "--report_only", "--tracking_uri", f"sqlite:///{tmp_path / 'mlflow.db'}"]) == 2
+    assert "run it (without --report_only) first" in capsys.readouterr().err
