@@ -261,3 +261,20 @@ def test_a_missing_sweep_file_and_report_only_before_a_run_are_one_sentence(tmp_
     path = write(tmp_path / "sweep.yaml", SPEC)
     assert sweep_py.main([str(path), "--report_only", "--tracking_uri", f"sqlite:///{tmp_path / 'mlflow.db'}"]) == 2
     assert "run it (without --report_only) first" in capsys.readouterr().err
+
+
+def test_a_method_that_reuses_others_starts_from_their_chosen_configurations(tmp_path):
+    spec = {**SPEC, "name": "reuse", "final_seeds": [2], "methods": {
+        "vanilla": {"grid": {"lr": [1.0e-4, 0.1]}},
+        "l2": {"flags": {"plasticity": "l2", "lr": 0.1}, "grid": {"l2_lambda": [1.0e-1, 1.0e-5]}},
+        "l2_redo": {"flags": {"plasticity": "l2,redo", "redo_every": 5}, "reuse": ["vanilla", "l2"]},
+    }}
+    path = write(tmp_path / "sweep.yaml", spec)
+    result = sweep_py.run(sweep_args(path, tmp_path))
+    chosen = result["chosen"]
+    assert chosen["l2_redo"] == {**chosen["vanilla"], **chosen["l2"]}
+    assert result["ran"] == 4 + 4 + 2 + 3  # two 2-setting searches, one reused setting, one final each
+    runs = [r for r in children(f"sqlite:///{tmp_path / 'mlflow.db'}", "reuse")
+            if r.data.tags["sweep_method"] == "l2_redo"]
+    assert {(r.data.params["lr"], r.data.params["l2_lambda"]) for r in runs} == {
+        (str(chosen["vanilla"]["lr"]), str(chosen["l2"]["l2_lambda"]))}

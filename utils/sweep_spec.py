@@ -15,8 +15,8 @@
     final_seeds: [10, 11, 12]
 
 A cell is one main.py run: a method's configuration with one seed. Its key hashes the flags the
-file gives it and the seed, so a cell that finished once is never run again, whatever else in the
-file changes.
+file gives it and the seed, so a finished cell is not run again as long as the file still holds it,
+whatever else in the file changes.
 """
 from __future__ import annotations
 
