@@ -278,3 +278,49 @@ def test_a_method_that_reuses_others_starts_from_their_chosen_configurations(tmp
             if r.data.tags["sweep_method"] == "l2_redo"]
     assert {(r.data.params["lr"], r.data.params["l2_lambda"]) for r in runs} == {
         (str(chosen["vanilla"]["lr"]), str(chosen["l2"]["l2_lambda"]))}
+
+
+LAUNCHER_SPEC = {**SPEC, "name": "launchers", "methods": {"vanilla": {"grid": {"lr": [0.05, 0.1]}}},
+                 "search_seeds": [0], "final_seeds": [1]}
+
+
+def cell_results(folder: Path, *launcher: str) -> dict[str, float]:
+    """Run the 3-cell launcher sweep into `folder`; acc_class_il of each cell."""
+    folder.mkdir()
+    path = write(folder / "sweep.yaml", LAUNCHER_SPEC)
+    assert sweep_py.run(sweep_args(path, folder, *launcher))["ran"] == 3
+    return {r.data.tags["sweep_cell"]: r.data.metrics["acc_class_il"]
+            for r in children(f"sqlite:///{folder / 'mlflow.db'}", "launchers")}
+
+
+@pytest.fixture(scope="module")
+def in_process_results(tmp_path_factory):
+    return cell_results(tmp_path_factory.mktemp("in_process") / "sweep")
+
+
+@pytest.mark.parametrize("launcher", [["--launcher", "pool", "--max_parallel", "2"],
+                                      ["--launcher", "slurm", "--submitit_cluster", "local"]])
+def test_pool_and_slurm_launchers_give_the_cells_the_same_results_as_in_process(tmp_path, launcher,
+                                                                                 in_process_results):
+    assert len(in_process_results) == 3
+    assert cell_results(tmp_path / "sweep", *launcher) == in_process_results
+
+
+def test_runs_log_every_metric_a_sweep_may_select_on(ray_sweep):
+    from datasets import DATASETS
+    from utils.evaluation import logged_summary_metrics
+
+    folder, _, _ = ray_sweep
+    selectable = logged_summary_metrics(DATASETS.get("seq-digits"), "seen", [50, 10])
+    for run in children(f"sqlite:///{folder / 'mlflow.db'}", "digits-test"):
+        assert selectable <= set(run.data.metrics)
+
+
+@pytest.mark.parametrize("path", sorted((REPO_ROOT / "sweeps").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_sweep_files_are_valid(path, monkeypatch):
+    monkeypatch.chdir(REPO_ROOT)  # their --config paths are relative to the repository
+    sweep = load_sweep(path)
+    assert sweep.search_seeds and sweep.final_seeds and not set(sweep.search_seeds) & set(sweep.final_seeds)
+    if path.name.startswith("imagenet"):
+        assert sweep.metric == "terminal_test_acc_last_50" and len(sweep.search_seeds) == 5
+        assert len(sweep.methods["snr_v2"].configurations({})) == 4 * 8
