@@ -95,11 +95,14 @@ def execute(cells: list[tuple[Cell, str]], tracker: SweepTracker, args: argparse
     checkpoints = out / "checkpoints"
     units = [(cell.key, cell.argv(), str(checkpoints), threads) for cell in todo]
     failures = []
-    for count, result in enumerate(run_units(run_cell, units, args, out / "launcher"), 1):
+    # A failed cell (a missing dataset, a bug) most likely fails the others alike: start no more.
+    results = run_units(run_cell, units, args, out / "launcher", stop=lambda result: result["outcome"] == "error")
+    for count, result in enumerate(results, 1):
         cell, phase = unique[result["key"]]
         if result["outcome"] == "error":
             failures.append((cell, result["error"]))
-            print(f"[{count}/{len(todo)}] {cell.run_name}: failed: {result['error']}", file=sys.stderr, flush=True)
+            if "\n" in result["error"]:  # a traceback (a bug, not bad input): shown whole
+                print(f"{cell.run_name}: {result['error']}", file=sys.stderr, flush=True)
             continue
         tracker.runs[cell.key] = tracker.log_cell(cell, phase, result)
         (checkpoints / f"{cell.key}.pt").unlink(missing_ok=True)
@@ -108,9 +111,8 @@ def execute(cells: list[tuple[Cell, str]], tracker: SweepTracker, args: argparse
               f"({result['seconds']:.0f} s)", flush=True)
     if failures:
         cell, error = failures[0]
-        raise ConfigError(f"{len(failures)} of {len(todo)} cells failed, the first ({cell.run_name}) with: "
-                          f"{error.splitlines()[0]}; fix that and run the sweep again, which runs only the "
-                          f"unfinished cells")
+        raise ConfigError(f"cell {cell.run_name} failed ({error.splitlines()[0]}), and no further cell was "
+                          f"started; fix that and run the sweep again, which runs only the unfinished cells")
     return len(todo)
 
 

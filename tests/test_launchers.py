@@ -1,10 +1,14 @@
 """Every launcher trains the same models into the same store as the in-process default."""
 from __future__ import annotations
 
+import argparse
+from pathlib import Path
+
 import numpy as np
 import pytest
 
 import train_splits
+from utils.launchers import run_units
 from utils.split_store import SplitStore
 
 ARGS = ["--dataset", "seq-digits", "--n_models", "4", "--n_epochs", "2", "--lr", "0.1", "--batch_size", "64",
@@ -51,3 +55,11 @@ def test_chunks_partition_the_plan(tmp_path):
                                                   "--tracking_uri", f"sqlite:///{tmp_path / 'mlflow.db'}"]))
         stored.append(SplitStore(tmp_path / "store").stored_models())
     assert stored[0] < stored[1] < stored[2] == {0, 1, 2, 3}
+
+
+@pytest.mark.parametrize("launcher", ["local", "pool"])
+def test_no_unit_starts_after_the_stop_condition(launcher):
+    """A sweep stops starting cells after a failed one; the units already running still report."""
+    args = argparse.Namespace(launcher=launcher, workers=1, max_parallel=None)
+    results = list(run_units(abs, [(-1,), (-2,), (-3,), (-4,)], args, Path("."), stop=lambda r: r == 2))
+    assert results == [1, 2]

@@ -324,3 +324,16 @@ def test_shipped_sweep_files_are_valid(path, monkeypatch):
     if path.name.startswith("imagenet"):
         assert sweep.metric == "terminal_test_acc_last_50" and len(sweep.search_seeds) == 5
         assert len(sweep.methods["snr_v2"].configurations({})) == 4 * 8
+
+
+def test_a_missing_dataset_ends_with_one_sentence_and_starts_no_further_cell(tmp_path, capsys):
+    spec = {**SPEC, "name": "no-data", "base": {**BASE, "dataset": "seq-mnist", "data_path": str(tmp_path / "empty")}}
+    path = write(tmp_path / "sweep.yaml", spec)
+    code = sweep_py.main([str(path), "--tracking_uri", f"sqlite:///{tmp_path / 'mlflow.db'}",
+                          "--out", str(tmp_path / "report")])
+    error = [line for line in capsys.readouterr().err.strip().splitlines() if " INFO mlflow." not in line]
+    assert code == 2 and len(error) == 1
+    assert "MNIST" in error[0] and "no further cell was started" in error[0]
+    assert children(f"sqlite:///{tmp_path / 'mlflow.db'}", "no-data") == []
+    [parent] = parents(f"sqlite:///{tmp_path / 'mlflow.db'}", "no-data")
+    assert parent.info.status == "FAILED"

@@ -60,19 +60,28 @@ def add_launcher_args(parser: argparse.ArgumentParser) -> None:
                        help=argparse.SUPPRESS)  # 'local' runs submitit's local executor (tests)
 
 
-def run_units(function: Callable, units: list[tuple], args: argparse.Namespace, log_folder: Path) -> Iterator:
-    """Yield function(*unit) for every unit as it finishes, on the launcher chosen by --launcher."""
+def run_units(function: Callable, units: list[tuple], args: argparse.Namespace, log_folder: Path,
+              stop: Callable[[object], bool] | None = None) -> Iterator:
+    """Yield function(*unit) for every unit as it finishes, on the launcher chosen by --launcher.
+
+    Once stop(result) is true, no further unit starts (local, pool, ray); those already running
+    finish and are yielded. A SLURM array is submitted whole and runs to its end.
+    """
     if not units:
         return
     if args.max_parallel is not None and args.max_parallel < 1:
         raise ConfigError(f"--max_parallel must be at least 1, got {args.max_parallel}")
+    stop = stop or (lambda result: False)
     if args.launcher == "local":
         for unit in units:
-            yield function(*unit)
+            result = function(*unit)
+            yield result
+            if stop(result):
+                return
     elif args.launcher == "pool":
-        yield from _pool(function, units, pool_workers(args))
+        yield from _pool(function, units, pool_workers(args), stop)
     elif args.launcher == "ray":
-        yield from _ray(function, units, args)
+        yield from _ray(function, units, args, stop)
     else:
         yield from _slurm(function, units, args, log_folder)
 
@@ -81,33 +90,46 @@ def pool_workers(args: argparse.Namespace) -> int:
     return args.max_parallel or args.workers
 
 
-def _pool(function: Callable, units: list[tuple], workers: int) -> Iterator:
+def _pool(function: Callable, units: list[tuple], workers: int, stop: Callable[[object], bool]) -> Iterator:
     import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor, as_completed
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
     if workers < 1:
         raise ConfigError(f"--workers must be at least 1, got {workers}")
     _repo_on_pythonpath()
+    waiting = list(units)
     # spawn, not fork: forking a process that already started torch's thread pools can deadlock.
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = [pool.submit(function, *unit) for unit in units]
-        for future in as_completed(futures):
-            yield future.result()
+        running = set()
+        while waiting or running:
+            while waiting and len(running) < workers:
+                running.add(pool.submit(function, *waiting.pop(0)))
+            done, running = wait(running, return_when=FIRST_COMPLETED)
+            for future in done:
+                result = future.result()
+                yield result
+                if stop(result):
+                    waiting.clear()
 
 
-def _ray(function: Callable, units: list[tuple], args: argparse.Namespace) -> Iterator:
+def _ray(function: Callable, units: list[tuple], args: argparse.Namespace, stop: Callable[[object], bool]) -> Iterator:
     import ray
 
     start_ray(args.address)
     # Retried on worker loss (max_retries); an exception raised by the function itself is not retried.
     remote = ray.remote(function).options(num_cpus=args.cpus_per_task, num_gpus=args.gpus_per_task, max_retries=3)
+    # Tasks beyond what the cluster can run at once would only queue; bounding them lets `stop` take effect.
+    capacity = max(1, int(ray.cluster_resources().get("CPU", 1) // max(args.cpus_per_task, 1e-9)))
     waiting = list(units)
     pending = []
     while waiting or pending:
-        while waiting and len(pending) < (args.max_parallel or len(units)):
+        while waiting and len(pending) < (args.max_parallel or capacity):
             pending.append(remote.remote(*waiting.pop(0)))
         done, pending = ray.wait(pending, num_returns=1)
-        yield ray.get(done[0])
+        result = ray.get(done[0])
+        yield result
+        if stop(result):
+            waiting.clear()
 
 
 def _slurm(function: Callable, units: list[tuple], args: argparse.Namespace, log_folder: Path) -> Iterator:
