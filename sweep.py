@@ -154,12 +154,9 @@ def run(args: argparse.Namespace) -> dict:
         if not args.report_only:
             ran += execute(finals, tracker, args, out)
         report = write_report(sweep, choices, tracker, out)
-    except KeyboardInterrupt:
-        tracker.finish("KILLED")
-        raise
-    except Exception:
-        if not args.report_only:
-            tracker.finish("FAILED")
+    except BaseException as error:
+        if not args.report_only:  # a report leaves the parent's status as the sweep left it
+            tracker.finish("KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED")
         raise
     if not args.report_only:
         tracker.finish("FINISHED")

@@ -337,3 +337,15 @@ def test_a_missing_dataset_ends_with_one_sentence_and_starts_no_further_cell(tmp
     assert children(f"sqlite:///{tmp_path / 'mlflow.db'}", "no-data") == []
     [parent] = parents(f"sqlite:///{tmp_path / 'mlflow.db'}", "no-data")
     assert parent.info.status == "FAILED"
+
+
+def test_a_corrupt_cell_checkpoint_is_kept_aside_and_the_cell_starts_again(tmp_path, capsys):
+    argv = ["--dataset", "seq-digits", "--model", "sgd", "--n_epochs", "1", "--lr", "0.1", "--seed", "4"]
+    (tmp_path / "cell.pt").write_bytes(b"not a checkpoint")
+    result = run_cell("cell", argv, str(tmp_path))
+    assert result["outcome"] == "finished"
+    assert (tmp_path / "cell.pt.refused").read_bytes() == b"not a checkpoint"
+    assert "not resuming" in capsys.readouterr().err
+    fresh = run_cell("fresh", argv, str(tmp_path / "fresh"))
+    assert sorted((k, s, v) for k, v, _, s in result["record"]["metrics"]) == \
+        sorted((k, s, v) for k, v, _, s in fresh["record"]["metrics"])

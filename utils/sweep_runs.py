@@ -28,7 +28,8 @@ def run_cell(key: str, argv: list[str], checkpoint_dir: str, threads: int | None
     import torch
 
     import main as main_py
-    from utils.args import parse_args
+    from utils.args import computational_config, parse_args
+    from utils.checkpoint import check_same_config, load_checkpoint
 
     if threads:
         torch.set_num_threads(threads)
@@ -38,18 +39,16 @@ def run_cell(key: str, argv: list[str], checkpoint_dir: str, threads: int | None
     logger = RecordingLogger(run_id=key)
     outcome, error = "finished", ""
     try:
-        # main.py's tables and checkpoint lines are not the sweep's output
-        with contextlib.redirect_stdout(io.StringIO()):
-            if checkpoint.exists():
-                try:
-                    main_py.run(parse_args([*argv, "--resume", str(checkpoint)]), logger)
-                except ConfigError as problem:  # corrupt, or written for another device: start the cell again
-                    print(f"cell {key}: not resuming ({problem}); starting again", file=sys.stderr, flush=True)
-                    checkpoint.unlink(missing_ok=True)
-                    logger = RecordingLogger(run_id=key)
-                    main_py.run(parse_args(argv), logger)
-            else:
-                main_py.run(parse_args(argv), logger)
+        args = parse_args(argv)
+        if checkpoint.exists():
+            try:
+                check_same_config(checkpoint, load_checkpoint(checkpoint)["config"], computational_config(args))
+                args.resume = str(checkpoint)
+            except ConfigError as problem:  # corrupt, or written for another device: kept aside, the cell restarts
+                checkpoint.rename(checkpoint.with_name(checkpoint.name + ".refused"))
+                print(f"cell {key}: not resuming ({problem}); starting again", file=sys.stderr, flush=True)
+        with contextlib.redirect_stdout(io.StringIO()):  # main.py's tables and checkpoint lines
+            main_py.run(args, logger)
     except TrainingDiverged as problem:
         outcome, error = "diverged", str(problem)
     except ConfigError as problem:
