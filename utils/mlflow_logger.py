@@ -1,4 +1,5 @@
-"""Everything a run records goes to MLflow through this one class; only the driver process uses it."""
+"""Everything a run records goes to MLflow through RunLogger, in the driver process only; a sweep's
+workers record into a RecordingLogger instead, and the driver replays the record into a run."""
 from __future__ import annotations
 
 import io
@@ -125,12 +126,14 @@ class RunLogger:
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         now = int(time.time() * 1000)
-        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+        self._write_metrics([Metric(k, float(v), now, step) for k, v in metrics.items()])
 
     def log_series(self, name: str, values: list[float], first_step: int) -> None:
         """One metric at consecutive steps, in as few writes as the store allows (a write costs ~30 ms)."""
         now = int(time.time() * 1000)
-        metrics = [Metric(name, float(v), now, first_step + i) for i, v in enumerate(values)]
+        self._write_metrics([Metric(name, float(v), now, first_step + i) for i, v in enumerate(values)])
+
+    def _write_metrics(self, metrics: list[Metric]) -> None:
         for start in range(0, len(metrics), 1000):  # MLflow's limit per batch
             self.client.log_batch(self.run_id, metrics=metrics[start:start + 1000])
 
@@ -166,9 +169,7 @@ class RunLogger:
         """Write what a RecordingLogger recorded (in a worker) into this run, in a few batched writes."""
         self.log_params(record["params"])
         self.set_tags(record["tags"])
-        metrics = [Metric(key, value, timestamp, step) for key, value, timestamp, step in record["metrics"]]
-        for start in range(0, len(metrics), 1000):
-            self.client.log_batch(self.run_id, metrics=metrics[start:start + 1000])
+        self._write_metrics([Metric(key, value, timestamp, step) for key, value, timestamp, step in record["metrics"]])
         if record["artifacts"]:
             with tempfile.TemporaryDirectory() as temporary:
                 for name, content in record["artifacts"].items():

@@ -149,7 +149,9 @@ class SweepTracker:
             PARENT_TAG: self.parent.run_id, "sweep_role": "cell", "sweep_name": self.sweep.name,
             "sweep_cell": cell.key, "sweep_method": cell.method, "sweep_phase": phase,
             "sweep_config": ", ".join(f"{k}={v}" for k, v in cell.config.items()) or "(base)"})
-        child.replay(result["record"])
+        record = result["record"]
+        # the cell's checkpoint is deleted once the cell is logged: no tag points at it
+        child.replay({**record, "tags": {k: v for k, v in record["tags"].items() if k != "checkpoint"}})
         child.set_tags({"sweep_outcome": result["outcome"], "sweep_seconds": f"{result['seconds']:.1f}"})
         child.finish("FINISHED" if result["outcome"] == "finished" else "FAILED")
         return self.client.get_run(child.run_id)
