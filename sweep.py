@@ -41,8 +41,7 @@ class Choice:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("sweep_file", help="YAML file: base, methods (flags, grid, reuse), selection, seeds")
     parser.add_argument("--tracking_uri", default=None,
                         help="MLflow tracking URI (default: sqlite:///<repo>/mlflow.db); the driver alone writes it")
