@@ -190,7 +190,7 @@ class RecordingLogger:
 
     def __init__(self, run_id: str):
         self.run_id = run_id
-        self.record = {"params": {}, "tags": {}, "metrics": [], "artifacts": {}, "status": "RUNNING"}
+        self.record = {"params": {}, "tags": {}, "metrics": [], "artifacts": {}}
 
     def log_params(self, params: dict) -> None:
         self.record["params"].update({k: str(v) for k, v in params.items()})
@@ -226,7 +226,7 @@ class RecordingLogger:
         self.record["artifacts"][f"{artifact_path}/{name}" if artifact_path else name] = Path(local_path).read_bytes()
 
     def finish(self, status: str = "FINISHED") -> None:
-        self.record["status"] = status
+        pass  # the driver sets the child run's status from the worker's outcome
 
     def state_dict(self) -> dict:
         return self.record

@@ -268,8 +268,8 @@ def _check_runs(sweep: Sweep) -> None:
     stand_in = {}  # a reusing method is checked with the first configuration of each method it reuses
     for stage in sweep.stages():
         for name in stage:
-            method = sweep.methods[name]
-            for config in method.configurations(stand_in):
+            configurations = sweep.methods[name].configurations(stand_in)
+            for config in configurations:
                 cell = sweep.cells(name, config, sweep.search_seeds[:1])[0]
                 where = f"sweep file {sweep.path}, method {name}"
                 argv = cell.argv()
@@ -283,4 +283,4 @@ def _check_runs(sweep: Sweep) -> None:
                 if sweep.metric not in logged:
                     raise ConfigError(f"sweep file {sweep.path}: the selection metric {sweep.metric} is not logged by "
                                       f"the runs of method {name}; choose one of {', '.join(sorted(logged))}")
-            stand_in[name] = method.configurations(stand_in)[0]
+            stand_in[name] = configurations[0]
