@@ -17,12 +17,12 @@ import numpy as np
 from scipy.stats import spearmanr
 
 from utils.errors import ConfigError, run_command
-from utils.memorization import auroc, consistency_scores, influence, memorization
+from memorization.estimator import auroc, consistency_scores, influence, memorization
 from utils.mlflow_logger import RunLogger, default_tracking_uri, environment_tags
-from utils.released_runs import find_released_runs, read_released_runs
-from utils.split_report import write_report
-from utils.split_store import CorruptModelFile, SplitStore
-from utils.split_training import load_plan_data
+from memorization.released_runs import find_released_runs, read_released_runs
+from memorization.report import write_report
+from memorization.store import CorruptModelFile, SubsetStore
+from memorization.training import load_plan_data
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -56,7 +56,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def load_store(run_dir: Path, args: argparse.Namespace) -> dict:
     """Masks and targets of every readable model, as float32 matrices [epochs, models, examples]; one read each."""
-    store = SplitStore(run_dir)
+    store = SubsetStore(run_dir)
     plan = store.load_plan()
     stored = sorted(i for i in store.stored_models() if i < plan.n_models)
     n, m = plan.inclusion_mask.shape[1], plan.settings["n_test"]

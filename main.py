@@ -1,135 +1,14 @@
-"""One continual-learning run: arguments → dataset, backbone, model → tasks → evaluation → MLflow.
+"""Run one continual-learning experiment and log it to MLflow.
 
     python main.py --model er --dataset seq-digits --buffer_size 200 --lr 0.1
 """
 from __future__ import annotations
 
-import argparse
-import random
-import secrets
 import sys
-from pathlib import Path
 
-import numpy as np
-import torch
-import yaml
-
-from backbones import BACKBONES
-from datasets import DATASETS
-from models import MODELS
-from utils.args import computational_config, parse_args
-from utils.checkpoint import check_same_config, load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from utils.errors import TrainingDiverged, run_command
-from utils.mlflow_logger import RecordingLogger, RunLogger, check_reachable, default_tracking_uri, environment_tags
-from utils.scores import load_scores
-from utils.evaluation import summary_metrics
-from utils.training import RunState, train
-
-
-def set_seed(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def summary_table(state: RunState, args: argparse.Namespace) -> str:
-    """The accuracy matrices (or, for a terminal-only evaluation, the terminal accuracies) as plain text."""
-    lines = []
-    if args.eval_scope == "current":
-        for name in ("terminal_test_acc", "terminal_train_acc"):
-            values = state.history.get(name, [])
-            means = "  ".join(f"last {k}: {np.mean(values[-k:]):.2f}" for k in args.last_k)
-            lines.append(f"{name.replace('_', ' ')} (%), mean over the {means}")
-        return "\n".join(lines)
-    for setting, matrix in state.matrices.items():
-        last = state.next_task - 1
-        lines.append(f"\n{setting.replace('_', '-')} accuracy (%), row t = after training task t")
-        lines.append("        " + "".join(f"{f'task {i}':>9}" for i in range(matrix.shape[1])))
-        for t in range(last + 1):
-            cells = "".join(f"{'' if np.isnan(v) else f'{v:.2f}':>9}" for v in matrix[t])
-            lines.append(f"after {t:<2}" + cells)
-        final = summary_metrics({setting: matrix}, last)
-        lines.append("  ".join(f"{k}: {v:.2f}" for k, v in final.items()))
-    return "\n".join(lines)
-
-
-def log_new_run(logger: RunLogger, args: argparse.Namespace, dataset) -> None:
-    logger.log_params(vars(args))
-    logger.set_tags(environment_tags(args.device))
-    derived = {"class_order": dataset.class_order.tolist(), "n_tasks": dataset.n_tasks,
-               "classes_per_task": dataset.classes_per_task, "n_train": len(dataset.train),
-               "n_test": len(dataset.test), "n_relabeled": int(dataset.noisy_mask.sum())}
-    logger.log_text(yaml.safe_dump({"arguments": vars(args), "derived": derived}, sort_keys=True), "config.yaml")
-    if dataset.noisy_mask.any():
-        logger.log_array(dataset.noisy_mask, "noisy_mask.npy")  # which training examples were relabeled
-
-
-def run(args: argparse.Namespace, logger: RunLogger | RecordingLogger | None = None) -> RunState:
-    """Train and evaluate every task, logging to MLflow (or, from a sweep's worker, into `logger`)."""
-    checkpoint = load_checkpoint(args.resume) if args.resume else None
-    if checkpoint is not None:
-        if args.seed is None:
-            args.seed = checkpoint["config"]["seed"]
-        check_same_config(args.resume, checkpoint["config"], computational_config(args))
-        args.tracking_uri = args.tracking_uri or checkpoint["tracking_uri"]
-    elif args.seed is None:
-        args.seed = secrets.randbelow(2**31 - 1)
-    if logger is None:
-        args.tracking_uri = args.tracking_uri or default_tracking_uri()
-        check_reachable(args.tracking_uri)  # before any work, so a dead server costs nothing
-
-    set_seed(args.seed)
-    dataset = DATASETS.get(args.dataset)(args)
-    if args.mem_scores:
-        dataset.mem_scores = load_scores(args.mem_scores, dataset)
-    backbone = BACKBONES.get(args.backbone)(args, dataset.SHAPE, dataset.N_CLASSES).to(args.device)
-    model = MODELS.get(args.model)(backbone, dataset, args)
-    state = RunState.fresh(dataset)
-    if checkpoint is not None:
-        model.net.load_state_dict(checkpoint["net"])
-        model.opt.load_state_dict(checkpoint["optimizer"])
-        model.load_extra_state(checkpoint["extra"])
-        state = RunState({k: v.numpy() for k, v in checkpoint["matrices"].items()}, checkpoint["next_task"],
-                         list(checkpoint["epoch_losses"]), {k: list(v) for k, v in checkpoint["history"].items()})
-        set_rng_state(checkpoint["rng"])
-
-    if logger is None:
-        logger = RunLogger(args.tracking_uri, args.experiment_name, args.run_name,
-                           run_id=checkpoint["mlflow_run_id"] if checkpoint is not None else None)
-    elif checkpoint is not None:
-        logger.load_state_dict(checkpoint["logger"])
-    if checkpoint is None:
-        log_new_run(logger, args, dataset)
-    checkpoint_path = None
-    if args.savecheck:
-        checkpoint_path = Path(args.resume) if args.resume else Path(args.checkpoint_dir) / f"{logger.run_id}.pt"
-        logger.set_tags({"checkpoint": str(checkpoint_path.resolve())})
-
-    def save(state: RunState) -> None:
-        save_checkpoint(checkpoint_path, {
-            "config": computational_config(args), "tracking_uri": args.tracking_uri,
-            "mlflow_run_id": logger.run_id, "logger": logger.state_dict(), "next_task": state.next_task,
-            "epoch_losses": state.epoch_losses, "history": state.history,
-            "matrices": {k: torch.from_numpy(v) for k, v in state.matrices.items()},
-            "net": model.net.state_dict(), "optimizer": model.opt.state_dict(), "extra": model.extra_state(),
-            "rng": rng_state(),
-        })
-        print(f"checkpoint after task {state.next_task}: {checkpoint_path}", flush=True)
-
-    if isinstance(logger, RunLogger):
-        print(f"MLflow run {logger.run_id} in {args.tracking_uri}", flush=True)
-    try:
-        train(model, dataset, args, logger, state, after_task=save if checkpoint_path else None)
-    except TrainingDiverged as error:
-        logger.set_tags({"error": str(error)})
-        logger.finish("FAILED")
-        raise
-    except KeyboardInterrupt:
-        logger.finish("KILLED")
-        raise
-    print(summary_table(state, args))
-    logger.finish("FINISHED")
-    return state
+from continual.args import parse_args
+from continual.run import run
+from utils.errors import run_command
 
 
 def main(argv: list[str] | None = None) -> int:

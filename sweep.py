@@ -24,8 +24,8 @@ import numpy as np
 from utils.errors import ConfigError, run_command
 from utils.launchers import add_launcher_args, pool_workers, run_units
 from utils.mlflow_logger import check_reachable, default_tracking_uri
-from utils.sweep_runs import SweepTracker, run_cell
-from utils.sweep_spec import Cell, Sweep, load_sweep
+from continual.sweep_runs import SweepTracker, run_cell
+from continual.sweep_spec import Cell, Sweep, load_sweep
 
 REPO_ROOT = Path(__file__).resolve().parent
 
@@ -116,7 +116,7 @@ def execute(cells: list[tuple[Cell, str]], tracker: SweepTracker, args: argparse
 
 
 def run(args: argparse.Namespace) -> dict:
-    from utils.sweep_report import write_report
+    from continual.sweep_report import write_report
 
     sweep = load_sweep(args.sweep_file)  # every check of the file happens here, before anything runs
     tracking_uri = args.tracking_uri or default_tracking_uri()

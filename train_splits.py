@@ -19,12 +19,13 @@ from tqdm import tqdm
 
 from backbones import BACKBONES
 from datasets import DATASETS
-from utils.args import declared_flags
+from continual.args import declared_flags
 from utils.errors import ConfigError, run_command
 from utils.launchers import add_launcher_args, run_units
 from utils.mlflow_logger import RunLogger, default_tracking_uri, environment_tags
-from utils.split_store import Plan, SplitStore, balanced_masks, fingerprint, random_masks
-from utils.split_training import class_rows, dataset_args, train_and_store
+from memorization.plan import Plan, balanced_masks, fingerprint, random_masks
+from memorization.store import SubsetStore
+from memorization.training import class_rows, dataset_args, train_and_store
 
 
 def build_parser(backbone: type | None = None) -> argparse.ArgumentParser:
@@ -180,7 +181,7 @@ def groups_to_train(plan: Plan, finished: list[int], args: argparse.Namespace) -
 
 
 def run(args: argparse.Namespace) -> dict:
-    store = SplitStore(args.out)
+    store = SubsetStore(args.out)
     plan = make_plan(args)
     store.write_plan(plan)
     finished, problems = store.finished_models(plan, repair=True)

@@ -43,6 +43,10 @@ class Backbone(nn.Module):
     def add_args(parser: argparse._ArgumentGroup) -> None:
         """Backbone-specific flags (none by default)."""
 
+    @staticmethod
+    def check_args(args: argparse.Namespace) -> None:
+        """Refuse out-of-range values of its flags with one sentence (ConfigError); none by default."""
+
     def hidden_units(self) -> list[UnitGroup]:
         raise NotImplementedError
 

@@ -43,11 +43,11 @@ from benchmarks.estimator import cpu_model  # noqa: E402
 from datasets import DATASETS  # noqa: E402
 from datasets.cifar import RELEASES  # noqa: E402
 from datasets.mnist import FILES as MNIST_FILES  # noqa: E402
-from main import set_seed  # noqa: E402
+from continual.run import set_seed  # noqa: E402
 from models import MODELS  # noqa: E402
-from utils.args import parse_args  # noqa: E402
-from utils.continual_dataset import ContinualDataset, Split  # noqa: E402
-from utils.training import RunState, train_task  # noqa: E402
+from continual.args import parse_args  # noqa: E402
+from datasets import ContinualDataset, Split  # noqa: E402
+from continual.training import RunState, train_task  # noqa: E402
 
 SEED = 0
 WORKER_COUNTS = (0, 2)  # DataLoader workers tried for the straightforward side; it gets the faster

@@ -39,10 +39,10 @@ import torch  # noqa: E402
 import train_splits  # noqa: E402
 from benchmarks.engine_throughput import load_average, machine, synchronize, write_idx  # noqa: E402
 from datasets.mnist import FILES as MNIST_FILES  # noqa: E402
-from utils import split_training  # noqa: E402
-from utils.continual_model import build_optimizer  # noqa: E402
-from utils.split_store import Plan  # noqa: E402
-from utils.split_training import (Ensemble, PlanData, autocast, build_backbones, load_plan_data,  # noqa: E402
+from memorization import training as split_training  # noqa: E402
+from utils.optimizers import build_optimizer  # noqa: E402
+from memorization.plan import Plan  # noqa: E402
+from memorization.training import (Ensemble, PlanData, autocast, build_backbones, load_plan_data,  # noqa: E402
                                   train_group)
 
 BATCH = 32

@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 
 import numpy as np  # noqa: E402
 
-from utils.memorization import influence, memorization  # noqa: E402
+from memorization.estimator import influence, memorization  # noqa: E402
 
 GB = 1e9
 

@@ -50,12 +50,13 @@ import torch.nn.functional as F  # noqa: E402
 from backbones import BACKBONES  # noqa: E402
 from benchmarks.engine_throughput import SilentLogger, cycled, data_path_for, machine, synchronize  # noqa: E402
 from datasets import DATASETS  # noqa: E402
-from main import set_seed  # noqa: E402
+from continual.run import set_seed  # noqa: E402
 from models import MODELS  # noqa: E402
-from utils.args import parse_args  # noqa: E402
+from continual.args import parse_args  # noqa: E402
 from utils.plots import close, value_histogram  # noqa: E402
-from utils.scores import MemorizationProxy, load_scores  # noqa: E402
-from utils.training import RunState, train_task  # noqa: E402
+from memorization.scores import load_scores  # noqa: E402
+from models._memorization_proxy import MemorizationProxy  # noqa: E402
+from continual.training import RunState, train_task  # noqa: E402
 
 SEED = 0
 TASK = 1  # the timed task: the buffer already holds task 0, so replay, begin_task and end_task all do real work

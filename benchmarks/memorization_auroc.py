@@ -19,8 +19,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import train_splits  # noqa: E402
-from utils.memorization import auroc, memorization  # noqa: E402
-from utils.split_store import SplitStore  # noqa: E402
+from memorization.estimator import auroc, memorization  # noqa: E402
+from memorization.store import SubsetStore  # noqa: E402
 
 
 def main() -> None:
@@ -39,7 +39,7 @@ def main() -> None:
                 "--n_epochs", str(epochs), "--lr", "0.1", "--batch_size", "32", "--mlp_hidden", "256",
                 "--label_noise", "0.1", "--ensemble", "16", "--out", str(out), "--non_verbose",
                 "--tracking_uri", f"sqlite:///{Path(folder) / 'mlflow.db'}"]))
-            store = SplitStore(out)
+            store = SubsetStore(out)
             plan = store.load_plan()
             target = np.stack([store.read_model(i, plan)[f"{args.target}_train"][-1] for i in range(plan.n_models)])
             target = target.astype(np.float32)

@@ -76,11 +76,11 @@ from torch import nn  # noqa: E402
 from backbones import BACKBONES  # noqa: E402
 from benchmarks.engine_throughput import data_path_for, load_average, machine, synchronize  # noqa: E402
 from datasets import DATASETS  # noqa: E402
-from main import set_seed  # noqa: E402
+from continual.run import set_seed  # noqa: E402
 from models import MODELS  # noqa: E402
 from plasticity import PLASTICITY  # noqa: E402
-from utils.args import parse_args  # noqa: E402
-from utils.units import UnitMonitor  # noqa: E402
+from continual.args import parse_args  # noqa: E402
+from plasticity._hidden_units import UnitMonitor  # noqa: E402
 
 SEED = 0
 BATCH = 100

@@ -29,11 +29,11 @@ from pathlib import Path  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import main as main_py  # noqa: E402
+from continual import run as main_py  # noqa: E402
 from benchmarks.engine_throughput import load_average, machine  # noqa: E402
-from utils.args import parse_args  # noqa: E402
+from continual.args import parse_args  # noqa: E402
 from utils.mlflow_logger import RunLogger  # noqa: E402
-from utils.sweep_runs import run_cell  # noqa: E402
+from continual.sweep_runs import run_cell  # noqa: E402
 
 CASES = {
     "seq-digits 5 tasks x 1 epoch": ["--dataset", "seq-digits", "--model", "sgd", "--n_epochs", "1",

@@ -1,16 +1,19 @@
-"""Policies deciding which examples a replay buffer keeps, registered by CLI name (`reservoir`, ...)."""
+"""Replay buffers and the policies deciding what they keep, registered by CLI name (`reservoir`, `min`, ...).
+
+The contract lives here: the `Buffer` stores uint8 examples, labels, logits, task ids and dataset
+indices on the training device, and a `BufferPolicy` chooses the slots each incoming batch
+overwrites. A new policy is one file: subclass `BufferPolicy`, implement `insert`, and decorate it
+with `@register_policy("name")`; a policy that re-selects the whole buffer (as the memorization
+policies do at the end of a task) rewrites it through `Buffer.write_rows` and `Buffer.keep_first`.
+"""
 from __future__ import annotations
 
 import argparse
-
-from typing import TYPE_CHECKING
+from typing import Callable
 
 import torch
 
 from utils.registry import Registry
-
-if TYPE_CHECKING:
-    from utils.buffer import Buffer
 
 
 class BufferPolicy:
@@ -21,10 +24,15 @@ class BufferPolicy:
     """
 
     NAME: str
+    NEEDS_MEMORIZATION_VALUES = False  # True: selects by the model's memorization_values()
 
     @staticmethod
     def add_args(parser: argparse._ArgumentGroup) -> None:
         """Policy-specific flags (none by default)."""
+
+    @staticmethod
+    def check_args(args: argparse.Namespace) -> None:
+        """Refuse out-of-range values with one sentence (ConfigError); called before anything is built."""
 
     def __init__(self, args: argparse.Namespace):
         self.args = args
@@ -39,6 +47,86 @@ class BufferPolicy:
     def insert(self, buffer: "Buffer", labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Slots for an incoming batch with these labels (the buffer's fields are readable, not yet updated)."""
         raise NotImplementedError
+
+
+FIELDS = ("examples", "labels", "logits", "task_labels", "indices")
+
+
+class Buffer:
+    """Fixed-size store whose slots are chosen by a `BufferPolicy`; tensors are allocated on first insert."""
+
+    def __init__(self, capacity: int, device: torch.device | str, policy: BufferPolicy):
+        self.capacity = capacity
+        self.device = torch.device(device)
+        self.policy = policy
+        self.n_seen = 0  # stream examples offered to the buffer so far
+        self.examples = self.labels = self.logits = self.task_labels = self.indices = None
+
+    def __len__(self) -> int:
+        # Not min(): once the registry imports this package's policy files, `min` and `max` here name them.
+        return self.n_seen if self.n_seen < self.capacity else self.capacity
+
+    def is_empty(self) -> bool:
+        return len(self) == 0
+
+    def add_data(self, examples: torch.Tensor, labels: torch.Tensor, logits: torch.Tensor | None = None,
+                 task_labels: torch.Tensor | None = None, indices: torch.Tensor | None = None) -> None:
+        """Offer a batch to the buffer; the policy decides which rows are stored where, in one vectorised write."""
+        batch = {"examples": examples, "labels": labels, "logits": logits,
+                 "task_labels": task_labels, "indices": indices}
+        if self.examples is None:
+            self._allocate(batch)
+        slots, rows = self.policy.insert(self, labels)
+        for name, value in batch.items():
+            store = getattr(self, name)
+            if store is not None and value is not None:
+                store[slots] = value[rows].to(store.dtype)
+        self.n_seen += len(labels)
+
+    def get_data(self, size: int, transform: Callable[[torch.Tensor], torch.Tensor] | None = None
+                 ) -> dict[str, torch.Tensor]:
+        """A random batch (without replacement) of at most `size` stored examples, transformed if asked."""
+        choice = torch.randperm(len(self), device=self.device)[:size]
+        out = {name: getattr(self, name)[choice] for name in FIELDS if getattr(self, name) is not None}
+        if transform is not None:
+            out["examples"] = transform(out["examples"])
+        return out
+
+    def get_all(self) -> dict[str, torch.Tensor]:
+        """Every stored example, untransformed, in slot order."""
+        return {name: getattr(self, name)[: len(self)] for name in FIELDS if getattr(self, name) is not None}
+
+    def write_rows(self, offset: int, source: dict[str, torch.Tensor], rows) -> int:
+        """Write source[name][rows] into consecutive slots from `offset`, for every stored field that
+        `source` has; returns the first slot after them. Used by policies that re-select the buffer."""
+        rows = torch.as_tensor(rows, dtype=torch.long)
+        for name in FIELDS:
+            store = getattr(self, name)
+            if store is not None and name in source:
+                values = source[name][rows.to(source[name].device)]
+                store[offset:offset + len(rows)] = values.to(store.device, store.dtype)
+        return offset + len(rows)
+
+    def keep_first(self, n: int) -> None:
+        """The buffer now holds exactly slots [0, n); the next stream example counts as the (n + 1)-th."""
+        self.n_seen = n
+
+    def _allocate(self, batch: dict[str, torch.Tensor | None]) -> None:
+        for name, value in batch.items():
+            if value is not None:
+                shape = (self.capacity, *value.shape[1:])
+                setattr(self, name, torch.zeros(shape, dtype=value.dtype, device=self.device))
+
+    def state_dict(self) -> dict:
+        state = {"n_seen": self.n_seen, "policy": self.policy.state_dict()}
+        state.update({name: getattr(self, name) for name in FIELDS if getattr(self, name) is not None})
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        self.n_seen = int(state["n_seen"])
+        self.policy.load_state_dict(state["policy"])
+        for name in FIELDS:
+            setattr(self, name, state[name].to(self.device) if name in state else None)
 
 
 BUFFER_POLICIES: Registry[BufferPolicy] = Registry("buffer policy", "buffer_policies", plural="buffer policies")

@@ -17,6 +17,7 @@ import torch
 
 from buffer_policies import BufferPolicy
 from buffer_policies.reservoir import reservoir_slots
+from datasets import DATASETS
 from utils.errors import ConfigError
 
 
@@ -37,15 +38,24 @@ def _spread(total: int, parts: int) -> list[int]:
 class MemorizationPolicy(BufferPolicy):
     """Base of the policies that select the buffer by memorization value; subclasses define `choose`."""
 
+    NEEDS_MEMORIZATION_VALUES = True
+
     @staticmethod
     def add_args(parser):
         parser.add_argument("--longtail_fraction", type=float, default=0.0,
                             help="fraction of each class's quota reserved for its most memorized examples")
 
-    def __init__(self, args: argparse.Namespace):
-        super().__init__(args)
+    @staticmethod
+    def check_args(args):
         if not 0.0 <= args.longtail_fraction <= 1.0:
             raise ConfigError(f"--longtail_fraction is a fraction in [0, 1], got {args.longtail_fraction}")
+        n_classes = DATASETS.get(args.dataset).N_CLASSES
+        if args.buffer_size < n_classes:
+            raise ConfigError(f"a buffer of {args.buffer_size} cannot keep one example of each of {args.dataset}'s "
+                              f"{n_classes} classes; pass --buffer_size of at least {n_classes}")
+
+    def __init__(self, args: argparse.Namespace):
+        super().__init__(args)
         self.generator = np.random.default_rng([args.seed, 8])
         self.start = 0  # slots [0, start) hold earlier tasks; the current task fills [start, capacity)
 
@@ -76,7 +86,7 @@ class MemorizationPolicy(BufferPolicy):
         """Shrink the earlier classes to their quotas with `task` + 1 tasks; the rest becomes the task's share."""
         if task == 0 or buffer.labels is None:
             self.start = 0
-            buffer.n_seen = 0
+            buffer.keep_first(0)
             return
         quota = quotas(buffer.capacity, task + 1, classes_of_task)
         stored = buffer.get_all()
@@ -85,8 +95,8 @@ class MemorizationPolicy(BufferPolicy):
         for c in sorted(c for t in range(task) for c in classes_of_task[t]):
             slots = np.flatnonzero(labels == c)
             keep.append(slots[self.rank(values[indices[slots]], min(quota[c], len(slots)))])
-        self.start = self._write(buffer, 0, [(stored, np.concatenate(keep))])
-        buffer.n_seen = self.start
+        self.start = buffer.write_rows(0, stored, np.concatenate(keep))
+        buffer.keep_first(self.start)
 
     def end_task(self, buffer, task: int, classes_of_task: list[range], candidates: dict[str, torch.Tensor],
                  values: np.ndarray) -> None:
@@ -98,22 +108,7 @@ class MemorizationPolicy(BufferPolicy):
         for c, k in zip(classes, _spread(buffer.capacity - self.start, len(classes))):
             members = np.flatnonzero(labels == c)
             rows.append(members[self.rank(values[indices[members]], min(k, len(members)))])
-        end = self._write(buffer, self.start, [(candidates, np.concatenate(rows))])
-        buffer.n_seen = end
-
-    @staticmethod
-    def _write(buffer, offset: int, parts: list[tuple[dict, np.ndarray]]) -> int:
-        """Write the chosen rows into consecutive slots from `offset`; returns the first slot after them."""
-        end = offset
-        for table, rows in parts:
-            rows_tensor = torch.as_tensor(rows, dtype=torch.long)
-            for name in ("examples", "labels", "logits", "task_labels", "indices"):
-                store = getattr(buffer, name)
-                if store is not None and name in table:
-                    values = table[name][rows_tensor.to(table[name].device)]
-                    store[end:end + len(rows)] = values.to(store.device, store.dtype)
-            end += len(rows)
-        return end
+        buffer.keep_first(buffer.write_rows(self.start, candidates, np.concatenate(rows)))
 
     def state_dict(self) -> dict:
         return {"start": self.start, "generator": self.generator.bit_generator.state}

@@ -8,7 +8,7 @@ import pickle
 import numpy as np
 
 from datasets import register_dataset
-from utils.continual_dataset import ContinualDataset, require_files
+from datasets import ContinualDataset, require_files
 from utils.errors import ConfigError
 
 try:  # numpy >= 2

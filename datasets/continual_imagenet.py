@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from datasets import register_dataset
-from utils.continual_dataset import ContinualDataset, Split, require_files
+from datasets import ContinualDataset, Split, require_files
 from utils.errors import ConfigError
 
 N_RELEASE_CLASSES = 1000

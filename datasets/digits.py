@@ -6,7 +6,7 @@ from sklearn.datasets import load_digits
 
 from datasets import register_dataset
 from datasets.mnist import PermutedPixels
-from utils.continual_dataset import ContinualDataset
+from datasets import ContinualDataset
 
 TEST_FRACTION = 0.2
 SPLIT_SEED = 0  # the train/test split is fixed, whatever --seed says, so results stay comparable

@@ -19,7 +19,7 @@ from datasets import register_dataset
 from datasets.cifar import load_cifar
 from datasets.digits import load_digits_split
 from datasets.mnist import load_mnist
-from utils.continual_dataset import ContinualDataset, Split
+from datasets import ContinualDataset, Split
 from utils.errors import ConfigError
 
 RANDOM_LABEL_STREAM = 12  # salts the per-task generators (perm-mnist uses 10, rot-mnist 11)

@@ -49,10 +49,10 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import eval_splits  # noqa: E402
-import main as main_py  # noqa: E402
+from continual import run as main_py  # noqa: E402
 import train_splits  # noqa: E402
-from utils.args import parse_args as main_parse_args  # noqa: E402
-from utils.evaluation import BUCKETS, forgetting, memorization_buckets  # noqa: E402
+from continual.args import parse_args as main_parse_args  # noqa: E402
+from continual.evaluation import BUCKETS, forgetting, memorization_buckets  # noqa: E402
 from utils.mlflow_logger import git_commit  # noqa: E402
 
 PROXIES = ("learned_iteration", "cumulative_loss")

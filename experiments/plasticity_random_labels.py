@@ -33,8 +33,8 @@ sys.path.insert(0, str(REPO))  # run as a script from anywhere
 
 import numpy as np  # noqa: E402
 
-import main as main_py  # noqa: E402
-from utils.args import parse_args  # noqa: E402
+from continual import run as main_py  # noqa: E402
+from continual.args import parse_args  # noqa: E402
 from utils.plots import close, plt  # noqa: E402
 
 BASE = ["--model", "sgd", "--dataset", "random-label-digits", "--optimizer", "adam", "--lr", "1e-3",

@@ -1,9 +1,7 @@
 """der: Dark Experience Replay — match the logits the buffer stored when each example was inserted."""
 import torch
-import torch.nn.functional as F
 
-from models import register_model
-from utils.continual_model import ContinualModel
+from models import ContinualModel, register_model
 
 
 @register_model("der")
@@ -19,9 +17,7 @@ class Der(ContinualModel):
         outputs = self.net(inputs)
         loss = self.loss(outputs, labels)
         if not self.buffer.is_empty():
-            replay = self.buffer.get_data(self.args.minibatch_size, transform=self.transform)
-            loss = loss + self.args.alpha * F.mse_loss(self.net(replay["examples"]), replay["logits"])
-        self.sgd_step(loss)
+            loss = loss + self.args.alpha * self.replay_logit_loss()
         self.buffer.add_data(not_aug_inputs, labels, logits=outputs.detach(), indices=indices,
                              task_labels=torch.full_like(indices, task))
-        return loss.detach()
+        return loss

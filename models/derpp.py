@@ -1,9 +1,7 @@
 """derpp: DER++ — DER's logit matching plus cross-entropy on a second buffer batch."""
 import torch
-import torch.nn.functional as F
 
-from models import register_model
-from utils.continual_model import ContinualModel
+from models import ContinualModel, register_model
 
 
 @register_model("derpp")
@@ -21,11 +19,7 @@ class Derpp(ContinualModel):
         outputs = self.net(inputs)
         loss = self.loss(outputs, labels)
         if not self.buffer.is_empty():
-            replay = self.buffer.get_data(self.args.minibatch_size, transform=self.transform)
-            loss = loss + self.args.alpha * F.mse_loss(self.net(replay["examples"]), replay["logits"])
-            replay = self.buffer.get_data(self.args.minibatch_size, transform=self.transform)
-            loss = loss + self.args.beta * self.loss(self.net(replay["examples"]), replay["labels"])
-        self.sgd_step(loss)
+            loss = loss + self.args.alpha * self.replay_logit_loss() + self.args.beta * self.replay_label_loss()
         self.buffer.add_data(not_aug_inputs, labels, logits=outputs.detach(), indices=indices,
                              task_labels=torch.full_like(indices, task))
-        return loss.detach()
+        return loss

@@ -13,15 +13,15 @@ import torch.nn.functional as F
 from scipy.stats import spearmanr
 
 from buffer_policies._memorization import MemorizationPolicy
-from models import register_model
-from utils.continual_model import ContinualModel
+from models import ContinualModel, register_model
+from models._memorization_proxy import PROXIES, MemorizationProxy
 from utils.errors import ConfigError
-from utils.scores import PROXIES, MemorizationProxy
 
 
 @register_model("maer")
 class Maer(ContinualModel):
     USES_BUFFER = True
+    MEMORIZATION_VALUES = True
 
     @staticmethod
     def add_args(parser):
@@ -42,27 +42,21 @@ class Maer(ContinualModel):
 
     def observe(self, inputs, labels, not_aug_inputs, indices, task):
         batch_size = len(labels)
-        replay_ce = self.args.replay == "er" and not self.buffer.is_empty()
-        if replay_ce:  # ER: the buffer batch joins the stream batch in one forward pass
+        all_inputs, all_labels = inputs, labels
+        if self.args.replay == "er" and not self.buffer.is_empty():  # the buffer batch joins the stream batch
             replay = self.buffer.get_data(self.args.minibatch_size, transform=self.transform)
-            inputs = torch.cat((inputs, replay["examples"]))
+            all_inputs = torch.cat((inputs, replay["examples"]))
             all_labels = torch.cat((labels, replay["labels"]))
-        else:
-            all_labels = labels
-        outputs = self.net(inputs)
+        outputs = self.net(all_inputs)
         losses = F.cross_entropy(outputs, all_labels, reduction="none")
         loss = losses.mean()
         if self.args.replay == "derpp" and not self.buffer.is_empty():
-            replay = self.buffer.get_data(self.args.minibatch_size, transform=self.transform)
-            loss = loss + self.args.alpha * F.mse_loss(self.net(replay["examples"]), replay["logits"])
-            replay = self.buffer.get_data(self.args.minibatch_size, transform=self.transform)
-            loss = loss + self.args.beta * self.loss(self.net(replay["examples"]), replay["labels"])
-        self.sgd_step(loss)
+            loss = loss + self.args.alpha * self.replay_logit_loss() + self.args.beta * self.replay_label_loss()
         if self.proxy is not None:  # the stream rows of the forward pass just made: no extra cost
             self.proxy.update(indices, outputs[:batch_size], labels, losses[:batch_size])
         self.buffer.add_data(not_aug_inputs, labels, indices=indices, task_labels=torch.full_like(indices, task),
                              logits=outputs[:batch_size].detach() if self.args.replay == "derpp" else None)
-        return loss.detach()
+        return loss
 
     def memorization_values(self) -> np.ndarray:
         return self.scores if self.scores is not None else self.proxy.values()

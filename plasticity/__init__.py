@@ -2,7 +2,10 @@
 
 `--plasticity snr_v2,l2` composes methods on top of any model: regularizers add the gradient of their
 penalty before the optimizer step; reset methods act after each optimizer step through the network's
-hidden-unit groups (utils/units.py), so one reset serves MLP units, conv channels and ViT MLP units.
+hidden-unit groups (`plasticity/_hidden_units.py`), so one reset serves MLP units, conv channels and
+ViT MLP units. The contract lives here: a new method is one file that subclasses `PlasticityMethod`,
+overrides `before_step` and/or `after_step`, and is decorated with `@register_plasticity("name")`.
+The task loop calls `Plasticity.before_step` / `after_step` around every optimizer step itself.
 """
 from __future__ import annotations
 
@@ -11,16 +14,15 @@ import argparse
 import torch
 
 from backbones import Backbone
+from plasticity._hidden_units import HiddenUnits
 from utils.errors import ConfigError
-from utils.registry import Registry
-from utils.units import HiddenUnits
+from utils.registry import Registry, declared_flags
 
 
 class PlasticityMethod:
-    """Base of every method. Flags are declared in `add_args` and start with the method's FLAG_PREFIX."""
+    """Base of every method; its flags are declared in `add_args` and checked in `check_args`."""
 
     NAME: str
-    FLAG_PREFIX: str = ""
     NEEDS_UNITS = False  # True for methods that act on hidden units (resets)
     STATE: tuple[str, ...] = ()  # attributes holding lists of tensors that a checkpoint keeps
 
@@ -75,21 +77,19 @@ def check_plasticity_args(args: argparse.Namespace, argv: list[str]) -> None:
     for name in chosen:
         PLASTICITY.get(name).check_args(args)
     given = {token.split("=")[0] for token in argv if token.startswith("--")}
-    chosen_flags = set().union(*(_flags_of(PLASTICITY.get(n)) for n in chosen))
+    chosen_flags = set().union(*(_options_of(PLASTICITY.get(n)) for n in chosen))
     for name in PLASTICITY.names():
         if name in chosen:
             continue
-        flags = _flags_of(PLASTICITY.get(name)) - chosen_flags
+        flags = _options_of(PLASTICITY.get(name)) - chosen_flags
         stray = sorted(f for f in flags if f in given)
         if stray:
             raise ConfigError(f"{', '.join(stray)} belongs to the plasticity method {name}, which is not in "
                               f"--plasticity ({args.plasticity or 'none'}); add {name} to --plasticity or drop the flag")
 
 
-def _flags_of(method: type[PlasticityMethod]) -> set[str]:
-    parser = argparse.ArgumentParser(add_help=False)
-    method.add_args(parser)
-    return {option for action in parser._actions for option in action.option_strings}
+def _options_of(method: type[PlasticityMethod]) -> set[str]:
+    return {option for options in declared_flags(method).values() for option in options}
 
 
 class Plasticity:
@@ -107,6 +107,17 @@ class Plasticity:
                                   f"needs; use a backbone with hidden-unit groups (mlp, resnet18, vit)")
         self.methods = [c(net, optimizer, self.units, args) for c in classes]
         self.step = 0
+        self._step_at_task_start = 0
+
+    def begin_task(self) -> None:
+        self._step_at_task_start = self.step
+
+    def check_stepped(self, task: int, model: str) -> None:
+        """A task that ran no optimizer step through these hooks means every method silently did nothing."""
+        if self.methods and self.step == self._step_at_task_start:
+            raise ConfigError(f"the plasticity methods {', '.join(m.NAME for m in self.methods)} saw no optimizer "
+                              f"step in task {task + 1}: {model} trains outside the task loop's step; run it "
+                              f"without --plasticity")
 
     def before_step(self) -> None:
         for method in self.methods:

@@ -17,7 +17,6 @@ from utils.errors import ConfigError
 
 @register_plasticity("cbp")
 class ContinualBackprop(PlasticityMethod):
-    FLAG_PREFIX = "cbp"
     NEEDS_UNITS = True
     STATE = ("utility",)
 

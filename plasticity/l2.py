@@ -8,7 +8,6 @@ from utils.errors import ConfigError
 
 @register_plasticity("l2")
 class L2(PlasticityMethod):
-    FLAG_PREFIX = "l2"
 
     @staticmethod
     def add_args(parser):

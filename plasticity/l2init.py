@@ -9,7 +9,6 @@ from utils.errors import ConfigError
 
 @register_plasticity("l2init")
 class L2Init(PlasticityMethod):
-    FLAG_PREFIX = "l2init"
     STATE = ("initial",)
 
     @staticmethod

@@ -23,7 +23,6 @@ def redo_scores(mean_abs: torch.Tensor) -> torch.Tensor:
 
 @register_plasticity("redo")
 class ReDO(PlasticityMethod):
-    FLAG_PREFIX = "redo"
     NEEDS_UNITS = True
 
     @staticmethod

@@ -10,12 +10,11 @@ import torch
 
 from plasticity import PlasticityMethod, register_plasticity
 from utils.errors import ConfigError
-from utils.units import Reinitializer
+from plasticity._hidden_units import Reinitializer
 
 
 @register_plasticity("shrink_perturb")
 class ShrinkPerturb(PlasticityMethod):
-    FLAG_PREFIX = "sp"
 
     @staticmethod
     def add_args(parser):

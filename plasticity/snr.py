@@ -40,7 +40,6 @@ def check_snr(p: float, update_prob: float, prefix: str) -> None:
 
 @register_plasticity("snr")
 class SNR(PlasticityMethod):
-    FLAG_PREFIX = "snr"
     NEEDS_UNITS = True
     STATE = ("tau", "arrival_sum", "arrival_count")
 

@@ -19,7 +19,6 @@ from plasticity.snr import check_snr, infinite_thresholds, threshold_median
 
 @register_plasticity("snr_v2")
 class SNRV2(PlasticityMethod):
-    FLAG_PREFIX = "snr2"
     NEEDS_UNITS = True
     STATE = ("tau", "positive_tokens", "tokens")
 

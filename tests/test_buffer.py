@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from buffer_policies import BUFFER_POLICIES
-from utils.buffer import Buffer
+from buffer_policies import Buffer
 from utils.errors import ConfigError
 
 

@@ -12,9 +12,9 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-import main
+from continual import run as main
 from tests.conftest import REPO_ROOT
-from utils.args import parse_args
+from continual.args import parse_args
 
 # Plasticity methods with state of their own (utilities, host-side ages, a random schedule, θ₀) and the
 # covariates' neuron ages must resume exactly too.

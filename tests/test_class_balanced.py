@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from buffer_policies import BUFFER_POLICIES
-from utils.buffer import Buffer
+from buffer_policies import Buffer
 
 
 def make_buffer(capacity: int, policy: str = "class_balanced") -> Buffer:

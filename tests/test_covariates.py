@@ -10,7 +10,7 @@ import torch
 
 from backbones import BACKBONES
 from utils.covariate_plots import COVARIATE_PLOTS, age_histogram, close, covariate_figure
-from utils.covariates import (
+from continual.covariates import (
     age_statistics, effective_rank, probe_statistics, singular_values_from_gram, stable_rank,
     weight_magnitudes,
 )

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from datasets import DATASETS
-from utils.augment import random_crop, random_flip
+from datasets._augment import random_crop, random_flip
 from utils.errors import ConfigError
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from datasets import DATASETS
-from utils.evaluation import average_accuracy, backward_transfer, evaluate, forgetting
+from continual.evaluation import average_accuracy, backward_transfer, evaluate, forgetting
 
 
 MATRIX = np.array([

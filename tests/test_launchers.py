@@ -9,7 +9,7 @@ import pytest
 
 import train_splits
 from utils.launchers import run_units
-from utils.split_store import SplitStore
+from memorization.store import SubsetStore
 
 ARGS = ["--dataset", "seq-digits", "--n_models", "4", "--n_epochs", "2", "--lr", "0.1", "--batch_size", "64",
         "--mlp_hidden", "32", "--ensemble", "2", "--non_verbose"]
@@ -25,8 +25,8 @@ def local_store(tmp_path_factory):
 
 def same_models(store_a, store_b) -> None:
     for model_id in range(4):
-        a = np.load(SplitStore(store_a).model_path(model_id))
-        b = np.load(SplitStore(store_b).model_path(model_id))
+        a = np.load(SubsetStore(store_a).model_path(model_id))
+        b = np.load(SubsetStore(store_b).model_path(model_id))
         for key in ("prob_train", "correct_train", "prob_test", "correct_test"):
             np.testing.assert_array_equal(a[key], b[key])
 
@@ -53,7 +53,7 @@ def test_chunks_partition_the_plan(tmp_path):
     for index in range(3):
         train_splits.run(train_splits.parse_args([*ARGS, "--chunk", f"{index}/3", "--out", str(tmp_path / "store"),
                                                   "--tracking_uri", f"sqlite:///{tmp_path / 'mlflow.db'}"]))
-        stored.append(SplitStore(tmp_path / "store").stored_models())
+        stored.append(SubsetStore(tmp_path / "store").stored_models())
     assert stored[0] < stored[1] < stored[2] == {0, 1, 2, 3}
 
 

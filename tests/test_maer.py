@@ -8,14 +8,15 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-import main
+from continual import run as main
 from backbones import BACKBONES
 from buffer_policies._memorization import quotas
 from datasets import DATASETS
 from models import MODELS
-from utils.args import parse_args
-from utils.scores import MemorizationProxy, load_scores, original_train_labels
-from utils.split_store import fingerprint
+from continual.args import parse_args
+from memorization.plan import fingerprint
+from memorization.scores import load_scores, original_train_labels
+from models._memorization_proxy import MemorizationProxy
 
 
 def build(policy: str, buffer_size: int, scores: np.ndarray | None, *extra: str):

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
-import main
-from utils.args import parse_args
+from continual import run as main
+from continual.args import parse_args
 
 BASE = ["--dataset", "seq-digits", "--n_epochs", "3", "--seed", "0", "--non_verbose"]
 

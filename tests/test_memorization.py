@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from utils.memorization import auroc, consistency_scores, influence, memorization
+from memorization.estimator import auroc, consistency_scores, influence, memorization
 
 # A hand-made store: 6 models, 3 training and 3 test examples (rows are models).
 MASK = np.array([  # train example 0 is in every model: its scores are undefined

@@ -10,7 +10,7 @@ import yaml
 from backbones import BACKBONES
 from datasets import DATASETS
 from models import MODELS
-from utils.args import CONFIG_DIR, parse_args
+from continual.args import CONFIG_DIR, parse_args
 
 
 def build(model_name: str, *extra: str):

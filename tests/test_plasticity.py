@@ -9,15 +9,15 @@ import numpy as np
 import pytest
 import torch
 
-import main
+from continual import run as main
 from backbones import BACKBONES, Backbone
 from datasets import DATASETS
 from models import MODELS
 from plasticity import Plasticity
 from plasticity.redo import redo_scores
-from utils.args import parse_args
+from continual.args import parse_args
 from utils.errors import ConfigError
-from utils.units import HiddenUnits
+from plasticity._hidden_units import HiddenUnits
 
 SMALL = {
     "mlp": ((1, 8, 8), ["--mlp_hidden", "16,12"]),
@@ -348,7 +348,7 @@ def test_reset_head_zeroes_the_output_layer_at_each_new_task(tmp_path):
     assert len(state.history["terminal_test_acc"]) == 2
     model, dataset = build("--reset_head", "--dataset", "perm-digits", "--n_tasks", "2")
     from benchmarks.engine_throughput import SilentLogger as Silent
-    from utils.training import RunState, train_task
+    from continual.training import RunState, train_task
 
     train_task(model, dataset, 0, model.args, Silent(), RunState.fresh(dataset))
     head = copy.deepcopy(model.net.head)

@@ -12,7 +12,7 @@ import pytest  # noqa: E402
 from PIL import Image  # noqa: E402
 from sklearn.metrics import roc_auc_score  # noqa: E402
 
-from utils.split_report import rank_examples, write_report  # noqa: E402
+from memorization.report import rank_examples, write_report  # noqa: E402
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 N_TRAIN, N_TEST, EPOCHS = 40, 6, [1, 2, 5]

@@ -15,7 +15,8 @@ from mlflow.tracking import MlflowClient
 import eval_splits
 import train_splits
 from tests.conftest import REPO_ROOT
-from utils.split_store import SplitStore, balanced_masks
+from memorization.plan import balanced_masks
+from memorization.store import SubsetStore
 
 
 def train(tmp_path, *extra: str, out: str = "store"):
@@ -58,7 +59,7 @@ def test_relabeled_digits_rank_at_the_top_of_the_memorization_scores(tmp_path):
     report = {a.path for a in client.list_artifacts(evaluation.info.run_id, "report")}
     assert "report/most_memorized.png" in report and "report/summary.md" in report
     training = next(r for r in runs if r is not evaluation)
-    assert training.data.params["plan_hash"] == SplitStore(tmp_path / "store").load_plan().hash
+    assert training.data.params["plan_hash"] == SubsetStore(tmp_path / "store").load_plan().hash
     assert training.data.metrics["models_stored"] == 16
 
 
@@ -87,7 +88,7 @@ def test_an_ensemble_trains_the_same_models_as_one_at_a_time(tmp_path):
 
 def test_rerunning_trains_only_missing_models_and_partial_stores_are_refused(tmp_path, capsys):
     assert train(tmp_path, "--n_models", "6", "--chunk", "1/3")["trained"] == 2
-    assert SplitStore(tmp_path / "store").stored_models() == {2, 3}
+    assert SubsetStore(tmp_path / "store").stored_models() == {2, 3}
     with pytest.raises(Exception, match="holds 2 of the plan's 6 models; .* --allow_partial"):
         evaluate(tmp_path)
     partial = evaluate(tmp_path, "--allow_partial")
@@ -131,7 +132,7 @@ def test_a_killed_run_resumes_without_retraining_finished_models(tmp_path):
         time.sleep(0.05)
     process.send_signal(signal.SIGKILL)
     process.wait()
-    stored = SplitStore(tmp_path / "store").stored_models()
+    stored = SubsetStore(tmp_path / "store").stored_models()
     assert 3 <= len(stored) < 40, "the run was not killed midway"
     times = {i: (models / f"model_{i:06d}.npz").stat().st_mtime_ns for i in stored}
     result = train_splits.run(train_splits.parse_args(command[2:]))
@@ -143,7 +144,7 @@ def test_a_killed_run_resumes_without_retraining_finished_models(tmp_path):
 def test_epochs_recorded_and_noise_kept_in_the_store(tmp_path):
     train(tmp_path, "--n_models", "4", "--n_epochs", "4", "--record_epochs", "1,2", "--input_noise", "0.05",
           "--label_noise", "0.05")
-    plan = SplitStore(tmp_path / "store").load_plan()
+    plan = SubsetStore(tmp_path / "store").load_plan()
     assert plan.settings["training"]["record_epochs"] == [1, 2, 4]
     assert plan.input_noise_mask.sum() == round(0.05 * 1438) and plan.noisy_mask.sum() == round(0.05 * 1438)
     model = np.load(tmp_path / "store" / "models" / "model_000000.npz")
@@ -160,7 +161,7 @@ def test_epochs_recorded_and_noise_kept_in_the_store(tmp_path):
 
 def test_several_ratios_give_consistency_scores(tmp_path):
     train(tmp_path, "--n_models", "4", "--subset_ratio", "0.3,0.7")
-    plan = SplitStore(tmp_path / "store").load_plan()
+    plan = SubsetStore(tmp_path / "store").load_plan()
     assert plan.n_models == 8 and sorted(set(plan.model_ratio.tolist())) == [0.3, 0.7]
     assert set(plan.inclusion_mask[:4].sum(1).tolist()) == {round(0.3 * 1438)}
     evaluate(tmp_path)
@@ -205,7 +206,7 @@ def test_bad_evaluation_input_ends_with_one_sentence(tmp_path, capsys):
 def test_released_aux_arrays_give_the_same_scores_as_our_store(tmp_path):
     """The per-run aux_arrays.npz layout of the released checkpoints is read into the same estimator."""
     train(tmp_path, "--n_models", "6", "--subset_ratio", "0.5")
-    store = SplitStore(tmp_path / "store")
+    store = SubsetStore(tmp_path / "store")
     plan = store.load_plan()
     for model_id in range(plan.n_models):
         correct = np.load(store.model_path(model_id))["correct_train"][-1]
@@ -227,7 +228,7 @@ def test_released_aux_arrays_give_the_same_scores_as_our_store(tmp_path):
 
 def test_a_class_range_scores_only_its_examples_in_dataset_order(tmp_path):
     train(tmp_path, "--n_models", "4", "--classes", "2,4")
-    plan = SplitStore(tmp_path / "store").load_plan()
+    plan = SubsetStore(tmp_path / "store").load_plan()
     labels = np.load(tmp_path / "store" / "plan_arrays.npz")["train_indices"]
     assert plan.settings["n_train"] == len(labels) < 1438
     evaluate(tmp_path)

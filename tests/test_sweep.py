@@ -16,8 +16,8 @@ from mlflow.tracking import MlflowClient
 
 import sweep as sweep_py
 from utils.errors import ConfigError
-from utils.sweep_runs import run_cell
-from utils.sweep_spec import load_sweep
+from continual.sweep_runs import run_cell
+from continual.sweep_spec import load_sweep
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 BASE = {"dataset": "seq-digits", "model": "sgd", "n_epochs": 1, "batch_size": 32, "mlp_hidden": 32}
@@ -210,7 +210,7 @@ def test_a_killed_cell_resumes_from_its_checkpoint_with_the_same_record(tmp_path
             "--mlp_hidden", "32", "--seed", "5", "--plasticity", "redo", "--redo_every", "7"]
     whole = run_cell("whole", argv, str(tmp_path / "whole"))
     assert whole["outcome"] == "finished"
-    code = ("import sys; from utils.sweep_runs import run_cell; "
+    code = ("import sys; from continual.sweep_runs import run_cell; "
             f"run_cell('cut', {argv!r}, {str(tmp_path / 'cut')!r})")
     worker = subprocess.Popen([sys.executable, "-c", code], cwd=REPO_ROOT, stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL)
@@ -308,7 +308,7 @@ def test_pool_and_slurm_launchers_give_the_cells_the_same_results_as_in_process(
 
 def test_runs_log_every_metric_a_sweep_may_select_on(ray_sweep):
     from datasets import DATASETS
-    from utils.evaluation import logged_summary_metrics
+    from continual.evaluation import logged_summary_metrics
 
     folder, _, _ = ray_sweep
     selectable = logged_summary_metrics(DATASETS.get("seq-digits"), "seen", [50, 10])

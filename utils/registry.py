@@ -1,6 +1,7 @@
 """Name → class registries: one file defines one thing and registers it under its CLI name."""
 from __future__ import annotations
 
+import argparse
 import importlib
 import pkgutil
 from typing import Callable, Generic, TypeVar
@@ -20,11 +21,13 @@ class Registry(Generic[T]):
         self._entries: dict[str, type[T]] = {}
         self._loaded = False
 
-    def register(self, name: str) -> Callable[[type[T]], type[T]]:
+    def register(self, name: str, aliases: tuple[str, ...] = ()) -> Callable[[type[T]], type[T]]:
+        """Register a class under `name` (its file's name); `aliases` are other names it answers to."""
         def decorator(cls: type[T]) -> type[T]:
-            if name in self._entries and self._entries[name] is not cls:
-                raise RuntimeError(f"two {self.kind}s are registered as {name!r}")
-            self._entries[name] = cls
+            for key in (name, *aliases):
+                if key in self._entries and self._entries[key] is not cls:
+                    raise RuntimeError(f"two {self.kind}s are registered as {key!r}")
+                self._entries[key] = cls
             cls.NAME = name
             return cls
 
@@ -41,8 +44,14 @@ class Registry(Generic[T]):
         self._loaded = True
 
     def names(self) -> list[str]:
+        """Every name a class answers to (file names and aliases)."""
         self._load()
         return sorted(self._entries)
+
+    def classes(self) -> list[type[T]]:
+        """Each registered class once, in the order of its name."""
+        self._load()
+        return sorted(set(self._entries.values()), key=lambda cls: cls.NAME)
 
     def get(self, name: str) -> type[T]:
         self._load()
@@ -51,3 +60,15 @@ class Registry(Generic[T]):
                 f"unknown {self.kind} {name!r}; known {self.plural}: {', '.join(self.names())}"
             )
         return self._entries[name]
+
+
+def flags_of(parser: argparse.ArgumentParser) -> dict[str, tuple[str, ...]]:
+    """Each flag of a parser: its destination → its option strings (`l2_lambda` → ('--l2_lambda',))."""
+    return {action.dest: tuple(action.option_strings) for action in parser._actions}
+
+
+def declared_flags(component: type) -> dict[str, tuple[str, ...]]:
+    """The flags a registered component declares in its `add_args`, as `flags_of` gives them."""
+    parser = argparse.ArgumentParser(add_help=False)
+    component.add_args(parser)
+    return flags_of(parser)

@@ -1,4 +1,9 @@
-"""The task loop: train each task, evaluate every seen task, log, checkpoint."""
+"""The task loop: train each task, evaluate every seen task, log, checkpoint.
+
+The loop owns the optimizer step: a model's `observe` returns the loss of a batch, and
+`optimizer_step` runs backward, the model's `edit_gradients`, the plasticity hooks and the step,
+so no model can leave them out.
+"""
 from __future__ import annotations
 
 import argparse
@@ -11,14 +16,14 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from utils.continual_dataset import ContinualDataset
-from utils.continual_model import ContinualModel
-from utils.errors import TrainingDiverged
-from utils.evaluation import (accuracy_by_bucket, empty_matrix, evaluate, settings_of, summary_metrics,
+from datasets import ContinualDataset
+from models import ContinualModel
+from utils.errors import ConfigError, TrainingDiverged
+from continual.evaluation import (accuracy_by_bucket, empty_matrix, evaluate, settings_of, summary_metrics,
                               terminal_metrics, training_accuracy)
 from utils.mlflow_logger import RunLogger
 from utils.plots import accuracy_heatmap, close, terminal_accuracy_figure, value_histogram
-from utils.units import zero_head
+from plasticity._hidden_units import zero_head
 
 LOSS_REFRESH_STEPS = 20  # read the loss back from the device this often (progress bar and NaN check)
 PER_TASK_METRICS_UP_TO = 50  # log each task's accuracy as its own metric for streams up to this long
@@ -52,6 +57,20 @@ def matrix_csv(matrix: np.ndarray) -> str:
     return out.getvalue()
 
 
+def optimizer_step(model: ContinualModel, loss: torch.Tensor, task: int) -> None:
+    """Backward, the model's gradient edits, regularizer gradients, the optimizer step, then resets
+    and hidden-unit statistics."""
+    if not isinstance(loss, torch.Tensor) or not loss.requires_grad:
+        raise ConfigError(f"{model.NAME}.observe returned {type(loss).__name__} without a gradient; it must return "
+                          f"the loss tensor itself (the task loop runs backward and the optimizer step)")
+    model.opt.zero_grad(set_to_none=True)
+    loss.backward()
+    model.edit_gradients(task)
+    model.plasticity.before_step()
+    model.opt.step()
+    model.plasticity.after_step()
+
+
 def train_task(model: ContinualModel, dataset: ContinualDataset, task: int, args: argparse.Namespace,
                logger: RunLogger, state: RunState) -> None:
     """All epochs of one task; the per-epoch mean loss is logged and checked for NaN."""
@@ -59,6 +78,7 @@ def train_task(model: ContinualModel, dataset: ContinualDataset, task: int, args
     if args.reset_head and task > 0:
         zero_head(model.net, model.opt)
     model.begin_task(task)
+    model.plasticity.begin_task()
     data = model.training_data(task)
     probe = data.images[: args.probe_size]
     n, batch_size = len(data), args.batch_size
@@ -72,7 +92,8 @@ def train_task(model: ContinualModel, dataset: ContinualDataset, task: int, args
             rows = order[step * batch_size:(step + 1) * batch_size]
             raw = data.images[rows]
             loss = model.observe(dataset.train_transform(raw), data.labels[rows], raw, data.indices[rows], task)
-            loss_sum += loss * len(rows)
+            optimizer_step(model, loss, task)
+            loss_sum += loss.detach() * len(rows)
             if args.log_every and model.plasticity.step % args.log_every == 0:
                 covariates = measure_covariates(model, probe, args)
                 logger.log_metrics({f"step/{k}": v for k, v in covariates.items()}, step=model.plasticity.step)
@@ -87,12 +108,13 @@ def train_task(model: ContinualModel, dataset: ContinualDataset, task: int, args
         state.epoch_losses.append(loss_sum.item() / n)
     # One write per task: a store write costs more than an epoch of a small network.
     logger.log_series("train_loss", state.epoch_losses[-args.n_epochs:], first_step=task * args.n_epochs)
+    model.plasticity.check_stepped(task, model.NAME)
     model.end_task(task)
 
 
 def measure_covariates(model: ContinualModel, images: torch.Tensor, args: argparse.Namespace) -> dict[str, float]:
     """The plasticity covariates now: probe statistics, weight magnitudes and neuron ages."""
-    from utils.covariates import age_statistics, probe_statistics, weight_magnitudes
+    from continual.covariates import age_statistics, probe_statistics, weight_magnitudes
 
     metrics = probe_statistics(model.net, model.dataset.test_transform(images), args.dormant_tau)
     metrics.update(weight_magnitudes(model.net))

@@ -36,7 +36,8 @@ class UnitMonitor:
         self.mean_abs: list[torch.Tensor] = [torch.zeros_like(a) for a in self.abs_sum]
         self.step_positive: list[torch.Tensor] = [torch.zeros_like(a) for a in self.abs_sum]
         self.step_positions: list[int] = [0] * len(groups)
-        self._handles = [g.activation.register_forward_hook(self._hook(i)) for i, g in enumerate(groups)]
+        for i, group in enumerate(groups):
+            group.activation.register_forward_hook(self._hook(i))
 
     def _hook(self, index: int):
         group = self.groups[index]
@@ -88,10 +89,6 @@ class UnitMonitor:
     def load_state_dict(self, state: dict) -> None:
         self.age_steps = [a.to(b.device) for a, b in zip(state["age_steps"], self.age_steps)]
         self.age_tokens = [a.to(b.device) for a, b in zip(state["age_tokens"], self.age_tokens)]
-
-    def remove(self) -> None:
-        for handle in self._handles:
-            handle.remove()
 
 
 def _device(group: UnitGroup) -> torch.device:

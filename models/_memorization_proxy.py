@@ -1,52 +1,12 @@
-"""Per-example memorization values: precomputed score files and the online proxies of the maer model."""
+"""The online memorization proxies: a value per training example from the forward passes training makes."""
 from __future__ import annotations
-
-import json
-from pathlib import Path
 
 import numpy as np
 import torch
 
-from utils.continual_dataset import ContinualDataset
 from utils.errors import ConfigError
-from utils.split_store import fingerprint
 
 PROXIES = ("learned_iteration", "cumulative_loss")
-
-
-def original_train_labels(dataset: ContinualDataset) -> np.ndarray:
-    """Training labels in the dataset's own class numbering (undoing --class_order), as score files see them."""
-    return dataset.class_order[dataset.train.labels.cpu().numpy()]
-
-
-def load_scores(path: str, dataset: ContinualDataset) -> np.ndarray:
-    """A float32 score per training example in dataset order, checked against the dataset; NaN = undefined.
-
-    Accepts eval_splits.py output (checked against its JSON sidecar: dataset and label fingerprint)
-    and the seed paper's released float32 arrays (checked by length).
-    """
-    file = Path(path)
-    if not file.is_file():
-        raise ConfigError(f"--mem_scores {path}: no such file; pass the .npy written by eval_splits.py")
-    try:
-        scores = np.load(file, allow_pickle=False)
-    except (OSError, ValueError) as error:
-        raise ConfigError(f"--mem_scores {path} is not a readable .npy array ({type(error).__name__})") from None
-    n = len(dataset.train)
-    if scores.ndim != 1 or len(scores) != n:
-        raise ConfigError(f"--mem_scores {path} holds {scores.shape} scores but {dataset.NAME} has {n} training "
-                          f"examples; pass the score file of this dataset, in dataset order")
-    sidecar = file.with_suffix(".json")
-    if sidecar.exists():
-        meta = json.loads(sidecar.read_text())
-        if meta.get("dataset") not in (None, dataset.NAME):
-            raise ConfigError(f"--mem_scores {path} was computed on {meta['dataset']}, not {dataset.NAME}; pass "
-                              f"the score file of {dataset.NAME}")
-        expected = meta.get("label_fingerprint")
-        if expected is not None and expected != fingerprint(original_train_labels(dataset)):
-            raise ConfigError(f"--mem_scores {path} was computed on other training labels than this run's "
-                              f"(different --label_noise or data files); pass the score file of these labels")
-    return scores.astype(np.float32)
 
 
 class MemorizationProxy:

@@ -18,7 +18,7 @@ from mlflow.tracking import MlflowClient
 
 from utils.errors import ConfigError, TrainingDiverged
 from utils.mlflow_logger import RecordingLogger, RunLogger
-from utils.sweep_spec import Cell, Sweep
+from continual.sweep_spec import Cell, Sweep
 
 PARENT_TAG = "mlflow.parentRunId"
 
@@ -27,8 +27,8 @@ def run_cell(key: str, argv: list[str], checkpoint_dir: str, threads: int | None
     """Worker: train one cell, resuming from its checkpoint when a killed sweep left one."""
     import torch
 
-    import main as main_py
-    from utils.args import computational_config, parse_args
+    from continual.args import computational_config, parse_args
+    from continual.run import run
     from utils.checkpoint import check_same_config, load_checkpoint
 
     if threads:
@@ -48,7 +48,7 @@ def run_cell(key: str, argv: list[str], checkpoint_dir: str, threads: int | None
                 checkpoint.rename(checkpoint.with_name(checkpoint.name + ".refused"))
                 print(f"cell {key}: not resuming ({problem}); starting again", file=sys.stderr, flush=True)
         with contextlib.redirect_stdout(io.StringIO()):  # main.py's tables and checkpoint lines
-            main_py.run(args, logger)
+            run(args, logger)
     except TrainingDiverged as problem:
         outcome, error = "diverged", str(problem)
     except ConfigError as problem:

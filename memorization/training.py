@@ -21,9 +21,10 @@ from torch.func import functional_call, stack_module_state, vmap
 
 from backbones import BACKBONES
 from datasets import DATASETS
-from utils.continual_model import build_optimizer
+from utils.optimizers import build_optimizer
 from utils.errors import ConfigError
-from utils.split_store import Plan, SplitStore, fingerprint
+from memorization.plan import Plan, fingerprint
+from memorization.store import SubsetStore
 
 EVAL_BATCH = 1024
 
@@ -218,7 +219,7 @@ _LOADED: dict[tuple, tuple[Plan, PlanData]] = {}  # a worker process loads its d
 
 def train_and_store(store_dir: str, model_ids: list[int], data_path: str, device: str) -> dict:
     """A launcher's unit of work: train these models and write their files; returns timing for the driver."""
-    store = SplitStore(store_dir)
+    store = SubsetStore(store_dir)
     key = (str(store_dir), data_path, device)
     if key not in _LOADED:
         plan = store.load_plan()

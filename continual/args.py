@@ -13,8 +13,9 @@ from buffer_policies import BUFFER_POLICIES
 from datasets import DATASETS
 from models import MODELS
 from plasticity import PLASTICITY, check_plasticity_args
-from utils.continual_model import OPTIMIZERS
+from utils.optimizers import OPTIMIZERS
 from utils.errors import ConfigError
+from utils.registry import flags_of
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = REPO_ROOT / "configs" / "best"
@@ -72,7 +73,7 @@ def common_parser(first_pass: bool = False) -> argparse.ArgumentParser:
                       help="fraction of training examples relabeled (to another class of their task), seeded")
     data.add_argument("--mem_scores", default=None, metavar="FILE.npy",
                       help="memorization score per training example (eval_splits.py output or a released float32 "
-                           "array, dataset order): drives maer's policies and the per-bucket accuracy of any model")
+                           "array, dataset order): drives the memorization buffer policies and the per-bucket accuracy of any model")
     data.add_argument("--bucket_thresholds", default="0.1,0.25",
                       help="with --mem_scores: low ≤ a < middle ≤ b < high memorization buckets")
 
@@ -125,13 +126,6 @@ def _add_component_args(parser: argparse.ArgumentParser, kind: str, components: 
         component.add_args(_SkipSharedFlags(group) if len(components) > 1 else group)
 
 
-def declared_flags(component: type) -> list[str]:
-    """Destinations of the flags a component declares in its add_args."""
-    parser = argparse.ArgumentParser(add_help=False)
-    component.add_args(parser)
-    return [action.dest for action in parser._actions]
-
-
 def _best_config(dataset: str, model: str, buffer_size: int) -> dict:
     path = CONFIG_DIR / f"{dataset}.yaml"
     if not path.exists():
@@ -177,13 +171,13 @@ def full_parser(argv: list[str]) -> argparse.ArgumentParser:
     for kind, registry, name in (("dataset", DATASETS, first.dataset), ("backbone", BACKBONES, first.backbone),
                                  ("model", MODELS, first.model), ("buffer policy", BUFFER_POLICIES,
                                                                   first.buffer_policy)):
-        chosen[kind] = [registry.get(name)] if name else [registry.get(n) for n in registry.names()]
+        chosen[kind] = [registry.get(name)] if name else registry.classes()
     if first.backbone is None:
         chosen["backbone"] = [BACKBONES.get(chosen["dataset"][0].DEFAULT_BACKBONE)]
-    chosen["plasticity method"] = [PLASTICITY.get(n) for n in PLASTICITY.names()]
+    chosen["plasticity method"] = PLASTICITY.classes()
     for kind, components in chosen.items():
         _add_component_args(parser, kind, components)
-    unknown = sorted(set(config) - accepted_flags(parser))
+    unknown = sorted(set(config) - set(flags_of(parser)))
     if unknown:
         raise ConfigError(f"--config {first.config} sets {', '.join(unknown)}, which no chosen component declares; "
                           f"fix the names (see python main.py --help)")
@@ -191,10 +185,6 @@ def full_parser(argv: list[str]) -> argparse.ArgumentParser:
     if first.model_config == "best" and first.model:
         parser.set_defaults(**_best_config(first.dataset, first.model, first.buffer_size))
     return parser
-
-
-def accepted_flags(parser: argparse.ArgumentParser) -> set[str]:
-    return {action.dest for action in parser._actions}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -210,8 +200,8 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
     dataset = DATASETS.get(args.dataset)
     model = MODELS.get(args.model)
     args.backbone = args.backbone or dataset.DEFAULT_BACKBONE
-    BACKBONES.get(args.backbone)
-    BUFFER_POLICIES.get(args.buffer_policy)
+    backbone = BACKBONES.get(args.backbone)
+    policy = BUFFER_POLICIES.get(args.buffer_policy)
     if args.batch_size is None:
         args.batch_size = dataset.DEFAULT_BATCH_SIZE
     if args.n_epochs is None:
@@ -235,35 +225,17 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
         (args.log_every == 0 or args.covariates, "--log_every N logs covariates every N steps; add --covariates"),
         (args.probe_size >= 1, f"--probe_size must be at least 1, got {args.probe_size}"),
         (args.dormant_tau >= 0, f"--dormant_tau cannot be negative, got {args.dormant_tau}"),
-        (not model.USES_BUFFER or args.buffer_size > 0,
-         f"{args.model} replays from a buffer: pass --buffer_size greater than 0"),
     ]
     for ok, sentence in checks:
         if not ok:
             raise ConfigError(sentence)
-    _check_buffer_policy(args, dataset, model)
+    for component in (dataset, backbone, model, policy):  # each chosen component checks its own flags
+        component.check_args(args)
     args.bucket_thresholds = _thresholds(args.bucket_thresholds)
     args.last_k = _last_k(args.last_k)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"--device {args.device} asked for CUDA but no GPU is visible; pass --device cpu")
     return args
-
-
-def _check_buffer_policy(args: argparse.Namespace, dataset: type, model: type) -> None:
-    from buffer_policies._memorization import MemorizationPolicy
-
-    policy = BUFFER_POLICIES.get(args.buffer_policy)
-    if args.buffer_policy != "reservoir" and not model.USES_BUFFER:
-        raise ConfigError(f"--buffer_policy {args.buffer_policy} chooses a replay buffer's contents, but {args.model} "
-                          f"has no buffer; use a replay model ({', '.join(n for n in MODELS.names() if MODELS.get(n).USES_BUFFER)})")
-    if issubclass(policy, MemorizationPolicy):
-        if args.model != "maer":
-            raise ConfigError(f"--buffer_policy {args.buffer_policy} re-selects the buffer by memorization values, "
-                              f"which the maer model computes; use --model maer")
-        n_classes = dataset.N_CLASSES
-        if args.buffer_size < n_classes:
-            raise ConfigError(f"a buffer of {args.buffer_size} cannot keep one example of each of {args.dataset}'s "
-                              f"{n_classes} classes; pass --buffer_size of at least {n_classes}")
 
 
 def _thresholds(text: str) -> tuple[float, float]:

@@ -31,9 +31,9 @@ from pathlib import Path
 import yaml
 
 from datasets import DATASETS
-from utils.args import accepted_flags, full_parser, parse_args
+from continual.args import accepted_flags, full_parser, parse_args
 from utils.errors import ConfigError
-from utils.evaluation import logged_summary_metrics
+from continual.evaluation import logged_summary_metrics
 
 TOP_LEVEL = {"name", "base", "methods", "selection", "search_seeds", "final_seeds"}
 METHOD_KEYS = {"flags", "grid", "reuse"}

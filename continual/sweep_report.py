@@ -16,8 +16,8 @@ import numpy as np
 from matplotlib.ticker import MaxNLocator
 
 from utils.plots import close, plt
-from utils.sweep_runs import SweepTracker
-from utils.sweep_spec import Sweep
+from continual.sweep_runs import SweepTracker
+from continual.sweep_spec import Sweep
 
 PER_TASK = ("terminal_test_acc", "terminal_train_acc", "resets")
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from utils.continual_dataset import ContinualDataset
+from datasets import ContinualDataset
 
 EVAL_BATCH_SIZE = 512
 

@@ -1,0 +1,66 @@
+"""A split-training plan: which examples each model trains on (seeded inclusion masks), its seeds and settings.
+
+The plan is written into the run store first; its hash ties every model file to it, so models of
+another plan are never mixed in.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+
+import numpy as np
+
+
+def fingerprint(labels: np.ndarray) -> str:
+    """Short hash of a label vector: ties scores to the exact dataset (and order) they were computed on."""
+    return hashlib.sha256(np.ascontiguousarray(labels, dtype=np.int64).tobytes()).hexdigest()[:16]
+
+
+def balanced_masks(n: int, ratio: float, n_models: int, rng: np.random.Generator) -> np.ndarray:
+    """K subsets of exactly round(ratio·n) examples in which every example appears equally often (±1).
+
+    Each subset takes the examples included least often so far, ties broken at random; the
+    spread of inclusion counts therefore never exceeds 1, so no example is always in or always out
+    unless K is tiny.
+    """
+    size = int(round(ratio * n))
+    counts = np.zeros(n, dtype=np.int64)
+    masks = np.zeros((n_models, n), dtype=bool)
+    for k in range(n_models):
+        chosen = np.argpartition(counts + rng.random(n), size - 1)[:size] if size < n else np.arange(n)
+        masks[k, chosen] = True
+        counts[chosen] += 1
+    return masks
+
+
+def random_masks(n: int, ratio: float, n_models: int, rng: np.random.Generator) -> np.ndarray:
+    """K independent uniformly random subsets of round(ratio·n) examples (the original estimator's sampling)."""
+    size = int(round(ratio * n))
+    masks = np.zeros((n_models, n), dtype=bool)
+    for k in range(n_models):
+        masks[k, rng.choice(n, size, replace=False)] = True
+    return masks
+
+
+@dataclass
+class Plan:
+    settings: dict  # JSON-able: dataset, sizes, fingerprints, ratios, seeds, training settings
+    inclusion_mask: np.ndarray  # bool [K, n]
+    model_ratio: np.ndarray  # float64 [K]
+    model_seed: np.ndarray  # int64 [K]
+    train_indices: np.ndarray  # int64 [n]: dataset index of each planned training example
+    noisy_mask: np.ndarray  # bool [N_train]
+    input_noise_mask: np.ndarray  # bool [N_train]
+
+    @property
+    def n_models(self) -> int:
+        return len(self.model_seed)
+
+    @property
+    def hash(self) -> str:
+        digest = hashlib.sha256(json.dumps(self.settings, sort_keys=True).encode())
+        for array in (self.inclusion_mask, self.model_ratio, self.model_seed, self.train_indices, self.noisy_mask,
+                      self.input_noise_mask):
+            digest.update(np.ascontiguousarray(array).tobytes())
+        return digest.hexdigest()[:32]
