@@ -17,7 +17,7 @@ class ViT(Backbone):
     def add_args(parser):
         parser.add_argument("--vit_depth", type=int, default=3, help="number of transformer blocks")
         parser.add_argument("--vit_width", type=int, default=48,
-                            help="embedding width (the seed experiments use 16·depth)")
+                            help="embedding width (the ViT study uses 16·depth)")
         parser.add_argument("--vit_heads", type=int, default=3, help="attention heads")
         parser.add_argument("--vit_patch", type=int, default=4, help="patch size in pixels")
         parser.add_argument("--vit_mlp_ratio", type=float, default=4.0,

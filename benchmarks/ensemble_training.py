@@ -37,6 +37,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import train_splits  # noqa: E402
+from memorization.driver import make_plan, run_plan  # noqa: E402
 from benchmarks.engine_throughput import load_average, machine, synchronize, write_idx  # noqa: E402
 from datasets.mnist import FILES as MNIST_FILES  # noqa: E402
 from memorization import training as split_training  # noqa: E402
@@ -93,7 +94,7 @@ def build_plan(case: Case, epochs: int, n_models: int, data_path: str, out: Path
         "--lr", "0.1", "--optim_mom", "0.9", "--subset_ratio", "0.5", "--n_epochs", str(epochs),
         "--n_models", str(n_models), "--data_path", data_path, "--out", str(out), "--device", device,
         "--non_verbose"])
-    return train_splits.make_plan(args)
+    return make_plan(args)
 
 
 def layer_widths(plan: Plan, data: PlanData) -> list[int]:

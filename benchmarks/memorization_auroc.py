@@ -19,6 +19,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import train_splits  # noqa: E402
+from memorization.driver import make_plan, run_plan  # noqa: E402
 from memorization.estimator import auroc, memorization  # noqa: E402
 from memorization.store import SubsetStore  # noqa: E402
 
@@ -34,7 +35,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as folder:
         for epochs in (int(e) for e in args.epochs.split(",")):
             out = Path(folder) / f"e{epochs}"
-            train_splits.run(train_splits.parse_args([
+            run_plan(train_splits.parse_args([
                 "--dataset", "seq-digits", "--n_models", str(args.max_models), "--subset_ratio", "0.5",
                 "--n_epochs", str(epochs), "--lr", "0.1", "--batch_size", "32", "--mlp_hidden", "256",
                 "--label_noise", "0.1", "--ensemble", "16", "--out", str(out), "--non_verbose",

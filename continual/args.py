@@ -75,7 +75,7 @@ def common_parser(first_pass: bool = False) -> argparse.ArgumentParser:
                       help="memorization score per training example (eval_splits.py output or a released float32 "
                            "array, dataset order): drives the memorization buffer policies and the per-bucket accuracy of any model")
     data.add_argument("--bucket_thresholds", default="0.1,0.25",
-                      help="with --mem_scores: low ≤ a < middle ≤ b < high memorization buckets")
+                      help="with --mem_scores: a,b cut the scores into three accuracy buckets, ≤ a, (a, b] and > b")
 
     record = parser.add_argument_group("logging and checkpoints")
     record.add_argument("--tracking_uri", default=None,

@@ -1,6 +1,7 @@
 """Plasticity covariates: dead/dormant units, feature ranks, attention entropy, weight magnitudes, neuron ages.
 
-See ../shared/METHODS.md "Plasticity covariates". All statistics come back as flat dicts of floats
+Definitions: dormant units as in ReDO (Sokar et al. 2023), effective rank (Roy & Vetterli 2007) and
+stable rank as Dohare et al. (Nature 2024) use them. All statistics come back as flat dicts of floats
 whose keys are `<statistic>/<group>` per unit group (or attention block `L{i}`) plus an overall
 `<statistic>` (or `<statistic>_mean`), ready to log as metrics.
 """

@@ -31,8 +31,9 @@ from pathlib import Path
 import yaml
 
 from datasets import DATASETS
-from continual.args import accepted_flags, full_parser, parse_args
+from continual.args import full_parser, parse_args
 from utils.errors import ConfigError
+from utils.registry import flags_of
 from continual.evaluation import logged_summary_metrics
 
 TOP_LEVEL = {"name", "base", "methods", "selection", "search_seeds", "final_seeds"}
@@ -273,7 +274,7 @@ def _check_runs(sweep: Sweep) -> None:
                 cell = sweep.cells(name, config, sweep.search_seeds[:1])[0]
                 where = f"sweep file {sweep.path}, method {name}"
                 argv = cell.argv()
-                known = accepted_flags(_parse(full_parser, argv, where))
+                known = set(flags_of(_parse(full_parser, argv, where)))
                 unknown = sorted(set(cell.flags) - known)
                 if unknown:
                     raise ConfigError(f"{where} sets {', '.join(unknown)}, which main.py does not accept for this "

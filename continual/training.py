@@ -61,8 +61,9 @@ def optimizer_step(model: ContinualModel, loss: torch.Tensor, task: int) -> None
     """Backward, the model's gradient edits, regularizer gradients, the optimizer step, then resets
     and hidden-unit statistics."""
     if not isinstance(loss, torch.Tensor) or not loss.requires_grad:
-        raise ConfigError(f"{model.NAME}.observe returned {type(loss).__name__} without a gradient; it must return "
-                          f"the loss tensor itself (the task loop runs backward and the optimizer step)")
+        raise ConfigError(f"{model.NAME}.observe returned a {type(loss).__name__} without a gradient; return the loss "
+                          f"tensor itself, not loss.detach() or loss.item() (the task loop runs backward and the "
+                          f"optimizer step), or None for a batch that makes no step")
     model.opt.zero_grad(set_to_none=True)
     loss.backward()
     model.edit_gradients(task)
@@ -86,26 +87,29 @@ def train_task(model: ContinualModel, dataset: ContinualDataset, task: int, args
     for epoch in range(args.n_epochs):
         order = torch.randperm(n, device=data.labels.device)
         loss_sum = torch.zeros((), device=data.labels.device)
+        n_stepped = 0  # examples of the batches that made an optimizer step
         bar = tqdm(range(steps), desc=f"task {task + 1}/{dataset.n_tasks} epoch {epoch + 1}/{args.n_epochs}",
                    disable=args.non_verbose, leave=False, dynamic_ncols=True)
         for step in bar:
             rows = order[step * batch_size:(step + 1) * batch_size]
             raw = data.images[rows]
             loss = model.observe(dataset.train_transform(raw), data.labels[rows], raw, data.indices[rows], task)
-            optimizer_step(model, loss, task)
-            loss_sum += loss.detach() * len(rows)
-            if args.log_every and model.plasticity.step % args.log_every == 0:
-                covariates = measure_covariates(model, probe, args)
-                logger.log_metrics({f"step/{k}": v for k, v in covariates.items()}, step=model.plasticity.step)
-            if step % LOSS_REFRESH_STEPS == LOSS_REFRESH_STEPS - 1 or step == steps - 1:
-                running = loss_sum.item() / min((step + 1) * batch_size, n)
+            if loss is not None:  # None: the batch only fed the model's memory
+                optimizer_step(model, loss, task)
+                loss_sum += loss.detach() * len(rows)
+                n_stepped += len(rows)
+                if args.log_every and model.plasticity.step % args.log_every == 0:
+                    covariates = measure_covariates(model, probe, args)
+                    logger.log_metrics({f"step/{k}": v for k, v in covariates.items()}, step=model.plasticity.step)
+            if n_stepped and (step % LOSS_REFRESH_STEPS == LOSS_REFRESH_STEPS - 1 or step == steps - 1):
+                running = loss_sum.item() / n_stepped
                 if not math.isfinite(running):
                     raise TrainingDiverged(
                         f"the training loss became {running} at task {task + 1}, epoch {epoch + 1}, step "
                         f"{step + 1}; lower --lr (now {args.lr}) or check the data; the tasks finished before "
                         f"this one stay logged")
                 bar.set_postfix(loss=f"{running:.4f}")
-        state.epoch_losses.append(loss_sum.item() / n)
+        state.epoch_losses.append(loss_sum.item() / n_stepped if n_stepped else math.nan)
     # One write per task: a store write costs more than an epoch of a small network.
     logger.log_series("train_loss", state.epoch_losses[-args.n_epochs:], first_step=task * args.n_epochs)
     model.plasticity.check_stepped(task, model.NAME)

@@ -6,7 +6,7 @@ ships train and val in two archives; put their files in one folder). Keys: `data
 32×32 channel planes (CHW, like CIFAR); `labels`, the class 1..1000 of each row.
 
 Protocols (--imagenet_protocol), both seeded by --seed:
-- vit (the seed notes): the classes are split at random into two families of 500; task t is
+- vit (the ViT study's protocol): the classes are split at random into two families of 500; task t is
   family_a[t] (label 0) against family_b[t] (label 1), so every class is used once: at most 500 tasks.
 - cnn (Dohare et al. 2024): a random class order; task t is order[2t] (label 0) against order[2t+1]
   (label 1). The first 500 tasks use every class once; beyond (--n_tasks > 500) every further 500 tasks

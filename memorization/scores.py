@@ -20,7 +20,7 @@ def load_scores(path: str, dataset: ContinualDataset) -> np.ndarray:
     """A float32 score per training example in dataset order, checked against the dataset; NaN = undefined.
 
     Accepts eval_splits.py output (checked against its JSON sidecar: dataset and label fingerprint)
-    and the seed paper's released float32 arrays (checked by length).
+    and the memorization-in-CL paper's released float32 arrays (checked by length).
     """
     file = Path(path)
     if not file.is_file():

@@ -75,8 +75,9 @@ class ContinualModel(nn.Module):
         return self.net(x)
 
     def observe(self, inputs: torch.Tensor, labels: torch.Tensor, not_aug_inputs: torch.Tensor,
-                indices: torch.Tensor, task: int) -> torch.Tensor:
-        """The loss of one stream batch, with its autograd graph (the task loop steps the optimizer).
+                indices: torch.Tensor, task: int) -> torch.Tensor | None:
+        """The loss of one stream batch, with its autograd graph (the task loop steps the optimizer),
+        or None for a batch that only feeds the model's memory and makes no step.
 
         A replay method also offers the batch to its buffer here: the batch is stored after the
         replay batch was drawn, so it is never replayed in its own step.

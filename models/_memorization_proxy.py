@@ -12,7 +12,7 @@ PROXIES = ("learned_iteration", "cumulative_loss")
 class MemorizationProxy:
     """An online memorization value per training example, from the forward passes training already makes.
 
-    learned_iteration (the seed paper's): the step at which an example was last learned and then stayed
+    learned_iteration (the memorization-in-CL paper's): the step at which an example was last learned and then stayed
     correct; a wrong prediction forgets it. Later = more memorized; never learned = undefined (NaN).
     cumulative_loss: the sum of the example's training loss over all its passes.
     """

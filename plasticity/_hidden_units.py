@@ -141,7 +141,7 @@ class HiddenUnits:
         Incoming weights are re-drawn from the initialisation, biases set to 0, outgoing weights set
         to 0 (so the network's function is unchanged at this moment), and the optimizer state of all
         those entries zeroed. PyTorch's Adam keeps one step count per tensor, so the step count stays
-        (as in the seed experiments' code, which zeroes Adam's moments only).
+        (as in the ViT study's reference code, which zeroes Adam's moments only).
         """
         if not bool(mask.any()):
             return

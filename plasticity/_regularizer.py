@@ -1,20 +1,39 @@
-"""The gradient of λ‖θ − θ_ref‖², added in place: the same update as putting the penalty in the loss."""
+"""What L2 and L2Init share: the gradient of λ‖θ − θ_ref‖², added before the optimizer step (the same
+update as putting the penalty in the loss)."""
 from __future__ import annotations
 
 import torch
 
+from plasticity import PlasticityMethod
+from utils.errors import ConfigError
 
-@torch.no_grad()
-def add_l2_gradient(params: list[torch.nn.Parameter], strength: float,
-                    reference: list[torch.Tensor] | None = None) -> None:
-    """grad += 2·strength·(θ − reference) for every parameter (reference 0 when None)."""
-    if strength == 0 or not params:
-        return
-    for p in params:
-        if p.grad is None:  # a parameter the loss did not reach still feels the penalty
-            p.grad = torch.zeros_like(p)
-    grads = [p.grad for p in params]
-    if reference is None:
-        torch._foreach_add_(grads, params, alpha=2 * strength)
-    else:
-        torch._foreach_add_(grads, torch._foreach_sub(params, reference), alpha=2 * strength)
+
+class L2Penalty(PlasticityMethod):
+    """Subclasses name their λ flag (LAMBDA_FLAG) and set `self.params` and `self.reference` (None: 0)."""
+
+    LAMBDA_FLAG: str
+
+    @classmethod
+    def check_args(cls, args):
+        if getattr(args, cls.LAMBDA_FLAG) < 0:
+            raise ConfigError(f"--{cls.LAMBDA_FLAG} cannot be negative, got {getattr(args, cls.LAMBDA_FLAG)}")
+
+    def __init__(self, net, optimizer, units, args):
+        super().__init__(net, optimizer, units, args)
+        self.params: list[torch.nn.Parameter] = list(net.parameters())
+        self.reference: list[torch.Tensor] | None = None
+
+    @torch.no_grad()
+    def before_step(self):
+        """grad += 2·λ·(θ − reference) for every parameter."""
+        strength = getattr(self.args, self.LAMBDA_FLAG)
+        if strength == 0 or not self.params:
+            return
+        for p in self.params:
+            if p.grad is None:  # a parameter the loss did not reach still feels the penalty
+                p.grad = torch.zeros_like(p)
+        grads = [p.grad for p in self.params]
+        if self.reference is None:
+            torch._foreach_add_(grads, self.params, alpha=2 * strength)
+        else:
+            torch._foreach_add_(grads, torch._foreach_sub(self.params, self.reference), alpha=2 * strength)

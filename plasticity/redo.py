@@ -3,7 +3,7 @@
 Score s_i = mean|h_i| / (mean over the layer's units of mean|h_k|), over the step's inputs and
 positions, so the layer mean of s is 1; a unit is dormant when s_i ≤ τ (τ = 0 resets dead units only).
 Dormant units are reset every F steps (`--redo_every`), or at each step with a probability
-(`--redo_prob`, the seed ViT sweep's "once every k tasks" as 1/(k·steps per task)).
+(`--redo_prob`, the ViT study's sweep's "once every k tasks" as 1/(k·steps per task)).
 Normalising by the layer *sum* instead of the mean (one public ViT implementation does) turns τ
 into a threshold that nearly every unit falls under; this uses the mean, as the paper.
 """

@@ -1,4 +1,4 @@
-"""snr: Self-Normalized Resets (Farias & Jozefiak, ICLR 2025), as in the seed experiments' ViT code (V1).
+"""snr: Self-Normalized Resets (Farias & Jozefiak, ICLR 2025), as in the ViT study's reference code (V1).
 
 Ages count steps: a unit fires in a step when any of its inputs × positions is > 0, and its age is
 the number of steps since it last fired. A unit is reset when its age reaches its threshold τ_i.
@@ -10,77 +10,45 @@ no unit is reset before the first estimate; the arrival counts start at one arri
 """
 from __future__ import annotations
 
-import math
-
 import torch
 
-from plasticity import PlasticityMethod, register_plasticity
-from utils.errors import ConfigError
+from plasticity import register_plasticity
+from plasticity._snr_base import SelfNormalizedResets
 
 EXPANSION = 2.0  # the ViT code's threshold_expansion_factor
 
 
-def infinite_thresholds(units) -> list[torch.Tensor]:
-    """One threshold per unit, infinite until the first estimate (no reset before it)."""
-    return [torch.full((g.n_units,), math.inf, device=r.device) for g, r in zip(units.groups, units.resets)]
-
-
-def threshold_median(tau: list[torch.Tensor]) -> float:
-    """Median of the finite thresholds over all groups (inf while none was estimated)."""
-    finite = torch.cat([t[torch.isfinite(t)] for t in tau])
-    return float(finite.median()) if len(finite) else math.inf
-
-
-def check_snr(p: float, update_prob: float, prefix: str) -> None:
-    if not 0 < p < 1:
-        raise ConfigError(f"--{prefix}_p is a percentile in (0, 1), got {p}")
-    if not 0 < update_prob <= 1:
-        raise ConfigError(f"--{prefix}_update_prob is a probability in (0, 1], got {update_prob}")
-
-
 @register_plasticity("snr")
-class SNR(PlasticityMethod):
-    NEEDS_UNITS = True
+class SNR(SelfNormalizedResets):
+    P_FLAG, UPDATE_FLAG = "snr_p", "snr_update_prob"
     STATE = ("tau", "arrival_sum", "arrival_count")
 
     @staticmethod
     def add_args(parser):
         parser.add_argument("--snr_p", type=float, default=0.84,
-                            help="reset percentile p (grid .99 … .68; seed ViT L3 lr 1e-3: .84)")
+                            help="reset percentile p (grid .99 … .68; ViT study, L3 lr 1e-3: .84)")
         parser.add_argument("--snr_update_prob", type=float, default=1 / (4 * 120),
                             help="probability per step of re-estimating the thresholds (1/(k·steps per task); "
-                                 "seed ViT L3: k = 4 of 120 steps)")
-
-    @staticmethod
-    def check_args(args):
-        check_snr(args.snr_p, args.snr_update_prob, "snr")
+                                 "ViT study, L3: k = 4 of 120 steps)")
 
     def __init__(self, net, optimizer, units, args):
         super().__init__(net, optimizer, units, args)
-        self.tau = infinite_thresholds(units)
         self.arrival_sum = [torch.ones_like(t) for t in self.tau]
         self.arrival_count = [torch.ones_like(t) for t in self.tau]
 
-    def after_step(self, step):
+    def ages(self, index):
+        return self.units.monitor.age_steps[index]
+
+    def observe_step(self, index):
         monitor = self.units.monitor
-        for i in range(len(self.units.groups)):
-            age = monitor.age_steps[i]
-            fired = age == 0
-            reset = age >= self.tau[i]
-            arrived = fired | reset
-            self.arrival_sum[i] += (monitor.previous_age_steps[i] + 1) * arrived
-            self.arrival_count[i] += arrived
-            self.units.reset(i, reset)
-        if float(torch.rand(())) < self.args.snr_update_prob:
-            self.update_thresholds()
+        age = monitor.age_steps[index]
+        arrived = (age == 0) | (age >= self.tau[index])  # a firing, or a reset about to happen
+        self.arrival_sum[index] += (monitor.previous_age_steps[index] + 1) * arrived
+        self.arrival_count[index] += arrived
 
-    def update_thresholds(self):
-        quantile = -math.log(1 - self.args.snr_p)
-        for i in range(len(self.tau)):
-            target = quantile * self.arrival_sum[i] / self.arrival_count[i]  # −ln(1−p)/λ̂
-            self.tau[i] = torch.where(self.tau[i] <= target, torch.ceil(EXPANSION * self.tau[i]), torch.ceil(target))
-            self.arrival_sum[i].fill_(1.0)
-            self.arrival_count[i].fill_(1.0)
-
-    def task_metrics(self, task):
-        return {"snr_threshold_median": threshold_median(self.tau)}
+    def estimate(self, index):
+        target = self.quantile * self.arrival_sum[index] / self.arrival_count[index]  # −ln(1−p)/λ̂
+        tau = self.tau[index]
+        self.tau[index] = torch.where(tau <= target, torch.ceil(EXPANSION * tau), torch.ceil(target))
+        self.arrival_sum[index].fill_(1.0)
+        self.arrival_count[index].fill_(1.0)

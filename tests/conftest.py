@@ -74,3 +74,54 @@ def ray_cluster():
     start_ray(num_cpus=2)
     yield ray.get_runtime_context().gcs_address
     ray.shutdown()
+
+
+# -- helpers for more than one test module (import them from tests.conftest) ----------------------------
+def build_dataset(name: str, data_path, **overrides):
+    """A registered dataset built with the defaults a run would pass, reading files under data_path."""
+    import argparse
+
+    from datasets import DATASETS
+
+    args = dict(device="cpu", n_tasks=None, data_path=str(data_path), download=False, class_order=None,
+                permute_classes=False, label_noise=0.0, seed=0)
+    return DATASETS.get(name)(argparse.Namespace(**{**args, **overrides}))
+
+
+def shift_matches(out, images, padding: int):
+    """[N, shifts] whether each output equals its input translated by that shift (zeros filling)."""
+    import torch
+
+    height, width = images.shape[2:]
+    padded = torch.nn.functional.pad(images, (padding,) * 4)
+    shifts = [(dy, dx) for dy in range(2 * padding + 1) for dx in range(2 * padding + 1)]
+    return torch.stack([(out == padded[:, :, dy:dy + height, dx:dx + width]).flatten(1).all(1) for dy, dx in shifts], 1)
+
+
+def build_model(*flags: str, model: str = "sgd"):
+    """A continual model on its dataset from command-line flags (seed 0, CPU); returns (model, dataset)."""
+    from backbones import BACKBONES
+    from continual import run as main
+    from continual.args import parse_args
+    from datasets import DATASETS
+    from models import MODELS
+
+    args = parse_args(["--model", model, "--lr", "0.05", "--seed", "0", "--device", "cpu", *flags])
+    main.set_seed(0)
+    dataset = DATASETS.get(args.dataset)(args)
+    backbone = BACKBONES.get(args.backbone)(args, dataset.SHAPE, dataset.N_CLASSES)
+    return MODELS.get(args.model)(backbone, dataset, args), dataset
+
+
+def train_steps(model, dataset, steps: int, task: int = 0, batch_size: int = 32) -> None:
+    """Optimizer steps on a task's training split, as the task loop takes them (observe, then optimizer_step)."""
+    import torch
+
+    from continual.training import optimizer_step
+
+    split = dataset.train_split(task)
+    for step in range(steps):
+        rows = torch.arange(step * batch_size, (step + 1) * batch_size) % len(split)
+        raw = split.images[rows]
+        optimizer_step(model, model.observe(dataset.test_transform(raw), split.labels[rows], raw, split.indices[rows],
+                                            task), task)

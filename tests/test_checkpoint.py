@@ -12,7 +12,8 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from continual import run as main
+import main
+from continual.run import run as run_experiment
 from tests.conftest import REPO_ROOT
 from continual.args import parse_args
 
@@ -43,8 +44,8 @@ def test_a_run_killed_during_task_3_resumes_to_the_uninterrupted_result(tmp_path
     assert checkpoint == checkpoint_dir / f"{run_id}.pt"
     assert torch.load(checkpoint, weights_only=True)["next_task"] == 2
 
-    resumed = main.run(parse_args([*ARGS, "--resume", str(checkpoint), "--savecheck"]))
-    uninterrupted = main.run(parse_args([*ARGS, "--tracking_uri", f"sqlite:///{tmp_path / 'other.db'}"]))
+    resumed = run_experiment(parse_args([*ARGS, "--resume", str(checkpoint), "--savecheck"]))
+    uninterrupted = run_experiment(parse_args([*ARGS, "--tracking_uri", f"sqlite:///{tmp_path / 'other.db'}"]))
     for setting in ("class_il", "task_il"):
         np.testing.assert_array_equal(resumed.matrices[setting], uninterrupted.matrices[setting])
     assert resumed.epoch_losses == uninterrupted.epoch_losses
@@ -61,7 +62,7 @@ def test_a_run_killed_during_task_3_resumes_to_the_uninterrupted_result(tmp_path
 
 
 def make_checkpoint(tmp_path) -> Path:
-    main.run(parse_args([*ARGS[:-5], "--n_epochs", "1", "--seed", "3", "--non_verbose", "--savecheck",
+    run_experiment(parse_args([*ARGS[:-5], "--n_epochs", "1", "--seed", "3", "--non_verbose", "--savecheck",
                          "--checkpoint_dir", str(tmp_path), "--tracking_uri", f"sqlite:///{tmp_path / 'm.db'}"]))
     (path,) = tmp_path.glob("*.pt")
     return path

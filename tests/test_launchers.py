@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 import train_splits
-from utils.launchers import run_units
+from memorization.driver import run_plan
+from utils.launchers import run_jobs
 from memorization.store import SubsetStore
 
 ARGS = ["--dataset", "seq-digits", "--n_models", "4", "--n_epochs", "2", "--lr", "0.1", "--batch_size", "64",
@@ -18,7 +19,7 @@ ARGS = ["--dataset", "seq-digits", "--n_models", "4", "--n_epochs", "2", "--lr",
 @pytest.fixture(scope="module")
 def local_store(tmp_path_factory):
     folder = tmp_path_factory.mktemp("local")
-    train_splits.run(train_splits.parse_args([*ARGS, "--out", str(folder / "store"),
+    run_plan(train_splits.parse_args([*ARGS, "--out", str(folder / "store"),
                                               "--tracking_uri", f"sqlite:///{folder / 'mlflow.db'}"]))
     return folder / "store"
 
@@ -34,14 +35,14 @@ def same_models(store_a, store_b) -> None:
 @pytest.mark.parametrize("launcher", [["--launcher", "pool", "--workers", "2"],
                                       ["--launcher", "slurm", "--submitit_cluster", "local"]])
 def test_pool_and_slurm_launchers_store_the_same_models(tmp_path, local_store, launcher):
-    result = train_splits.run(train_splits.parse_args([*ARGS, *launcher, "--out", str(tmp_path / "store"),
+    result = run_plan(train_splits.parse_args([*ARGS, *launcher, "--out", str(tmp_path / "store"),
                                                        "--tracking_uri", f"sqlite:///{tmp_path / 'mlflow.db'}"]))
     assert result["trained"] == 4
     same_models(local_store, tmp_path / "store")
 
 
 def test_ray_launcher_stores_the_same_models(tmp_path, local_store, ray_cluster):
-    result = train_splits.run(train_splits.parse_args([*ARGS, "--launcher", "ray", "--out", str(tmp_path / "store"),
+    result = run_plan(train_splits.parse_args([*ARGS, "--launcher", "ray", "--out", str(tmp_path / "store"),
                                                        "--tracking_uri", f"sqlite:///{tmp_path / 'mlflow.db'}"]))
     assert result["trained"] == 4
     same_models(local_store, tmp_path / "store")
@@ -51,7 +52,7 @@ def test_chunks_partition_the_plan(tmp_path):
     """SLURM arrays run `--chunk I/N`: together the chunks train every model exactly once."""
     stored = []
     for index in range(3):
-        train_splits.run(train_splits.parse_args([*ARGS, "--chunk", f"{index}/3", "--out", str(tmp_path / "store"),
+        run_plan(train_splits.parse_args([*ARGS, "--chunk", f"{index}/3", "--out", str(tmp_path / "store"),
                                                   "--tracking_uri", f"sqlite:///{tmp_path / 'mlflow.db'}"]))
         stored.append(SubsetStore(tmp_path / "store").stored_models())
     assert stored[0] < stored[1] < stored[2] == {0, 1, 2, 3}
@@ -61,5 +62,5 @@ def test_chunks_partition_the_plan(tmp_path):
 def test_no_unit_starts_after_the_stop_condition(launcher):
     """A sweep stops starting cells after a failed one; the units already running still report."""
     args = argparse.Namespace(launcher=launcher, workers=1, max_parallel=None)
-    results = list(run_units(abs, [(-1,), (-2,), (-3,), (-4,)], args, Path("."), stop=lambda r: r == 2))
+    results = list(run_jobs(abs, [(-1,), (-2,), (-3,), (-4,)], args, Path("."), stop=lambda r: r == 2))
     assert results == [1, 2]

@@ -8,7 +8,8 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from continual import run as main
+import main
+from continual.run import run as run_experiment
 from backbones import BACKBONES
 from buffer_policies._memorization import quotas
 from datasets import DATASETS
@@ -187,9 +188,9 @@ def test_maer_logs_its_buffer_and_er_logs_accuracy_per_memorization_bucket(tmp_p
     np.save(tmp_path / "mem.npy", scores)
     common = ["--buffer_size", "30", "--lr", "0.1", "--n_epochs", "2", "--seed", "0", "--non_verbose",
               "--tracking_uri", tracking_uri, "--mem_scores", str(tmp_path / "mem.npy")]
-    main.run(parse_args(["--model", "maer", "--buffer_policy", "min", "--mem_proxy", "learned_iteration", *common,
+    run_experiment(parse_args(["--model", "maer", "--buffer_policy", "min", "--mem_proxy", "learned_iteration", *common,
                          "--run_name", "maer"]))
-    main.run(parse_args(["--model", "er", *common, "--run_name", "er"]))
+    run_experiment(parse_args(["--model", "er", *common, "--run_name", "er"]))
     client = MlflowClient(tracking_uri)
     runs = {r.info.run_name: r for r in client.search_runs(
         [client.get_experiment_by_name("continual-learning").experiment_id])}
@@ -208,7 +209,7 @@ def test_maer_logs_its_buffer_and_er_logs_accuracy_per_memorization_bucket(tmp_p
 def test_maer_resumes_from_a_checkpoint_to_the_uninterrupted_result(tmp_path, tracking_uri, monkeypatch):
     argv = ["--model", "maer", "--buffer_policy", "middle", "--buffer_size", "30", "--lr", "0.1", "--n_epochs", "3",
             "--seed", "0", "--non_verbose", "--tracking_uri", tracking_uri]
-    uninterrupted = main.run(parse_args(argv))
+    uninterrupted = run_experiment(parse_args(argv))
     real_save = main.save_checkpoint
 
     def save_then_stop(path, payload):
@@ -218,8 +219,8 @@ def test_maer_resumes_from_a_checkpoint_to_the_uninterrupted_result(tmp_path, tr
 
     monkeypatch.setattr(main, "save_checkpoint", save_then_stop)
     with pytest.raises(KeyboardInterrupt):
-        main.run(parse_args([*argv, "--savecheck", "--checkpoint_dir", str(tmp_path)]))
+        run_experiment(parse_args([*argv, "--savecheck", "--checkpoint_dir", str(tmp_path)]))
     monkeypatch.setattr(main, "save_checkpoint", real_save)
     (checkpoint,) = tmp_path.glob("*.pt")
-    resumed = main.run(parse_args([*argv, "--resume", str(checkpoint)]))
+    resumed = run_experiment(parse_args([*argv, "--resume", str(checkpoint)]))
     np.testing.assert_array_equal(resumed.matrices["class_il"], uninterrupted.matrices["class_il"])

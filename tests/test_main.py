@@ -8,14 +8,15 @@ import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
-from continual import run as main
+import main
+from continual.run import run as run_experiment
 from continual.args import parse_args
 
 BASE = ["--dataset", "seq-digits", "--n_epochs", "3", "--seed", "0", "--non_verbose"]
 
 
 def run(tracking_uri: str, *extra: str):
-    return main.run(parse_args([*BASE, "--tracking_uri", tracking_uri, *extra]))
+    return run_experiment(parse_args([*BASE, "--tracking_uri", tracking_uri, *extra]))
 
 
 def only_run(tracking_uri: str):
@@ -77,7 +78,7 @@ def test_same_seed_gives_the_identical_accuracy_matrix(tracking_uri):
     second = run(tracking_uri, "--model", "derpp", "--buffer_size", "50", "--lr", "0.05")
     for setting in ("class_il", "task_il"):
         np.testing.assert_array_equal(first.matrices[setting], second.matrices[setting])
-    other = main.run(parse_args([*BASE[:-3], "--seed", "1", "--non_verbose", "--tracking_uri", tracking_uri,
+    other = run_experiment(parse_args([*BASE[:-3], "--seed", "1", "--non_verbose", "--tracking_uri", tracking_uri,
                                  "--model", "derpp", "--buffer_size", "50", "--lr", "0.05"]))
     assert not np.array_equal(first.matrices["class_il"], other.matrices["class_il"], equal_nan=True)
 
@@ -161,7 +162,7 @@ def test_domain_il_stream_reports_one_accuracy_per_task(tmp_path, tracking_uri):
     test_x, test_y = make(100)
     for name, array in zip(MNIST_NAMES, (train_x, train_y, test_x, test_y)):
         write_idx(folder / name, array)
-    state = main.run(parse_args(["--dataset", "perm-mnist", "--n_tasks", "3", "--model", "er", "--buffer_size", "100",
+    state = run_experiment(parse_args(["--dataset", "perm-mnist", "--n_tasks", "3", "--model", "er", "--buffer_size", "100",
                                  "--lr", "0.1", "--n_epochs", "3", "--batch_size", "32", "--seed", "0",
                                  "--data_path", str(tmp_path), "--tracking_uri", tracking_uri, "--non_verbose"]))
     assert list(state.matrices) == ["domain_il"]

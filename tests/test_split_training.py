@@ -13,6 +13,8 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 import eval_splits
+from memorization.driver import run_plan
+from memorization.scoring import score_store
 import train_splits
 from tests.conftest import REPO_ROOT
 from memorization.plan import balanced_masks
@@ -24,13 +26,13 @@ def train(tmp_path, *extra: str, out: str = "store"):
     argv = ["--dataset", "seq-digits", "--n_epochs", "3", "--lr", "0.1", "--batch_size", "64", *width,
             "--out", str(tmp_path / out), "--tracking_uri", f"sqlite:///{tmp_path / 'mlflow.db'}", "--non_verbose",
             *extra]
-    return train_splits.run(train_splits.parse_args(argv))
+    return run_plan(train_splits.parse_args(argv))
 
 
 def evaluate(tmp_path, *extra: str, out: str = "store"):
     argv = ["--run_dir", str(tmp_path / out), "--out", str(tmp_path / "scores" / f"{out}.npy"),
             "--tracking_uri", f"sqlite:///{tmp_path / 'mlflow.db'}", *extra]
-    return eval_splits.run(eval_splits.parse_args(argv))
+    return score_store(eval_splits.parse_args(argv))
 
 
 def test_relabeled_digits_rank_at_the_top_of_the_memorization_scores(tmp_path):
@@ -135,7 +137,7 @@ def test_a_killed_run_resumes_without_retraining_finished_models(tmp_path):
     stored = SubsetStore(tmp_path / "store").stored_models()
     assert 3 <= len(stored) < 40, "the run was not killed midway"
     times = {i: (models / f"model_{i:06d}.npz").stat().st_mtime_ns for i in stored}
-    result = train_splits.run(train_splits.parse_args(command[2:]))
+    result = run_plan(train_splits.parse_args(command[2:]))
     assert result["trained"] == 40 - len(stored)
     assert all((models / f"model_{i:06d}.npz").stat().st_mtime_ns == t for i, t in times.items())
     assert not list(models.glob(".*tmp"))  # the killed write left no partial file behind

@@ -15,6 +15,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 import sweep as sweep_py
+from continual.sweep import run_sweep
 from utils.errors import ConfigError
 from continual.sweep_runs import run_cell
 from continual.sweep_spec import load_sweep
@@ -64,7 +65,7 @@ def ray_sweep(tmp_path_factory, ray_cluster):
     """The test sweep, run once on the shared local Ray cluster."""
     folder = tmp_path_factory.mktemp("ray_sweep")
     path = write(folder / "digits.yaml", SPEC)
-    result = sweep_py.run(sweep_args(path, folder, "--launcher", "ray"))
+    result = run_sweep(sweep_args(path, folder, "--launcher", "ray"))
     return folder, path, result
 
 
@@ -142,22 +143,22 @@ def test_report_only_rebuilds_the_same_report_and_rerunning_runs_nothing(ray_swe
     folder, path, _ = ray_sweep
     before = (folder / "report" / "report.md").read_text()
     (folder / "report" / "report.md").unlink()
-    result = sweep_py.run(sweep_args(path, folder, "--report_only"))
+    result = run_sweep(sweep_args(path, folder, "--report_only"))
     assert result["ran"] == 0
     assert (folder / "report" / "report.md").read_text() == before
-    assert sweep_py.run(sweep_args(path, folder, "--launcher", "ray"))["ran"] == 0
+    assert run_sweep(sweep_args(path, folder, "--launcher", "ray"))["ran"] == 0
     assert len(children(f"sqlite:///{folder / 'mlflow.db'}", "digits-test")) == 12
 
 
 def test_a_changed_sweep_file_runs_only_the_new_cells(tmp_path):
     spec = {**SPEC, "name": "changed", "methods": {"vanilla": {"grid": {"lr": [0.1]}}}}
     path = write(tmp_path / "sweep.yaml", spec)
-    assert sweep_py.run(sweep_args(path, tmp_path))["ran"] == 4  # 2 search + 2 final
+    assert run_sweep(sweep_args(path, tmp_path))["ran"] == 4  # 2 search + 2 final
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     first_runs = {r.info.run_id for r in children(uri, "changed")}
     spec["methods"]["vanilla"]["grid"]["lr"] = [0.1, 1.0e-5]
     write(path, spec)
-    result = sweep_py.run(sweep_args(path, tmp_path))
+    result = run_sweep(sweep_args(path, tmp_path))
     assert result["ran"] == 2  # the new setting's search seeds; the choice stays lr 0.1, its finals are reused
     new, old = parents(uri, "changed")
     assert old.data.tags["superseded_by"] == new.info.run_id
@@ -170,13 +171,13 @@ def test_a_diverged_setting_is_recorded_never_chosen_and_not_run_again(tmp_path)
     spec = {**SPEC, "name": "diverging", "methods": {"vanilla": {"grid": {"lr": [1.0e30, 0.1]}}},
             "final_seeds": [2]}
     path = write(tmp_path / "sweep.yaml", spec)
-    result = sweep_py.run(sweep_args(path, tmp_path))
+    result = run_sweep(sweep_args(path, tmp_path))
     assert result["chosen"]["vanilla"] == {"lr": 0.1}
     runs = children(f"sqlite:///{tmp_path / 'mlflow.db'}", "diverging")
     diverged = [r for r in runs if r.data.tags["sweep_outcome"] == "diverged"]
     assert len(diverged) == 2 and {r.info.status for r in diverged} == {"FAILED"}
     assert "lower --lr" in diverged[0].data.tags["error"]
-    assert sweep_py.run(sweep_args(path, tmp_path))["ran"] == 0
+    assert run_sweep(sweep_args(path, tmp_path))["ran"] == 0
 
 
 def test_killing_the_sweep_and_rerunning_it_runs_only_the_unfinished_cells(tmp_path, ray_cluster):
@@ -197,7 +198,7 @@ def test_killing_the_sweep_and_rerunning_it_runs_only_the_unfinished_cells(tmp_p
     finished = {r.data.tags["sweep_cell"]: r.info.run_id for r in children(uri, "killed")
                 if r.info.status == "FINISHED"}
     assert 3 <= len(finished) < 12, "the driver was killed after some cells and before the end"
-    result = sweep_py.run(sweep_args(path, tmp_path, "--launcher", "ray"))
+    result = run_sweep(sweep_args(path, tmp_path, "--launcher", "ray"))
     assert result["ran"] == 12 - len(finished)
     runs = [r for r in children(uri, "killed") if r.info.status == "FINISHED"]
     assert len(runs) == 12 and len({r.data.tags["sweep_cell"] for r in runs}) == 12
@@ -270,7 +271,7 @@ def test_a_method_that_reuses_others_starts_from_their_chosen_configurations(tmp
         "l2_redo": {"flags": {"plasticity": "l2,redo", "redo_every": 5}, "reuse": ["vanilla", "l2"]},
     }}
     path = write(tmp_path / "sweep.yaml", spec)
-    result = sweep_py.run(sweep_args(path, tmp_path))
+    result = run_sweep(sweep_args(path, tmp_path))
     chosen = result["chosen"]
     assert chosen["l2_redo"] == {**chosen["vanilla"], **chosen["l2"]}
     assert result["ran"] == 4 + 4 + 2 + 3  # two 2-setting searches, one reused setting, one final each
@@ -288,7 +289,7 @@ def cell_results(folder: Path, *launcher: str) -> dict[str, float]:
     """Run the 3-cell launcher sweep into `folder`; acc_class_il of each cell."""
     folder.mkdir()
     path = write(folder / "sweep.yaml", LAUNCHER_SPEC)
-    assert sweep_py.run(sweep_args(path, folder, *launcher))["ran"] == 3
+    assert run_sweep(sweep_args(path, folder, *launcher))["ran"] == 3
     return {r.data.tags["sweep_cell"]: r.data.metrics["acc_class_il"]
             for r in children(f"sqlite:///{folder / 'mlflow.db'}", "launchers")}
 

@@ -1,7 +1,7 @@
-"""Launchers: run independent units of work in-process, in a local process pool, on Ray, or on SLURM.
+"""Launchers: run independent jobs in-process, in a local process pool, on Ray, or on SLURM.
 
 Every launcher takes a picklable top-level function and a list of argument tuples and yields the
-results as the units finish, in the driver process, which alone writes to MLflow.
+results as the jobs finish, in the driver process, which alone writes to MLflow.
 """
 from __future__ import annotations
 
@@ -53,51 +53,51 @@ def add_launcher_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--time", type=int, default=60, help="SLURM time limit per job, in minutes")
     group.add_argument("--gpus_per_node", type=int, default=0, help="GPUs per SLURM job")
     group.add_argument("--max_parallel", type=int, default=None,
-                       help="units running at once on any launcher (pool: processes, overriding --workers; ray: "
+                       help="jobs running at once on any launcher (pool: processes, overriding --workers; ray: "
                             "tasks in flight; slurm: array tasks; default: --workers, the cluster's capacity, 64)")
     group.add_argument("--slurm_folder", default=None, help="submitit logs (default: <out>/slurm)")
     group.add_argument("--submitit_cluster", default=None, choices=(None, "local", "debug", "slurm"),
                        help=argparse.SUPPRESS)  # 'local' runs submitit's local executor (tests)
 
 
-def run_units(function: Callable, units: list[tuple], args: argparse.Namespace, log_folder: Path,
-              stop: Callable[[object], bool] | None = None) -> Iterator:
-    """Yield function(*unit) for every unit as it finishes, on the launcher chosen by --launcher.
+def run_jobs(function: Callable, jobs: list[tuple], args: argparse.Namespace, log_folder: Path,
+             stop: Callable[[object], bool] | None = None) -> Iterator:
+    """Yield function(*job) for every job as it finishes, on the launcher chosen by --launcher.
 
-    Once stop(result) is true, no further unit starts (local, pool, ray); those already running
+    Once stop(result) is true, no further job starts (local, pool, ray); those already running
     finish and are yielded. A SLURM array is submitted whole and runs to its end.
     """
-    if not units:
+    if not jobs:
         return
     if args.max_parallel is not None and args.max_parallel < 1:
         raise ConfigError(f"--max_parallel must be at least 1, got {args.max_parallel}")
     stop = stop or (lambda result: False)
     if args.launcher == "local":
-        for unit in units:
-            result = function(*unit)
+        for job in jobs:
+            result = function(*job)
             yield result
             if stop(result):
                 return
     elif args.launcher == "pool":
-        yield from _pool(function, units, pool_workers(args), stop)
+        yield from _pool(function, jobs, pool_workers(args), stop)
     elif args.launcher == "ray":
-        yield from _ray(function, units, args, stop)
+        yield from _ray(function, jobs, args, stop)
     else:
-        yield from _slurm(function, units, args, log_folder)
+        yield from _slurm(function, jobs, args, log_folder)
 
 
 def pool_workers(args: argparse.Namespace) -> int:
     return args.max_parallel or args.workers
 
 
-def _pool(function: Callable, units: list[tuple], workers: int, stop: Callable[[object], bool]) -> Iterator:
+def _pool(function: Callable, jobs: list[tuple], workers: int, stop: Callable[[object], bool]) -> Iterator:
     import multiprocessing
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
     if workers < 1:
         raise ConfigError(f"--workers must be at least 1, got {workers}")
     _repo_on_pythonpath()
-    waiting = list(units)
+    waiting = list(jobs)
     # spawn, not fork: forking a process that already started torch's thread pools can deadlock.
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
         running = set()
@@ -112,7 +112,7 @@ def _pool(function: Callable, units: list[tuple], workers: int, stop: Callable[[
                     waiting.clear()
 
 
-def _ray(function: Callable, units: list[tuple], args: argparse.Namespace, stop: Callable[[object], bool]) -> Iterator:
+def _ray(function: Callable, jobs: list[tuple], args: argparse.Namespace, stop: Callable[[object], bool]) -> Iterator:
     import ray
 
     start_ray(args.address)
@@ -120,7 +120,7 @@ def _ray(function: Callable, units: list[tuple], args: argparse.Namespace, stop:
     remote = ray.remote(function).options(num_cpus=args.cpus_per_task, num_gpus=args.gpus_per_task, max_retries=3)
     # Tasks beyond what the cluster can run at once would only queue; bounding them lets `stop` take effect.
     capacity = max(1, int(ray.cluster_resources().get("CPU", 1) // max(args.cpus_per_task, 1e-9)))
-    waiting = list(units)
+    waiting = list(jobs)
     pending = []
     while waiting or pending:
         while waiting and len(pending) < (args.max_parallel or capacity):
@@ -132,7 +132,7 @@ def _ray(function: Callable, units: list[tuple], args: argparse.Namespace, stop:
             waiting.clear()
 
 
-def _slurm(function: Callable, units: list[tuple], args: argparse.Namespace, log_folder: Path) -> Iterator:
+def _slurm(function: Callable, jobs: list[tuple], args: argparse.Namespace, log_folder: Path) -> Iterator:
     import submitit
 
     _repo_on_pythonpath()  # submitted jobs inherit the driver's environment
@@ -142,12 +142,12 @@ def _slurm(function: Callable, units: list[tuple], args: argparse.Namespace, log
         parameters.update(slurm_partition=args.partition, slurm_array_parallelism=args.max_parallel or 64,
                           gpus_per_node=args.gpus_per_node)
     executor.update_parameters(**parameters)
-    jobs = executor.map_array(function, *zip(*units))
-    waiting = list(jobs)
+    submitted = executor.map_array(function, *zip(*jobs))
+    waiting = list(submitted)
     while waiting:
-        for job in list(waiting):
-            if job.done():
-                waiting.remove(job)
-                yield job.result()
+        for handle in list(waiting):
+            if handle.done():
+                waiting.remove(handle)
+                yield handle.result()
         if waiting:
             time.sleep(0.5)

@@ -1,0 +1,179 @@
+"""Scoring a subset-training store: memorization, influence and consistency files, a report, an MLflow run."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+from scipy.stats import spearmanr
+
+from memorization.estimator import auroc, consistency_scores, influence, memorization
+from memorization.released_runs import find_released_runs, read_released_runs
+from memorization.report import write_report
+from memorization.store import CorruptModelFile, SubsetStore
+from memorization.training import load_plan_data
+from utils.errors import ConfigError
+from utils.mlflow_logger import RunLogger, default_tracking_uri, environment_tags
+
+
+def load_store(run_dir: Path, args: argparse.Namespace) -> dict:
+    """Masks and targets of every readable model, as float32 matrices [epochs, models, examples]; one read each."""
+    store = SubsetStore(run_dir)
+    plan = store.load_plan()
+    stored = sorted(i for i in store.stored_models() if i < plan.n_models)
+    n, m = plan.inclusion_mask.shape[1], plan.settings["n_test"]
+    epochs = plan.settings["training"]["record_epochs"]
+    arrays = {key: np.zeros((len(epochs), len(stored), size), dtype=np.float32)
+              for key, size in (("prob_train", n), ("correct_train", n), ("prob_test", m), ("correct_test", m))}
+    finished = []
+    for model_id in stored:
+        try:
+            model = store.read_model(model_id, plan)
+        except CorruptModelFile as error:
+            print(f"warning: {error} (not used; train_splits.py retrains it)", file=sys.stderr)
+            continue
+        for key in arrays:
+            arrays[key][:, len(finished)] = model[key]
+        finished.append(model_id)
+    if not finished:
+        raise ConfigError(f"{run_dir} holds no finished model yet; run train_splits.py first")
+    if len(finished) < plan.n_models and not args.allow_partial:
+        raise ConfigError(f"{run_dir} holds {len(finished)} of the plan's {plan.n_models} models; finish it with "
+                          f"train_splits.py or pass --allow_partial to use the {len(finished)}")
+    arrays = {key: value[:, :len(finished)] for key, value in arrays.items()}
+    return {"plan": plan, "model_ids": finished, "mask": plan.inclusion_mask[finished], "epochs": epochs,
+            "ratio": plan.model_ratio[finished], "train": arrays[f"{args.target}_train"],
+            "test": arrays[f"{args.target}_test"], "prob_train": arrays["prob_train"],
+            "correct_train": arrays["correct_train"], "correct_test": arrays["correct_test"]}
+
+
+def load_released(run_dir: Path, args: argparse.Namespace) -> dict:
+    if args.target != "correct":
+        raise ConfigError("released aux_arrays.npz files hold 0/1 correctness only; pass --target correct")
+    runs = read_released_runs(run_dir)
+    train, test = runs["train"][None], runs["test"][None]
+    return {"plan": None, "model_ids": list(range(len(runs["mask"]))), "mask": runs["mask"], "epochs": [0],
+            "ratio": runs["ratio"], "train": train, "test": test, "prob_train": None, "correct_train": train,
+            "correct_test": test}
+
+
+def in_dataset_order(values: np.ndarray, rows: np.ndarray, n_total: int) -> np.ndarray:
+    """Scores of the planned examples placed at their dataset rows; NaN for rows outside the plan."""
+    out = np.full(n_total, np.nan, dtype=np.float32)
+    out[rows] = values
+    return out
+
+
+def score_store(args: argparse.Namespace) -> dict:
+    """Scores, standard errors, counts, influence and consistency of a store, written beside --out and logged."""
+    run_dir = Path(args.run_dir)
+    if (run_dir / "plan.json").exists():
+        data = load_store(run_dir, args)
+    elif find_released_runs(run_dir):
+        data = load_released(run_dir, args)
+    else:
+        raise ConfigError(f"{run_dir} holds neither a train_splits.py store (plan.json) nor released "
+                          f"aux_arrays.npz runs; pass the --out folder of train_splits.py")
+    plan, mask = data["plan"], data["mask"]
+    n_total = plan.settings["n_train_total"] if plan else mask.shape[1]
+    rows = plan.train_indices if plan else np.arange(mask.shape[1])
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    stem = out.with_suffix("")
+
+    final = memorization(mask, data["train"][-1])
+    scores = in_dataset_order(final["mem"], rows, n_total)
+    np.save(out, scores)
+    np.save(f"{stem}_se.npy", in_dataset_order(final["se"], rows, n_total))
+    np.save(f"{stem}_n_in.npy", _counts(final["n_in"], rows, n_total))
+    np.save(f"{stem}_n_out.npy", _counts(final["n_out"], rows, n_total))
+    infl = influence(mask, data["test"][-1], topk=args.influence_topk, threshold=args.influence_threshold,
+                     full_path=f"{stem}_influence_full.npy" if args.influence_full else None)
+    np.savez(f"{stem}_influence.npz", topk_index=rows[infl["topk_index"]], topk_value=infl["topk_value"],
+             pair_train=rows[infl["pair_train"]], pair_test=infl["pair_test"], pair_value=infl["pair_value"],
+             histogram=infl["histogram"], bins=infl["bins"] if "bins" in infl else np.linspace(-1, 1, 81))
+    ratios = sorted(set(np.round(data["ratio"], 6).tolist()))
+    if len(ratios) > 1:
+        np.save(f"{stem}_cscore.npy", in_dataset_order(consistency_scores(mask, data["train"][-1],
+                                                                          data["ratio"])["cscore"], rows, n_total))
+    noisy = plan.noisy_mask[rows] if plan is not None else None
+    summary = {"n_models": len(data["model_ids"]), "n_models_planned": plan.n_models if plan else len(mask),
+               "n_undefined": int(final["n_undefined"]), "mean": float(np.nanmean(final["mem"])),
+               "fraction_memorized": float(np.mean(final["mem"][np.isfinite(final["mem"])] >= args.mem_threshold)),
+               "influence_pairs": int(len(infl["pair_value"]))}
+    if noisy is not None and noisy.any():
+        summary["auroc_relabeled"] = auroc(final["mem"], noisy)
+    if args.compare:
+        summary["spearman_with_compare"] = compare_with(args.compare, scores)
+    sidecar = {"dataset": plan.settings["dataset"] if plan else None, "n": int(n_total),
+               "label_fingerprint": plan.settings["label_fingerprint"] if plan else None,
+               "plan_hash": plan.hash if plan else None, "n_models": len(data["model_ids"]),
+               "n_models_planned": summary["n_models_planned"], "subset_ratios": ratios, "target": args.target,
+               "n_undefined": summary["n_undefined"], "files": {
+                   "se": f"{stem.name}_se.npy", "n_in": f"{stem.name}_n_in.npy", "n_out": f"{stem.name}_n_out.npy",
+                   "influence": f"{stem.name}_influence.npz"}}
+    Path(f"{stem}.json").write_text(json.dumps(sidecar, indent=2))
+    print(f"{out}: memorization of {len(rows)} examples from {len(data['model_ids'])} models; "
+          f"{summary['n_undefined']} undefined (never left out or never included) are NaN")
+    for key, value in summary.items():
+        print(f"  {key}: {value:.4f}" if isinstance(value, float) else f"  {key}: {value}")
+    report = write_report_for(data, final, infl, noisy, args, Path(f"{stem}_report"), summary)
+    log_to_mlflow(args, summary, sidecar, [out, Path(f"{stem}.json")], report)
+    return {"scores": scores, "summary": summary, "memorization": final, "influence": infl}
+
+
+def _counts(values: np.ndarray, rows: np.ndarray, n_total: int) -> np.ndarray:
+    out = np.zeros(n_total, dtype=np.int32)
+    out[rows] = values
+    return out
+
+
+def compare_with(path: str, scores: np.ndarray) -> float:
+    """Spearman correlation with another score file over the examples both define; lengths must agree."""
+    try:
+        other = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as error:
+        raise ConfigError(f"--compare {path} is not a readable .npy file ({type(error).__name__})") from None
+    if other.ndim != 1 or len(other) != len(scores):
+        raise ConfigError(f"--compare {path} holds {other.shape} scores but this dataset has {len(scores)} training "
+                          f"examples; pass a score file of the same dataset, in dataset order")
+    both = np.isfinite(other) & np.isfinite(scores)
+    return float(spearmanr(other[both], scores[both]).statistic)
+
+
+def write_report_for(data: dict, final: dict, infl: dict, noisy, args, folder: Path, summary: dict) -> list[Path]:
+    plan = data["plan"]
+    images = labels = test_images = test_labels = None
+    if plan is not None:
+        plan_data = load_plan_data(plan, args.data_path, "cpu")
+        images, labels = plan_data.train_images.numpy(), plan_data.train_labels.numpy()
+        test_images, test_labels = plan_data.test_images.numpy(), plan_data.test_labels.numpy()
+    per_epoch = None
+    if len(data["epochs"]) > 1 and data["prob_train"] is not None:
+        mask = data["mask"]
+        mem_per_epoch = np.stack([memorization(mask, t)["mem"] for t in data["train"]])
+        loss = -np.log(np.clip(data["prob_train"][-1], 1e-7, 1.0))
+        n_in = np.maximum(mask.sum(0), 1)
+        per_epoch = {"epochs": list(data["epochs"]), "mem": mem_per_epoch,
+                     "train_loss": (loss * mask).sum(0) / n_in,
+                     "train_acc": [float((c * mask).sum() / mask.sum()) for c in data["correct_train"]],
+                     "test_acc": [float(c.mean()) for c in data["correct_test"]]}
+    return write_report(folder, mem=final["mem"], se=final["se"], n_in=final["n_in"], n_out=final["n_out"],
+                        train_images=images, train_labels=labels, test_images=test_images, test_labels=test_labels,
+                        influence={**infl, "threshold": args.influence_threshold}, per_epoch=per_epoch,
+                        noisy_mask=noisy, summary=summary, threshold=args.mem_threshold)
+
+
+def log_to_mlflow(args: argparse.Namespace, summary: dict, sidecar: dict, files: list[Path],
+                  report: list[Path]) -> None:
+    logger = RunLogger(args.tracking_uri or default_tracking_uri(), args.experiment_name, args.run_name)
+    logger.log_params({k: v for k, v in vars(args).items()} | {k: v for k, v in sidecar.items() if k != "files"})
+    logger.set_tags(environment_tags("cpu"))
+    logger.log_metrics({k: float(v) for k, v in summary.items()}, step=0)
+    for path in files:
+        logger.log_artifact(str(path))
+    for path in report:
+        logger.log_artifact(str(path), "report")
+    logger.finish()
