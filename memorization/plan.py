@@ -1,4 +1,4 @@
-"""A split-training plan: which examples each model trains on (seeded inclusion masks), its seeds and settings.
+"""A subset-training plan: which examples each model trains on (seeded inclusion masks), its seeds and settings.
 
 The plan is written into the run store first; its hash ties every model file to it, so models of
 another plan are never mixed in.

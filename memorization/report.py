@@ -1,4 +1,4 @@
-"""Human-readable report of split-based memorization scores: figures, summary.md and CSV tables."""
+"""Human-readable report of held-out memorization scores: figures, summary.md and CSV tables."""
 from __future__ import annotations
 
 import csv

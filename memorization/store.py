@@ -1,4 +1,4 @@
-"""The split-training run store: a plan file written first, then one atomically written file per model.
+"""The subset-training run store: a plan file written first, then one atomically written file per model.
 
 Layout of a store folder:
     plan.json        dataset, sizes, label fingerprints, ratios, seeds, training settings, hash
@@ -70,7 +70,7 @@ class SubsetStore:
                 old, new = _flatten(existing.settings), _flatten(plan.settings)
                 changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
                 what = f"settings {', '.join(changed)} differ" if changed else "the inclusion masks differ"
-                raise ConfigError(f"{self.folder} already holds another split-training plan ({what}); "
+                raise ConfigError(f"{self.folder} already holds another subset-training plan ({what}); "
                                   f"rerun with the original arguments to resume it, or pass a new --out")
             return
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -87,7 +87,7 @@ class SubsetStore:
     def load_plan(self) -> Plan:
         path = self.folder / "plan.json"
         if not path.exists():
-            raise ConfigError(f"{self.folder} is not a split-training store (no plan.json); pass the --out folder "
+            raise ConfigError(f"{self.folder} is not a subset-training store (no plan.json); pass the --out folder "
                               f"of a train_splits.py run")
         document = json.loads(path.read_text())
         saved_hash = document.pop("hash")

@@ -1,4 +1,4 @@
-"""Training the models of a split-training plan, one at a time or as a vectorised ensemble (torch.func).
+"""Training the models of a subset-training plan, one at a time or as a vectorised ensemble (torch.func).
 
 A worker rebuilds the dataset from the plan, trains a group of models on their subsets and writes
 each model's predictions (softmax probability of the training label and 0/1 correctness, on every
@@ -203,10 +203,10 @@ def train_group(plan: Plan, model_ids: list[int], data: PlanData, device: str) -
             raise ConfigError(f"the training loss of models {model_ids[0]}..{model_ids[-1]} became {loss.item()} in "
                               f"epoch {epoch}; lower --lr (now {training.lr})")
         if epoch in record:
-            for split, images, labels in (("train", data.train_images, data.train_labels),
+            for part, images, labels in (("train", data.train_images, data.train_labels),
                                           ("test", data.test_images, data.test_labels)):
                 for key, value in predictions(ensemble, data, images, labels, training.save_logits).items():
-                    recorded[f"{key}_{split}"].append(value)
+                    recorded[f"{key}_{part}"].append(value)
     seconds = (time.perf_counter() - started) / len(model_ids)
     epochs = np.array(sorted(record), dtype=np.int64)
     return {model_id: {"epochs": epochs, "train_seconds": np.float64(seconds),

@@ -12,7 +12,6 @@ import torch
 import torch.nn.functional as F
 from scipy.stats import spearmanr
 
-from buffer_policies._memorization import MemorizationPolicy
 from models import ContinualModel, register_model
 from models._memorization_proxy import PROXIES, MemorizationProxy
 from utils.errors import ConfigError
@@ -31,13 +30,17 @@ class Maer(ContinualModel):
         parser.add_argument("--alpha", type=float, default=0.2, help="DER++ logit-matching weight (--replay derpp)")
         parser.add_argument("--beta", type=float, default=0.5, help="DER++ replayed CE weight (--replay derpp)")
 
+    @classmethod
+    def check_args(cls, args):
+        super().check_args(args)
+        if args.mem_scores is None and args.mem_proxy == "none":
+            raise ConfigError("maer needs memorization values: pass --mem_scores FILE.npy or a --mem_proxy")
+
     def __init__(self, backbone, dataset, args):
         super().__init__(backbone, dataset, args)
         self.scores = dataset.mem_scores
         self.proxy = None if args.mem_proxy == "none" else MemorizationProxy(args.mem_proxy, len(dataset.train),
                                                                               self.device)
-        if self.scores is None and self.proxy is None:
-            raise ConfigError("maer needs memorization values: pass --mem_scores FILE.npy or a --mem_proxy")
         self.selection: dict = {}
 
     def observe(self, inputs, labels, not_aug_inputs, indices, task):
@@ -62,7 +65,7 @@ class Maer(ContinualModel):
         return self.scores if self.scores is not None else self.proxy.values()
 
     def begin_task(self, task):
-        if isinstance(self.buffer.policy, MemorizationPolicy):
+        if self.buffer.policy.NEEDS_MEMORIZATION_VALUES:
             self.buffer.policy.begin_task(self.buffer, task, self.classes_of_tasks(task), self.memorization_values())
 
     def classes_of_tasks(self, task: int) -> list[range]:
@@ -71,7 +74,7 @@ class Maer(ContinualModel):
     @torch.no_grad()
     def end_task(self, task):
         policy = self.buffer.policy
-        if not isinstance(policy, MemorizationPolicy):
+        if not policy.NEEDS_MEMORIZATION_VALUES:
             return
         split = self.dataset.train_split(task)
         candidates = {"examples": split.images, "labels": split.labels, "indices": split.indices,

@@ -101,13 +101,13 @@ def shift_matches(out, images, padding: int):
 def build_model(*flags: str, model: str = "sgd"):
     """A continual model on its dataset from command-line flags (seed 0, CPU); returns (model, dataset)."""
     from backbones import BACKBONES
-    from continual import run as main
     from continual.args import parse_args
+    from continual.run import set_seed
     from datasets import DATASETS
     from models import MODELS
 
     args = parse_args(["--model", model, "--lr", "0.05", "--seed", "0", "--device", "cpu", *flags])
-    main.set_seed(0)
+    set_seed(0)
     dataset = DATASETS.get(args.dataset)(args)
     backbone = BACKBONES.get(args.backbone)(args, dataset.SHAPE, dataset.N_CLASSES)
     return MODELS.get(args.model)(backbone, dataset, args), dataset
@@ -123,5 +123,5 @@ def train_steps(model, dataset, steps: int, task: int = 0, batch_size: int = 32)
     for step in range(steps):
         rows = torch.arange(step * batch_size, (step + 1) * batch_size) % len(split)
         raw = split.images[rows]
-        optimizer_step(model, model.observe(dataset.test_transform(raw), split.labels[rows], raw, split.indices[rows],
-                                            task), task)
+        loss = model.observe(dataset.test_transform(raw), split.labels[rows], raw, split.indices[rows], task)
+        optimizer_step(model, loss, task)

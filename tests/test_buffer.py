@@ -5,8 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from buffer_policies import BUFFER_POLICIES
-from buffer_policies import Buffer
+from buffer_policies import BUFFER_POLICIES, Buffer
 from utils.errors import ConfigError
 
 
@@ -84,3 +83,21 @@ def test_state_dict_round_trip_restores_contents_and_counter():
 def test_unknown_policy_lists_known_ones():
     with pytest.raises(ConfigError, match="known buffer policies: .*reservoir"):
         BUFFER_POLICIES.get("fifo")
+
+
+def test_a_reselecting_policy_rewrites_the_buffer_through_write_rows_and_keep_first():
+    buffer = reservoir_buffer(6)
+    images, labels, indices = stream(6)
+    logits = torch.arange(12, dtype=torch.float32).view(6, 2)
+    buffer.add_data(images, labels, logits=logits, indices=indices)
+    candidates = {"examples": images.flip(0), "labels": labels.flip(0), "logits": logits.flip(0),
+                  "indices": indices.flip(0)}  # rows 0..5 hold dataset indices 5..0
+    end = buffer.write_rows(1, candidates, np.array([0, 2]))  # dataset indices 5 and 3 into slots 1, 2
+    assert end == 3
+    assert buffer.indices.tolist() == [0, 5, 3, 3, 4, 5]
+    assert buffer.logits[1].tolist() == [10.0, 11.0] and buffer.examples[2].flatten().tolist() == [3] * 4
+    buffer.keep_first(end)
+    assert len(buffer) == 3 and buffer.get_all()["indices"].tolist() == [0, 5, 3]
+    new_images, new_labels, new_indices = stream(8)
+    buffer.add_data(new_images[7:], new_labels[7:], indices=new_indices[7:])  # the next free slot is 3
+    assert buffer.indices[3].item() == 7 and len(buffer) == 4

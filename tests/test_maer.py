@@ -2,12 +2,15 @@
 from __future__ import annotations
 
 import json
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
+import continual.run
 import main
 from continual.run import run as run_experiment
 from backbones import BACKBONES
@@ -15,18 +18,23 @@ from buffer_policies._memorization import quotas
 from datasets import DATASETS
 from models import MODELS
 from continual.args import parse_args
+from continual.training import optimizer_step
 from memorization.plan import fingerprint
 from memorization.scores import load_scores, original_train_labels
 from models._memorization_proxy import MemorizationProxy
 
 
 def build(policy: str, buffer_size: int, scores: np.ndarray | None, *extra: str):
+    values = ["--mem_proxy", "learned_iteration"]
+    if scores is not None:  # a score file, as eval_splits.py writes one (length checked when loaded)
+        path = Path(tempfile.mkdtemp()) / "scores.npy"
+        np.save(path, scores)
+        values = ["--mem_proxy", "none", "--mem_scores", str(path)]
     args = parse_args(["--model", "maer", "--buffer_policy", policy, "--buffer_size", str(buffer_size), "--lr", "0.1",
-                       "--seed", "0", "--device", "cpu", "--mem_proxy", "none" if scores is not None else
-                       "learned_iteration", *extra])
+                       "--seed", "0", "--device", "cpu", *values, *extra])
     torch.manual_seed(0)
     dataset = DATASETS.get(args.dataset)(args)
-    dataset.mem_scores = scores
+    dataset.mem_scores = None if scores is None else load_scores(args.mem_scores, dataset)
     backbone = BACKBONES.get(args.backbone)(args, dataset.SHAPE, dataset.N_CLASSES)
     return MODELS.get("maer")(backbone, dataset, args), dataset
 
@@ -36,8 +44,9 @@ def stream_task(model, dataset, task: int) -> None:
     split = dataset.train_split(task)
     for start in range(0, len(split), 32):
         raw = split.images[start:start + 32]
-        model.observe(dataset.train_transform(raw), split.labels[start:start + 32], raw,
-                      split.indices[start:start + 32], task)
+        loss = model.observe(dataset.train_transform(raw), split.labels[start:start + 32], raw,
+                             split.indices[start:start + 32], task)
+        optimizer_step(model, loss, task)
     model.end_task(task)
 
 
@@ -161,7 +170,7 @@ def test_score_files_are_checked_against_the_dataset(tmp_path):
 @pytest.mark.parametrize("argv, sentence", [
     (["--model", "sgd", "--buffer_policy", "min"], "--buffer_policy min chooses a replay buffer's contents, but sgd "
                                                    "has no buffer"),
-    (["--model", "er", "--buffer_size", "50", "--buffer_policy", "min"], "which the maer model computes; use --model maer"),
+    (["--model", "er", "--buffer_size", "50", "--buffer_policy", "min"], "which er does not compute; use --model maer"),
     (["--model", "maer", "--buffer_size", "5", "--buffer_policy", "min"], "a buffer of 5 cannot keep one example of each "
                                                                           "of seq-digits's 10 classes"),
     (["--model", "maer", "--buffer_size", "50", "--buffer_policy", "min", "--mem_proxy", "none"],
@@ -210,17 +219,17 @@ def test_maer_resumes_from_a_checkpoint_to_the_uninterrupted_result(tmp_path, tr
     argv = ["--model", "maer", "--buffer_policy", "middle", "--buffer_size", "30", "--lr", "0.1", "--n_epochs", "3",
             "--seed", "0", "--non_verbose", "--tracking_uri", tracking_uri]
     uninterrupted = run_experiment(parse_args(argv))
-    real_save = main.save_checkpoint
+    real_save = continual.run.save_checkpoint
 
     def save_then_stop(path, payload):
         real_save(path, payload)
         if payload["next_task"] == 2:
             raise KeyboardInterrupt  # as if killed right after the checkpoint of task 2
 
-    monkeypatch.setattr(main, "save_checkpoint", save_then_stop)
+    monkeypatch.setattr(continual.run, "save_checkpoint", save_then_stop)
     with pytest.raises(KeyboardInterrupt):
         run_experiment(parse_args([*argv, "--savecheck", "--checkpoint_dir", str(tmp_path)]))
-    monkeypatch.setattr(main, "save_checkpoint", real_save)
+    monkeypatch.setattr(continual.run, "save_checkpoint", real_save)
     (checkpoint,) = tmp_path.glob("*.pt")
     resumed = run_experiment(parse_args([*argv, "--resume", str(checkpoint)]))
     np.testing.assert_array_equal(resumed.matrices["class_il"], uninterrupted.matrices["class_il"])

@@ -83,6 +83,20 @@ def test_same_seed_gives_the_identical_accuracy_matrix(tracking_uri):
     assert not np.array_equal(first.matrices["class_il"], other.matrices["class_il"], equal_nan=True)
 
 
+def test_the_readme_er_run_keeps_its_accuracy_matrix(tracking_uri):
+    """The README's first command at seed 7 on the CPU: the matrix the engine gave before the task loop took
+    over the optimizer step (commit 9baef0c), so a refactoring that changes any number shows here."""
+    state = run_experiment(parse_args(["--model", "er", "--dataset", "seq-digits", "--buffer_size", "200",
+                                       "--lr", "0.1", "--seed", "7", "--device", "cpu", "--non_verbose",
+                                       "--tracking_uri", tracking_uri]))
+    expected = np.array([[100.00, np.nan, np.nan, np.nan, np.nan],
+                         [90.28, 98.61, np.nan, np.nan, np.nan],
+                         [90.28, 95.83, 95.83, np.nan, np.nan],
+                         [87.50, 90.28, 83.33, 100.00, np.nan],
+                         [83.33, 86.11, 86.11, 55.56, 87.32]])
+    np.testing.assert_allclose(state.matrices["class_il"], expected, atol=0.005)
+
+
 def test_label_noise_is_recorded_as_an_artifact(tracking_uri):
     run(tracking_uri, "--model", "sgd", "--lr", "0.1", "--label_noise", "0.1", "--n_epochs", "1")
     client, logged = only_run(tracking_uri)

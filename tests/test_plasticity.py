@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
+import main
 from backbones import BACKBONES, Backbone
-from continual import run as main
 from continual.args import parse_args
 from plasticity import Plasticity
 from tests.conftest import build_model as build, train_steps

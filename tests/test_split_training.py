@@ -104,7 +104,7 @@ def test_rerunning_trains_only_missing_models_and_partial_stores_are_refused(tmp
 def test_a_different_plan_is_refused_and_the_store_is_untouched(tmp_path):
     train(tmp_path, "--n_models", "2")
     before = sorted(p.name for p in (tmp_path / "store" / "models").iterdir())
-    with pytest.raises(Exception, match="already holds another split-training plan .*lr.*pass a new --out"):
+    with pytest.raises(Exception, match="already holds another subset-training plan .*lr.*pass a new --out"):
         train(tmp_path, "--n_models", "2", "--lr", "0.05")
     assert sorted(p.name for p in (tmp_path / "store" / "models").iterdir()) == before
 
