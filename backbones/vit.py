@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 import torch
-from torch import nn
 from timm.models.vision_transformer import VisionTransformer
+from torch import nn
 
 from backbones import Backbone, UnitGroup, register_backbone
 from utils.errors import ConfigError

@@ -11,10 +11,11 @@ alternates between repeats, so background load favours none of them.
 The arithmetic floor of an ensemble is its matrix-multiply FLOPs (forward, weight gradients and
 the input gradients of every layer but the first, plus the evaluation passes) at the rate
 `torch.bmm` reaches on the same [K, ...] shapes, measured in the same process just before each
-ensemble run. Prototype rows (--prototype, on by default) train the same ensembles through
-`StackedMLPEnsemble`, which is not the engine's code. --profile prints torch.profiler's operator
-table instead; --step_costs the cost of one training step per variant (--compile adds each step
-through torch.compile). A benchmark, not a test: it prints tables and never fails on a slow machine.
+ensemble run (benchmarks/ensemble_training_floor.py). Prototype rows (--prototype, on by default)
+train the same ensembles through `StackedMLPEnsemble` (benchmarks/ensemble_training_models.py), which
+is not the engine's code. --profile prints torch.profiler's operator table instead; --step_costs the
+cost of one training step per variant (--compile adds each step through torch.compile). A benchmark,
+not a test: it prints tables and never fails on a slow machine.
 
     .venv/bin/python benchmarks/ensemble_training.py                 # about 5 minutes on 2 cores
     .venv/bin/python benchmarks/ensemble_training.py --step_costs [--compile]
@@ -23,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import math
 import statistics
 import sys
 import tempfile
@@ -37,17 +37,18 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import train_splits  # noqa: E402
-from memorization.driver import make_plan, run_plan  # noqa: E402
-from benchmarks.engine_throughput import load_average, machine, synchronize, write_idx  # noqa: E402
+from benchmarks._timing import (benchmark_parser, describe_device, end_load_line, machine_line,  # noqa: E402
+                                median_seconds)
+from benchmarks.engine_throughput import synchronize, write_idx  # noqa: E402
+from benchmarks.ensemble_training_floor import (ensemble_flops_per_model, flops, layer_widths,  # noqa: E402
+                                                matmul_rate, step_matmuls)
+from benchmarks.ensemble_training_models import StackedMLPEnsemble, prototype_ensemble, train_step  # noqa: E402
 from datasets.mnist import FILES as MNIST_FILES  # noqa: E402
-from memorization import training as split_training  # noqa: E402
-from utils.optimizers import build_optimizer  # noqa: E402
+from memorization.driver import make_plan  # noqa: E402
 from memorization.plan import Plan  # noqa: E402
-from memorization.training import (Ensemble, PlanData, autocast, build_backbones, load_plan_data,  # noqa: E402
-                                  train_group)
+from memorization.training import Ensemble, PlanData, build_backbones, load_plan_data, train_group  # noqa: E402
 
 BATCH = 32
-MATMUL_CALLS = 50  # one step's matmuls run this many times per timed burst of the floor measurement
 
 
 @dataclass(frozen=True)
@@ -95,109 +96,6 @@ def build_plan(case: Case, epochs: int, n_models: int, data_path: str, out: Path
         "--n_models", str(n_models), "--data_path", data_path, "--out", str(out), "--device", device,
         "--non_verbose"])
     return make_plan(args)
-
-
-def layer_widths(plan: Plan, data: PlanData) -> list[int]:
-    hidden = [int(w) for w in str(plan.settings["backbone_args"]["mlp_hidden"]).split(",") if w]
-    return [math.prod(data.dataset.SHAPE), *hidden, data.dataset.N_CLASSES]
-
-
-# -- the arithmetic floor ------------------------------------------------------------------------------
-def step_matmuls(widths: list[int], batch: int) -> list[tuple[int, int, int]]:
-    """The (rows, inner, cols) of each matrix product one training step runs per model.
-
-    Forward x @ W per layer; backward the weight gradient x^T @ g per layer, and the input gradient
-    g @ W^T for every layer but the first (the images do not require a gradient).
-    """
-    layers = list(zip(widths[:-1], widths[1:]))
-    forward = [(batch, n_in, n_out) for n_in, n_out in layers]
-    weight_grads = [(n_in, batch, n_out) for n_in, n_out in layers]
-    input_grads = [(batch, n_out, n_in) for n_in, n_out in layers[1:]]
-    return forward + weight_grads + input_grads
-
-
-def flops(shapes: list[tuple[int, int, int]]) -> int:
-    return sum(2 * rows * inner * cols for rows, inner, cols in shapes)
-
-
-def ensemble_flops_per_model(plan: Plan, widths: list[int]) -> float:
-    """One model's matmul FLOPs over the whole run: training steps plus the recorded evaluation passes."""
-    training = plan.settings["training"]
-    per_example_step = flops(step_matmuls(widths, 1))
-    per_example_forward = flops(step_matmuls(widths, 1)[:len(widths) - 1])
-    examples_per_epoch = int(plan.inclusion_mask[0].sum())
-    evaluated = plan.settings["n_train"] + plan.settings["n_test"]
-    return (training["n_epochs"] * examples_per_epoch * per_example_step
-            + len(training["record_epochs"]) * evaluated * per_example_forward)
-
-
-def matmul_rate(widths: list[int], n_models: int, device: str, bursts: int = 5, clock=time.perf_counter) -> float:
-    """FLOP/s of one training step's products as torch.bmm on [K, ...] operands (median of bursts).
-
-    bf16 on CUDA, where train_group runs under bf16 autocast; float32 elsewhere.
-    """
-    dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
-    shapes = step_matmuls(widths, BATCH)
-    operands = [(torch.randn(n_models, rows, inner, device=device, dtype=dtype),
-                 torch.randn(n_models, inner, cols, device=device, dtype=dtype)) for rows, inner, cols in shapes]
-    seconds = []
-    for burst in range(bursts + 1):  # the first burst warms up and is not counted
-        synchronize(device)
-        start = clock()
-        for _ in range(MATMUL_CALLS):
-            for left, right in operands:
-                torch.bmm(left, right)
-        synchronize(device)
-        if burst:
-            seconds.append((clock() - start) / MATMUL_CALLS)
-    return n_models * flops(shapes) / statistics.median(seconds)
-
-
-# -- PROTOTYPE, not the engine -------------------------------------------------------------------------
-class StackedMLPEnsemble:
-    """PROTOTYPE of a faster vectorised MLP ensemble; the engine's `Ensemble` is what train_splits.py runs.
-
-    The same parameters (copied from the same initialised networks) and the same optimizer, laid out
-    as the engine lays them out in memory (weights [K, in, out]), but each layer is one `baddbmm`
-    (bias folded in) followed by a ReLU, without vmap or functional_call: the reference for what a
-    vmap-free stacked MLP path in the engine would give.
-    """
-
-    def __init__(self, nets: list[torch.nn.Module], training: argparse.Namespace):
-        self.size = len(nets)
-        linears = [[*net.layers, net.head] for net in nets]  # per network, its Linear layers in order
-        self.weights = [torch.stack([layer.weight.detach().t() for layer in same]).contiguous().requires_grad_()
-                        for same in zip(*linears)]
-        self.biases = [torch.stack([layer.bias.detach()[None] for layer in same]).requires_grad_()
-                       for same in zip(*linears)]
-        self.parameters = self.weights + self.biases
-        self.optimizer = build_optimizer(self.parameters, training)
-
-    def train(self, mode: bool = True) -> None:
-        """No dropout or BatchNorm in the MLP: nothing changes between training and evaluation."""
-
-    def __call__(self, x: torch.Tensor, shared_input: bool = False) -> torch.Tensor:
-        h = x.flatten(1).expand(self.size, -1, -1) if shared_input else x.flatten(2)
-        for i, (weight, bias) in enumerate(zip(self.weights, self.biases)):
-            h = torch.baddbmm(bias, h, weight)
-            if i < len(self.weights) - 1:
-                h = torch.relu(h)
-        return h
-
-
-@contextlib.contextmanager
-def prototype_ensemble():
-    """train_group builds StackedMLPEnsemble instead of the engine's Ensemble (for K > 1) inside the block."""
-    engine = split_training.Ensemble
-
-    def build(nets, training):
-        return engine(nets, training) if len(nets) == 1 else StackedMLPEnsemble(nets, training)
-
-    split_training.Ensemble = build
-    try:
-        yield
-    finally:
-        split_training.Ensemble = engine
 
 
 # -- measurement ---------------------------------------------------------------------------------------
@@ -270,7 +168,7 @@ def measure(case: Case, cli: argparse.Namespace, scratch: Path) -> list[Row]:
                       f"{statistics.mean(r.seconds for r in alone_runs[-1]):.2f} s/model", flush=True)
             else:
                 (way, prototype), size = step
-                rate = matmul_rate(widths, size, cli.device)
+                rate = matmul_rate(widths, BATCH, size, cli.device)
                 floors.setdefault((way, size), []).append(flops_per_model / rate)
                 trained = train_models(plan, data, list(range(size)), cli.device, prototype)
                 together_runs.setdefault((way, size), []).append(trained)
@@ -352,6 +250,10 @@ def step_costs(case: Case, cli: argparse.Namespace, scratch: Path) -> None:
     widths = layer_widths(plan, data)
     on_cpu = torch.device(cli.device).type == "cpu"
     clock = time.process_time if on_cpu else time.perf_counter
+
+    def median(work) -> float:
+        return median_seconds(work, cli.device, cli.step_samples, clock)
+
     print(f"\n{case.name}: one training step, {'CPU' if on_cpu else 'wall'} µs, median of {cli.step_samples}")
     print("| K | variant | µs per step | µs per model | matmul floor µs per step | step/floor |")
     print("|---|---|---|---|---|---|")
@@ -360,57 +262,23 @@ def step_costs(case: Case, cli: argparse.Namespace, scratch: Path) -> None:
             "engine Ensemble": Ensemble, "StackedMLPEnsemble (prototype, not engine code)": StackedMLPEnsemble}
         x = torch.rand(size, BATCH, *data.dataset.SHAPE, device=cli.device)
         y = torch.randint(0, data.dataset.N_CLASSES, (size, BATCH), device=cli.device)
-        floor = size * flops(step_matmuls(widths, BATCH)) / matmul_rate(widths, size, cli.device, clock=clock)
+        rate = matmul_rate(widths, BATCH, size, cli.device, clock=clock)
+        floor = size * flops(step_matmuls(widths, BATCH)) / rate
         for name, build in builds.items():
             for compiled in [False] + [True] * cli.compile:
                 ensemble = build(build_backbones(plan, list(range(size)), data, cli.device), training)
-                step = median_seconds(train_step(ensemble, x, y, compiled), clock, cli)
+                step = median(train_step(ensemble, x, y, compiled))
                 print(f"| {size} | {name}{', torch.compile' * compiled} | {step * 1e6:.0f} | {step * 1e6 / size:.0f} "
                       f"| {floor * 1e6:.0f} | {step / floor:.1f} |", flush=True)
     rows = torch.randint(0, len(data.train_labels), (max(cli.sizes) * BATCH,), device=cli.device)
     gathers = {"images.index_select(0, rows) (the engine's)": lambda: data.train_images.index_select(0, rows),
                "images[rows]": lambda: data.train_images[rows]}
     print(f"gathering the uint8 images of one K={max(cli.sizes)} step: " + "; ".join(
-        f"{name} {median_seconds(gather, clock, cli) * 1e6:.0f} µs" for name, gather in gathers.items()))
-
-
-def train_step(ensemble, x: torch.Tensor, y: torch.Tensor, compiled: bool):
-    """One step of train_group on fixed inputs; with `compiled`, the forward and loss (with their backward)
-    and the optimizer step each go through torch.compile (compiled at the first call, a warm-up call)."""
-    def loss_of():
-        with autocast(x.device):
-            logits = ensemble(x).float()
-        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none")
-        return loss.view_as(y).mean(1).sum()
-
-    update = ensemble.optimizer.step
-    if compiled:
-        loss_of, update = torch.compile(loss_of), torch.compile(update)
-
-    def step():
-        loss = loss_of()
-        ensemble.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        update()
-    return step
-
-
-def median_seconds(work, clock, cli: argparse.Namespace) -> float:
-    """Median time of one call of `work` over --step_samples calls, after 20 more that warm up."""
-    samples = []
-    for _ in range(cli.step_samples + 20):
-        synchronize(cli.device)
-        start = clock()
-        work()
-        synchronize(cli.device)
-        samples.append(clock() - start)
-    return statistics.median(samples[20:])
+        f"{name} {median(gather) * 1e6:.0f} µs" for name, gather in gathers.items()))
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser = benchmark_parser(__doc__)
     parser.add_argument("--epochs", type=int, default=100, help="epochs of the seq-digits case")
     parser.add_argument("--mnist_epochs", type=int, default=10, help="epochs of the MNIST-sized case")
     parser.add_argument("--mnist_train", type=int, default=6000, help="synthetic MNIST training images")
@@ -436,11 +304,7 @@ def main() -> None:
     cli = parser.parse_args()
     if cli.threads:
         torch.set_num_threads(cli.threads)
-    device = cli.device
-    if torch.device(device).type == "cuda":
-        device += f" ({torch.cuda.get_device_name(device)}, bf16 autocast)"
-    print(f"machine: {machine()}; torch {torch.__version__}; {torch.get_num_threads()} intra-op threads; "
-          f"device {device}; {cli.repeats} repeats; load average {load_average()}", flush=True)
+    print(machine_line(describe_device(cli.device, "bf16 autocast"), f"{cli.repeats} repeats"), flush=True)
     rows = []
     for key in cli.cases:
         with tempfile.TemporaryDirectory() as scratch:
@@ -452,7 +316,7 @@ def main() -> None:
                 rows += measure(CASES[key], cli, Path(scratch))
     if cli.profile or cli.step_costs:
         return
-    print(f"\nload average (1, 5, 15 min) at the end: {load_average()}")
+    print(end_load_line())
     print(table(rows))
     problems = accuracy_check(rows)
     print("\naccuracy: " + ("the same within one point in every row" if not problems else "; ".join(problems)))

@@ -1,16 +1,18 @@
 """Per-step cost of the plasticity methods on top of plain training (Vanilla: `--model sgd`, no plasticity).
 
-The aim: cbp, redo and snr_v2 each add under 10% to a training step of the seed experiments' L3 ViT
+The aim: cbp, redo and snr_v2 each add under 10% to a training step of the ViT study's L3 ViT
 (depth 3, width 48, 3 heads, patch 4, MLP ratio 4, ReLU; Adam lr 1e-3, eps 1e-7) at batch 100 on
 32×32×3 images. Every model is built as main.py builds it (`parse_args`, `set_seed`, the registries)
-with `--model sgd` plus one method's flags, so the method acts through `ContinualModel.sgd_step`
-(backward, `plasticity.before_step`, Adam, `plasticity.after_step`) and the UnitMonitor's forward hooks.
+with `--model sgd` plus one method's flags, so the method acts through the task loop's
+`continual.training.optimizer_step` (backward, `plasticity.before_step`, Adam, `plasticity.after_step`)
+and the UnitMonitor's forward hooks (benchmarks/plasticity_overhead_bench.py builds and times them).
 
-What is timed: `model.observe(inputs, labels, ...)`, one optimizer step, on the same few fixed batches
-for every method (drawn from task 0 and augmented once), so data loading and augmentation are not in
-it. The dataset is seq-cifar10 on random images written in CIFAR-10's pickle format to a temporary
-folder (continual-imagenet needs the Imagenet32 files); its head has 10 outputs instead of 2, which
-does not change the per-step cost noticeably.
+What is timed: one training step as the task loop takes it, `model.observe(inputs, labels, ...)` for
+the loss and then `optimizer_step`, on the same few fixed batches for every method (drawn from task 0
+and augmented once), so data loading and augmentation are not in it. The dataset is seq-cifar10 on
+random images written in CIFAR-10's pickle format to a temporary folder (continual-imagenet needs the
+Imagenet32 files); its head has 10 outputs instead of 2, which does not change the per-step cost
+noticeably.
 
 Every method does its real work when timed:
 
@@ -58,7 +60,6 @@ A benchmark, not a test: it prints a table and never fails on a slow machine.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import statistics
 import sys
 import tempfile
@@ -66,21 +67,17 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from unittest import mock
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
 import torch  # noqa: E402
-from torch import nn  # noqa: E402
 
-from backbones import BACKBONES  # noqa: E402
-from benchmarks.engine_throughput import data_path_for, load_average, machine, synchronize  # noqa: E402
-from datasets import DATASETS  # noqa: E402
-from continual.run import set_seed  # noqa: E402
-from models import MODELS  # noqa: E402
-from plasticity import PLASTICITY  # noqa: E402
+from benchmarks._timing import benchmark_parser, describe_device, end_load_line, machine_line, spread  # noqa: E402
+from benchmarks.engine_throughput import data_path_for  # noqa: E402
+from benchmarks.plasticity_overhead_bench import PROPOSED, Bench, profile  # noqa: E402
 from continual.args import parse_args  # noqa: E402
-from plasticity._hidden_units import UnitMonitor  # noqa: E402
+from continual.run import set_seed  # noqa: E402
+from datasets import DATASETS  # noqa: E402
 
 SEED = 0
 BATCH = 100
@@ -102,8 +99,6 @@ METHODS = {  # row name -> flags on top of Vanilla
     "covariates": ["--covariates"],
 }
 AIM = ("cbp", "redo k=.5", "snr_v2")  # the methods the 10% aim is about
-HOOKS = "plasticity.statistics_hooks"  # profiler label around the UnitMonitor's forward hooks
-PROPOSED = " + proposed hook"  # row suffix of --prototype rows
 
 
 @dataclass(frozen=True)
@@ -124,133 +119,10 @@ CASES = (
 )
 
 
-def proposed_hook(self: UnitMonitor, index: int):
-    """UnitMonitor._hook with the positive count summed as floats, sign(h) clamped at 0, instead of through a
-    bool tensor (which `sum` first casts to int64, a full-size copy), and Σ|h| as Σh behind a ReLU, whose
-    outputs are never negative. Prototype, not library code."""
-    group = self.groups[index]
-    nonnegative = isinstance(group.activation, nn.ReLU)
-
-    def hook(module, inputs, output: torch.Tensor) -> None:
-        if not module.training:
-            return
-        h = output.detach()
-        axis = group.activation_axis % h.dim()
-        dims = [d for d in range(h.dim()) if d != axis]
-        self.abs_sum[index] += (h if nonnegative else h.abs()).sum(dim=dims)
-        self.positive[index] += h.sign().clamp_(min=0).sum(dim=dims)
-        self.positions[index] += h.numel() // group.n_units
-
-    return hook
-
-
-class Bench:
-    """One method's model built as main.py builds it, with timers around the plasticity calls."""
-
-    def __init__(self, case: Case, method: str, dataset, cli: argparse.Namespace, proposed: bool = False):
-        argv = [*COMMON, "--vit_depth", str(case.depth), "--vit_width", str(case.width), "--device", cli.device,
-                "--data_path", cli.data_path, *METHODS[method]]
-        self.name = f"{method}{PROPOSED if proposed else ''}"
-        self.args = parse_args(argv)
-        set_seed(SEED)  # the same initialisation for every method (l2init's θ₀ included)
-        backbone = BACKBONES.get(self.args.backbone)(self.args, dataset.SHAPE, dataset.N_CLASSES)
-        with mock.patch.object(UnitMonitor, "_hook", proposed_hook) if proposed else contextlib.nullcontext():
-            self.model = MODELS.get(self.args.model)(backbone.to(self.args.device), dataset, self.args)
-        self.model.train()
-        self.plasticity_seconds = 0.0  # inside before_step and after_step (CPU only: CUDA runs them async)
-        self.label = None  # set in profile mode: record_function labels around the calls
-        plasticity = self.model.plasticity
-        for name in ("before_step", "after_step"):
-            setattr(plasticity, name, self._timed(getattr(plasticity, name), f"plasticity.{name}"))
-        self.hook_seconds = 0.0  # inside the UnitMonitor's forward hooks (timed by hooks just before and after)
-        if plasticity.units is not None:
-            for group in plasticity.units.groups:
-                group.activation.register_forward_hook(self._hook_start, prepend=True)
-                group.activation.register_forward_hook(self._hook_stop)
-        self.step = 0
-
-    def _hook_start(self, module, inputs, output) -> None:
-        if self.label:
-            self._scope = torch.profiler.record_function(HOOKS)
-            self._scope.__enter__()
-        self._hook_started = time.perf_counter()
-
-    def _hook_stop(self, module, inputs, output) -> None:
-        self.hook_seconds += time.perf_counter() - self._hook_started
-        if self.label:
-            self._scope.__exit__(None, None, None)
-
-    def _timed(self, call, label: str):
-        def wrapper():
-            start = time.perf_counter()
-            if self.label:
-                with torch.profiler.record_function(label):
-                    call()
-            else:
-                call()
-            self.plasticity_seconds += time.perf_counter() - start
-        return wrapper
-
-    def method(self, name: str):
-        cls = PLASTICITY.get(name)
-        return next((m for m in self.model.plasticity.methods if isinstance(m, cls)), None)
-
-    def train(self, batches, steps: int) -> None:
-        for _ in range(steps):
-            inputs, raw, labels, indices = batches[self.step % len(batches)]
-            self.model.observe(inputs, labels, raw, indices, 0)
-            self.step += 1
-
-    def take_resets(self) -> int:
-        units = self.model.plasticity.units
-        return sum(units.take_resets().values()) if units is not None else 0
-
-    def bring_forward(self, steps: int) -> None:
-        """The method's state as if it had run `steps` steps already: cbp's units are that much older."""
-        cbp = self.method("cbp")
-        if cbp is not None:
-            for age in cbp.age:
-                age += steps
-
-    def settle(self, batches, steps: int, force_estimate: bool) -> None:
-        """Train `steps` steps of its own; snr and snr_v2 estimate their thresholds at the last one if forced."""
-        forced = [(flag, getattr(self.args, flag)) for flag in ("snr_update_prob", "snr2_update_prob")
-                  if force_estimate and self.method({"snr_update_prob": "snr", "snr2_update_prob": "snr_v2"}[flag])]
-        if steps > 1:
-            self.train(batches, steps - 1)
-        for flag, _ in forced:
-            setattr(self.args, flag, 1.0)
-        self.train(batches, 1)
-        for flag, value in forced:
-            setattr(self.args, flag, value)
-        self.take_resets()
-
-    def state(self) -> str:
-        """What the method's own state allows: mature cbp units, snr/snr_v2 units with a finite threshold."""
-        parts = []
-        cbp = self.method("cbp")
-        if cbp is not None:
-            mature = sum(int((age > self.args.cbp_maturity).sum()) for age in cbp.age)
-            parts.append(f"{mature}/{sum(len(age) for age in cbp.age)} units mature")
-        for name in ("snr", "snr_v2"):
-            method = self.method(name)
-            if method is not None:
-                finite = sum(int(torch.isfinite(tau).sum()) for tau in method.tau)
-                parts.append(f"{finite}/{sum(len(tau) for tau in method.tau)} finite thresholds")
-        return f"{self.name}: {', '.join(parts)}" if parts else ""
-
-    def block(self, batches, steps: int) -> tuple[float, float, float, int]:
-        """Per step: seconds, seconds inside the plasticity calls and inside the statistics hooks; and the
-        resets of the block."""
-        self.take_resets()
-        calls, hooks = self.plasticity_seconds, self.hook_seconds
-        synchronize(self.args.device)
-        wall = time.perf_counter()
-        self.train(batches, steps)
-        synchronize(self.args.device)
-        wall = time.perf_counter() - wall
-        return (wall / steps, (self.plasticity_seconds - calls) / steps,
-                (self.hook_seconds - hooks) / steps, self.take_resets())
+def case_argv(case: Case, cli: argparse.Namespace, method: str = "vanilla") -> list[str]:
+    """main.py's flags of `method` on the case's ViT: Vanilla's, with the method's on top."""
+    return [*COMMON, "--vit_depth", str(case.depth), "--vit_width", str(case.width), "--device", cli.device,
+            "--data_path", cli.data_path, *METHODS[method]]
 
 
 def fixed_batches(dataset, device: str) -> list[tuple[torch.Tensor, ...]]:
@@ -280,16 +152,14 @@ def measure(case: Case, cli: argparse.Namespace) -> list[Row]:
     settle = case.settle if cli.settle is None else max(cli.settle, 1)
     methods = [m for m in case.methods if m in cli.methods or m == "vanilla"]
     warmup = case.warmup if cli.warmup is None else cli.warmup
-    argv = [*COMMON, "--vit_depth", str(case.depth), "--vit_width", str(case.width), "--device", cli.device,
-            "--data_path", cli.data_path]
-    dataset = DATASETS.get("seq-cifar10")(parse_args(argv))
+    dataset = DATASETS.get("seq-cifar10")(parse_args(case_argv(case, cli)))
     batches = fixed_batches(dataset, cli.device)
     started = time.perf_counter()
-    benches = {name: Bench(case, name, dataset, cli) for name in methods}
+    benches = {name: Bench(case_argv(case, cli, name), name, dataset) for name in methods}
     if cli.prototype:  # the same methods with the proposed statistics hook
         for name in methods:
             if name != "vanilla" and benches[name].model.plasticity.units is not None:
-                benches[name + PROPOSED] = Bench(case, name, dataset, cli, proposed=True)
+                benches[name + PROPOSED] = Bench(case_argv(case, cli, name), name, dataset, proposed=True)
     methods = list(benches)
     if cli.own_warmup:
         for bench in benches.values():
@@ -337,43 +207,6 @@ def measure(case: Case, cli: argparse.Namespace) -> list[Row]:
     return rows
 
 
-def profile(bench: Bench, batches, steps: int) -> None:
-    """torch.profiler over `steps` steps: the operators run inside the statistics hooks and the plasticity
-    calls, by self CPU time per step."""
-    bench.label = True
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-        bench.train(batches, steps)
-    bench.label = None
-    bench.take_resets()
-    events = prof.events()
-    step_total = sum(e.self_cpu_time_total for e in events) / steps
-    scopes = {HOOKS: 0.0, "plasticity.before_step": 0.0, "plasticity.after_step": 0.0}
-    ops, calls = defaultdict(float), defaultdict(int)
-    for event in events:
-        if event.name in scopes:
-            scopes[event.name] += event.cpu_time_total / steps
-        parent = event.cpu_parent
-        while parent is not None and parent.name not in scopes:
-            parent = parent.cpu_parent
-        scope = event.name if event.name in scopes else parent.name if parent is not None else None
-        if scope is not None:
-            key = (scope, "(Python between operators)" if event.name in scopes else event.name)
-            ops[key] += event.self_cpu_time_total / steps
-            calls[key] += 1
-    print(f"\nprofile of {bench.name} on {bench.args.vit_depth} blocks over {steps} steps: {step_total:.0f} µs of "
-          f"CPU per step under the profiler, of which "
-          + ", ".join(f"{label} {total:.0f} µs" for label, total in scopes.items()))
-    print(f"  {'scope':<24}{'operator':<42}{'µs/step':>10}{'calls/step':>12}")
-    for (scope, name), micros in sorted(ops.items(), key=lambda item: -item[1])[:20]:
-        per_step = calls[(scope, name)] / steps
-        print(f"  {scope.removeprefix('plasticity.'):<24}{name:<42}{micros:>10.0f}{per_step:>12.1f}")
-
-
-def spread(values: list[float]) -> list[float]:
-    """Smallest, the three quartiles, largest."""
-    return [min(values), *statistics.quantiles(values, n=4), max(values)]
-
-
 def percent(ratio: float) -> str:
     return f"{100 * (ratio - 1):+.1f}%"
 
@@ -402,9 +235,7 @@ def table(rows: list[Row]) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser = benchmark_parser(__doc__)
     parser.add_argument("--cases", nargs="+", choices=[c.name for c in CASES], default=[c.name for c in CASES])
     parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS),
                         help="rows to time (Vanilla always is)")
@@ -427,10 +258,7 @@ def main() -> None:
                         help="folder with the real CIFAR-10 files; random ones are written otherwise")
     cli = parser.parse_args()
     torch.set_num_threads(cli.threads)
-    device = cli.device if torch.device(cli.device).type != "cuda" else \
-        f"{cli.device} ({torch.cuda.get_device_name(cli.device)})"
-    print(f"machine: {machine()}; torch {torch.__version__}; {torch.get_num_threads()} intra-op threads; device "
-          f"{device}; batch {BATCH}; load average {load_average()}", flush=True)
+    print(machine_line(describe_device(cli.device), f"batch {BATCH}"), flush=True)
     started = time.perf_counter()
     rows = []
     with tempfile.TemporaryDirectory() as scratch:
@@ -438,7 +266,7 @@ def main() -> None:
         for case in CASES:
             if case.name in cli.cases:
                 rows.extend(measure(case, cli))
-    print(f"\nload average (1, 5, 15 min) at the end: {load_average()}")
+    print(end_load_line())
     print(table(rows))
     print(f"\n{time.perf_counter() - started:.0f} s in all")
 

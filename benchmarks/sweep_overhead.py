@@ -1,8 +1,8 @@
 """What a sweep cell costs against the same run made directly with main.py.
 
-Straightforward: `main.run` logging itself into a SQLite MLflow store (what a sweep of shell-launched
+Straightforward: `continual.run.run` logging itself into a SQLite MLflow store (what a sweep of shell-launched
 main.py runs would do, each process writing to the store). Ours: the sweep's worker (`run_cell`:
-main.run with a RecordingLogger, a checkpoint after every task, figures drawn once after the last
+continual.run.run with a RecordingLogger, a checkpoint after every task, figures drawn once after the last
 task) and then the driver writing the record into the store (`RunLogger.replay`: params, metrics in
 batches of 1000, artifacts in one call). Both train the same configuration with the same seed;
 the table shows the median wall time of each over `--repeats` alternating rounds, ours split into

@@ -13,8 +13,8 @@ from buffer_policies import BUFFER_POLICIES
 from datasets import DATASETS
 from models import MODELS
 from plasticity import PLASTICITY, check_plasticity_args
-from utils.optimizers import OPTIMIZERS
 from utils.errors import ConfigError
+from utils.optimizers import OPTIMIZERS
 from utils.registry import flags_of
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

@@ -17,9 +17,21 @@ from continual.training import RunState, train
 from datasets import DATASETS
 from memorization.scores import load_scores
 from models import MODELS
-from utils.checkpoint import check_same_config, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from utils.checkpoint import (
+    check_same_config,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
 from utils.errors import TrainingDiverged
-from utils.mlflow_logger import RecordingLogger, RunLogger, check_reachable, default_tracking_uri, environment_tags
+from utils.mlflow_logger import (
+    RecordingLogger,
+    RunLogger,
+    check_reachable,
+    default_tracking_uri,
+    environment_tags,
+)
 
 
 def set_seed(seed: int) -> None:

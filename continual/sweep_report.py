@@ -15,9 +15,9 @@ from pathlib import Path
 import numpy as np
 from matplotlib.ticker import MaxNLocator
 
-from utils.plots import close, plt
 from continual.sweep_runs import SweepTracker
 from continual.sweep_spec import Sweep
+from utils.plots import close, plt
 
 PER_TASK = ("terminal_test_acc", "terminal_train_acc", "resets")
 

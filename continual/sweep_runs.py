@@ -16,9 +16,9 @@ from mlflow.entities import Run
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from continual.sweep_spec import Cell, Sweep
 from utils.errors import ConfigError, TrainingDiverged
 from utils.mlflow_logger import RecordingLogger, RunLogger
-from continual.sweep_spec import Cell, Sweep
 
 PARENT_TAG = "mlflow.parentRunId"
 

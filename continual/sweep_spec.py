@@ -30,11 +30,11 @@ from pathlib import Path
 
 import yaml
 
-from datasets import DATASETS
 from continual.args import full_parser, parse_args
+from continual.evaluation import logged_summary_metrics
+from datasets import DATASETS
 from utils.errors import ConfigError
 from utils.registry import flags_of
-from continual.evaluation import logged_summary_metrics
 
 TOP_LEVEL = {"name", "base", "methods", "selection", "search_seeds", "final_seeds"}
 METHOD_KEYS = {"flags", "grid", "reuse"}

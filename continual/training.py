@@ -16,14 +16,26 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from continual.evaluation import (
+    accuracy_by_bucket,
+    empty_matrix,
+    evaluate,
+    settings_of,
+    summary_metrics,
+    terminal_metrics,
+    training_accuracy,
+)
 from datasets import ContinualDataset
 from models import ContinualModel
-from utils.errors import ConfigError, TrainingDiverged
-from continual.evaluation import (accuracy_by_bucket, empty_matrix, evaluate, settings_of, summary_metrics,
-                              terminal_metrics, training_accuracy)
-from utils.mlflow_logger import RunLogger
-from utils.plots import accuracy_heatmap, close, terminal_accuracy_figure, value_histogram
 from plasticity._hidden_units import zero_head
+from utils.errors import ConfigError, TrainingDiverged
+from utils.mlflow_logger import RunLogger
+from utils.plots import (
+    accuracy_heatmap,
+    close,
+    terminal_accuracy_figure,
+    value_histogram,
+)
 
 LOSS_REFRESH_STEPS = 20  # read the loss back from the device this often (progress bar and NaN check)
 PER_TASK_METRICS_UP_TO = 50  # log each task's accuracy as its own metric for streams up to this long

@@ -7,8 +7,7 @@ import pickle
 
 import numpy as np
 
-from datasets import register_dataset
-from datasets import ContinualDataset, require_files
+from datasets import ContinualDataset, register_dataset, require_files
 from utils.errors import ConfigError
 
 try:  # numpy >= 2

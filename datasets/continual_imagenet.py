@@ -32,8 +32,7 @@ import os
 import numpy as np
 import torch
 
-from datasets import register_dataset
-from datasets import ContinualDataset, Split, require_files
+from datasets import ContinualDataset, Split, register_dataset, require_files
 from utils.errors import ConfigError
 
 N_RELEASE_CLASSES = 1000

@@ -4,9 +4,8 @@ from __future__ import annotations
 import numpy as np
 from sklearn.datasets import load_digits
 
-from datasets import register_dataset
+from datasets import ContinualDataset, register_dataset
 from datasets.mnist import PermutedPixels
-from datasets import ContinualDataset
 
 TEST_FRACTION = 0.2
 SPLIT_SEED = 0  # the train/test split is fixed, whatever --seed says, so results stay comparable

@@ -6,8 +6,7 @@ import os
 import numpy as np
 import torch
 
-from datasets import register_dataset
-from datasets import ContinualDataset, require_files
+from datasets import ContinualDataset, register_dataset, require_files
 from utils.errors import ConfigError
 
 FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")

@@ -15,11 +15,10 @@ import argparse
 import numpy as np
 import torch
 
-from datasets import register_dataset
+from datasets import ContinualDataset, Split, register_dataset
 from datasets.cifar import load_cifar
 from datasets.digits import load_digits_split
 from datasets.mnist import load_mnist
-from datasets import ContinualDataset, Split
 from utils.errors import ConfigError
 
 RANDOM_LABEL_STREAM = 12  # salts the per-task generators (perm-mnist uses 10, rot-mnist 11)

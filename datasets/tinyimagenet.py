@@ -8,8 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from datasets import register_dataset
-from datasets import ContinualDataset, require_files
+from datasets import ContinualDataset, register_dataset, require_files
 from utils.errors import ConfigError
 
 URL = "http://cs231n.stanford.edu/tiny-imagenet-200.zip"

@@ -1,14 +1,14 @@
-"""The seed paper's question on the embedded data: which examples should a small replay buffer keep?
+"""The question of "What is the role of memorization in Continual Learning?" on the embedded data: which examples should a small replay buffer keep?
 
 "What is the role of memorization in Continual Learning?" finds that with small buffers the least
 memorized (typical) examples are the better choice, and that highly memorized ones matter more as
 the buffer grows. This script asks the same of seq-digits (5 tasks x 2 classes, 1438 training
 images, an MLP), in one process, through the repository's own entry points:
 
-  a. split-training memorization scores (train_splits.run, eval_splits.run -> mem.npy, target prob);
+  a. subset-training memorization scores (memorization.driver.run_plan, memorization.scoring.score_store -> mem.npy, target prob);
   b. final class-IL accuracy (Acc) and forgetting (FM) of `er` (reservoir) against `maer` with the
      policies min / middle / max, driven by the scores (--mem_proxy none) or by the online proxy
-     (--mem_proxy learned_iteration, no scores), for several buffer sizes and seeds (main.run);
+     (--mem_proxy learned_iteration, no scores), for several buffer sizes and seeds (continual.run.run);
   c. forgetting per memorization bucket for `er` (train_acc_{low,middle,high}_task_i, read back from
      MLflow), on the clean labels and, when the clean high bucket is small, with 10% label noise
      (one score file per seed: the noise is drawn from --seed, and the score file's label
@@ -215,7 +215,7 @@ def run(args: argparse.Namespace) -> str:
     print(f"output folder {runner.out}; MLflow store {runner.uri}", flush=True)
 
     # a. scores on the clean labels
-    print("a. split-training scores (clean labels)", flush=True)
+    print("a. subset-training scores (clean labels)", flush=True)
     with runner.phase("a. clean scores"):
         mem, mem_summary, _ = runner.scores("mem", seed=0, label_noise=0.0, n_models=args.split_models)
     scores = np.load(mem)

@@ -14,7 +14,7 @@ from continual.evaluation import BUCKETS
 from maer_digits_stats import acc_fm, mean_std, paired, significant, task_counts
 from utils.mlflow_logger import git_commit
 
-PAPER_SPEARMAN = 0.73  # learned_iteration vs split-training scores, CIFAR-100 (METHODS.md)
+PAPER_SPEARMAN = 0.73  # learned_iteration vs subset-training scores, CIFAR-100, as the memorization-in-CL paper reports it
 
 
 # -- formatting ----------------------------------------------------------------------------------------------
@@ -136,7 +136,7 @@ def report(args, runner, results, n_tasks, scores, labels, counts, mem_summary, 
     t = (0.1, 0.25)
     high_tasks = task_counts(scores, labels, 2)
     lines += [f"## Forgetting per memorization bucket (ER, reservoir, buffer {args.bucket_buffer})", "",
-              f"Buckets of the split-training scores: low ≤ {t[0]} < middle ≤ {t[1]} < high. Clean labels: "
+              f"Buckets of the subset-training scores: low ≤ {t[0]} < middle ≤ {t[1]} < high. Clean labels: "
               f"low {counts['low']}, middle {counts['middle']}, high {counts['high']} of {len(scores)} training "
               f"examples (high per task: {', '.join(map(str, high_tasks))}); {100 * np.mean(scores == 0):.0f}% of "
               f"the scores are exactly 0 (the in- and out-of-subset models agree to float16 precision)."]
@@ -166,7 +166,7 @@ def report(args, runner, results, n_tasks, scores, labels, counts, mem_summary, 
     lines += ["", "![training accuracy of past tasks per memorization bucket](maer_digits_buckets.png)", ""]
 
     # spearman
-    lines += [f"## Online proxies against the split-training scores", "",
+    lines += [f"## Online proxies against the subset-training scores", "",
               f"`maer --mem_scores mem.npy --mem_proxy X --buffer_policy {args.spearman_policy} --buffer_size "
               f"{args.spearman_buffer}` (the scores choose the buffer; the proxy is only recorded). Spearman "
               f"correlation over each task's training examples where the proxy is defined, after each task; mean "
@@ -186,7 +186,7 @@ def report(args, runner, results, n_tasks, scores, labels, counts, mem_summary, 
     # reading
     lines += ["## What the numbers show", ""]
     small, large = args.buffers[0], args.buffers[-1]
-    for s, label in (("scores", "split-training scores"), ("proxy", "the learned-iteration proxy")):
+    for s, label in (("scores", "subset-training scores"), ("proxy", "the learned-iteration proxy")):
         if (s, small) not in diffs:
             continue
         ds, dl = diffs[(s, small)], diffs[(s, large)]

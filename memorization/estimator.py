@@ -186,7 +186,9 @@ def consistency_scores(mask: np.ndarray, target: np.ndarray, model_ratio: np.nda
 
 def auroc(scores: np.ndarray, positives: np.ndarray) -> float:
     """Area under the ROC curve of `scores` for finding `positives` (e.g. relabeled examples); NaN scores ignored."""
-    from sklearn.metrics import roc_auc_score  # sklearn is slow to import and only this helper needs it
+    from sklearn.metrics import (
+        roc_auc_score,  # sklearn is slow to import and only this helper needs it
+    )
 
     defined = np.isfinite(scores)
     return float(roc_auc_score(np.asarray(positives)[defined], np.asarray(scores)[defined]))

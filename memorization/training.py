@@ -21,10 +21,10 @@ from torch.func import functional_call, stack_module_state, vmap
 
 from backbones import BACKBONES
 from datasets import DATASETS
-from utils.optimizers import build_optimizer
-from utils.errors import ConfigError
 from memorization.plan import Plan, fingerprint
 from memorization.store import SubsetStore
+from utils.errors import ConfigError
+from utils.optimizers import build_optimizer
 
 EVAL_BATCH = 1024
 
@@ -172,7 +172,7 @@ def predictions(ensemble: Ensemble, data: PlanData, images: torch.Tensor, labels
 
 def train_group(plan: Plan, model_ids: list[int], data: PlanData, device: str) -> dict[int, dict[str, np.ndarray]]:
     """Train the models of one group (same subset ratio) together; returns each model's arrays."""
-    settings, training = plan.settings, argparse.Namespace(**plan.settings["training"])
+    training = argparse.Namespace(**plan.settings["training"])
     device = torch.device(device)
     started = time.perf_counter()
     masks = torch.as_tensor(plan.inclusion_mask[model_ids], device=device)

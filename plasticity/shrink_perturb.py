@@ -9,8 +9,8 @@ from __future__ import annotations
 import torch
 
 from plasticity import PlasticityMethod, register_plasticity
-from utils.errors import ConfigError
 from plasticity._hidden_units import Reinitializer
+from utils.errors import ConfigError
 
 
 @register_plasticity("shrink_perturb")

@@ -141,3 +141,15 @@ def test_no_source_file_passes_400_lines():
     files = [f for f in ROOT.rglob("*.py") if ".venv" not in f.parts and "mlruns" not in f.parts]
     long = {str(f.relative_to(ROOT)): n for f in files if (n := len(f.read_text().splitlines())) > MAX_LINES}
     assert long == {}
+
+
+def test_a_method_file_is_named_after_what_it_registers():
+    from buffer_policies import BUFFER_POLICIES
+    from models import MODELS
+    from plasticity import PLASTICITY
+
+    for registry in (MODELS, BUFFER_POLICIES, PLASTICITY):
+        for cls in registry.classes():
+            assert cls.__module__ == f"{registry.package}.{cls.NAME}"
+    assert BUFFER_POLICIES.get("0.9max") is BUFFER_POLICIES.get("max_drop_highest")  # the paper's names still work
+    assert BUFFER_POLICIES.get("0.1min") is BUFFER_POLICIES.get("min_skip_lowest")
