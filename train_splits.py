@@ -17,12 +17,18 @@ from backbones import BACKBONES
 from datasets import DATASETS
 from memorization.driver import run_plan
 from utils.errors import ConfigError, run_command
+from utils.config_files import load_config
 from utils.launchers import add_launcher_args
+from utils.optimizers import SCHEDULES
+from utils.registry import flags_of
 
 
 def build_parser(backbone: type | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--config", default=None, metavar="FILE.yaml",
+                        help="a YAML file of flag: value defaults, e.g. a recipe of configs/splits/; flags given "
+                             "explicitly still win")
     data = parser.add_argument_group("data")
     data.add_argument("--dataset", default="seq-digits", help=f"one of: {', '.join(DATASETS.names())}")
     data.add_argument("--classes", default=None, help="'a,b': train on classes a ≤ c < b only (default: all)")
@@ -37,22 +43,36 @@ def build_parser(backbone: type | None = None) -> argparse.ArgumentParser:
     plan.add_argument("--n_models", type=int, default=100, help="models per subset ratio")
     plan.add_argument("--subset_ratio", default="0.7", help="fraction of the training set per model; several "
                                                             "comma-separated ratios for consistency scores")
-    plan.add_argument("--mask_sampling", choices=("balanced", "random"), default="balanced",
-                      help="balanced: every example in the same number of subsets (±1); random: independent draws")
+    plan.add_argument("--split_sampling", "--mask_sampling", dest="split_sampling",
+                      choices=("balanced", "random", "stratified"), default="balanced",
+                      help="balanced: every example in the same number of subsets (±1); random: independent draws; "
+                           "stratified: balanced within each class, so every subset holds the same share of each "
+                           "class")
     plan.add_argument("--seed", type=int, default=0, help="seeds the masks, model seeds and noise")
     train = parser.add_argument_group("training of each model")
     train.add_argument("--backbone", default=None, help=f"one of: {', '.join(BACKBONES.names())}")
     train.add_argument("--n_epochs", type=int, default=10)
-    train.add_argument("--lr", type=float, required=True)
+    train.add_argument("--lr", type=float, default=None, help="learning rate (required, here or in --config)")
     train.add_argument("--batch_size", type=int, default=128)
     train.add_argument("--optimizer", choices=("sgd", "adam", "adamw"), default="sgd")
     train.add_argument("--optim_wd", type=float, default=0.0)
     train.add_argument("--optim_mom", type=float, default=0.9)
     train.add_argument("--optim_eps", type=float, default=1e-8)
+    train.add_argument("--optim_nesterov", action="store_true", help="Nesterov momentum (SGD)")
+    train.add_argument("--lr_schedule", choices=SCHEDULES, default="none",
+                       help="multistep: ×0.1 at each --lr_milestones; cosine: to 0; onecycle: linear to 0")
+    train.add_argument("--lr_milestones", default="0.7,0.9",
+                       help="multistep milestones as fractions of the epochs (the memorization-in-CL paper: 0.7,0.9)")
+    train.add_argument("--lr_warmup", type=float, default=0.0,
+                       help="fraction of all steps over which the rate rises linearly from 0 (any schedule)")
+    train.add_argument("--label_smoothing", type=float, default=0.0, help="label smoothing of the cross-entropy")
     train.add_argument("--record_epochs", default="", help="also store predictions after these epochs, e.g. 1,5,10")
     train.add_argument("--save_logits", action="store_true", help="also store full logits (float16)")
     run = parser.add_argument_group("running")
-    run.add_argument("--ensemble", type=int, default=1, help="models trained at once as one vectorised ensemble")
+    run.add_argument("--ensemble", type=int, default=1,
+                     help="models trained at once as one vectorised ensemble; the plan's unit of work")
+    run.add_argument("--cpu_threads", type=int, default=1,
+                     help="torch threads of each job on the CPU (part of the plan: convolution results depend on it)")
     run.add_argument("--device", default=None)
     run.add_argument("--chunk", default=None, metavar="I/N", help="train only chunk I of N of the plan's models")
     run.add_argument("--tracking_uri", default=None)
@@ -66,22 +86,40 @@ def build_parser(backbone: type | None = None) -> argparse.ArgumentParser:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    argv = sys.argv[1:] if argv is None else argv
     pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--dataset", default="seq-digits")
+    pre.add_argument("--config", default=None)
+    pre.add_argument("--dataset", default=None)
     pre.add_argument("--backbone", default=None)
     known, _ = pre.parse_known_args(argv)
-    backbone_name = known.backbone or DATASETS.get(known.dataset).DEFAULT_BACKBONE
-    args = build_parser(BACKBONES.get(backbone_name)).parse_args(argv)
+    config = load_config(known.config) if known.config else {}
+    if known.dataset and config.get("dataset", known.dataset) != known.dataset:
+        raise ConfigError(f"--config {known.config} is a recipe for {config['dataset']}, not {known.dataset}; pass "
+                          f"the recipe of {known.dataset} or drop --dataset")
+    dataset = known.dataset or config.get("dataset", "seq-digits")
+    backbone_name = known.backbone or config.get("backbone") or DATASETS.get(dataset).DEFAULT_BACKBONE
+    parser = build_parser(BACKBONES.get(backbone_name))
+    unknown = sorted(set(config) - set(flags_of(parser)))
+    if unknown:
+        raise ConfigError(f"--config {known.config} sets {', '.join(unknown)}, which train_splits.py does not have; "
+                          f"fix the names (see python train_splits.py --help)")
+    parser.set_defaults(**config)
+    args = parser.parse_args(argv)
     args.backbone = backbone_name
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     args.ratios = _ratios(args.subset_ratio)
     args.classes = _classes(args.classes)
     args.record_epochs = sorted({int(e) for e in args.record_epochs.split(",") if e} | {args.n_epochs})
+    if args.lr is None:
+        raise ConfigError("--lr is required: pass it, or a --config recipe that sets it")
     checks = [(args.n_models >= 1, f"--n_models must be at least 1, got {args.n_models}"),
               (args.n_epochs >= 1, f"--n_epochs must be at least 1, got {args.n_epochs}"),
               (args.lr > 0, f"--lr must be positive, got {args.lr}"),
               (args.batch_size >= 1, f"--batch_size must be at least 1, got {args.batch_size}"),
               (args.ensemble >= 1, f"--ensemble must be at least 1, got {args.ensemble}"),
+              (args.cpu_threads >= 1, f"--cpu_threads must be at least 1, got {args.cpu_threads}"),
+              (args.lr_warmup < 1 and args.lr_warmup >= 0, f"--lr_warmup is a fraction in [0, 1), got {args.lr_warmup}"),
+              (0 <= args.label_smoothing < 1, f"--label_smoothing is in [0, 1), got {args.label_smoothing}"),
               (0 <= args.input_noise < 1, f"--input_noise is a fraction in [0, 1), got {args.input_noise}"),
               (all(1 <= e <= args.n_epochs for e in args.record_epochs),
                f"--record_epochs must lie in 1..{args.n_epochs}, got {args.record_epochs}")]
@@ -89,7 +127,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if not ok:
             raise ConfigError(sentence)
     args.chunk_index, args.chunk_count = _chunk(args.chunk)
+    args.lr_milestones = _milestones(args.lr_milestones)
     return args
+
+
+def _milestones(text) -> list[float]:
+    try:
+        milestones = sorted(float(m) for m in str(text).split(",") if m.strip())
+    except ValueError:
+        raise ConfigError(f"--lr_milestones must be fractions separated by commas, e.g. 0.7,0.9, got {text!r}") from None
+    if not all(0 < m < 1 for m in milestones):
+        raise ConfigError(f"--lr_milestones are fractions of the epochs, each strictly between 0 and 1, got {text!r}")
+    return milestones
 
 
 def _ratios(text: str) -> list[float]:

@@ -13,6 +13,7 @@ from buffer_policies import BUFFER_POLICIES
 from datasets import DATASETS
 from models import MODELS
 from plasticity import PLASTICITY, check_plasticity_args
+from utils.config_files import load_config
 from utils.errors import ConfigError
 from utils.optimizers import OPTIMIZERS
 from utils.registry import flags_of
@@ -143,19 +144,6 @@ def _best_config(dataset: str, model: str, buffer_size: int) -> dict:
         raise ConfigError(f"{path.name} has no {model} entry for --buffer_size {buffer_size} (published sizes: "
                           f"{', '.join(map(str, entries))}); use one of those or pass the hyperparameters explicitly")
     return dict(entries[key])
-
-
-def load_config(path: str) -> dict:
-    """A YAML mapping of flag names (without --) to values."""
-    try:
-        config = yaml.safe_load(Path(path).read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"--config {path} does not exist; pass the path of a YAML file such as configs/vit_l3.yaml") from None
-    except yaml.YAMLError as error:
-        raise ConfigError(f"--config {path} is not valid YAML ({str(error).splitlines()[0]}); fix the file") from None
-    if not isinstance(config, dict):
-        raise ConfigError(f"--config {path} must be a mapping of flag: value, got {type(config).__name__}")
-    return config
 
 
 def full_parser(argv: list[str]) -> argparse.ArgumentParser:

@@ -131,12 +131,13 @@ class ContinualDataset:
         return Split(data.images[keep], data.labels[keep], data.indices[keep])
 
     # -- transforms ----------------------------------------------------------------------------
-    def train_transform(self, images: torch.Tensor) -> torch.Tensor:
-        """Augmentation of a whole uint8 batch on its device, then conversion to normalised floats."""
+    def train_transform(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Augmentation of a whole uint8 batch on its device, then conversion to normalised floats; the
+        random draws come from `generator` (a CPU one) when given, else from the global generator."""
         if self.CROP_PADDING:
-            images = random_crop(images, self.CROP_PADDING)
+            images = random_crop(images, self.CROP_PADDING, generator)
         if self.FLIP:
-            images = random_flip(images)
+            images = random_flip(images, generator)
         return to_float(images, self._mean, self._std)
 
     def test_transform(self, images: torch.Tensor) -> torch.Tensor:

@@ -5,12 +5,19 @@ import torch
 import torch.nn.functional as F
 
 
-def random_crop(images: torch.Tensor, padding: int) -> torch.Tensor:
+def _draw(draw, generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
+    """A random tensor from the global generator on `device`, or from `generator` (a CPU one) moved there."""
+    if generator is None:
+        return draw(device=device)
+    return draw(device="cpu", generator=generator).to(device)
+
+
+def random_crop(images: torch.Tensor, padding: int, generator: torch.Generator | None = None) -> torch.Tensor:
     """Random crop of the original size from a zero-padded copy, independently per image."""
     n, _, height, width = images.shape
     padded = F.pad(images, (padding, padding, padding, padding))
-    shift_y = torch.randint(0, 2 * padding + 1, (n, 1), device=images.device)
-    shift_x = torch.randint(0, 2 * padding + 1, (n, 1), device=images.device)
+    shift_y = _draw(lambda **kw: torch.randint(0, 2 * padding + 1, (n, 1), **kw), generator, images.device)
+    shift_x = _draw(lambda **kw: torch.randint(0, 2 * padding + 1, (n, 1), **kw), generator, images.device)
     rows = (shift_y + torch.arange(height, device=images.device))[:, None, :, None]
     cols = (shift_x + torch.arange(width, device=images.device))[:, None, None, :]
     batch = torch.arange(n, device=images.device)[:, None, None, None]
@@ -18,9 +25,9 @@ def random_crop(images: torch.Tensor, padding: int) -> torch.Tensor:
     return padded[batch, channel, rows, cols]
 
 
-def random_flip(images: torch.Tensor) -> torch.Tensor:
+def random_flip(images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """Horizontal flip of a random half of the images."""
-    flip = torch.rand(images.shape[0], device=images.device) < 0.5
+    flip = _draw(lambda **kw: torch.rand(images.shape[0], **kw), generator, images.device) < 0.5
     return torch.where(flip[:, None, None, None], images.flip(3), images)
 
 

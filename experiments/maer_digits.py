@@ -1,4 +1,4 @@
-"""The question of "What is the role of memorization in Continual Learning?" on the embedded data: which examples should a small replay buffer keep?
+"""Which examples should a small replay buffer keep? The memorization-in-CL paper's question, on the embedded data.
 
 "What is the role of memorization in Continual Learning?" finds that with small buffers the least
 memorized (typical) examples are the better choice, and that highly memorized ones matter more as

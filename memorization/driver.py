@@ -15,9 +15,9 @@ from tqdm import tqdm
 
 from backbones import BACKBONES
 from datasets import DATASETS
-from memorization.plan import Plan, balanced_masks, fingerprint, random_masks
+from memorization.plan import Plan, balanced_masks, fingerprint, random_masks, stratified_masks
 from memorization.store import SubsetStore
-from memorization.training import class_rows, dataset_args, train_and_store
+from memorization.training import RECIPE_DEFAULTS, class_rows, dataset_args, train_and_store
 from utils.errors import ConfigError
 from utils.launchers import run_jobs
 from utils.mlflow_logger import RunLogger, default_tracking_uri, environment_tags
@@ -35,8 +35,12 @@ def make_plan(args: argparse.Namespace) -> Plan:
     train_indices = class_rows(labels, args.classes)
     n = len(train_indices)
     rng = np.random.default_rng([args.seed, 5])
-    sample = balanced_masks if args.mask_sampling == "balanced" else random_masks
-    masks = np.concatenate([sample(n, ratio, args.n_models, rng) for ratio in args.ratios])
+    if args.split_sampling == "stratified":
+        masks = np.concatenate([stratified_masks(labels[train_indices], ratio, args.n_models, rng)
+                                for ratio in args.ratios])
+    else:
+        sample = balanced_masks if args.split_sampling == "balanced" else random_masks
+        masks = np.concatenate([sample(n, ratio, args.n_models, rng) for ratio in args.ratios])
     model_ratio = np.repeat(np.array(args.ratios, dtype=np.float64), args.n_models)
     model_seed = np.random.default_rng([args.seed, 6]).integers(0, 2**31 - 1, len(masks))
     input_noise = np.zeros(len(labels), dtype=bool)
@@ -46,7 +50,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
         "dataset": args.dataset, "classes": args.classes, "n_train": n, "n_train_total": len(labels),
         "n_test": len(class_rows(dataset.test.labels.numpy(), args.classes)),
         "label_fingerprint": fingerprint(labels), "subset_ratios": args.ratios,
-        "n_models_per_ratio": args.n_models, "mask_sampling": args.mask_sampling, "seed": args.seed,
+        "n_models_per_ratio": args.n_models, "mask_sampling": args.split_sampling, "seed": args.seed,
         "label_noise": args.label_noise, "input_noise": args.input_noise,
         "backbone": args.backbone, "backbone_args": backbone_args,
         "training": {"n_epochs": args.n_epochs, "lr": args.lr, "batch_size": args.batch_size,
@@ -54,19 +58,22 @@ def make_plan(args: argparse.Namespace) -> Plan:
                      "optim_eps": args.optim_eps, "record_epochs": args.record_epochs,
                      "save_logits": args.save_logits},
     }
+    # Settings added later are recorded only where they differ from what earlier plans trained with,
+    # so a store made before them keeps its hash.
+    settings["training"].update({k: getattr(args, k) for k, v in RECIPE_DEFAULTS.items() if getattr(args, k) != v})
+    if (args.ensemble, args.cpu_threads) != (1, 1):
+        settings["grouping"] = {"size": args.ensemble, "cpu_threads": args.cpu_threads}
     return Plan(settings, masks, model_ratio, model_seed, train_indices.astype(np.int64), dataset.noisy_mask,
                 input_noise)
 
 
 def groups_to_train(plan: Plan, finished: list[int], args: argparse.Namespace) -> list[list[int]]:
-    """The missing models of this chunk, in groups of --ensemble models that share a subset ratio."""
-    chunk = np.array_split(np.arange(plan.n_models), args.chunk_count)[args.chunk_index]
-    todo = sorted(set(chunk.tolist()) - set(finished))
-    groups = []
-    for ratio in np.unique(plan.model_ratio):
-        same = [i for i in todo if plan.model_ratio[i] == ratio]
-        groups += [same[i:i + args.ensemble] for i in range(0, len(same), args.ensemble)]
-    return groups
+    """The plan's groups in this chunk that miss a model. A group is trained whole, so a model lost from a
+    group (a kill between its files, a damaged file) is retrained with the same companions: same bits."""
+    groups = plan.groups
+    chunk = np.array_split(np.arange(len(groups)), args.chunk_count)[args.chunk_index]
+    done = set(finished)
+    return [groups[g] for g in chunk.tolist() if not done.issuperset(groups[g])]
 
 
 def run_plan(args: argparse.Namespace) -> dict:
@@ -79,6 +86,10 @@ def run_plan(args: argparse.Namespace) -> dict:
         print(f"warning: {problem}", file=sys.stderr)
     groups = groups_to_train(plan, finished, args)
     n_todo = sum(len(g) for g in groups)
+    retrained = n_todo - len(set().union(*map(set, groups)) - set(finished)) if groups else 0
+    if retrained:
+        print(f"{retrained} stored models share a group with a missing one and are trained again with it "
+              f"(the same bits on the CPU)", flush=True)
     print(f"{args.out}: {plan.n_models} models planned, {len(finished)} stored, {n_todo} to train"
           + (f" in chunk {args.chunk_index}/{args.chunk_count}" if args.chunk else ""), flush=True)
     tracking_uri = args.tracking_uri or default_tracking_uri()
@@ -93,16 +104,21 @@ def run_plan(args: argparse.Namespace) -> dict:
         logger.set_tags(environment_tags(args.device))
         logger.log_artifact(str(store.folder / "plan.json"))
     jobs = [(str(store.folder), group, args.data_path, args.device) for group in groups]
-    started, done = time.perf_counter(), 0
+    started, done, stored = time.perf_counter(), 0, set(finished)
     bar = tqdm(total=n_todo, unit="model", disable=args.non_verbose, dynamic_ncols=True)
     try:
         for result in run_jobs(train_and_store, jobs, args, store.folder / "slurm"):
             done += len(result["model_ids"])
+            stored.update(result["model_ids"])
             per_hour = done / (time.perf_counter() - started) * 3600
+            if done == len(result["model_ids"]):  # the first group: what the rest will cost
+                left = n_todo - done
+                tqdm.write(f"first group: {per_hour:.0f} models/hour; the {left} models left need about "
+                           f"{left / per_hour:.2f} hours at this rate")
             bar.update(len(result["model_ids"]))
             bar.set_postfix(models_per_hour=f"{per_hour:.0f}")
             if logger:
-                logger.log_metrics({"models_stored": len(finished) + done, "models_per_hour": per_hour,
+                logger.log_metrics({"models_stored": len(stored), "models_per_hour": per_hour,
                                     "seconds_per_model": result["seconds"] / len(result["model_ids"])}, step=done)
     except BaseException:
         if logger:
@@ -114,5 +130,5 @@ def run_plan(args: argparse.Namespace) -> dict:
     if logger:
         logger.log_metrics({"train_seconds_total": elapsed}, step=done)
         logger.finish()
-    print(f"trained {done} models in {elapsed:.1f} s; the store holds {len(finished) + done} of {plan.n_models}")
+    print(f"trained {done} models in {elapsed:.1f} s; the store holds {len(stored)} of {plan.n_models}")
     return {"trained": done, "seconds": elapsed}

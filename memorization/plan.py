@@ -43,6 +43,16 @@ def random_masks(n: int, ratio: float, n_models: int, rng: np.random.Generator) 
     return masks
 
 
+def stratified_masks(labels: np.ndarray, ratio: float, n_models: int, rng: np.random.Generator) -> np.ndarray:
+    """Balanced masks drawn class by class: every subset holds round(ratio·n_c) examples of each class c
+    (the memorization-in-CL paper's per-class 50/50 splits at ratio 0.5)."""
+    masks = np.zeros((n_models, len(labels)), dtype=bool)
+    for c in np.unique(labels):
+        rows = np.flatnonzero(labels == c)
+        masks[:, rows] = balanced_masks(len(rows), ratio, n_models, rng)
+    return masks
+
+
 @dataclass
 class Plan:
     settings: dict  # JSON-able: dataset, sizes, fingerprints, ratios, seeds, training settings
@@ -56,6 +66,18 @@ class Plan:
     @property
     def n_models(self) -> int:
         return len(self.model_seed)
+
+    @property
+    def groups(self) -> list[list[int]]:
+        """The plan's groups of models trained together (one ensemble each, the unit of work): consecutive
+        models of one subset ratio, `group_size` at a time. A model's results depend on its group's size
+        (a group of one takes other kernels), so the groups are part of the plan."""
+        size = self.settings.get("grouping", {}).get("size", 1)
+        groups = []
+        for ratio in dict.fromkeys(self.model_ratio.tolist()):
+            same = np.flatnonzero(self.model_ratio == ratio).tolist()
+            groups += [same[i:i + size] for i in range(0, len(same), size)]
+        return groups
 
     @property
     def hash(self) -> str:

@@ -21,8 +21,8 @@ from memorization.plan import Plan
 from utils.errors import ConfigError
 
 FORMAT_VERSION = 1
-MODEL_KEYS = ("model_id", "plan_hash", "epochs", "prob_train", "correct_train", "prob_test", "correct_test",
-              "train_seconds")
+MODEL_KEYS = ("model_id", "plan_hash", "epochs", "prob_train", "correct_train", "prob_test", "correct_test")
+ZIP_TIME = (1980, 1, 1, 0, 0, 0)  # a fixed member time: the same arrays always make the same bytes
 
 
 def _atomic_write(path: Path, write) -> None:
@@ -33,9 +33,13 @@ def _atomic_write(path: Path, write) -> None:
 
 
 def _save_npz(path: Path, **arrays) -> None:
+    """np.savez's format (one .npy member per array, stored), but byte-for-byte reproducible: np.savez
+    stamps each member with the current time."""
     def write(temporary: Path):
-        with open(temporary, "wb") as f:
-            np.savez(f, **arrays)
+        with zipfile.ZipFile(temporary, "w", zipfile.ZIP_STORED) as archive:
+            for name, value in arrays.items():
+                with archive.open(zipfile.ZipInfo(f"{name}.npy", ZIP_TIME), "w", force_zip64=True) as member:
+                    np.lib.format.write_array(member, np.asanyarray(value), allow_pickle=False)
     _atomic_write(path, write)
 
 

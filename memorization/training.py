@@ -24,7 +24,7 @@ from datasets import DATASETS
 from memorization.plan import Plan, fingerprint
 from memorization.store import SubsetStore
 from utils.errors import ConfigError
-from utils.optimizers import build_optimizer
+from utils.optimizers import build_optimizer, build_schedule
 
 EVAL_BATCH = 1024
 
@@ -88,10 +88,6 @@ def build_backbones(plan: Plan, model_ids: list[int], data: PlanData, device: st
     return nets
 
 
-def has_batch_norm(net: nn.Module) -> bool:
-    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in net.modules())
-
-
 def _gradient_layout(stacked: torch.Tensor) -> torch.Tensor:
     """A stacked [K, out, in] weight laid out as [K, in, out] in memory, the layout vmap's gradient comes in.
 
@@ -106,38 +102,32 @@ def _gradient_layout(stacked: torch.Tensor) -> torch.Tensor:
 class Ensemble:
     """K networks of one architecture as one: forward maps [K, B, ...] inputs to [K, B, classes] logits.
 
-    With K > 1 the parameters are stacked ([K, ...] leaves) and the forward pass is vmapped, so one
-    batched kernel serves every model; each model keeps its own parameters, gradients and optimizer
-    state because the loss is a sum of per-model losses and every optimizer update is elementwise.
+    The parameters and buffers are stacked ([K, ...] leaves) and the forward pass is vmapped, so one
+    batched kernel serves every model; each model keeps its own parameters, gradients, optimizer
+    state and BatchNorm running statistics because the loss is a sum of per-model losses and every
+    optimizer update is elementwise. A single model takes the same vmapped path (K = 1): the kernels
+    then compute each model's slice the same way whatever the group, so a model's results do not
+    depend on which models it was trained with (tests/test_split_ensembles.py).
     """
 
     def __init__(self, nets: list[nn.Module], training: argparse.Namespace):
         self.size = len(nets)
-        if self.size == 1:
-            self.net = nets[0]
-            self.parameters = list(self.net.parameters())
-        else:
-            if has_batch_norm(nets[0]):
-                raise ConfigError("this backbone uses BatchNorm, whose running statistics cannot be updated inside a "
-                                  "vectorised ensemble; use --ensemble 1, or a backbone without BatchNorm (mlp, vit)")
-            params, buffers = stack_module_state(nets)
-            self.params = {k: _gradient_layout(v.detach()).requires_grad_() for k, v in params.items()}
-            self.buffers = buffers
-            self.net = copy.deepcopy(nets[0]).to("meta")  # the architecture only; weights live in self.params
-            self.parameters = list(self.params.values())
+        params, buffers = stack_module_state(nets)
+        self.params = {k: _gradient_layout(v.detach()).requires_grad_() for k, v in params.items()}
+        self.buffers = buffers
+        self.net = copy.deepcopy(nets[0]).to("meta")  # the architecture only; weights live in self.params
+        self.parameters = list(self.params.values())
 
-            def one(p, b, x):
-                return functional_call(self.net, (p, b), (x,))
-            self._forward = vmap(one, in_dims=(0, 0, 0), randomness="different")
-            self._forward_shared = vmap(one, in_dims=(0, 0, None), randomness="different")
+        def one(p, b, x):
+            return functional_call(self.net, (p, b), (x,))
+        self._forward = vmap(one, in_dims=(0, 0, 0), randomness="different")
+        self._forward_shared = vmap(one, in_dims=(0, 0, None), randomness="different")
         self.optimizer = build_optimizer(self.parameters, training)
 
     def train(self, mode: bool = True) -> None:
         self.net.train(mode)
 
     def __call__(self, x: torch.Tensor, shared_input: bool = False) -> torch.Tensor:
-        if self.size == 1:
-            return self.net(x if shared_input else x[0])[None]
         forward = self._forward_shared if shared_input else self._forward
         return forward(self.params, self.buffers, x)
 
@@ -170,35 +160,64 @@ def predictions(ensemble: Ensemble, data: PlanData, images: torch.Tensor, labels
     return out
 
 
+# Training settings added after the first stores were written, with the values those stores were trained
+# with: a plan records a setting only when it differs from this, so older plans keep their hash.
+RECIPE_DEFAULTS = {"lr_schedule": "none", "lr_milestones": [0.7, 0.9], "lr_warmup": 0.0, "optim_nesterov": False,
+                   "label_smoothing": 0.0}
+
+
+def recipe(training: dict) -> argparse.Namespace:
+    """A plan's training settings with every recipe setting filled in."""
+    return argparse.Namespace(**{**RECIPE_DEFAULTS, **training})
+
+
+def augment(data: PlanData, images: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
+    """The dataset's training transform of [K·B, ...] images, model k's rows drawn from its own generator,
+    so a model's augmentation does not depend on the other models of its group."""
+    dataset = data.dataset
+    if not (dataset.CROP_PADDING or dataset.FLIP):
+        return dataset.train_transform(images)  # deterministic: one call for the whole group
+    per_model = images.view(len(generators), -1, *images.shape[1:])
+    return torch.cat([dataset.train_transform(x, g) for x, g in zip(per_model, generators)])
+
+
 def train_group(plan: Plan, model_ids: list[int], data: PlanData, device: str) -> dict[int, dict[str, np.ndarray]]:
-    """Train the models of one group (same subset ratio) together; returns each model's arrays."""
-    training = argparse.Namespace(**plan.settings["training"])
+    """Train the models of one group (same subset ratio) together; returns each model's arrays.
+
+    Everything random in a model's training comes from its own seed (initialisation, order of its
+    subset, augmentation), so on the CPU its results are the same bits whatever group it is in.
+    """
+    training = recipe(plan.settings["training"])
     device = torch.device(device)
-    started = time.perf_counter()
     masks = torch.as_tensor(plan.inclusion_mask[model_ids], device=device)
     subset = torch.stack([m.nonzero()[:, 0] for m in masks])  # [K, m]: rows each model trains on
     ensemble = Ensemble(build_backbones(plan, model_ids, data, device), training)
-    generators = [torch.Generator(device="cpu").manual_seed(int(plan.model_seed[i]) + 1) for i in model_ids]
+    orders = [torch.Generator(device="cpu").manual_seed(int(plan.model_seed[i]) + 1) for i in model_ids]
+    augmentations = [torch.Generator(device="cpu").manual_seed(int(plan.model_seed[i]) + 2) for i in model_ids]
     size, batch = subset.shape[1], training.batch_size
+    schedule = build_schedule(ensemble.optimizer, training.lr_schedule, math.ceil(size / batch), training.n_epochs,
+                              training.lr_milestones, training.lr_warmup)
     record = set(training.record_epochs)
     recorded = {f"{k}_{s}": [] for k in ("prob", "correct") + (("logits",) if training.save_logits else ())
                 for s in ("train", "test")}
     ensemble.train(True)
     for epoch in range(1, training.n_epochs + 1):
-        order = torch.stack([torch.randperm(size, generator=g) for g in generators]).to(device)
+        order = torch.stack([torch.randperm(size, generator=g) for g in orders]).to(device)
         rows = subset.gather(1, order)  # [K, m], each model's own shuffle of its own subset
         for start in range(0, size, batch):
             step_rows = rows[:, start:start + batch]
-            x = data.dataset.train_transform(data.train_images.index_select(0, step_rows.reshape(-1)))
+            x = augment(data, data.train_images.index_select(0, step_rows.reshape(-1)), augmentations)
             x = x.view(ensemble.size, -1, *x.shape[1:])
             y = data.train_labels[step_rows]
             with autocast(device):
                 logits = ensemble(x).float()
             # Sum of per-model mean losses: each model's gradient is that of its own mean loss.
-            loss = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view_as(y).mean(1).sum()
+            loss = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none",
+                                   label_smoothing=training.label_smoothing).view_as(y).mean(1).sum()
             ensemble.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             ensemble.optimizer.step()
+            schedule.step()
         if not math.isfinite(loss.item()):
             raise ConfigError(f"the training loss of models {model_ids[0]}..{model_ids[-1]} became {loss.item()} in "
                               f"epoch {epoch}; lower --lr (now {training.lr})")
@@ -207,10 +226,8 @@ def train_group(plan: Plan, model_ids: list[int], data: PlanData, device: str) -
                                           ("test", data.test_images, data.test_labels)):
                 for key, value in predictions(ensemble, data, images, labels, training.save_logits).items():
                     recorded[f"{key}_{part}"].append(value)
-    seconds = (time.perf_counter() - started) / len(model_ids)
     epochs = np.array(sorted(record), dtype=np.int64)
-    return {model_id: {"epochs": epochs, "train_seconds": np.float64(seconds),
-                       **{key: np.stack([v[k] for v in values]) for key, values in recorded.items()}}
+    return {model_id: {"epochs": epochs, **{key: np.stack([v[k] for v in values]) for key, values in recorded.items()}}
             for k, model_id in enumerate(model_ids)}
 
 
@@ -226,6 +243,8 @@ def train_and_store(store_dir: str, model_ids: list[int], data_path: str, device
         _LOADED.clear()
         _LOADED[key] = (plan, load_plan_data(plan, data_path, device))
     plan, data = _LOADED[key]
+    if torch.device(device).type == "cpu":  # the plan's thread count: conv results depend on it
+        torch.set_num_threads(plan.settings.get("grouping", {}).get("cpu_threads", 1))
     started = time.perf_counter()
     results = train_group(plan, model_ids, data, device)
     for model_id, arrays in results.items():

@@ -77,15 +77,20 @@ def ray_cluster():
 
 
 # -- helpers for more than one test module (import them from tests.conftest) ----------------------------
-def build_dataset(name: str, data_path, **overrides):
-    """A registered dataset built with the defaults a run would pass, reading files under data_path."""
+def dataset_args(data_path, **overrides):
+    """The arguments a run passes to a dataset, reading files under data_path."""
     import argparse
-
-    from datasets import DATASETS
 
     args = dict(device="cpu", n_tasks=None, data_path=str(data_path), download=False, class_order=None,
                 permute_classes=False, label_noise=0.0, seed=0)
-    return DATASETS.get(name)(argparse.Namespace(**{**args, **overrides}))
+    return argparse.Namespace(**{**args, **overrides})
+
+
+def build_dataset(name: str, data_path, **overrides):
+    """A registered dataset built with the defaults a run would pass, reading files under data_path."""
+    from datasets import DATASETS
+
+    return DATASETS.get(name)(dataset_args(data_path, **overrides))
 
 
 def shift_matches(out, images, padding: int):

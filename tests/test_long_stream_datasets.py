@@ -11,7 +11,8 @@ import torch
 from datasets import DATASETS
 from datasets.continual_imagenet import TRAIN_FILES, ContinualImageNet, task_pairs
 from datasets.digits import load_digits_split
-from tests.test_datasets import make_args, write_idx, write_pickle
+from tests.conftest import dataset_args as make_args
+from tests.test_dataset_files import write_idx, write_pickle
 from utils.errors import ConfigError
 
 IMAGENET_DEFAULTS = dict(imagenet_protocol="vit", imagenet_train_per_class=2, imagenet_test_per_class=1)

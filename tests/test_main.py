@@ -160,7 +160,7 @@ def test_nan_loss_stops_the_run_and_marks_it_failed(tracking_uri, capsys):
 
 def test_domain_il_stream_reports_one_accuracy_per_task(tmp_path, tracking_uri):
     """perm-mnist through main.py on small idx files in the real format: one domain-IL matrix, 3 tasks."""
-    from tests.test_datasets import MNIST_NAMES, write_idx
+    from tests.test_dataset_files import MNIST_NAMES, write_idx
 
     rng = np.random.default_rng(0)
     folder = tmp_path / "MNIST" / "raw"

@@ -1,7 +1,8 @@
-"""The optimizers a run can name: SGD (with momentum) and Adam/AdamW."""
+"""The optimizers a run can name (SGD with momentum, Adam, AdamW) and the learning-rate schedules."""
 from __future__ import annotations
 
 import argparse
+import math
 
 import torch
 
@@ -9,8 +10,41 @@ OPTIMIZERS = ("sgd", "adam", "adamw")
 
 
 def build_optimizer(params, args: argparse.Namespace) -> torch.optim.Optimizer:
-    """The optimizer named by --optimizer: SGD with --optim_mom, or Adam/AdamW with --optim_eps."""
+    """The optimizer named by --optimizer: SGD with --optim_mom (Nesterov's with --optim_nesterov, where the
+    command has it), or Adam/AdamW with --optim_eps."""
     if args.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=args.lr, momentum=args.optim_mom, weight_decay=args.optim_wd)
+        return torch.optim.SGD(params, lr=args.lr, momentum=args.optim_mom, weight_decay=args.optim_wd,
+                               nesterov=getattr(args, "optim_nesterov", False))
     cls = torch.optim.Adam if args.optimizer == "adam" else torch.optim.AdamW
     return cls(params, lr=args.lr, betas=(0.9, 0.999), eps=args.optim_eps, weight_decay=args.optim_wd)
+
+
+SCHEDULES = ("none", "multistep", "cosine", "onecycle")
+
+
+def build_schedule(optimizer: torch.optim.Optimizer, schedule: str, steps_per_epoch: int, n_epochs: int,
+                   milestones: list[float], warmup: float, gamma: float = 0.1) -> torch.optim.lr_scheduler.LambdaLR:
+    """A learning-rate factor per optimizer step (call `.step()` after every optimizer step).
+
+    The first `warmup` fraction of all steps rises linearly to the full rate; then `none` keeps it,
+    `multistep` multiplies it by `gamma` at each milestone (a fraction of the epochs, applied from
+    that epoch on, as MultiStepLR stepped per epoch), `cosine` follows half a cosine to 0, and
+    `onecycle` falls linearly to 0 (the one-cycle shape of Smith & Topin, and airbench's).
+    """
+    total = steps_per_epoch * n_epochs
+    warm = round(warmup * total)
+    boundaries = [round(m * n_epochs) for m in milestones]
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        if schedule == "multistep":
+            return gamma ** sum(step // steps_per_epoch >= b for b in boundaries)
+        progress = (step - warm) / max(1, total - warm)
+        if schedule == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * progress))
+        if schedule == "onecycle":
+            return 1.0 - progress
+        return 1.0
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
