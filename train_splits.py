@@ -74,7 +74,10 @@ def build_parser(backbone: type | None = None) -> argparse.ArgumentParser:
     run.add_argument("--cpu_threads", type=int, default=1,
                      help="torch threads of each job on the CPU (part of the plan: convolution results depend on it)")
     run.add_argument("--device", default=None)
-    run.add_argument("--chunk", default=None, metavar="I/N", help="train only chunk I of N of the plan's models")
+    run.add_argument("--chunk", default=None, metavar="I/N", help="train only chunk I of N of the plan's groups")
+    run.add_argument("--claim_timeout", type=float, default=300.0,
+                     help="seconds after which the groups claimed by a driver that stopped touching its claims "
+                          "(killed, machine lost) are taken over by another driver of the same store")
     run.add_argument("--tracking_uri", default=None)
     run.add_argument("--experiment_name", default="split-training")
     run.add_argument("--run_name", default=None)
@@ -118,6 +121,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
               (args.batch_size >= 1, f"--batch_size must be at least 1, got {args.batch_size}"),
               (args.ensemble >= 1, f"--ensemble must be at least 1, got {args.ensemble}"),
               (args.cpu_threads >= 1, f"--cpu_threads must be at least 1, got {args.cpu_threads}"),
+              (args.claim_timeout > 0, f"--claim_timeout must be positive, got {args.claim_timeout}"),
               (args.lr_warmup < 1 and args.lr_warmup >= 0, f"--lr_warmup is a fraction in [0, 1), got {args.lr_warmup}"),
               (0 <= args.label_smoothing < 1, f"--label_smoothing is in [0, 1), got {args.label_smoothing}"),
               (0 <= args.input_noise < 1, f"--input_noise is a fraction in [0, 1), got {args.input_noise}"),

@@ -4,16 +4,23 @@ A synthetic store of K models x n training x m test examples (random inclusion m
 targets with per-example difficulty, memorized training examples and planted train->test pairs). It
 times `memorization` and `influence(topk=10, threshold=0.15)` without the full matrix. The floor of
 `influence` is its matrix products, 2*K*n*m FLOPs, at the float32 matmul rate measured in this process
-on the same block shape ([block_rows, K] @ [K, m]), best of several runs before and after, so load from
-other processes makes the floor lower and the ratio more honest, not less. Peak memory is
-ru_maxrss, reported after each step with the bytes of the synthetic input itself. A benchmark, not a
-test: it prints a table and never fails on a slow machine.
+on the same block shape ([block_rows, K] @ [K, m]), best of all the runs (one before each round), so load
+from other processes makes the floor lower and the ratio more honest, not less. `influence` runs
+--repeats rounds; the table gives the median and the range of its ratio to the floor. Its numba kernels
+are compiled (or loaded from numba's cache) by a first call on a tiny store, timed on its own row and
+kept out of the ratio. --compare FILE also times the `influence` of another estimator.py (for instance
+the previous commit's, `git show HEAD~1:memorization/estimator.py > /tmp/old_estimator.py`), in the
+same process, alternating with this one (each first in every other round), and checks that both give
+the same outputs. Peak memory is ru_maxrss, reported after each step with the bytes of the synthetic
+input itself; this estimator runs first, so its figure is its own. A benchmark, not a test: it prints a
+table and never fails on a slow machine.
 
     .venv/bin/python benchmarks/estimator.py [--n_models 2000 --n_train 50000 --n_test 10000]
 """
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import platform
 import resource
@@ -24,8 +31,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
 import numpy as np  # noqa: E402
-
-from memorization.estimator import influence, memorization  # noqa: E402
 
 GB = 1e9
 
@@ -78,6 +83,34 @@ def matmul_rate(block_rows: int, n_models: int, n_test: int, repeats: int = 3) -
     return 2 * block_rows * n_models * n_test / best / GB
 
 
+def load_estimator(path: str):
+    """The estimator module at `path` (a copy of memorization/estimator.py), imported under its own name."""
+    spec = importlib.util.spec_from_file_location(f"compared_{Path(path).stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def first_call(estimator) -> tuple[float, str]:
+    """Seconds of a first `influence` call on a tiny store (numba compiles or loads its kernels) and the
+    cache's hits and misses."""
+    rng = np.random.default_rng(0)
+    start = time.perf_counter()
+    estimator.influence(rng.random((20, 30)) < 0.6, (rng.random((20, 10)) < 0.5).astype(np.float32), topk=3)
+    seconds = time.perf_counter() - start
+    kernels = [f for f in vars(estimator).values() if hasattr(f, "stats") and hasattr(f, "py_func")]
+    hits = sum(sum(f.stats.cache_hits.values()) for f in kernels)
+    misses = sum(sum(f.stats.cache_misses.values()) for f in kernels)
+    return seconds, f"{len(kernels)} kernels: {hits} loaded from numba's cache, {misses} compiled"
+
+
+def same_outputs(one: dict, other: dict) -> bool:
+    """Whether two influence results hold equal arrays (NaN equal to NaN) of the same dtypes."""
+    keys = ("topk_index", "topk_value", "pair_train", "pair_test", "pair_value", "histogram")
+    return all(np.asarray(one[k]).dtype == np.asarray(other[k]).dtype
+               and np.array_equal(one[k], other[k], equal_nan=one[k].dtype.kind == "f") for k in keys)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--n_models", type=int, default=2000)
@@ -86,45 +119,79 @@ def main() -> None:
     parser.add_argument("--ratio", type=float, default=0.7)
     parser.add_argument("--block_rows", type=int, default=4096)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--repeats", type=int, default=3, help="timed rounds of influence")
+    parser.add_argument("--compare", metavar="FILE", help="another estimator.py to time alternately")
     args = parser.parse_args()
     n_models, n, m = args.n_models, args.n_train, args.n_test
     block_rows = min(args.block_rows, n)
 
-    rate = matmul_rate(block_rows, n_models, m)  # first: its buffers are smaller than the input built next
+    start = time.perf_counter()
+    from memorization import estimator  # numba's import is part of it
+    import_time = time.perf_counter() - start
+    compile_time, cache = first_call(estimator)
+    estimators = {"influence": estimator}
+    if args.compare:
+        estimators[f"influence of {args.compare}"] = load_estimator(args.compare)
+        compare_first, _ = first_call(estimators[f"influence of {args.compare}"])
+
+    rates = [matmul_rate(block_rows, n_models, m)]  # first: its buffers are smaller than the input built next
     before_input = peak_rss()
     mask, target, test_target = synthetic_store(n_models, n, m, args.ratio, args.seed)
     input_gb = (mask.nbytes + target.nbytes + test_target.nbytes) / GB
     after_input = peak_rss()
 
     start = time.perf_counter()
-    scores = memorization(mask, target)
+    scores = estimator.memorization(mask, target)
     mem_time = time.perf_counter() - start
     after_mem = peak_rss()
 
-    start = time.perf_counter()
-    result = influence(mask, test_target, topk=10, threshold=0.15, block_rows=block_rows)
-    infl_time = time.perf_counter() - start
-    after_infl = peak_rss()
-    rate = max(rate, matmul_rate(block_rows, n_models, m))
+    times = {name: [] for name in estimators}
+    peaks, results = {}, {}
+    for round_ in range(args.repeats):
+        if round_:
+            rates.append(matmul_rate(block_rows, n_models, m))
+        names = list(estimators) if round_ % 2 == 0 else list(estimators)[::-1]
+        for name in names:
+            start = time.perf_counter()
+            results[name] = estimators[name].influence(mask, test_target, topk=10, threshold=0.15,
+                                                       block_rows=block_rows)
+            times[name].append(time.perf_counter() - start)
+            peaks.setdefault(name, peak_rss())
+    rates.append(matmul_rate(block_rows, n_models, m))
 
+    rate = max(rates)
     flops = 2 * n_models * n * m
     floor = flops / (rate * GB)
+    result = results["influence"]
     blas = np.show_config(mode="dicts")["Build Dependencies"]["blas"]
+    import numba
     print(f"K={n_models} n={n} m={m} ratio={args.ratio} block_rows={block_rows}; {cpu_model()}, "
-          f"{os.cpu_count()} cores; numpy {np.__version__}, {blas['name']} {blas['version']}")
+          f"{os.cpu_count()} cores, load average {' '.join(f'{x:.2f}' for x in os.getloadavg())} at the end; "
+          f"numpy {np.__version__}, {blas['name']} {blas['version']}; numba {numba.__version__}, "
+          f"{numba.get_num_threads()} threads, threading layer {numba.threading_layer()}")
     print(f"input {input_gb:.2f} GB (mask {mask.nbytes / GB:.2f}, target {target.nbytes / GB:.2f}, "
           f"test_target {test_target.nbytes / GB:.2f}); peak RSS before it {before_input:.2f} GB, "
           f"after building it {after_input:.2f} GB")
-    print(f"float32 matmul rate on [{block_rows}, {n_models}] @ [{n_models}, {m}]: {rate:.0f} GFLOP/s")
+    print(f"float32 matmul rate on [{block_rows}, {n_models}] @ [{n_models}, {m}]: best {rate:.0f} GFLOP/s, "
+          f"{min(rates):.0f}-{max(rates):.0f} over {len(rates)} runs")
+    print(f"import of the estimator (numba included) {import_time:.2f} s; first call on a tiny store "
+          f"{compile_time:.2f} s ({cache})" + (f"; {args.compare}'s first call {compare_first:.2f} s"
+                                                if args.compare else ""))
     print(f"undefined: {scores['n_undefined']} train scores, {result['n_undefined_train']} influence rows; "
           f"pairs > 0.15: {result['pair_value'].size}; memorized (mem >= 0.25): "
           f"{int(np.sum(scores['mem'] >= 0.25))}")
+    if args.compare:
+        print(f"same outputs as {args.compare}: {same_outputs(result, results[f'influence of {args.compare}'])}")
     print()
-    print("| step | time s | floor s | ratio | GFLOP/s | peak RSS GB | peak - input GB |")
-    print("|---|---|---|---|---|---|---|")
-    print(f"| memorization | {mem_time:.2f} | - | - | - | {after_mem:.2f} | {after_mem - input_gb:.2f} |")
-    print(f"| influence | {infl_time:.2f} | {floor:.2f} | {infl_time / floor:.2f} | "
-          f"{flops / infl_time / GB:.0f} | {after_infl:.2f} | {after_infl - input_gb:.2f} |")
+    print("| step | time s (median) | floor s | ratio (median) | ratio range | GFLOP/s | peak RSS GB | "
+          "peak - input GB |")
+    print("|---|---|---|---|---|---|---|---|")
+    print(f"| memorization | {mem_time:.2f} | - | - | - | - | {after_mem:.2f} | {after_mem - input_gb:.2f} |")
+    for name, seconds in times.items():
+        median = float(np.median(seconds))
+        print(f"| {name} | {median:.2f} | {floor:.2f} | {median / floor:.2f} | "
+              f"{min(seconds) / floor:.2f}-{max(seconds) / floor:.2f} | {flops / median / GB:.0f} | "
+              f"{peaks[name]:.2f} | {peaks[name] - input_gb:.2f} |")
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ import numpy as np
 from continual.sweep_runs import SweepTracker, run_cell
 from continual.sweep_spec import Cell, Sweep, load_sweep
 from utils.errors import ConfigError
-from utils.launchers import pool_workers, run_jobs
+from utils.launchers import check_launcher, pool_workers, run_jobs
 from utils.mlflow_logger import check_reachable, default_tracking_uri
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -101,6 +101,7 @@ def run_sweep(args: argparse.Namespace) -> dict:
     from continual.sweep_report import write_report
 
     sweep = load_sweep(args.sweep_file)  # every check of the file happens here, before anything runs
+    check_launcher(args)
     tracking_uri = args.tracking_uri or default_tracking_uri()
     check_reachable(tracking_uri)
     out = Path(args.out) if args.out else REPO_ROOT / "sweeps" / "results" / sweep.name

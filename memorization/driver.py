@@ -6,6 +6,8 @@ written to the store at once, so a killed run resumes where it stopped. Only thi
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -15,11 +17,12 @@ from tqdm import tqdm
 
 from backbones import BACKBONES
 from datasets import DATASETS
+from memorization.claims import Claims
 from memorization.plan import Plan, balanced_masks, fingerprint, random_masks, stratified_masks
 from memorization.store import SubsetStore
 from memorization.training import RECIPE_DEFAULTS, class_rows, dataset_args, train_and_store
 from utils.errors import ConfigError
-from utils.launchers import run_jobs
+from utils.launchers import check_launcher, run_jobs
 from utils.mlflow_logger import RunLogger, default_tracking_uri, environment_tags
 from utils.registry import declared_flags
 
@@ -76,8 +79,48 @@ def groups_to_train(plan: Plan, finished: list[int], args: argparse.Namespace) -
     return [groups[g] for g in chunk.tolist() if not done.issuperset(groups[g])]
 
 
+def open_mlflow_run(store: SubsetStore, plan: Plan, args: argparse.Namespace, claims: Claims) -> RunLogger | None:
+    """This driver's MLflow run: the run of a driver of this store that died (killed with -9, or stopped),
+    continued, or a new one. Each live driver has its own run; its file in `drivers/` is touched while
+    it works, so an untouched file marks a run nobody continues."""
+    tracking_uri = args.tracking_uri or default_tracking_uri()
+    if args.chunk and tracking_uri.startswith("sqlite"):
+        print("chunk runs do not write to a SQLite MLflow store (one writer only); eval_splits.py logs the store")
+        return None
+    folder = store.folder / "drivers"
+    folder.mkdir(exist_ok=True)
+    for path in sorted(folder.glob("*.json")):
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if record.get("tracking_uri") != tracking_uri or time.time() - path.stat().st_mtime <= args.claim_timeout:
+            continue
+        try:  # one driver only adopts it
+            os.rename(path, path.with_suffix(".adopted"))
+        except FileNotFoundError:
+            continue
+        path.with_suffix(".adopted").unlink()
+        logger = RunLogger(tracking_uri, args.experiment_name, args.run_name, run_id=record["run_id"])
+        print(f"continuing MLflow run {logger.run_id} of a driver that stopped", flush=True)
+        break
+    else:
+        logger = RunLogger(tracking_uri, args.experiment_name, args.run_name)
+        logger.log_params({k: v for k, v in plan.settings.items() if k not in ("training", "grouping")}
+                          | plan.settings["training"] | plan.settings.get("grouping", {})
+                          | {"plan_hash": plan.hash, "out": str(Path(args.out).resolve())})
+        logger.set_tags(environment_tags(args.device))
+        logger.log_artifact(str(store.folder / "plan.json"))
+    record_path = folder / f"{logger.run_id}.json"
+    record_path.write_text(json.dumps({"tracking_uri": tracking_uri, "run_id": logger.run_id}))
+    claims.keep_fresh(record_path)
+    return logger
+
+
 def run_plan(args: argparse.Namespace) -> dict:
-    """Write the plan into the store, then train this chunk's missing models on the chosen launcher."""
+    """Write the plan into the store, then train this chunk's missing groups on the chosen launcher,
+    claiming each group first so that drivers sharing the store train different groups."""
+    check_launcher(args)
     store = SubsetStore(args.out)
     plan = make_plan(args)
     store.write_plan(plan)
@@ -92,43 +135,62 @@ def run_plan(args: argparse.Namespace) -> dict:
               f"(the same bits on the CPU)", flush=True)
     print(f"{args.out}: {plan.n_models} models planned, {len(finished)} stored, {n_todo} to train"
           + (f" in chunk {args.chunk_index}/{args.chunk_count}" if args.chunk else ""), flush=True)
-    tracking_uri = args.tracking_uri or default_tracking_uri()
-    logger = None
-    if args.chunk and tracking_uri.startswith("sqlite"):
-        print("chunk runs do not write to a SQLite MLflow store (one writer only); eval_splits.py logs the store")
-    else:
-        logger = RunLogger(tracking_uri, args.experiment_name, args.run_name)
-        logger.log_params({k: v for k, v in plan.settings.items() if k != "training"} | plan.settings["training"]
-                          | {"plan_hash": plan.hash, "out": str(Path(args.out).resolve()), "launcher": args.launcher,
-                             "ensemble": args.ensemble, "device": args.device})
-        logger.set_tags(environment_tags(args.device))
-        logger.log_artifact(str(store.folder / "plan.json"))
-    jobs = [(str(store.folder), group, args.data_path, args.device) for group in groups]
-    started, done, stored = time.perf_counter(), 0, set(finished)
-    bar = tqdm(total=n_todo, unit="model", disable=args.non_verbose, dynamic_ncols=True)
+    claims = Claims(store.folder, plan.hash, args.claim_timeout)
+    logger = open_mlflow_run(store, plan, args, claims)
+    index = {group[0]: i for i, group in enumerate(plan.groups)}
+    n_epochs = plan.settings["training"]["n_epochs"]
+    started, done, stored, running, elsewhere = time.perf_counter(), 0, set(finished), {}, []
+
+    def jobs():
+        for group in groups:
+            if not claims.claim(index[group[0]]):
+                elsewhere.append(group)  # another live driver trains it
+                continue
+            if all(store.is_stored(m, plan) for m in group):  # finished by another driver meanwhile
+                claims.release(index[group[0]])
+                continue
+            running[group[0]] = group
+            yield (str(store.folder), group, args.data_path, args.device)
+
+    bar = tqdm(total=n_todo * n_epochs, unit="model-epoch", disable=args.non_verbose, dynamic_ncols=True)
+
+    def show_progress():
+        bar.n = done * n_epochs + sum(store.read_progress(first) * len(g) for first, g in running.items())
+        bar.refresh()
+
     try:
-        for result in run_jobs(train_and_store, jobs, args, store.folder / "slurm"):
-            done += len(result["model_ids"])
-            stored.update(result["model_ids"])
+        for result in run_jobs(train_and_store, jobs(), args, store.folder / "slurm", poll=show_progress):
+            group = running.pop(result["model_ids"][0])
+            claims.release(index[group[0]])
+            done += len(group)
+            stored.update(group)
             per_hour = done / (time.perf_counter() - started) * 3600
-            if done == len(result["model_ids"]):  # the first group: what the rest will cost
-                left = n_todo - done
+            left = plan.n_models - len(stored)
+            if done == len(group):  # the first group: what the rest will cost
                 tqdm.write(f"first group: {per_hour:.0f} models/hour; the {left} models left need about "
-                           f"{left / per_hour:.2f} hours at this rate")
-            bar.update(len(result["model_ids"]))
-            bar.set_postfix(models_per_hour=f"{per_hour:.0f}")
+                           f"{left / per_hour:.2f} hours at this rate (one driver)")
+            show_progress()
+            bar.set_postfix(models_per_hour=f"{per_hour:.0f}", hours_left=f"{left / per_hour:.2f}")
             if logger:
                 logger.log_metrics({"models_stored": len(stored), "models_per_hour": per_hour,
-                                    "seconds_per_model": result["seconds"] / len(result["model_ids"])}, step=done)
+                                    "hours_left": left / per_hour,
+                                    "seconds_per_model": result["seconds"] / len(group)}, step=len(stored))
     except BaseException:
         if logger:
             logger.finish("KILLED" if not isinstance(sys.exc_info()[1], Exception) else "FAILED")
         raise
     finally:
         bar.close()
+        for first in list(running):  # unfinished groups: free for other drivers now
+            claims.release(index[first])
+        claims.close()
     elapsed = time.perf_counter() - started
     if logger:
-        logger.log_metrics({"train_seconds_total": elapsed}, step=done)
+        logger.log_metrics({"train_seconds_total": elapsed}, step=len(stored))
         logger.finish()
+        (store.folder / "drivers" / f"{logger.run_id}.json").unlink(missing_ok=True)
     print(f"trained {done} models in {elapsed:.1f} s; the store holds {len(stored)} of {plan.n_models}")
-    return {"trained": done, "seconds": elapsed}
+    if elsewhere:
+        print(f"{sum(map(len, elsewhere))} models are being trained by another driver of this store; rerun to "
+              f"take over those whose driver stops for {args.claim_timeout:.0f} s")
+    return {"trained": done, "seconds": elapsed, "elsewhere": sum(map(len, elsewhere))}

@@ -3,14 +3,19 @@
 K models, model k trained on the subset `mask[k]` of the n training examples, each evaluated on all
 n training and m test examples. A target is 0/1 correctness or the softmax probability of the label.
 Scores of an example that was never left out (or never included) are undefined: NaN, never 0.
-Pure numpy: every sum over models is a vectorised reduction or a float32 matrix product.
+Every sum over models is a vectorised numpy reduction or a float32 matrix product. The passes of
+`influence` over each block of the [n, m] matrix (its mean arithmetic, histogram, pairs and top-k) are
+numba kernels on every core: a numpy pass runs on one thread while BLAS uses them all, and at small K
+those passes, not the product, took most of the time.
 """
 from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
 
+import numba
 import numpy as np
+from numba import prange
 
 
 def _blocks(size: int, block: int) -> Iterator[slice]:
@@ -60,101 +65,139 @@ def memorization(mask: np.ndarray, target: np.ndarray) -> dict:
     }
 
 
-def _bin_counts(values: np.ndarray, edges: np.ndarray, chunk: int = 1 << 16) -> np.ndarray:
-    """np.histogram(values, edges)[0] for float32 values and evenly spaced edges, about 5x faster."""
-    n_bins = len(edges) - 1
-    if not np.allclose(np.diff(edges), (edges[-1] - edges[0]) / n_bins, rtol=1e-6, atol=0):
-        return np.histogram(values, edges)[0]
-    # Index e of the extended bins: 0 below the range, 1..n_bins, n_bins + 1 above (the last bin is
-    # closed). starts[e] is the smallest float32 in bin e, so float32 comparisons against it are exact.
+@numba.njit(parallel=True, cache=True)
+def _held_out_difference(infl: np.ndarray, total: np.ndarray, div_in: np.ndarray, div_out: np.ndarray,
+                         undefined: np.ndarray) -> None:
+    """In place, row i of the product (sums over the models with train i) becomes the mean with i minus the
+    mean without i; NaN for an undefined row. One loop instead of four numpy passes over the block, with
+    the same float32 operations in the same order, so the same bits."""
+    for i in prange(infl.shape[0]):
+        if undefined[i]:
+            infl[i] = np.nan
+            continue
+        for j in range(infl.shape[1]):
+            with_i = infl[i, j]
+            infl[i, j] = with_i / div_in[i] - (total[j] - with_i) / div_out[i]
+
+
+def _bin_starts(edges: np.ndarray) -> tuple[np.ndarray, np.float32, np.float32]:
+    """Float32 starts of the extended bins (0 below the range, 1..n_bins, n_bins + 1 above) and the linear
+    map that guesses a value's bin. starts[e] is the smallest float32 in bin e, so float32 comparisons
+    against it are exactly np.histogram's float64 comparisons against the edges (the last bin is closed)."""
+    edges = np.asarray(edges, np.float64)
+    if not (np.all(np.isfinite(edges)) and np.all(np.diff(edges) >= 0) and edges[-1] > edges[0]):
+        raise ValueError(f"bins must be finite and increase monotonically, got {edges}")
     up = np.float32(np.inf)
     ceil32 = [np.float32(e) if np.float32(e) >= e else np.nextafter(np.float32(e), up) for e in edges]
     above = np.nextafter(ceil32[-1], up) if ceil32[-1] == edges[-1] else ceil32[-1]
     starts = np.array([-np.inf, *ceil32[:-1], above, np.inf], np.float32)
-    lo, scale = np.float32(edges[0]), np.float32(n_bins / (edges[-1] - edges[0]))
-    counts = np.zeros(n_bins + 3, np.int64)
-    flat = values.ravel()
-    for part in _blocks(flat.size, chunk):  # chunks stay in cache across the passes below
-        v = flat[part]
-        guess = (v - lo) * scale + 1  # off by at most one bin at a boundary, fixed by the comparisons
-        index = np.clip(guess, 0, n_bins + 1, out=guess).astype(np.intp)
-        index -= v < starts.take(index)
-        index += v >= starts.take(index + 1)
-        counts += np.bincount(index, minlength=n_bins + 3)
-    return counts[1:n_bins + 1]
+    n_bins = len(edges) - 1
+    return starts, np.float32(edges[0]), np.float32(n_bins / (edges[-1] - edges[0]))
 
 
-def _merge_topk(best_value: np.ndarray, best_index: np.ndarray, rows: np.ndarray, cols: np.ndarray,
-                values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Each column's k best of the running best and the candidates: value descending, then row ascending."""
-    m, k = best_value.shape
-    col = np.concatenate([np.repeat(np.arange(m), k), cols])
-    value = np.concatenate([best_value.ravel(), values])
-    row = np.concatenate([best_index.ravel(), rows])
-    order = np.lexsort((row, -value, col))
-    col_sorted = col[order]
-    rank = np.arange(order.size) - np.searchsorted(col_sorted, col_sorted)  # position within its column
-    keep = order[rank < k]  # every column has at least its k running entries: exactly m * k kept
-    return value[keep].reshape(m, k), row[keep].reshape(m, k)
+@numba.njit(parallel=True, cache=True)
+def _add_bin_counts(values: np.ndarray, starts: np.ndarray, lo: np.float32, scale: np.float32,
+                    counts: np.ndarray) -> None:
+    """counts[p, e] += the values of part p of the rows in extended bin e (sum over p for the histogram);
+    NaN is left out, as np.histogram leaves it out. A loop: a value's bin is a linear guess fixed by
+    comparing against the bin starts (one step at most for evenly spaced edges), in registers, with no
+    index arrays; each thread counts its own part of the rows into its own row of counts."""
+    n_rows, n_parts, last = values.shape[0], counts.shape[0], counts.shape[1] - 1  # extended bins 0..last
+    for part in prange(n_parts):
+        for i in range(part * n_rows // n_parts, (part + 1) * n_rows // n_parts):
+            for v in values[i]:
+                if np.isnan(v):
+                    continue
+                guess = (v - lo) * scale + 1
+                e = 0 if guess < 0 else last if guess > last else int(guess)
+                while v < starts[e]:
+                    e -= 1
+                while e < last and v >= starts[e + 1]:
+                    e += 1
+                counts[part, e] += 1
 
 
-def _block_topk_candidates(infl: np.ndarray, k: int) -> np.ndarray:
-    """Mask of each column's k best rows of a block (ties to the lower row), so a merge stays small."""
-    kth = np.partition(infl, infl.shape[0] - k, axis=0)[infl.shape[0] - k]
-    above = infl > kth
-    ties = infl == kth
-    places = k - above.sum(0)  # left for rows equal to the k-th value
-    crowded = np.flatnonzero(ties.sum(0) > places)  # few columns, unless many are constant
-    ties[:, crowded] &= np.cumsum(ties[:, crowded], axis=0, dtype=np.int32) <= places[crowded]
-    return above | ties
+@numba.njit(parallel=True, cache=True)
+def _pairs_above(values: np.ndarray, threshold, first_row: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Train index, test index and value of the entries above threshold, in row-major order (as
+    np.nonzero gives them). Two loops over the rows: count, then fill from each row's offset, so the
+    rows are read in parallel and the output has an exact size and a fixed order."""
+    n_rows, m = values.shape
+    ends = np.zeros(n_rows, np.int64)
+    for i in prange(n_rows):
+        for j in range(m):
+            ends[i] += values[i, j] > threshold
+    ends = np.cumsum(ends)
+    size = ends[-1] if n_rows else 0
+    train, test, value = np.empty(size, np.int32), np.empty(size, np.int32), np.empty(size, np.float32)
+    for i in prange(n_rows):
+        at = ends[i - 1] if i else 0
+        for j in range(m):
+            if values[i, j] > threshold:
+                train[at], test[at], value[at] = first_row + i, j, values[i, j]
+                at += 1
+    return train, test, value
+
+
+@numba.njit(parallel=True, cache=True)
+def _merge_topk(values: np.ndarray, first_row: int, best_value: np.ndarray, best_index: np.ndarray,
+                tile: int = 16) -> None:
+    """Insert each column's values into its running top-k in place: value descending, ties to the lower row.
+    A loop: rows come in ascending order, so a value enters only when strictly above its column's k-th
+    (NaN and -inf never do), and goes after the equal values already there. Threads own tiles of adjacent
+    columns and read them row by row, whole cache lines at a time."""
+    n_rows, m = values.shape
+    k = best_value.shape[1]
+    for t in prange((m + tile - 1) // tile):
+        for i in range(n_rows):
+            for j in range(t * tile, min(t * tile + tile, m)):
+                v = values[i, j]
+                if v > best_value[j, k - 1]:
+                    at = k - 1
+                    while at > 0 and best_value[j, at - 1] < v:
+                        best_value[j, at], best_index[j, at] = best_value[j, at - 1], best_index[j, at - 1]
+                        at -= 1
+                    best_value[j, at], best_index[j, at] = v, first_row + i
 
 
 def influence(mask: np.ndarray, test_target: np.ndarray, topk: int = 10, threshold: float = 0.15,
               block_rows: int = 4096, full_path: str | Path | None = None,
               bins: np.ndarray = np.linspace(-1, 1, 81)) -> dict:
-    """infl_ij = mean test_target[:, j] of models with train example i - of models without it, blockwise."""
+    """infl_ij = mean test_target[:, j] of models with train example i - of models without it, blockwise.
+
+    Per test example the `topk` most influential training examples (value descending, ties to the lower
+    index; -1 and NaN where fewer are defined), the pairs above `threshold` (value descending, then train,
+    then test index; compared as numpy compares float32 values with it) and a histogram over `bins`.
+    Undefined rows and NaN entries (a NaN test target makes its column NaN) are in none of them.
+    """
     mask = np.asarray(mask, bool)
     n_models, n = mask.shape
     m = test_target.shape[1]
     test_target = np.ascontiguousarray(test_target, np.float32)
+    starts, lo, scale = _bin_starts(bins)
+    threshold = np.result_type(np.float32, threshold).type(threshold)  # a Python float: float32, as numpy
     n_in = mask.sum(0, dtype=np.int64)
     n_out = n_models - n_in
     undefined = (n_in == 0) | (n_out == 0)
     total = test_target.sum(0)
-    # Safe divisors: undefined rows are overwritten with NaN after the division.
+    # Safe divisors: undefined rows are overwritten with NaN, not divided.
     div_in, div_out = np.maximum(n_in, 1).astype(np.float32), np.maximum(n_out, 1).astype(np.float32)
     best_value = np.full((m, topk), -np.inf, np.float32)
-    best_index = np.full((m, topk), -1, np.int64)
-    pairs, histogram = [], np.zeros(len(bins) - 1, np.int64)
+    best_index = np.full((m, topk), -1, np.int32)
+    pairs, counts = [], np.zeros((numba.get_num_threads(), len(starts) - 1), np.int64)
     full = None if full_path is None else np.lib.format.open_memmap(full_path, "w+", np.float32, (n, m))
-    block_rows = min(block_rows, n)
-    in_buf, out_buf = np.empty((block_rows, m), np.float32), np.empty((block_rows, m), np.float32)
-    for rows in _blocks(n, block_rows):
-        b = rows.stop - rows.start
-        infl, out_mean = in_buf[:b], out_buf[:b]
+    buffer = np.empty((min(block_rows, n), m), np.float32)
+    for rows in _blocks(n, len(buffer)):
+        infl = buffer[:rows.stop - rows.start]
         # One product per block; for 0/1 targets the sums are exact integers, so results do not
         # depend on the block size or on the order BLAS adds in.
         np.matmul(mask[:, rows].astype(np.float32).T, test_target, out=infl)
-        np.subtract(total, infl, out=out_mean)
-        out_mean /= div_out[rows, None]
-        infl /= div_in[rows, None]
-        infl -= out_mean
-        bad = undefined[rows]
-        infl[bad] = np.nan
+        _held_out_difference(infl, total, div_in[rows], div_out[rows], undefined[rows])
         if full is not None:
             full[rows] = infl
-        row_ids = np.arange(rows.start, rows.stop)
-        if bad.any():  # rare: compact the defined rows so the passes below need no NaN checks
-            infl, row_ids = infl[~bad], row_ids[~bad]
-        histogram += _bin_counts(infl, bins)
-        flat = infl.ravel()
-        hits = np.flatnonzero(flat > threshold)  # 1-d nonzero: several times faster than 2-d
-        pairs.append((row_ids[hits // m], hits % m, flat[hits]))
-        candidates = infl > best_value[:, -1]  # only rows that beat a column's current k-th best
-        if np.count_nonzero(candidates) > 4 * m * topk:  # e.g. the first block: cut it to its own top-k
-            candidates &= _block_topk_candidates(infl, topk)
-        cand = np.flatnonzero(candidates)
-        best_value, best_index = _merge_topk(best_value, best_index, row_ids[cand // m], cand % m, flat[cand])
+        _add_bin_counts(infl, starts, lo, scale, counts)
+        pairs.append(_pairs_above(infl, threshold, rows.start))
+        _merge_topk(infl, rows.start, best_value, best_index)
     if full is not None:
         full.flush()
         del full
@@ -162,9 +205,8 @@ def influence(mask: np.ndarray, test_target: np.ndarray, topk: int = 10, thresho
     order = np.lexsort((pair_test, pair_train, -pair_value))
     best_value[best_index < 0] = np.nan  # fewer than k defined training examples
     return {
-        "topk_index": best_index.astype(np.int32), "topk_value": best_value,
-        "pair_train": pair_train[order].astype(np.int32), "pair_test": pair_test[order].astype(np.int32),
-        "pair_value": pair_value[order].astype(np.float32), "histogram": histogram, "bins": bins,
+        "topk_index": best_index, "topk_value": best_value, "pair_train": pair_train[order],
+        "pair_test": pair_test[order], "pair_value": pair_value[order], "histogram": counts.sum(0)[1:-1], "bins": bins,
         "n_undefined_train": int(undefined.sum()),
     }
 

@@ -135,6 +135,33 @@ class SubsetStore:
                 raise CorruptModelFile(f"{path.name}: {key} has shape {arrays[key].shape}, expected {shape}")
         return arrays
 
+    # -- progress of groups being trained (read by the driver for its progress bar) ---------------
+    def progress_path(self, first_model: int) -> Path:
+        return self.folder / "progress" / f"group_{first_model:06d}"
+
+    def write_progress(self, first_model: int, epochs_done: int) -> None:
+        path = self.progress_path(first_model)
+        path.parent.mkdir(exist_ok=True)
+        _atomic_write(path, lambda temporary: temporary.write_text(str(epochs_done)))
+
+    def read_progress(self, first_model: int) -> int:
+        """Epochs finished by the group that starts with this model (0 when it has not reported)."""
+        try:
+            return int(self.progress_path(first_model).read_text())
+        except (OSError, ValueError):
+            return 0
+
+    def clear_progress(self, first_model: int) -> None:
+        self.progress_path(first_model).unlink(missing_ok=True)
+
+    def is_stored(self, model_id: int, plan: Plan) -> bool:
+        """A readable file of this model and plan exists."""
+        try:
+            self.read_model(model_id, plan)
+            return True
+        except CorruptModelFile:
+            return False
+
     def stored_models(self) -> set[int]:
         """Model ids with a file in the store (not yet validated)."""
         if not self.models_dir.is_dir():

@@ -20,6 +20,7 @@ from torch import nn
 from torch.func import functional_call, stack_module_state, vmap
 
 from backbones import BACKBONES
+from backbones.mlp import MLP
 from datasets import DATASETS
 from memorization.plan import Plan, fingerprint
 from memorization.store import SubsetStore
@@ -132,6 +133,42 @@ class Ensemble:
         return forward(self.params, self.buffers, x)
 
 
+class StackedMLP:
+    """K `mlp` backbones as stacked weights ([K, in, out] per layer), each layer one batched matrix product
+    with its bias added in the same kernel (`torch.baddbmm`) then a ReLU: no vmap, no functional_call.
+
+    The same contract as `Ensemble` and the same initial weights; on the CPU it takes fewer and larger
+    kernels than the vmapped MLP (benchmarks/README.md), and a model's slice of every product does not
+    depend on K, so its results are the same whatever its group.
+    """
+
+    def __init__(self, nets: list[nn.Module], training: argparse.Namespace):
+        self.size = len(nets)
+        layers = [[*net.layers, net.head] for net in nets]
+        self.weights = [torch.stack([layer.weight.detach().t() for layer in same]).contiguous().requires_grad_()
+                        for same in zip(*layers)]
+        self.biases = [torch.stack([layer.bias.detach()[None] for layer in same]).requires_grad_()
+                       for same in zip(*layers)]
+        self.parameters = self.weights + self.biases
+        self.optimizer = build_optimizer(self.parameters, training)
+
+    def train(self, mode: bool = True) -> None:
+        """No dropout or BatchNorm in the mlp: training and evaluation compute the same function."""
+
+    def __call__(self, x: torch.Tensor, shared_input: bool = False) -> torch.Tensor:
+        h = x.flatten(1).expand(self.size, -1, -1) if shared_input else x.flatten(2)
+        for i, (weight, bias) in enumerate(zip(self.weights, self.biases)):
+            h = torch.baddbmm(bias, h, weight)
+            if i < len(self.weights) - 1:
+                h = torch.relu(h)
+        return h
+
+
+def build_ensemble(nets: list[nn.Module], training: argparse.Namespace) -> Ensemble | StackedMLP:
+    """The stacked path for the mlp backbone, the vmapped one for every other."""
+    return StackedMLP(nets, training) if isinstance(nets[0], MLP) else Ensemble(nets, training)
+
+
 def autocast(device: torch.device):
     """bf16 autocast on CUDA (the matrix multiplies dominate); full precision elsewhere."""
     if device.type == "cuda":
@@ -181,17 +218,19 @@ def augment(data: PlanData, images: torch.Tensor, generators: list[torch.Generat
     return torch.cat([dataset.train_transform(x, g) for x, g in zip(per_model, generators)])
 
 
-def train_group(plan: Plan, model_ids: list[int], data: PlanData, device: str) -> dict[int, dict[str, np.ndarray]]:
+def train_group(plan: Plan, model_ids: list[int], data: PlanData, device: str,
+                on_epoch=None) -> dict[int, dict[str, np.ndarray]]:
     """Train the models of one group (same subset ratio) together; returns each model's arrays.
 
     Everything random in a model's training comes from its own seed (initialisation, order of its
     subset, augmentation), so on the CPU its results are the same bits whatever group it is in.
+    `on_epoch(epoch)` follows every epoch (progress).
     """
     training = recipe(plan.settings["training"])
     device = torch.device(device)
     masks = torch.as_tensor(plan.inclusion_mask[model_ids], device=device)
     subset = torch.stack([m.nonzero()[:, 0] for m in masks])  # [K, m]: rows each model trains on
-    ensemble = Ensemble(build_backbones(plan, model_ids, data, device), training)
+    ensemble = build_ensemble(build_backbones(plan, model_ids, data, device), training)
     orders = [torch.Generator(device="cpu").manual_seed(int(plan.model_seed[i]) + 1) for i in model_ids]
     augmentations = [torch.Generator(device="cpu").manual_seed(int(plan.model_seed[i]) + 2) for i in model_ids]
     size, batch = subset.shape[1], training.batch_size
@@ -226,6 +265,8 @@ def train_group(plan: Plan, model_ids: list[int], data: PlanData, device: str) -
                                           ("test", data.test_images, data.test_labels)):
                 for key, value in predictions(ensemble, data, images, labels, training.save_logits).items():
                     recorded[f"{key}_{part}"].append(value)
+        if on_epoch is not None:
+            on_epoch(epoch)
     epochs = np.array(sorted(record), dtype=np.int64)
     return {model_id: {"epochs": epochs, **{key: np.stack([v[k] for v in values]) for key, values in recorded.items()}}
             for k, model_id in enumerate(model_ids)}
@@ -246,7 +287,9 @@ def train_and_store(store_dir: str, model_ids: list[int], data_path: str, device
     if torch.device(device).type == "cpu":  # the plan's thread count: conv results depend on it
         torch.set_num_threads(plan.settings.get("grouping", {}).get("cpu_threads", 1))
     started = time.perf_counter()
-    results = train_group(plan, model_ids, data, device)
+    results = train_group(plan, model_ids, data, device,
+                          on_epoch=lambda epoch: store.write_progress(model_ids[0], epoch))
     for model_id, arrays in results.items():
         store.write_model(model_id, plan.hash, **arrays)
+    store.clear_progress(model_ids[0])
     return {"model_ids": model_ids, "seconds": time.perf_counter() - started}

@@ -59,8 +59,31 @@ def test_chunks_partition_the_plan(tmp_path):
 
 
 @pytest.mark.parametrize("launcher", ["local", "pool"])
-def test_no_unit_starts_after_the_stop_condition(launcher):
-    """A sweep stops starting cells after a failed one; the units already running still report."""
+def test_no_job_starts_after_the_stop_condition(launcher):
+    """A sweep stops starting cells after a failed one; the jobs already running still report."""
     args = argparse.Namespace(launcher=launcher, workers=1, max_parallel=None)
     results = list(run_jobs(abs, [(-1,), (-2,), (-3,), (-4,)], args, Path("."), stop=lambda r: r == 2))
     assert results == [1, 2]
+
+
+def test_slurm_without_slurm_is_refused_before_anything_is_written(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path))  # no sbatch here
+    code = train_splits.main([*ARGS, "--launcher", "slurm", "--out", str(tmp_path / "store"),
+                              "--tracking_uri", f"sqlite:///{tmp_path / 'mlflow.db'}"])
+    assert code == 2
+    assert capsys.readouterr().err.strip() == (
+        "error: --launcher slurm needs SLURM, and sbatch is not on this machine's PATH; run it on a SLURM login "
+        "node, or add --submitit_cluster local for a local debug run")
+    assert not (tmp_path / "store").exists() and not (tmp_path / "mlflow.db").exists()
+
+
+def test_ray_workers_run_at_normal_priority(ray_cluster):
+    import os
+
+    import ray
+
+    @ray.remote
+    def niceness() -> int:
+        return os.nice(0)
+
+    assert ray.get(niceness.remote()) == os.nice(0)

@@ -195,3 +195,151 @@ def test_planted_memorized_examples_score_one_and_rank_first():
     with_nan = scores["mem"].copy()
     with_nan[np.flatnonzero(~memorized)[0]] = np.nan
     assert auroc(with_nan, memorized) == 1.0
+
+
+# -- the compiled passes against a straightforward numpy reference -----------------------------------
+def reference_passes(dense: np.ndarray, k: int, threshold, bins: np.ndarray) -> dict:
+    """Top-k, pairs and histogram of a dense [n, m] influence matrix by sorting; NaN entries skipped."""
+    n, m = dense.shape
+    topk_index, topk_value = np.full((m, k), -1, np.int32), np.full((m, k), np.nan, np.float32)
+    for j in range(m):  # value descending, ties to the lower train index
+        rows = np.flatnonzero(~np.isnan(dense[:, j]) & (dense[:, j] > -np.inf))
+        best = rows[np.lexsort((rows, -dense[rows, j]))][:k]
+        topk_index[j, :best.size], topk_value[j, :best.size] = best, dense[best, j]
+    train, test = np.nonzero(dense > threshold)  # numpy's own float32-against-threshold comparison
+    value = dense[train, test]
+    order = np.lexsort((test, train, -value))
+    return {"topk_index": topk_index, "topk_value": topk_value, "pair_train": train[order].astype(np.int32),
+            "pair_test": test[order].astype(np.int32), "pair_value": value[order],
+            "histogram": np.histogram(dense[~np.isnan(dense)], bins)[0]}
+
+
+def assert_same_passes(result: dict, expected: dict) -> None:
+    for key, value in expected.items():
+        assert result[key].dtype == value.dtype, key
+        np.testing.assert_array_equal(result[key], value, err_msg=key)
+
+
+def quantised_store(seed: int, n_models: int = 12, n: int = 30, m: int = 20):
+    """Few models and targets in {0, 0.5, 1}: many influences are equal, and some equal 0.25 exactly."""
+    rng = np.random.default_rng(seed)
+    mask = rng.random((n_models, n)) < 0.6
+    mask[:, 3], mask[:, 11] = True, False  # never left out, never included: undefined rows
+    test_target = rng.integers(0, 3, (n_models, m)).astype(np.float32) / 2
+    return mask, test_target
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("block_rows", [1, 7, 4096])
+@pytest.mark.parametrize("k", [1, 5, 50])  # 50: more than the 28 defined training examples
+def test_influence_passes_match_a_sorting_reference_with_ties(seed, block_rows, k):
+    mask, test_target = quantised_store(seed)
+    dense = brute_influence(mask, test_target)
+    assert np.isin(np.float32(0.25), dense)  # a pair exactly at the threshold is not above it
+    bins = np.linspace(-1, 1, 81)
+    result = influence(mask, test_target, topk=k, threshold=0.25, block_rows=block_rows, bins=bins)
+    assert_same_passes(result, reference_passes(dense, k, 0.25, bins))
+    if k == 50:
+        assert (result["topk_index"][:, 28:] == -1).all() and np.isnan(result["topk_value"][:, 28:]).all()
+
+
+def test_influence_passes_on_continuous_targets_and_uneven_bins(tmp_path):
+    rng = np.random.default_rng(4)
+    mask = rng.random((40, 300)) < 0.7
+    test_target = rng.random((40, 50)).astype(np.float32)
+    bins = np.array([-1, -0.3, -0.05, 0, 0.02, 0.1, 0.5, 1.0])
+    result = influence(mask, test_target, topk=7, threshold=0.1, block_rows=64, bins=bins,
+                       full_path=tmp_path / "full.npy")
+    dense = np.load(tmp_path / "full.npy")  # float32 sums are not exact here: the estimator's own matrix
+    np.testing.assert_allclose(dense, brute_influence(mask, test_target), rtol=1e-5, atol=1e-6)
+    assert_same_passes(result, reference_passes(dense, 7, 0.1, bins))
+
+
+def test_no_pair_above_the_threshold_and_every_row_undefined():
+    mask, test_target = quantised_store(2)
+    result = influence(mask, test_target, topk=3, threshold=2.0, block_rows=7)
+    assert result["pair_train"].size == result["pair_test"].size == result["pair_value"].size == 0
+    assert (result["pair_train"].dtype, result["pair_value"].dtype) == (np.int32, np.float32)
+    everything_in = influence(np.ones_like(mask), test_target, topk=3, block_rows=7)
+    assert everything_in["n_undefined_train"] == mask.shape[1]
+    assert (everything_in["topk_index"] == -1).all() and np.isnan(everything_in["topk_value"]).all()
+    assert everything_in["pair_value"].size == 0 and everything_in["histogram"].sum() == 0
+
+
+def test_nan_test_target_leaves_its_column_out_of_every_pass():
+    mask, test_target = quantised_store(3)
+    test_target[5, [2, 9]] = np.nan  # NaN in one model's target makes the whole influence column NaN
+    dense = brute_influence(mask, test_target)
+    assert np.isnan(dense[:, [2, 9]]).all()
+    bins = np.linspace(-1, 1, 81)
+    result = influence(mask, test_target, topk=4, threshold=0.25, block_rows=7, bins=bins)
+    assert_same_passes(result, reference_passes(dense, 4, 0.25, bins))
+    assert (result["topk_index"][[2, 9]] == -1).all() and not np.isin(result["pair_test"], [2, 9]).any()
+
+
+def test_threshold_is_compared_as_numpy_compares_float32_values():
+    # one training example, in model 0 only: its influence on the test example is exactly float32(0.15)
+    mask, test_target = np.array([[True], [False]]), np.array([[0.15], [0.0]], np.float32)
+    assert influence(mask, test_target, threshold=0.15)["pair_value"].size == 0  # float32(0.15) > float32(0.15)
+    wide = influence(mask, test_target, threshold=np.float64(0.15))  # compared in float64, as numpy does
+    np.testing.assert_array_equal(wide["pair_value"], [np.float32(0.15)])
+
+
+def test_bin_counts_match_numpy_histogram_on_edges_infinities_and_nan():
+    from memorization.estimator import _add_bin_counts, _bin_starts
+
+    rng = np.random.default_rng(5)
+    for bins in (np.linspace(-1, 1, 81), np.linspace(-0.3, 0.7, 7), np.array([-1, -0.5, -0.5, 0, 0.1, 1.0]),
+                 np.array([0.1, 0.1 + 1e-9, 0.2])):
+        on_edges = bins.astype(np.float32)
+        near = np.concatenate([on_edges, np.nextafter(on_edges, np.float32(-np.inf)),
+                               np.nextafter(on_edges, np.float32(np.inf))])
+        values = np.concatenate([near, rng.uniform(-1.5, 1.5, 500).astype(np.float32),
+                                 np.array([np.nan, np.inf, -np.inf, 0.0, -0.0], np.float32)])
+        values = np.resize(rng.permutation(values), (11, 64)).astype(np.float32)
+        starts, lo, scale = _bin_starts(bins)
+        counts = np.zeros((3, len(starts) - 1), np.int64)  # 3 parts of the rows, below, bins, above
+        _add_bin_counts(values, starts, lo, scale, counts)
+        _add_bin_counts(values[:2], starts, lo, scale, counts)  # counts accumulate over blocks
+        finite = ~np.isnan(values)
+        expected = np.histogram(values[finite], bins)[0] + np.histogram(values[:2][finite[:2]], bins)[0]
+        np.testing.assert_array_equal(counts.sum(0)[1:-1], expected, err_msg=str(bins))
+        assert counts.sum() == finite.sum() + finite[:2].sum()  # below and above counted too
+    for bad in (np.array([0.0, 1.0, 0.5]), np.array([0.0, np.inf])):
+        with pytest.raises(ValueError):
+            _bin_starts(bad)
+
+
+def test_merge_topk_over_blocks_matches_sorting_with_ties_and_infinities():
+    from memorization.estimator import _merge_topk
+
+    rng = np.random.default_rng(6)
+    values = rng.integers(-3, 4, (200, 37)).astype(np.float32) / 4  # many ties
+    values[rng.random(values.shape) < 0.05] = np.nan
+    values[rng.random(values.shape) < 0.02] = np.inf
+    values[rng.random(values.shape) < 0.02] = -np.inf
+    values[:, 5] = np.nan  # a column with nothing defined
+    for k in (1, 4, 250):
+        best_value, best_index = np.full((37, k), -np.inf, np.float32), np.full((37, k), -1, np.int32)
+        for start, stop in ((0, 1), (1, 60), (60, 61), (61, 200)):
+            _merge_topk(values[start:stop], start, best_value, best_index)
+        best_value[best_index < 0] = np.nan
+        expected = reference_passes(values, k, 0.0, np.linspace(-1, 1, 3))
+        np.testing.assert_array_equal(best_index, expected["topk_index"])
+        np.testing.assert_array_equal(best_value, expected["topk_value"])
+
+
+def test_pairs_above_are_in_row_major_order_as_nonzero_gives():
+    from memorization.estimator import _pairs_above
+
+    rng = np.random.default_rng(7)
+    values = rng.integers(-2, 5, (50, 33)).astype(np.float32) / 8
+    values[rng.random(values.shape) < 0.05] = np.nan
+    values[10] = np.float32(0.15)
+    for threshold in (np.float32(0.15), np.float64(0.15), np.float32(0.25), np.float32(9)):
+        train, test, value = _pairs_above(values, threshold, 100)
+        rows, cols = np.nonzero(values > threshold)
+        np.testing.assert_array_equal(train, rows + 100)
+        np.testing.assert_array_equal(test, cols)
+        np.testing.assert_array_equal(value, values[rows, cols])
+        assert (train.dtype, test.dtype, value.dtype) == (np.int32, np.int32, np.float32)

@@ -201,3 +201,20 @@ def test_stratified_subsets_hold_each_class_at_the_ratio_and_balance_inclusion(c
     counts = plan.inclusion_mask.sum(0)
     for c in np.unique(labels):  # balanced within a class (a class of odd size has its own rate)
         assert np.ptp(counts[labels == c]) <= 1
+
+
+def test_the_stacked_mlp_path_matches_the_vmapped_one_and_ignores_its_group(cifar_path, tmp_path, monkeypatch):
+    from memorization import training
+
+    plan = make_plan(plan_args(cifar_path, tmp_path, "--backbone", "mlp", "--mlp_hidden", "64,32"))
+    data = load_plan_data(plan, str(cifar_path), "cpu")
+    stacked = train_group(plan, [0, 1, 2, 3], data, "cpu")
+    alone = {m: train_group(plan, [m], data, "cpu")[m] for m in (0, 3)}
+    for m in (0, 3):  # the same bits whatever the group, a group of one included
+        for key, value in alone[m].items():
+            np.testing.assert_array_equal(stacked[m][key], value)
+    monkeypatch.setattr(training, "build_ensemble", training.Ensemble)
+    vmapped = train_group(plan, [0, 1, 2, 3], data, "cpu")
+    for m in range(4):
+        np.testing.assert_allclose(stacked[m]["prob_train"].astype(np.float32),
+                                   vmapped[m]["prob_train"].astype(np.float32), atol=2e-3)

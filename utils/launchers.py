@@ -9,11 +9,12 @@ import argparse
 import os
 import time
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator
 
 from utils.errors import ConfigError
 
 LAUNCHERS = ("local", "pool", "ray", "slurm")
+POLL_SECONDS = 1.0
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -31,9 +32,14 @@ def start_ray(address: str | None = None, num_cpus: int | None = None) -> None:
 
     if ray.is_initialized():
         return
+    # Ray runs its workers at nice 15 by default: on a machine shared with other work they then get a
+    # fraction of the CPU (measured: 502 s against 82 s for the process pool under load). A local cluster
+    # started here runs them at normal priority; a cluster at --address keeps its own setting.
+    system_config = None if address else {"worker_niceness": 0}
     try:
         ray.init(address=address, num_cpus=None if address else num_cpus, include_dashboard=False,
-                 log_to_driver=False, runtime_env={"env_vars": _repo_on_pythonpath()})
+                 log_to_driver=False, runtime_env={"env_vars": _repo_on_pythonpath()},
+                 _system_config=system_config)
     except (ConnectionError, RuntimeError, ValueError) as error:
         raise ConfigError(f"cannot connect to the Ray cluster at {address} ({error}); start it or omit --address "
                           f"for a local cluster") from None
@@ -56,63 +62,104 @@ def add_launcher_args(parser: argparse.ArgumentParser) -> None:
                        help="jobs running at once on any launcher (pool: processes, overriding --workers; ray: "
                             "tasks in flight; slurm: array tasks; default: --workers, the cluster's capacity, 64)")
     group.add_argument("--slurm_folder", default=None, help="submitit logs (default: <out>/slurm)")
-    group.add_argument("--submitit_cluster", default=None, choices=(None, "local", "debug", "slurm"),
-                       help=argparse.SUPPRESS)  # 'local' runs submitit's local executor (tests)
+    group.add_argument("--submitit_cluster", default="slurm", choices=("slurm", "local", "debug"),
+                       help="with --launcher slurm: 'local' runs the array on submitit's local executor and 'debug' "
+                            "in this process, both for a debug run without SLURM")
 
 
-def run_jobs(function: Callable, jobs: list[tuple], args: argparse.Namespace, log_folder: Path,
-             stop: Callable[[object], bool] | None = None) -> Iterator:
-    """Yield function(*job) for every job as it finishes, on the launcher chosen by --launcher.
+def check_launcher(args: argparse.Namespace) -> None:
+    """Refuse, before any work, a launcher this machine cannot run."""
+    import shutil
 
-    Once stop(result) is true, no further job starts (local, pool, ray); those already running
-    finish and are yielded. A SLURM array is submitted whole and runs to its end.
-    """
-    if not jobs:
-        return
+    if args.launcher == "slurm" and args.submitit_cluster == "slurm" and shutil.which("sbatch") is None:
+        raise ConfigError("--launcher slurm needs SLURM, and sbatch is not on this machine's PATH; run it on a "
+                          "SLURM login node, or add --submitit_cluster local for a local debug run")
     if args.max_parallel is not None and args.max_parallel < 1:
         raise ConfigError(f"--max_parallel must be at least 1, got {args.max_parallel}")
+
+
+def run_jobs(function: Callable, jobs: Iterable[tuple], args: argparse.Namespace, log_folder: Path,
+             stop: Callable[[object], bool] | None = None, poll: Callable[[], None] | None = None) -> Iterator:
+    """Yield function(*job) for every job as it finishes, on the launcher chosen by --launcher.
+
+    Jobs are taken from `jobs` only when one can start (local, pool, ray), so a generator can decide
+    late, e.g. claim work shared with other drivers. Once stop(result) is true, no further job starts;
+    those already running finish and are yielded. A SLURM array takes every job and runs to its end.
+    `poll()` is called about every POLL_SECONDS while jobs run (progress); with it, a local job runs
+    in a background thread so that this thread can call it.
+    """
+    check_launcher(args)
     stop = stop or (lambda result: False)
     if args.launcher == "local":
         for job in jobs:
-            result = function(*job)
+            result = function(*job) if poll is None else _in_thread(function, job, poll)
             yield result
             if stop(result):
                 return
-    elif args.launcher == "pool":
-        yield from _pool(function, jobs, pool_workers(args), stop)
+        return
+    poll = poll or (lambda: None)
+    if args.launcher == "pool":
+        yield from _pool(function, iter(jobs), pool_workers(args), stop, poll)
     elif args.launcher == "ray":
-        yield from _ray(function, jobs, args, stop)
+        yield from _ray(function, iter(jobs), args, stop, poll)
     else:
-        yield from _slurm(function, jobs, args, log_folder)
+        jobs = list(jobs)
+        if jobs:
+            yield from _slurm(function, jobs, args, log_folder, poll)
+
+
+def _in_thread(function: Callable, job: tuple, poll: Callable[[], None]):
+    """function(*job) in a daemon thread (an interrupted driver does not wait for it), polling meanwhile."""
+    import threading
+
+    outcome = {}
+
+    def target():
+        try:
+            outcome["result"] = function(*job)
+        except BaseException as error:  # handed to the calling thread
+            outcome["error"] = error
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(POLL_SECONDS)
+        poll()
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"]
 
 
 def pool_workers(args: argparse.Namespace) -> int:
     return args.max_parallel or args.workers
 
 
-def _pool(function: Callable, jobs: list[tuple], workers: int, stop: Callable[[object], bool]) -> Iterator:
+def _pool(function: Callable, jobs: Iterator[tuple], workers: int, stop: Callable[[object], bool],
+          poll: Callable[[], None]) -> Iterator:
     import multiprocessing
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
     if workers < 1:
         raise ConfigError(f"--workers must be at least 1, got {workers}")
     _repo_on_pythonpath()
-    waiting = list(jobs)
     # spawn, not fork: forking a process that already started torch's thread pools can deadlock.
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        running = set()
-        while waiting or running:
-            while waiting and len(running) < workers:
-                running.add(pool.submit(function, *waiting.pop(0)))
-            done, running = wait(running, return_when=FIRST_COMPLETED)
+        running, stopped = set(), False
+        while True:
+            while not stopped and len(running) < workers and (job := next(jobs, None)) is not None:
+                running.add(pool.submit(function, *job))
+            if not running:
+                return
+            done, running = wait(running, timeout=POLL_SECONDS, return_when=FIRST_COMPLETED)
+            poll()
             for future in done:
                 result = future.result()
                 yield result
-                if stop(result):
-                    waiting.clear()
+                stopped = stopped or stop(result)
 
 
-def _ray(function: Callable, jobs: list[tuple], args: argparse.Namespace, stop: Callable[[object], bool]) -> Iterator:
+def _ray(function: Callable, jobs: Iterator[tuple], args: argparse.Namespace, stop: Callable[[object], bool],
+         poll: Callable[[], None]) -> Iterator:
     import ray
 
     start_ray(args.address)
@@ -120,19 +167,22 @@ def _ray(function: Callable, jobs: list[tuple], args: argparse.Namespace, stop: 
     remote = ray.remote(function).options(num_cpus=args.cpus_per_task, num_gpus=args.gpus_per_task, max_retries=3)
     # Tasks beyond what the cluster can run at once would only queue; bounding them lets `stop` take effect.
     capacity = max(1, int(ray.cluster_resources().get("CPU", 1) // max(args.cpus_per_task, 1e-9)))
-    waiting = list(jobs)
-    pending = []
-    while waiting or pending:
-        while waiting and len(pending) < (args.max_parallel or capacity):
-            pending.append(remote.remote(*waiting.pop(0)))
-        done, pending = ray.wait(pending, num_returns=1)
-        result = ray.get(done[0])
-        yield result
-        if stop(result):
-            waiting.clear()
+    pending, stopped = [], False
+    while True:
+        while not stopped and len(pending) < (args.max_parallel or capacity) and (job := next(jobs, None)) is not None:
+            pending.append(remote.remote(*job))
+        if not pending:
+            return
+        done, pending = ray.wait(pending, num_returns=1, timeout=POLL_SECONDS)
+        poll()
+        if done:
+            result = ray.get(done[0])
+            yield result
+            stopped = stopped or stop(result)
 
 
-def _slurm(function: Callable, jobs: list[tuple], args: argparse.Namespace, log_folder: Path) -> Iterator:
+def _slurm(function: Callable, jobs: list[tuple], args: argparse.Namespace, log_folder: Path,
+           poll: Callable[[], None]) -> Iterator:
     import submitit
 
     _repo_on_pythonpath()  # submitted jobs inherit the driver's environment
@@ -151,3 +201,4 @@ def _slurm(function: Callable, jobs: list[tuple], args: argparse.Namespace, log_
                 yield handle.result()
         if waiting:
             time.sleep(0.5)
+            poll()

@@ -1,0 +1,112 @@
+"""Work sharing without a scheduler: drivers pointed at one store claim groups before training them.
+
+A claim is a file `claims/group_NNNNNN.json` created atomically (O_CREAT | O_EXCL, which a shared file
+system such as NFS honours), naming the plan, the driver and its host. While a driver works it touches
+its claims every `timeout / 4` seconds; a claim untouched for `timeout` seconds belongs to a driver that
+died, and the first driver to rename it away takes the group over. A finished group's claim is removed.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import threading
+import time
+import uuid
+from pathlib import Path
+
+from utils.errors import ConfigError
+
+
+class Claims:
+    """This driver's claims on the groups of one plan in one store."""
+
+    def __init__(self, store_folder: Path, plan_hash: str, timeout: float):
+        self.folder = Path(store_folder) / "claims"
+        self.plan_hash = plan_hash
+        self.timeout = timeout
+        self.driver = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.held: set[int] = set()
+        self.fresh: list[Path] = []  # other files this driver keeps touched while it lives
+        self.taken_over: list[int] = []
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            probe = self.folder / f".probe-{self.driver.replace(':', '-')}"
+            probe.write_text("")
+            probe.unlink()
+        except OSError as error:
+            raise ConfigError(f"cannot write claims into {self.folder} ({error.strerror or error}); make the store "
+                              f"writable, or give --out a folder this driver can write") from None
+        for path in sorted(self.folder.glob("group_*.json")):  # before any work, not when the group comes up
+            self._check_plan(path)
+        self._heartbeat = threading.Thread(target=self._touch_held, daemon=True)
+        self._heartbeat.start()
+
+    def path(self, group: int) -> Path:
+        return self.folder / f"group_{group:06d}.json"
+
+    def _owner_plan(self, path: Path) -> str | None:
+        try:
+            return json.loads(path.read_text()).get("plan_hash")
+        except (OSError, ValueError, AttributeError):
+            return None  # being written, or removed meanwhile: not another plan's
+
+    def _check_plan(self, path: Path) -> None:
+        plan = self._owner_plan(path)
+        if plan is not None and plan != self.plan_hash:
+            raise ConfigError(f"{path} claims a group for another plan ({plan}); this store's plan is "
+                              f"{self.plan_hash}: remove {self.folder} if no driver of that plan runs")
+
+    def claim(self, group: int) -> bool:
+        """True if this driver now holds the group; False if another live driver does."""
+        path = self.path(group)
+        for _ in range(2):
+            try:
+                descriptor = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                self._check_plan(path)
+                if not self._stale(path):
+                    return False
+                try:  # only one driver's rename succeeds: that one takes the group over
+                    os.rename(path, path.with_name(f"{path.name}.stale-{self.driver.replace(':', '-')}"))
+                except FileNotFoundError:
+                    return False
+                self.taken_over.append(group)
+                continue
+            with os.fdopen(descriptor, "w") as file:
+                json.dump({"plan_hash": self.plan_hash, "driver": self.driver, "time": time.time()}, file)
+            with self._lock:
+                self.held.add(group)
+            return True
+        return False
+
+    def _stale(self, path: Path) -> bool:
+        try:
+            return time.time() - path.stat().st_mtime > self.timeout
+        except FileNotFoundError:
+            return False
+
+    def release(self, group: int) -> None:
+        with self._lock:
+            self.held.discard(group)
+        self.path(group).unlink(missing_ok=True)
+
+    def keep_fresh(self, path: Path) -> None:
+        """Touch `path` with the claims, so that other drivers see this driver is alive."""
+        self.fresh.append(Path(path))
+
+    def close(self) -> None:
+        """Stop touching claims; those still held (a killed run) go stale and are taken over later."""
+        self._stop.set()
+
+    def _touch_held(self) -> None:
+        while not self._stop.wait(self.timeout / 4):
+            with self._lock:
+                held = list(self.held)
+            for path in [self.path(group) for group in held] + self.fresh:
+                try:
+                    os.utime(path)
+                except FileNotFoundError:
+                    pass
