@@ -9,6 +9,7 @@ follow as their own file. Running the same command again trains only what is mis
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 
 import torch
@@ -117,7 +118,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         raise ConfigError("--lr is required: pass it, or a --config recipe that sets it")
     checks = [(args.n_models >= 1, f"--n_models must be at least 1, got {args.n_models}"),
               (args.n_epochs >= 1, f"--n_epochs must be at least 1, got {args.n_epochs}"),
-              (args.lr > 0, f"--lr must be positive, got {args.lr}"),
+              (0 < args.lr < math.inf, f"--lr must be a positive number, got {args.lr}"),
+              (0 <= args.optim_mom < math.inf, f"--optim_mom must be a finite number ≥ 0, got {args.optim_mom}"),
+              (0 <= args.optim_wd < math.inf, f"--optim_wd must be a finite number ≥ 0, got {args.optim_wd}"),
               (args.batch_size >= 1, f"--batch_size must be at least 1, got {args.batch_size}"),
               (args.ensemble >= 1, f"--ensemble must be at least 1, got {args.ensemble}"),
               (args.cpu_threads >= 1, f"--cpu_threads must be at least 1, got {args.cpu_threads}"),

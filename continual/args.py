@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
@@ -203,12 +204,14 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
     if args.lr is None:
         raise ConfigError("--lr is required (or --model_config best for the published value)")
     checks = [
-        (args.lr > 0, f"--lr must be positive, got {args.lr}"),
+        (0 < args.lr < math.inf, f"--lr must be a positive number, got {args.lr}"),
+        (0 <= args.optim_mom < math.inf, f"--optim_mom must be a finite number ≥ 0, got {args.optim_mom}"),
+        (0 < args.optim_eps < math.inf, f"--optim_eps must be positive, got {args.optim_eps}"),
         (args.batch_size >= 1, f"--batch_size must be at least 1, got {args.batch_size}"),
         (args.minibatch_size >= 1, f"--minibatch_size must be at least 1, got {args.minibatch_size}"),
         (args.n_epochs >= 1, f"--n_epochs must be at least 1, got {args.n_epochs}"),
         (args.buffer_size >= 0, f"--buffer_size cannot be negative, got {args.buffer_size}"),
-        (args.optim_wd >= 0, f"--optim_wd cannot be negative, got {args.optim_wd}"),
+        (0 <= args.optim_wd < math.inf, f"--optim_wd must be a finite number ≥ 0, got {args.optim_wd}"),
         (args.log_every >= 0, f"--log_every cannot be negative, got {args.log_every}"),
         (args.log_every == 0 or args.covariates, "--log_every N logs covariates every N steps; add --covariates"),
         (args.probe_size >= 1, f"--probe_size must be at least 1, got {args.probe_size}"),

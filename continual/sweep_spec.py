@@ -25,6 +25,7 @@ import hashlib
 import io
 import itertools
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -177,7 +178,11 @@ def load_sweep(path: str | Path) -> Sweep:
     mode = selection.get("mode", "max")
     if mode not in ("max", "min"):
         raise ConfigError(f"{where}: selection mode must be max or min, got {mode!r}")
-    sweep = Sweep(path, str(spec.get("name") or path.stem), base, methods, str(selection["metric"]), mode,
+    name = str(spec.get("name") or path.stem)
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}", name) or ".." in name:
+        raise ConfigError(f"{where}: name {name!r} becomes a folder and an MLflow experiment, so it may hold only "
+                          f"letters, digits, '_', '-' and '.' (no '..', no '/'); rename it")
+    sweep = Sweep(path, name, base, methods, str(selection["metric"]), mode,
                   _seeds(spec["search_seeds"], f"{where}: search_seeds"),
                   _seeds(spec["final_seeds"], f"{where}: final_seeds"), text)
     for name, method in methods.items():

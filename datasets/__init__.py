@@ -9,6 +9,7 @@ A new dataset is one file that subclasses `ContinualDataset`, sets its class att
 from __future__ import annotations
 
 import argparse
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -203,6 +204,16 @@ class ContinualDataset:
             torch.from_numpy(labels.astype(np.int64)).to(self.device),
             torch.arange(len(labels), device=self.device),
         )
+
+
+def download_release(dataset: str, folder: str, fetch) -> None:
+    """Run `fetch()` (torchvision's download of the release), ending with one sentence when it fails."""
+    try:
+        fetch()
+    except Exception as error:  # noqa: BLE001  offline (URLError), refused, truncated, checksum: all end here
+        reason = getattr(error, "reason", None) or (str(error).splitlines() or [type(error).__name__])[0]
+        raise ConfigError(f"downloading {dataset} failed ({reason}); if this machine is offline, copy the release "
+                          f"files into {os.path.abspath(folder)} from a machine that is online") from None
 
 
 def require_files(dataset: str, folder: str, files: list[str], downloadable: bool = True) -> None:

@@ -7,7 +7,7 @@ import pickle
 
 import numpy as np
 
-from datasets import ContinualDataset, register_dataset, require_files
+from datasets import ContinualDataset, download_release, register_dataset, require_files
 from utils.errors import ConfigError
 
 try:  # numpy >= 2
@@ -83,7 +83,7 @@ def load_cifar(data_path: str, download: bool, n_classes: int) -> tuple[np.ndarr
         import torchvision
 
         dataset = torchvision.datasets.CIFAR10 if n_classes == 10 else torchvision.datasets.CIFAR100
-        dataset(root=data_path, download=True)
+        download_release(f"CIFAR-{n_classes}", folder, lambda: dataset(root=data_path, download=True))
     require_files(f"CIFAR-{n_classes}", folder, train + test)
     arrays = []
     for files in (train, test):

@@ -6,7 +6,7 @@ import os
 import numpy as np
 import torch
 
-from datasets import ContinualDataset, register_dataset, require_files
+from datasets import ContinualDataset, download_release, register_dataset, require_files
 from utils.errors import ConfigError
 
 FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
@@ -34,7 +34,7 @@ def load_mnist(data_path: str, download: bool) -> tuple[np.ndarray, np.ndarray, 
     if download and not all(os.path.exists(os.path.join(folder, f)) for f in FILES):
         import torchvision
 
-        torchvision.datasets.MNIST(root=data_path, download=True)
+        download_release("MNIST", folder, lambda: torchvision.datasets.MNIST(root=data_path, download=True))
     require_files("MNIST", folder, list(FILES))
     arrays = []
     for split in ("train", "t10k"):

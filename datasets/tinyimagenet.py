@@ -8,7 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from datasets import ContinualDataset, register_dataset, require_files
+from datasets import ContinualDataset, download_release, register_dataset, require_files
 from utils.errors import ConfigError
 
 URL = "http://cs231n.stanford.edu/tiny-imagenet-200.zip"
@@ -108,7 +108,7 @@ def load_tinyimagenet(data_path: str, download: bool) -> tuple[np.ndarray, ...]:
     if download and not all(os.path.exists(os.path.join(root, f)) for f in expected):
         from torchvision.datasets.utils import download_and_extract_archive
 
-        download_and_extract_archive(URL, data_path)
+        download_release("Tiny ImageNet", root, lambda: download_and_extract_archive(URL, data_path))
     require_files("Tiny ImageNet", root, expected)
     cache_path = os.path.join(root, CACHE)
     arrays = None

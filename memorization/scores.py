@@ -30,12 +30,22 @@ def load_scores(path: str, dataset: ContinualDataset) -> np.ndarray:
     except (OSError, ValueError) as error:
         raise ConfigError(f"--mem_scores {path} is not a readable .npy array ({type(error).__name__})") from None
     n = len(dataset.train)
+    if not (np.issubdtype(scores.dtype, np.floating) or np.issubdtype(scores.dtype, np.integer)):
+        raise ConfigError(f"--mem_scores {path} holds {scores.dtype} values, not numbers; pass the float32 score "
+                          f"file written by eval_splits.py")
     if scores.ndim != 1 or len(scores) != n:
         raise ConfigError(f"--mem_scores {path} holds {scores.shape} scores but {dataset.NAME} has {n} training "
                           f"examples; pass the score file of this dataset, in dataset order")
     sidecar = file.with_suffix(".json")
     if sidecar.exists():
-        meta = json.loads(sidecar.read_text())
+        try:
+            meta = json.loads(sidecar.read_text())
+        except (OSError, ValueError) as error:
+            raise ConfigError(f"the sidecar {sidecar} of --mem_scores is not readable JSON ({type(error).__name__}); "
+                              f"write it again with eval_splits.py or delete it") from None
+        if not isinstance(meta, dict):
+            raise ConfigError(f"the sidecar {sidecar} of --mem_scores is a {type(meta).__name__}, not the mapping "
+                              f"eval_splits.py writes; write it again with eval_splits.py or delete it")
         if meta.get("dataset") not in (None, dataset.NAME):
             raise ConfigError(f"--mem_scores {path} was computed on {meta['dataset']}, not {dataset.NAME}; pass "
                               f"the score file of {dataset.NAME}")

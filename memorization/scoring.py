@@ -15,7 +15,7 @@ from memorization.report import write_report
 from memorization.store import CorruptModelFile, SubsetStore
 from memorization.training import load_plan_data
 from utils.errors import ConfigError
-from utils.mlflow_logger import RunLogger, default_tracking_uri, environment_tags
+from utils.mlflow_logger import RunLogger, check_reachable, default_tracking_uri, environment_tags
 
 
 def load_store(run_dir: Path, args: argparse.Namespace) -> dict:
@@ -68,6 +68,7 @@ def in_dataset_order(values: np.ndarray, rows: np.ndarray, n_total: int) -> np.n
 
 def score_store(args: argparse.Namespace) -> dict:
     """Scores, standard errors, counts, influence and consistency of a store, written beside --out and logged."""
+    check_reachable(args.tracking_uri or default_tracking_uri())  # before the work, not after it
     run_dir = Path(args.run_dir)
     if (run_dir / "plan.json").exists():
         data = load_store(run_dir, args)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 import zipfile
 from pathlib import Path
@@ -93,14 +94,23 @@ class SubsetStore:
         if not path.exists():
             raise ConfigError(f"{self.folder} is not a subset-training store (no plan.json); pass the --out folder "
                               f"of a train_splits.py run")
-        document = json.loads(path.read_text())
-        saved_hash = document.pop("hash")
-        if document.pop("format") != FORMAT_VERSION:
-            raise ConfigError(f"{path} was written by another version of train_splits.py; retrain into a new --out")
-        with np.load(self.folder / "plan_arrays.npz", allow_pickle=False) as arrays:
-            plan = Plan(document, arrays["inclusion_mask"], arrays["model_ratio"], arrays["model_seed"],
-                        arrays["train_indices"], np.load(self.folder / "noisy_mask.npy", allow_pickle=False),
-                        np.load(self.folder / "input_noise_mask.npy", allow_pickle=False))
+        damaged = (f"the plan files in {self.folder} are damaged; the model files are kept, but the plan must be "
+                   f"made again: rerun the original train_splits.py command with a new --out")
+        try:
+            document = json.loads(path.read_text())
+            if not isinstance(document, dict) or "hash" not in document:
+                raise ValueError("not a plan document")
+            saved_hash = document.pop("hash")
+            if document.pop("format", None) != FORMAT_VERSION:
+                raise ConfigError(f"{path} was written by another version of train_splits.py; retrain into a new --out")
+            with np.load(self.folder / "plan_arrays.npz", allow_pickle=False) as arrays:
+                plan = Plan(document, arrays["inclusion_mask"], arrays["model_ratio"], arrays["model_seed"],
+                            arrays["train_indices"], np.load(self.folder / "noisy_mask.npy", allow_pickle=False),
+                            np.load(self.folder / "input_noise_mask.npy", allow_pickle=False))
+        except ConfigError:
+            raise
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as error:
+            raise ConfigError(f"{damaged} ({type(error).__name__})") from None
         if plan.hash != saved_hash:
             raise ConfigError(f"the plan files in {self.folder} do not match their hash (edited or damaged); "
                               f"start a new --out")
@@ -163,10 +173,11 @@ class SubsetStore:
             return False
 
     def stored_models(self) -> set[int]:
-        """Model ids with a file in the store (not yet validated)."""
+        """Model ids with a file in the store (not yet validated); other files there are not ours and are ignored."""
         if not self.models_dir.is_dir():
             return set()
-        return {int(p.stem.split("_")[1]) for p in self.models_dir.glob("model_*.npz")}
+        return {int(match.group(1)) for p in self.models_dir.glob("model_*.npz")
+                if (match := re.fullmatch(r"model_(\d{6,})\.npz", p.name))}
 
     def set_aside(self, model_id: int) -> Path:
         """Rename a corrupt model file out of the way (kept for inspection, never read again)."""

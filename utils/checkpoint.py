@@ -2,9 +2,7 @@
 from __future__ import annotations
 
 import os
-import pickle
 import random
-import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -53,7 +51,7 @@ def load_checkpoint(path: str | Path) -> dict:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except PermissionError:
         raise ConfigError(f"--resume {path} cannot be read (permission denied); fix its permissions") from None
-    except (RuntimeError, OSError, pickle.UnpicklingError, zipfile.BadZipFile, EOFError, ValueError) as error:
+    except Exception as error:  # noqa: BLE001  any failure to read it means it is not a usable checkpoint
         raise ConfigError(f"--resume {path} is corrupt or not a checkpoint of this framework "
                           f"({type(error).__name__}); resume from another checkpoint or start the run again") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT_VERSION:

@@ -9,13 +9,29 @@ class TrainingDiverged(Exception):
     """The loss became NaN or infinite."""
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (how `kill` and SLURM's preemption stop a job): handled as Ctrl-C is, so the run is marked
+    KILLED and what a resume needs stays on disk."""
+
+
+def _terminate(signum, frame) -> None:
+    raise Terminated()
+
+
 def run_command(run, parse_args, argv: list[str] | None = None) -> int:
-    """A script's main: bad input and a diverged loss end with one sentence on stderr and a non-zero exit."""
+    """A script's main: bad input and a diverged loss end with one sentence on stderr and a non-zero exit;
+    SIGTERM stops it like Ctrl-C, with exit status 143."""
+    import signal
     import sys
 
+    signal.signal(signal.SIGTERM, _terminate)
     try:
         run(parse_args(argv))
     except (ConfigError, TrainingDiverged) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2 if isinstance(error, ConfigError) else 3
+    except Terminated:
+        print("stopped by SIGTERM; the run is marked KILLED in MLflow, and the same command (main.py: with "
+              "--resume CHECKPOINT) continues it", file=sys.stderr)
+        return 143
     return 0

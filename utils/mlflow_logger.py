@@ -2,6 +2,7 @@
 workers record into a RecordingLogger instead, and the driver replays the record into a run."""
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import re
@@ -46,6 +47,24 @@ def check_reachable(tracking_uri: str) -> None:
         if not folder.is_dir():
             raise ConfigError(f"the folder {folder} of --tracking_uri {tracking_uri} does not exist; create it or "
                               f"pass another --tracking_uri")
+
+
+@contextlib.contextmanager
+def store_lock(tracking_uri: str):
+    """Held while a run opens: MLflow creates and migrates a new SQLite store on first use, and two processes
+    doing it at once fail (duplicate column, table already exists); so does creating one experiment twice.
+    A file lock beside the database serialises them; a server store needs none."""
+    if not tracking_uri.startswith("sqlite:///"):
+        yield
+        return
+    import fcntl
+
+    with open(Path(tracking_uri[len("sqlite:///"):]).with_suffix(".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def _artifact_location(tracking_uri: str, experiment_name: str) -> str | None:
@@ -103,18 +122,19 @@ class RunLogger:
         check_reachable(tracking_uri)
         self.tracking_uri = tracking_uri
         self.client = MlflowClient(tracking_uri)
-        if run_id is not None:
-            self.run_id = run_id
-            if not keep_status:
-                self.client.update_run(run_id, status="RUNNING")
-            return
-        experiment = self.client.get_experiment_by_name(experiment_name)
-        if experiment is None:
-            experiment_id = self.client.create_experiment(
-                experiment_name, artifact_location=_artifact_location(tracking_uri, experiment_name))
-        else:
-            experiment_id = experiment.experiment_id
-        self.run_id = self.client.create_run(experiment_id, run_name=run_name, tags=tags).info.run_id
+        with store_lock(tracking_uri):
+            if run_id is not None:
+                self.run_id = run_id
+                if not keep_status:
+                    self.client.update_run(run_id, status="RUNNING")
+                return
+            experiment = self.client.get_experiment_by_name(experiment_name)
+            if experiment is None:
+                experiment_id = self.client.create_experiment(
+                    experiment_name, artifact_location=_artifact_location(tracking_uri, experiment_name))
+            else:
+                experiment_id = experiment.experiment_id
+            self.run_id = self.client.create_run(experiment_id, run_name=run_name, tags=tags).info.run_id
 
     def log_params(self, params: dict) -> None:
         items = [Param(k, str(v)) for k, v in params.items()]
@@ -172,8 +192,12 @@ class RunLogger:
         self._write_metrics([Metric(key, value, timestamp, step) for key, value, timestamp, step in record["metrics"]])
         if record["artifacts"]:
             with tempfile.TemporaryDirectory() as temporary:
+                root = Path(temporary).resolve()
                 for name, content in record["artifacts"].items():
-                    path = Path(temporary, name)
+                    path = (root / name).resolve()
+                    if not path.is_relative_to(root) or path == root:
+                        raise ConfigError(f"a recorded artifact is named {name!r}, which points outside its run; the "
+                                          f"record (a sweep cell's checkpoint) was not written by this tool: delete it")
                     path.parent.mkdir(parents=True, exist_ok=True)
                     path.write_bytes(content)
                 self.client.log_artifacts(self.run_id, temporary)
