@@ -121,8 +121,8 @@ class RunLogger:
                  run_id: str | None = None, tags: dict[str, str] | None = None, keep_status: bool = False):
         check_reachable(tracking_uri)
         self.tracking_uri = tracking_uri
-        self.client = MlflowClient(tracking_uri)
         with store_lock(tracking_uri):
+            self.client = MlflowClient(tracking_uri)  # creates and migrates a new store
             if run_id is not None:
                 self.run_id = run_id
                 if not keep_status:

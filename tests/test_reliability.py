@@ -1,0 +1,237 @@
+"""The reliability battery: every bad input ends a real process with exit 2 and one sentence, nothing
+written before is touched, two runs started at once on a new store both land, and SIGTERM marks a run
+KILLED that the same command then continues."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from tests.conftest import REPO_ROOT
+
+OFFLINE = {"https_proxy": "http://127.0.0.1:9", "http_proxy": "http://127.0.0.1:9", "HTTPS_PROXY": "http://127.0.0.1:9"}
+DIGITS = ["--dataset", "seq-digits", "--n_epochs", "1", "--non_verbose"]
+SPLITS = ["--n_models", "2", "--n_epochs", "1", "--lr", "0.1", "--mlp_hidden", "16", "--non_verbose"]
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def run(script: str, *argv: str, env: dict | None = None, cwd: Path = REPO_ROOT) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPO_ROOT / script), *argv], cwd=cwd, capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+
+
+def assert_one_sentence(result: subprocess.CompletedProcess, sentence: str) -> None:
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1 and sentence in lines[0], result.stderr
+
+
+@pytest.fixture(scope="module")
+def existing(tmp_path_factory):
+    """Results already on disk that no bad input may touch: a checkpoint, a score file, a store, a sweep."""
+    folder = tmp_path_factory.mktemp("existing")
+    uri = f"sqlite:///{folder / 'mlflow.db'}"
+    assert run("main.py", *DIGITS, "--model", "sgd", "--lr", "0.1", "--savecheck", "--checkpoint_dir",
+               str(folder / "checkpoints"), "--tracking_uri", uri).returncode == 0
+    assert run("train_splits.py", *SPLITS, "--out", str(folder / "store"), "--tracking_uri", uri).returncode == 0
+    (folder / "garbage.pt").write_bytes(b"hello world" * 10)
+    np.save(folder / "strings.npy", np.array(["x"] * 1438))
+    np.save(folder / "scores.npy", np.zeros(1438, np.float32))
+    (folder / "scores.json").write_text("{not json")
+    np.save(folder / "listed.npy", np.zeros(1438, np.float32))
+    (folder / "listed.json").write_text("[1, 2]")
+    broken = folder / "broken_store"
+    broken.mkdir()
+    for name in ("plan_arrays.npz", "noisy_mask.npy", "input_noise_mask.npy"):
+        (broken / name).write_bytes((folder / "store" / name).read_bytes())
+    (broken / "plan.json").write_text((folder / "store" / "plan.json").read_text()[:40])
+    return folder, snapshot(folder)
+
+
+MAIN_CASES = [
+    (["--resume", "{dir}/garbage.pt"], "is corrupt or not a checkpoint of this framework"),
+    (["--mem_scores", "{dir}/strings.npy"], "holds <U1 values, not numbers"),
+    (["--mem_scores", "{dir}/scores.npy"], "of --mem_scores is not readable JSON"),
+    (["--mem_scores", "{dir}/listed.npy"], "of --mem_scores is a list, not the mapping"),
+    (["--optim_mom", "-1"], "--optim_mom must be a finite number ≥ 0, got -1.0"),
+    (["--lr", "inf"], "--lr must be a positive number, got inf"),
+    (["--dataset", "seq-mnist", "--download", "--data_path", "{dir}/offline"], "downloading MNIST failed"),
+]
+
+
+@pytest.mark.parametrize("argv, sentence", MAIN_CASES)
+def test_main_py_bad_input(existing, argv, sentence):
+    folder, before = existing
+    argv = [a.format(dir=folder) for a in argv]
+    lr = [] if "--lr" in argv else ["--lr", "0.1"]
+    result = run("main.py", *DIGITS, "--model", "sgd", *lr, *argv, "--tracking_uri",
+                 f"sqlite:///{folder / 'mlflow.db'}", env=OFFLINE)
+    assert_one_sentence(result, sentence)
+    assert snapshot(folder) == before
+
+
+@pytest.mark.parametrize("argv, sentence", [
+    (["--out", "{dir}/broken_store"], "are damaged; the model files are kept"),
+    (["--out", "{dir}/store", "--optim_mom", "-1"], "--optim_mom must be a finite number ≥ 0"),
+    (["--out", "{dir}/store", "--lr", "nan"], "--lr must be a positive number, got nan"),
+    (["--out", "{dir}/store", "--n_models", "3"], "already holds another subset-training plan"),
+])
+def test_train_splits_py_bad_input(existing, argv, sentence):
+    folder, before = existing
+    result = run("train_splits.py", *SPLITS, *[a.format(dir=folder) for a in argv],
+                 "--tracking_uri", f"sqlite:///{folder / 'mlflow.db'}")
+    assert_one_sentence(result, sentence)
+    assert snapshot(folder) == before
+
+
+@pytest.mark.parametrize("argv, sentence", [
+    (["--run_dir", "{dir}/broken_store"], "are damaged; the model files are kept"),
+    (["--run_dir", "{dir}/store", "--tracking_uri", "http://127.0.0.1:9"], "is unreachable"),
+    (["--run_dir", "{dir}/nothing"], "holds neither a train_splits.py store"),
+])
+def test_eval_splits_py_bad_input(existing, tmp_path, argv, sentence):
+    folder, before = existing
+    argv = [a.format(dir=folder) for a in argv]
+    uri = [] if "--tracking_uri" in argv else ["--tracking_uri", f"sqlite:///{folder / 'mlflow.db'}"]
+    result = run("eval_splits.py", *argv, "--out", str(tmp_path / "scores.npy"), *uri)
+    assert_one_sentence(result, sentence)
+    assert snapshot(folder) == before and not (tmp_path / "scores.npy").exists()
+
+
+def test_a_stray_file_in_the_models_folder_is_ignored(existing, tmp_path):
+    folder, _ = existing
+    store = tmp_path / "store"
+    store.mkdir()
+    for path in (folder / "store").rglob("*"):
+        if path.is_file():
+            (store / path.relative_to(folder / "store")).parent.mkdir(parents=True, exist_ok=True)
+            (store / path.relative_to(folder / "store")).write_bytes(path.read_bytes())
+    (store / "models" / "model_final.npz").write_bytes(b"not ours")
+    result = run("eval_splits.py", "--run_dir", str(store), "--out", str(tmp_path / "s.npy"),
+                 "--tracking_uri", f"sqlite:///{tmp_path / 'm.db'}")
+    assert result.returncode == 0, result.stderr
+    assert len(np.load(tmp_path / "s.npy")) == 1438
+
+
+SWEEP = {"base": {"dataset": "seq-digits", "model": "sgd", "n_epochs": 1, "mlp_hidden": 16},
+         "methods": {"vanilla": {"grid": {"lr": [0.1]}}}, "selection": {"metric": "acc_class_il"},
+         "search_seeds": [0], "final_seeds": [1]}
+
+
+@pytest.mark.parametrize("name", ["../../../escaped", "/tmp/absolute", "it's", "a/b"])
+def test_sweep_py_names_that_would_leave_the_folder_or_break_a_query(tmp_path, name):
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump({"name": name, **SWEEP}))
+    result = run("sweep.py", str(path), "--tracking_uri", f"sqlite:///{tmp_path / 'm.db'}", cwd=tmp_path)
+    assert_one_sentence(result, "may hold only letters, digits, '_', '-' and '.'")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sweep.yaml"]
+
+
+def test_a_recorded_artifact_name_outside_its_run_is_refused(tmp_path):
+    from utils.errors import ConfigError
+    from utils.mlflow_logger import RunLogger
+
+    logger = RunLogger(f"sqlite:///{tmp_path / 'm.db'}", "x")
+    record = {"params": {}, "tags": {}, "metrics": [], "artifacts": {"../../outside.txt": b"x"}}
+    with pytest.raises(ConfigError, match=r"is named '\.\./\.\./outside\.txt', which points outside its run"):
+        logger.replay(record)
+    assert not (tmp_path.parent / "outside.txt").exists()
+
+
+def test_two_runs_started_at_once_on_a_new_store_both_land(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'x.db'}"
+    processes = [subprocess.Popen([sys.executable, "main.py", *DIGITS, "--model", "er", "--buffer_size", "50",
+                                   "--lr", "0.1", "--seed", str(seed), "--tracking_uri", uri], cwd=REPO_ROOT,
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                  env={**os.environ, "OMP_NUM_THREADS": "1"}) for seed in (3, 4)]
+    errors = [p.communicate(timeout=300)[1] for p in processes]
+    assert [p.returncode for p in processes] == [0, 0], errors
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("continual-learning").experiment_id])
+    assert sorted(r.data.params["seed"] for r in runs) == ["3", "4"]
+    assert all(r.info.status == "FINISHED" and "acc_class_il" in r.data.metrics for r in runs)
+
+
+def start_and_stop(command: list[str], ready, cwd=REPO_ROOT) -> subprocess.CompletedProcess:
+    """Start a process, send SIGTERM once `ready()` holds, and return how it ended."""
+    process = subprocess.Popen(command, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.time() + 240
+    while not ready() and time.time() < deadline and process.poll() is None:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=120)
+    return subprocess.CompletedProcess(command, process.returncode, "", err)
+
+
+def only_run(uri: str, experiment: str):
+    client = MlflowClient(uri)
+    (found,) = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
+    return found
+
+
+def test_sigterm_marks_a_main_py_run_killed_and_resume_continues_it(tmp_path):
+    uri, checkpoints = f"sqlite:///{tmp_path / 'm.db'}", tmp_path / "checkpoints"
+    argv = [*DIGITS[:-1], "--n_epochs", "20", "--model", "sgd", "--lr", "0.05", "--seed", "0", "--tracking_uri", uri]
+    stopped = start_and_stop([sys.executable, "main.py", *argv, "--savecheck", "--checkpoint_dir", str(checkpoints)],
+                             lambda: any(checkpoints.glob("*.pt")))
+    assert stopped.returncode == 143 and "stopped by SIGTERM" in stopped.stderr
+    assert only_run(uri, "continual-learning").info.status == "KILLED"
+    (checkpoint,) = checkpoints.glob("*.pt")
+    assert run("main.py", *argv, "--resume", str(checkpoint)).returncode == 0
+    resumed = only_run(uri, "continual-learning")
+    assert resumed.info.status == "FINISHED" and resumed.info.run_id == checkpoint.stem
+
+
+def test_sigterm_marks_a_driver_killed_and_the_same_command_continues_its_run(tmp_path):
+    uri, store = f"sqlite:///{tmp_path / 'm.db'}", tmp_path / "store"
+    argv = [*SPLITS, "--n_models", "6", "--n_epochs", "200", "--mlp_hidden", "256", "--out", str(store),
+            "--tracking_uri", uri]
+    stopped = start_and_stop([sys.executable, "train_splits.py", *argv],
+                             lambda: any((store / "models").glob("model_*.npz")))
+    assert stopped.returncode == 143
+    killed = only_run(uri, "split-training")
+    assert killed.info.status == "KILLED"
+    assert run("train_splits.py", *argv).returncode == 0
+    finished = only_run(uri, "split-training")
+    assert finished.info.run_id == killed.info.run_id and finished.info.status == "FINISHED"
+    assert finished.data.metrics["models_stored"] == 6
+
+
+def test_sigterm_marks_a_sweep_killed_and_the_same_command_finishes_it(tmp_path):
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump({"name": "sigterm", **SWEEP, "search_seeds": [0, 1, 2], "final_seeds": [3]}))
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    command = [sys.executable, str(REPO_ROOT / "sweep.py"), str(path), "--tracking_uri", uri,
+               "--out", str(tmp_path / "out")]
+    client = MlflowClient(uri)
+
+    def a_cell_finished() -> bool:
+        try:
+            experiment = client.get_experiment_by_name("sigterm")
+            return experiment is not None and bool(client.search_runs(
+                [experiment.experiment_id], "tags.sweep_role = 'cell' and attributes.status = 'FINISHED'"))
+        except Exception:  # noqa: BLE001  the store is being created
+            return False
+
+    stopped = start_and_stop(command, a_cell_finished)
+    assert stopped.returncode == 143
+    experiment = client.get_experiment_by_name("sigterm").experiment_id
+    (parent,) = client.search_runs([experiment], "tags.sweep_role = 'parent'")
+    assert parent.info.status == "KILLED"
+    assert subprocess.run(command, capture_output=True, timeout=300).returncode == 0
+    (parent_again,) = client.search_runs([experiment], "tags.sweep_role = 'parent'")
+    assert parent_again.info.run_id == parent.info.run_id and parent_again.info.status == "FINISHED"
