@@ -153,6 +153,8 @@ def load_sweep(path: str | Path) -> Sweep:
     except FileNotFoundError:
         raise ConfigError(f"sweep file {path} does not exist; pass the path of a YAML file such as "
                           f"sweeps/random_label_digits.yaml") from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise ConfigError(f"sweep file {path} cannot be read as text ({type(error).__name__}); pass a YAML file") from None
     try:
         spec = yaml.safe_load(text)
     except yaml.YAMLError as error:
