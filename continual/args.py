@@ -26,11 +26,22 @@ NON_COMPUTATIONAL = {"resume", "savecheck", "checkpoint_dir", "tracking_uri", "e
                      "non_verbose", "data_path", "download", "model_config", "config", "log_every"}
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Defaults shown once and short: none for a flag without one or whose help already names it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.default in (None, False, argparse.SUPPRESS) or "default" in text:
+            return text
+        default = f"{action.default:.6g}" if isinstance(action.default, float) else "%(default)s"
+        return f"{text} (default: {default})"
+
+
 def common_parser(first_pass: bool = False) -> argparse.ArgumentParser:
     """The flags every run has; the first pass only reads component names, so nothing is required yet."""
     parser = argparse.ArgumentParser(
         description="Run one continual-learning experiment and log it to MLflow.", add_help=not first_pass,
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=HelpFormatter)
     what = parser.add_argument_group("what to run")
     what.add_argument("--dataset", default="seq-digits", help=f"one of: {', '.join(DATASETS.names())}")
     what.add_argument("--model", required=not first_pass, help=f"one of: {', '.join(MODELS.names())}")
@@ -156,12 +167,15 @@ def full_parser(argv: list[str]) -> argparse.ArgumentParser:
         first_parser.set_defaults(**config)
         first, _ = first_parser.parse_known_args(argv)
     parser = common_parser()
+    given = {token.split("=")[0] for token in argv if token.startswith("--")}
+    help_asked = bool({"-h", "--help"} & set(argv))  # --help shows every component's flags, unless one is named
     chosen = {}
     for kind, registry, name in (("dataset", DATASETS, first.dataset), ("backbone", BACKBONES, first.backbone),
                                  ("model", MODELS, first.model), ("buffer policy", BUFFER_POLICIES,
                                                                   first.buffer_policy)):
-        chosen[kind] = [registry.get(name)] if name else registry.classes()
-    if first.backbone is None:
+        named = name and not (help_asked and f"--{kind.replace(' ', '_')}" not in given and kind not in config)
+        chosen[kind] = [registry.get(name)] if named else registry.classes()
+    if first.backbone is None and not help_asked:
         chosen["backbone"] = [BACKBONES.get(chosen["dataset"][0].DEFAULT_BACKBONE)]
     chosen["plasticity method"] = PLASTICITY.classes()
     for kind, components in chosen.items():

@@ -11,12 +11,15 @@ import torch
 import yaml
 
 from backbones import BACKBONES
+from buffer_policies import BUFFER_POLICIES
 from continual.args import computational_config
 from continual.evaluation import summary_metrics
 from continual.training import RunState, train
 from datasets import DATASETS
+from memorization.plan import fingerprint
 from memorization.scores import load_scores
 from models import MODELS
+from plasticity import PLASTICITY, method_names
 from utils.checkpoint import (
     check_same_config,
     load_checkpoint,
@@ -32,6 +35,7 @@ from utils.mlflow_logger import (
     default_tracking_uri,
     environment_tags,
 )
+from utils.registry import declared_flags
 
 
 def set_seed(seed: int) -> None:
@@ -61,9 +65,35 @@ def summary_table(state: RunState, args: argparse.Namespace) -> str:
     return "\n".join(lines)
 
 
+def run_name(args: argparse.Namespace) -> str:
+    """What a run is, readable in the MLflow run list: er-seq-digits-buf200-redo-s5."""
+    parts = [args.model, args.dataset]
+    if MODELS.get(args.model).USES_BUFFER:
+        parts.append(f"buf{args.buffer_size}" + ("" if args.buffer_policy == "reservoir" else f"-{args.buffer_policy}"))
+    parts += method_names(args.plasticity)
+    return "-".join(parts + [f"s{args.seed}"])
+
+
+def logged_params(args: argparse.Namespace) -> dict:
+    """The arguments, without the flags of components the run does not use (every plasticity method's
+    and buffer policy's flags are parsed so that --help and checks can name them)."""
+    chosen = set(method_names(args.plasticity))
+    unused = set()
+    for method in PLASTICITY.classes():
+        if method.NAME not in chosen:
+            unused |= set(declared_flags(method))
+    for method in chosen:
+        unused -= set(declared_flags(PLASTICITY.get(method)))
+    if not MODELS.get(args.model).USES_BUFFER:
+        unused |= set(declared_flags(BUFFER_POLICIES.get(args.buffer_policy))) | {"buffer_policy", "minibatch_size"}
+    return {k: v for k, v in vars(args).items() if k not in unused}
+
+
 def log_new_run(logger: RunLogger, args: argparse.Namespace, dataset) -> None:
-    logger.log_params(vars(args))
+    logger.log_params(logged_params(args))
     logger.set_tags(environment_tags(args.device))
+    source = "scikit-learn's bundled digits" if dataset.EMBEDDED else str(Path(args.data_path).resolve())
+    logger.log_dataset(dataset.NAME, fingerprint(dataset.class_order[dataset.train.labels.cpu().numpy()]), source)
     derived = {"class_order": dataset.class_order.tolist(), "n_tasks": dataset.n_tasks,
                "classes_per_task": dataset.classes_per_task, "n_train": len(dataset.train),
                "n_test": len(dataset.test), "n_relabeled": int(dataset.noisy_mask.sum())}
@@ -102,7 +132,7 @@ def run(args: argparse.Namespace, logger: RunLogger | RecordingLogger | None = N
         set_rng_state(checkpoint["rng"])
 
     if logger is None:
-        logger = RunLogger(args.tracking_uri, args.experiment_name, args.run_name,
+        logger = RunLogger(args.tracking_uri, args.experiment_name, args.run_name or run_name(args),
                            run_id=checkpoint["mlflow_run_id"] if checkpoint is not None else None)
     elif checkpoint is not None:
         logger.load_state_dict(checkpoint["logger"])
@@ -137,4 +167,7 @@ def run(args: argparse.Namespace, logger: RunLogger | RecordingLogger | None = N
         raise
     print(summary_table(state, args))
     logger.finish("FINISHED")
+    if isinstance(logger, RunLogger):
+        print(f"\nresults: MLflow run {logger.run_id} in {args.tracking_uri}; to look at them, run\n"
+              f"  mlflow ui --backend-store-uri {args.tracking_uri}\nand open http://127.0.0.1:5000", flush=True)
     return state

@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 import io
 import math
+import sys
+import time
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -33,6 +35,7 @@ from utils.mlflow_logger import RunLogger
 from utils.plots import (
     accuracy_heatmap,
     close,
+    task_accuracy_curves,
     terminal_accuracy_figure,
     value_histogram,
 )
@@ -101,7 +104,7 @@ def train_task(model: ContinualModel, dataset: ContinualDataset, task: int, args
         loss_sum = torch.zeros((), device=data.labels.device)
         n_stepped = 0  # examples of the batches that made an optimizer step
         bar = tqdm(range(steps), desc=f"task {task + 1}/{dataset.n_tasks} epoch {epoch + 1}/{args.n_epochs}",
-                   disable=args.non_verbose, leave=False, dynamic_ncols=True)
+                   disable=args.non_verbose or not sys.stderr.isatty(), leave=False, dynamic_ncols=True)
         for step in bar:
             rows = order[step * batch_size:(step + 1) * batch_size]
             raw = data.images[rows]
@@ -201,6 +204,9 @@ def log_figures(model: ContinualModel, dataset: ContinualDataset, task: int, log
             figure = accuracy_heatmap(matrix, f"{setting.replace('_', '-')} accuracy (%)")
             logger.log_figure(figure, f"accuracy/{setting}.png")
             close(figure)
+            figure = task_accuracy_curves(matrix, f"{setting.replace('_', '-')} accuracy of each task")
+            logger.log_figure(figure, f"accuracy/{setting}_per_task.png")
+            close(figure)
     test = state.terminal_accuracy(settings_of(dataset)[0])
     train = np.array(state.history["terminal_train_acc"])
     logger.log_text("task,terminal_test_acc,terminal_train_acc\n" + "".join(
@@ -224,16 +230,24 @@ def log_figures(model: ContinualModel, dataset: ContinualDataset, task: int, log
         close(figure)
 
 
+def _clock(seconds: float) -> str:
+    minutes, seconds = divmod(int(seconds), 60)
+    return f"{minutes // 60}:{minutes % 60:02d}:{seconds:02d}" if minutes >= 60 else f"{minutes}:{seconds:02d}"
+
+
 def train(model: ContinualModel, dataset: ContinualDataset, args: argparse.Namespace, logger: RunLogger,
           state: RunState, after_task: Callable[[RunState], None] | None = None) -> RunState:
     """Run the tasks from `state.next_task` to the end; `after_task` (e.g. a checkpoint) follows each."""
+    started, first = time.perf_counter(), state.next_task
     for task in range(state.next_task, dataset.n_tasks):
         train_task(model, dataset, task, args, logger, state)
         metrics = record_task(model, dataset, task, logger, state)
         shown = ("acc_", "forgetting_", "terminal_test_acc", "terminal_train_acc", "resets", "dormant_frac")
         summary = "  ".join(f"{k} {v:.2f}" for k, v in metrics.items()
                             if k.startswith(shown) and "/" not in k and "_task_" not in k and "_last_" not in k)
-        tqdm.write(f"task {task + 1}/{dataset.n_tasks}: {summary}")
+        elapsed = time.perf_counter() - started
+        eta = elapsed / (task + 1 - first) * (dataset.n_tasks - task - 1)
+        tqdm.write(f"task {task + 1}/{dataset.n_tasks} [{_clock(elapsed)} elapsed, {_clock(eta)} left]: {summary}")
         if after_task is not None:
             after_task(state)
     return state

@@ -59,6 +59,7 @@ class ContinualDataset:
     # A long stream (hundreds of tasks) is evaluated on the task just trained only, by default: its
     # terminal accuracy, not the whole accuracy matrix (see --eval_scope).
     LONG_STREAM: bool = False
+    EMBEDDED: bool = False  # read from a package (scikit-learn's digits), not from files under --data_path
     mem_scores: np.ndarray | None = None  # per training example (dataset order), set from --mem_scores
 
     @staticmethod

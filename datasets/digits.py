@@ -28,6 +28,7 @@ class _Digits(ContinualDataset):
     """Shared attributes and loader of the digits family."""
 
     N_CLASSES = 10
+    EMBEDDED = True
     SHAPE = (1, 8, 8)
     DEFAULT_BACKBONE = "mlp"
     DEFAULT_BATCH_SIZE = 32

@@ -18,9 +18,20 @@ from tqdm import tqdm
 from backbones import BACKBONES
 from datasets import DATASETS
 from memorization.claims import Claims
-from memorization.plan import Plan, balanced_masks, fingerprint, random_masks, stratified_masks
+from memorization.plan import (
+    Plan,
+    balanced_masks,
+    fingerprint,
+    random_masks,
+    stratified_masks,
+)
 from memorization.store import SubsetStore
-from memorization.training import RECIPE_DEFAULTS, class_rows, dataset_args, train_and_store
+from memorization.training import (
+    RECIPE_DEFAULTS,
+    class_rows,
+    dataset_args,
+    train_and_store,
+)
 from utils.errors import ConfigError
 from utils.launchers import check_launcher, run_jobs
 from utils.mlflow_logger import RunLogger, default_tracking_uri, environment_tags

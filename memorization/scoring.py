@@ -15,7 +15,12 @@ from memorization.report import write_report
 from memorization.store import CorruptModelFile, SubsetStore
 from memorization.training import load_plan_data
 from utils.errors import ConfigError
-from utils.mlflow_logger import RunLogger, check_reachable, default_tracking_uri, environment_tags
+from utils.mlflow_logger import (
+    RunLogger,
+    check_reachable,
+    default_tracking_uri,
+    environment_tags,
+)
 
 
 def load_store(run_dir: Path, args: argparse.Namespace) -> dict:

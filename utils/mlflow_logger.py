@@ -22,8 +22,11 @@ os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
 
 import mlflow  # noqa: E402  (after the environment above is set)
-from mlflow.entities import Metric, Param, RunTag  # noqa: E402
+from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunTag  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
+
+# MLflow 3 opens an experiment in its model-training view (not the GenAI one) when it carries this tag.
+EXPERIMENT_KIND, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_development"
 
 
 def default_tracking_uri() -> str:
@@ -112,6 +115,13 @@ def environment_tags(device: str) -> dict[str, str]:
     return tags
 
 
+def param_text(value) -> str:
+    """A parameter as text: lists and tuples as '0.7,0.9', not as a Python repr."""
+    if isinstance(value, (list, tuple)):
+        return ",".join(param_text(v) for v in value)
+    return str(value)
+
+
 class RunLogger:
     """One MLflow run: created new, or continued after a resume (same run id)."""
 
@@ -131,18 +141,28 @@ class RunLogger:
             experiment = self.client.get_experiment_by_name(experiment_name)
             if experiment is None:
                 experiment_id = self.client.create_experiment(
-                    experiment_name, artifact_location=_artifact_location(tracking_uri, experiment_name))
+                    experiment_name, artifact_location=_artifact_location(tracking_uri, experiment_name),
+                    tags={EXPERIMENT_KIND: MODEL_TRAINING})
             else:
                 experiment_id = experiment.experiment_id
-            self.run_id = self.client.create_run(experiment_id, run_name=run_name, tags=tags).info.run_id
+                if experiment.tags.get(EXPERIMENT_KIND) != MODEL_TRAINING:
+                    self.client.set_experiment_tag(experiment_id, EXPERIMENT_KIND, MODEL_TRAINING)
+            source = {"mlflow.source.name": Path(sys.argv[0]).name or "python", "mlflow.source.type": "LOCAL"}
+            self.run_id = self.client.create_run(experiment_id, run_name=run_name,
+                                                 tags={**source, **(tags or {})}).info.run_id
 
     def log_params(self, params: dict) -> None:
-        items = [Param(k, str(v)) for k, v in params.items()]
+        items = [Param(k, param_text(v)) for k, v in params.items()]
         for start in range(0, len(items), 100):  # MLflow's limit of params per batch
             self.client.log_batch(self.run_id, params=items[start:start + 100])
 
     def set_tags(self, tags: dict) -> None:
         self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+    def log_dataset(self, name: str, digest: str, source: str, context: str = "training") -> None:
+        """The data a run trained on, as an MLflow dataset input (the UI's Dataset column)."""
+        dataset = Dataset(name=name, digest=digest, source_type="local", source=source)
+        self.client.log_inputs(self.run_id, datasets=[DatasetInput(dataset, [InputTag("mlflow.data.context", context)])])
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         now = int(time.time() * 1000)
@@ -190,6 +210,8 @@ class RunLogger:
         self.log_params(record["params"])
         self.set_tags(record["tags"])
         self._write_metrics([Metric(key, value, timestamp, step) for key, value, timestamp, step in record["metrics"]])
+        for name, digest, source, context in record.get("datasets", []):
+            self.log_dataset(name, digest, source, context)
         if record["artifacts"]:
             with tempfile.TemporaryDirectory() as temporary:
                 root = Path(temporary).resolve()
@@ -217,7 +239,7 @@ class RecordingLogger:
         self.record = {"params": {}, "tags": {}, "metrics": [], "artifacts": {}}
 
     def log_params(self, params: dict) -> None:
-        self.record["params"].update({k: str(v) for k, v in params.items()})
+        self.record["params"].update({k: param_text(v) for k, v in params.items()})
 
     def set_tags(self, tags: dict) -> None:
         self.record["tags"].update({k: str(v) for k, v in tags.items()})
@@ -229,6 +251,9 @@ class RecordingLogger:
     def log_series(self, name: str, values: list[float], first_step: int) -> None:
         now = int(time.time() * 1000)
         self.record["metrics"].extend((name, float(v), now, first_step + i) for i, v in enumerate(values))
+
+    def log_dataset(self, name: str, digest: str, source: str, context: str = "training") -> None:
+        self.record.setdefault("datasets", []).append((name, digest, source, context))
 
     def log_text(self, text: str, artifact_file: str) -> None:
         self.record["artifacts"][artifact_file] = text.encode()

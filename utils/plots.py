@@ -6,6 +6,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 
 def accuracy_heatmap(matrix: np.ndarray, title: str):
@@ -60,5 +61,25 @@ def terminal_accuracy_figure(test: np.ndarray, train: np.ndarray):
     axes.set_ylabel("accuracy (%)")
     axes.set_ylim(0, 100)
     axes.legend()
+    figure.tight_layout()
+    return figure
+
+
+def task_accuracy_curves(matrix: np.ndarray, title: str):
+    """The classic continual-learning plot: each task's accuracy (a line per task) against tasks trained."""
+    figure, axes = plt.subplots(figsize=(7, 4.5))
+    n = matrix.shape[0]
+    for task in range(n):
+        trained = np.arange(task, n)
+        values = matrix[task:, task]
+        if np.isfinite(values).any():
+            axes.plot(trained + 1, values, marker="." if n <= 30 else None, label=f"task {task + 1}")
+    axes.set_xlabel("tasks trained")
+    axes.set_ylabel("accuracy (%)")
+    axes.set_ylim(0, 100)
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+    axes.set_title(title)
+    if n <= 20:
+        axes.legend(fontsize=7, ncol=2)
     figure.tight_layout()
     return figure
