@@ -1,29 +1,32 @@
-"""Models per hour of split training: one vectorised ensemble of K models against the same K one at a time.
+"""Models per hour of split training: one ensemble of K models against the same K one at a time.
 
-Both ways run the engine's `train_group` on a plan built exactly as train_splits.py builds it
-(`parse_args`, `make_plan`, `load_plan_data`), in one process: the ensemble is one call with K
-model ids, one at a time is K calls with one id each (the `--ensemble 1` path). Same models, same
-seeds, same subsets, same settings: an MLP with SGD (lr 0.1, momentum 0.9), batch 32, subset
-ratio 0.5; a 64-256-10 MLP on seq-digits, and a 784-100-100-10 MLP on synthetic MNIST-sized
-images (see `write_mnist_like`). Each figure is the median over --repeats; the order of the ways
-alternates between repeats, so background load favours none of them.
+Every way runs the engine's `train_group` on a plan built exactly as train_splits.py builds it
+(`parse_args`, `make_plan`, `load_plan_data`), in one process: one at a time is K calls with one id
+each (the `--ensemble 1` path, the straightforward loop); an ensemble is one call with K model ids,
+timed two ways: the engine's own (`build_ensemble` picks `StackedMLP` for the mlp backbone: weights
+[K, in, out], one `baddbmm` per layer) and the vmapped `Ensemble` forced onto the same MLP
+(benchmarks/ensemble_training_models.py; the engine's path for every other backbone). Same models,
+seeds, subsets and settings: an MLP with SGD (lr 0.1, momentum 0.9), batch 32, subset ratio 0.5; a
+64-256-10 MLP on seq-digits, and a 784-100-100-10 MLP on synthetic MNIST-sized images (see
+`write_mnist_like`). Each figure is the median over --repeats; the order of the ways alternates
+between repeats, so background load favours none of them.
 
-The arithmetic floor of an ensemble is its matrix-multiply FLOPs (forward, weight gradients and
-the input gradients of every layer but the first, plus the evaluation passes) at the rate
-`torch.bmm` reaches on the same [K, ...] shapes, measured in the same process just before each
-ensemble run (benchmarks/ensemble_training_floor.py). Prototype rows (--prototype, on by default)
-train the same ensembles through `StackedMLPEnsemble` (benchmarks/ensemble_training_models.py), which
-is not the engine's code. --profile prints torch.profiler's operator table instead; --step_costs the
-cost of one training step per variant (--compile adds each step through torch.compile). A benchmark,
-not a test: it prints tables and never fails on a slow machine.
+The arithmetic floor of an ensemble is its matrix-multiply FLOPs (forward, weight gradients and the
+input gradients of every layer but the first, plus the evaluation passes) at the rate `torch.bmm`
+reaches on the same [K, ...] shapes, measured in the same process just before each ensemble run
+(benchmarks/ensemble_training_floor.py). The table also counts the models whose stored predictions
+are the same bits as one at a time. --profile prints torch.profiler's operator table instead;
+--step_costs the cost of one training step per way (--compile adds each step through torch.compile).
+A benchmark, not a test: it prints tables and never fails on a slow machine.
 
-    .venv/bin/python benchmarks/ensemble_training.py                 # about 5 minutes on 2 cores
+    .venv/bin/python benchmarks/ensemble_training.py       # 5.5 minutes on 2 cores shared with other jobs
     .venv/bin/python benchmarks/ensemble_training.py --step_costs [--compile]
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import statistics
 import sys
 import tempfile
@@ -42,11 +45,11 @@ from benchmarks._timing import (benchmark_parser, describe_device, end_load_line
 from benchmarks.engine_throughput import synchronize, write_idx  # noqa: E402
 from benchmarks.ensemble_training_floor import (ensemble_flops_per_model, flops, layer_widths,  # noqa: E402
                                                 matmul_rate, step_matmuls)
-from benchmarks.ensemble_training_models import StackedMLPEnsemble, prototype_ensemble, train_step  # noqa: E402
+from benchmarks.ensemble_training_models import LABELS, WAYS, train_step  # noqa: E402
 from datasets.mnist import FILES as MNIST_FILES  # noqa: E402
 from memorization.driver import make_plan  # noqa: E402
 from memorization.plan import Plan  # noqa: E402
-from memorization.training import Ensemble, PlanData, build_backbones, load_plan_data, train_group  # noqa: E402
+from memorization.training import PlanData, build_backbones, load_plan_data, train_group  # noqa: E402
 
 BATCH = 32
 
@@ -105,29 +108,40 @@ class Trained:
     cpu_seconds: float  # CPU seconds of this process meanwhile: less sensitive to other jobs on the machine
     train_accuracy: list[float]  # per model, on its own subset, after the last epoch
     test_accuracy: list[float]
+    digests: list[str]  # per model, a hash of every array train_group returned for it
 
 
-def train_models(plan: Plan, data: PlanData, model_ids: list[int], device: str, prototype: bool = False) -> Trained:
+def digest(arrays: dict[str, np.ndarray]) -> str:
+    hasher = hashlib.sha256()
+    for key in sorted(arrays):
+        hasher.update(key.encode() + np.ascontiguousarray(arrays[key]).tobytes())
+    return hasher.hexdigest()
+
+
+def train_models(plan: Plan, data: PlanData, model_ids: list[int], device: str, way: str | None = None) -> Trained:
+    """train_group on these models, the engine's way or, with `way`, inside that way's context."""
     synchronize(device)
     start, cpu_start = time.perf_counter(), time.process_time()
-    with prototype_ensemble() if prototype else contextlib.nullcontext():
+    with WAYS[way].context() if way else contextlib.nullcontext():
         results = train_group(plan, model_ids, data, device)
     synchronize(device)
     seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
     train_accuracy = [float(results[i]["correct_train"][-1][plan.inclusion_mask[i]].mean()) for i in model_ids]
     test_accuracy = [float(results[i]["correct_test"][-1].mean()) for i in model_ids]
-    return Trained(seconds, cpu_seconds, train_accuracy, test_accuracy)
+    return Trained(seconds, cpu_seconds, train_accuracy, test_accuracy, [digest(results[i]) for i in model_ids])
 
 
 @dataclass
 class Row:
     case: str
+    way: str
     size: int
     alone: list[float]  # seconds per model one at a time, each repeat
     together: list[float]  # seconds per model in the ensemble, each repeat
     cpu_speedups: list[float]  # the speed-up in CPU seconds, each repeat
     floor: list[float]  # floor seconds per model, each repeat
     accuracy: dict  # "alone" / "together" → (mean train accuracy, mean test accuracy)
+    identical: int  # models whose arrays are the same bits as one at a time (first repeat)
 
     @property
     def speedups(self) -> list[float]:
@@ -142,21 +156,21 @@ def plan_and_data(case: Case, cli: argparse.Namespace, scratch: Path, epochs: in
     return plan, load_plan_data(plan, str(scratch), cli.device)
 
 
-def ways(cli: argparse.Namespace) -> list[tuple[str, bool]]:
-    """(name, through the prototype?) of each vectorised way to time."""
-    return [("engine", False)] + ([("prototype", True)] if cli.prototype else [])
+def ways(cli: argparse.Namespace) -> list[str]:
+    """The vectorised ways to time (keys of ensemble_training_models.WAYS)."""
+    return ["engine"] + (["vmapped"] if cli.vmapped else [])
 
 
 def measure(case: Case, cli: argparse.Namespace, scratch: Path) -> list[Row]:
     n_models = max(cli.sizes)
     plan, data = plan_and_data(case, cli, scratch, getattr(cli, case.epochs_flag))
     widths = layer_widths(plan, data)
-    # One short run of every variant first: one-time costs (vmap set-up, kernel selection) stay off the clock.
+    # One short run of every way first: one-time costs (vmap set-up, kernel selection) stay off the clock.
     warmup, _ = plan_and_data(case, cli, scratch, 1)
     train_models(warmup, data, [0], cli.device)
     for size in cli.sizes:
-        for _, prototype in ways(cli):
-            train_models(warmup, data, list(range(size)), cli.device, prototype)
+        for way in ways(cli):
+            train_models(warmup, data, list(range(size)), cli.device, way)
     flops_per_model = ensemble_flops_per_model(plan, widths)
     alone_runs, together_runs, floors = [], {}, {}
     for repeat in range(cli.repeats):
@@ -167,15 +181,15 @@ def measure(case: Case, cli: argparse.Namespace, scratch: Path) -> list[Row]:
                 print(f"  {case.name} repeat {repeat}: one at a time "
                       f"{statistics.mean(r.seconds for r in alone_runs[-1]):.2f} s/model", flush=True)
             else:
-                (way, prototype), size = step
+                way, size = step
                 rate = matmul_rate(widths, BATCH, size, cli.device)
-                floors.setdefault((way, size), []).append(flops_per_model / rate)
-                trained = train_models(plan, data, list(range(size)), cli.device, prototype)
-                together_runs.setdefault((way, size), []).append(trained)
-                print(f"  {case.name} repeat {repeat}: {way} K={size} {trained.seconds / size:.2f} s/model "
+                floors.setdefault(step, []).append(flops_per_model / rate)
+                trained = train_models(plan, data, list(range(size)), cli.device, way)
+                together_runs.setdefault(step, []).append(trained)
+                print(f"  {case.name} repeat {repeat}: {LABELS[way]} K={size} {trained.seconds / size:.2f} s/model "
                       f"(bmm {rate / 1e9:.0f} GFLOP/s)", flush=True)
     rows = []
-    for (way, _), size in [(w, s) for s in cli.sizes for w in ways(cli)]:
+    for way, size in [(w, s) for s in cli.sizes for w in ways(cli)]:
         alone = [statistics.mean(r.seconds for r in run[:size]) for run in alone_runs]
         runs = together_runs[(way, size)]
         cpu_speedups = [sum(r.cpu_seconds for r in run[:size]) / together.cpu_seconds
@@ -183,16 +197,16 @@ def measure(case: Case, cli: argparse.Namespace, scratch: Path) -> list[Row]:
         accuracy = {"alone": (statistics.mean(a for r in alone_runs[0][:size] for a in r.train_accuracy),
                               statistics.mean(a for r in alone_runs[0][:size] for a in r.test_accuracy)),
                     "together": (statistics.mean(runs[0].train_accuracy), statistics.mean(runs[0].test_accuracy))}
-        name = case.name + (" (prototype, not engine)" if way == "prototype" else "")
-        rows.append(Row(name, size, alone, [r.seconds / size for r in runs], cpu_speedups, floors[(way, size)],
-                        accuracy))
+        identical = sum(r.digests[0] == d for r, d in zip(alone_runs[0][:size], runs[0].digests))
+        rows.append(Row(case.name, LABELS[way], size, alone, [r.seconds / size for r in runs], cpu_speedups,
+                        floors[(way, size)], accuracy, identical))
     return rows
 
 
 # -- report --------------------------------------------------------------------------------------------
-HEADER = ("| case | K | one at a time s/model | ensemble s/model | speed-up (range) | speed-up in CPU time "
+HEADER = ("| case | ensemble | K | one at a time s/model | ensemble s/model | speed-up (range) | speed-up in CPU time "
           "| models/h one at a time | models/h ensemble | train acc % one / ens | test acc % one / ens "
-          "| floor s/model | ensemble/floor |")
+          "| same bits as one at a time | floor s/model | ensemble/floor |")
 
 
 def table(rows: list[Row]) -> str:
@@ -201,22 +215,22 @@ def table(rows: list[Row]) -> str:
         alone, together, floor = (statistics.median(v) for v in (r.alone, r.together, r.floor))
         speedup = statistics.median(r.speedups)
         (train_a, test_a), (train_t, test_t) = r.accuracy["alone"], r.accuracy["together"]
-        lines.append(f"| {r.case} | {r.size} | {alone:.3f} | {together:.3f} | {speedup:.2f}x "
+        lines.append(f"| {r.case} | {r.way} | {r.size} | {alone:.3f} | {together:.3f} | {speedup:.2f}x "
                      f"({min(r.speedups):.2f}-{max(r.speedups):.2f}) | {statistics.median(r.cpu_speedups):.2f}x "
                      f"| {3600 / alone:,.0f} | {3600 / together:,.0f} "
                      f"| {100 * train_a:.1f} / {100 * train_t:.1f} | {100 * test_a:.1f} / {100 * test_t:.1f} "
-                     f"| {floor:.3f} | {together / floor:.1f} |")
+                     f"| {r.identical} of {r.size} | {floor:.3f} | {together / floor:.1f} |")
     return "\n".join(lines)
 
 
 def accuracy_check(rows: list[Row]) -> list[str]:
-    """A sentence per row whose mean accuracy differs by more than one point between the two ways."""
+    """A sentence per row whose mean accuracy differs by more than one point between one at a time and it."""
     problems = []
     for r in rows:
         for split, a, t in zip(("train", "test"), r.accuracy["alone"], r.accuracy["together"]):
             if abs(a - t) > 0.01:
-                problems.append(f"{r.case} K={r.size}: mean {split} accuracy {100 * a:.1f}% one at a time, "
-                                f"{100 * t:.1f}% in the ensemble")
+                problems.append(f"{r.case}, {r.way} K={r.size}: mean {split} accuracy {100 * a:.1f}% one at a "
+                                f"time, {100 * t:.1f}% in the ensemble")
     return problems
 
 
@@ -227,11 +241,11 @@ def profile(case: Case, cli: argparse.Namespace, scratch: Path) -> None:
     size = max(cli.sizes)
     plan, data = plan_and_data(case, cli, scratch, cli.profile_epochs)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.device(cli.device).type == "cuda" else [])
-    for way, prototype in ways(cli):
-        train_models(plan, data, list(range(size)), cli.device, prototype)  # warm-up
+    for way in ways(cli):
+        train_models(plan, data, list(range(size)), cli.device, way)  # warm-up
         with torch_profile(activities=activities, record_shapes=True) as prof:
-            trained = train_models(plan, data, list(range(size)), cli.device, prototype)
-        print(f"\n{case.name}, {way} ensemble K={size}, {cli.profile_epochs} epochs: {trained.seconds:.2f} s")
+            trained = train_models(plan, data, list(range(size)), cli.device, way)
+        print(f"\n{case.name}, {LABELS[way]} K={size}, {cli.profile_epochs} epochs: {trained.seconds:.2f} s")
         on_cuda = torch.device(cli.device).type == "cuda"
         print(prof.key_averages(group_by_input_shape=True).table(
             sort_by="self_device_time_total" if on_cuda else "self_cpu_time_total", row_limit=cli.profile_rows,
@@ -239,7 +253,7 @@ def profile(case: Case, cli: argparse.Namespace, scratch: Path) -> None:
 
 
 def step_costs(case: Case, cli: argparse.Namespace, scratch: Path) -> None:
-    """Microseconds of one training step (forward, loss, backward, SGD) on fixed inputs, per variant and K.
+    """Microseconds of one training step (forward, loss, backward, SGD) on fixed inputs, per way and K.
 
     The step of train_group without its data gathering and evaluation; median of --step_samples steps,
     in CPU time on CPU (robust to other jobs on the machine), wall time after a synchronize elsewhere;
@@ -255,18 +269,17 @@ def step_costs(case: Case, cli: argparse.Namespace, scratch: Path) -> None:
         return median_seconds(work, cli.device, cli.step_samples, clock)
 
     print(f"\n{case.name}: one training step, {'CPU' if on_cpu else 'wall'} µs, median of {cli.step_samples}")
-    print("| K | variant | µs per step | µs per model | matmul floor µs per step | step/floor |")
+    print("| K | way | µs per step | µs per model | matmul floor µs per step | step/floor |")
     print("|---|---|---|---|---|---|")
     for size in [1, *cli.sizes]:
-        builds = {"one model (the --ensemble 1 path)": Ensemble} if size == 1 else {
-            "engine Ensemble": Ensemble, "StackedMLPEnsemble (prototype, not engine code)": StackedMLPEnsemble}
         x = torch.rand(size, BATCH, *data.dataset.SHAPE, device=cli.device)
         y = torch.randint(0, data.dataset.N_CLASSES, (size, BATCH), device=cli.device)
         rate = matmul_rate(widths, BATCH, size, cli.device, clock=clock)
         floor = size * flops(step_matmuls(widths, BATCH)) / rate
-        for name, build in builds.items():
+        for way in ways(cli):
+            name = LABELS[way] + (" = the --ensemble 1 path" if (size, way) == (1, "engine") else "")
             for compiled in [False] + [True] * cli.compile:
-                ensemble = build(build_backbones(plan, list(range(size)), data, cli.device), training)
+                ensemble = WAYS[way].build(build_backbones(plan, list(range(size)), data, cli.device), training)
                 step = median(train_step(ensemble, x, y, compiled))
                 print(f"| {size} | {name}{', torch.compile' * compiled} | {step * 1e6:.0f} | {step * 1e6 / size:.0f} "
                       f"| {floor * 1e6:.0f} | {step / floor:.1f} |", flush=True)
@@ -290,17 +303,17 @@ def main() -> None:
                         help="torch intra-op threads on CPU; 0 keeps torch's default (one per core). One, "
                              "because at these sizes a second thread gains little and, on a machine shared "
                              "with other jobs, its waits made training 10-20x slower")
-    parser.add_argument("--prototype", action=argparse.BooleanOptionalAction, default=True,
-                        help="also time the StackedMLPEnsemble prototype (not the engine's code)")
+    parser.add_argument("--vmapped", action=argparse.BooleanOptionalAction, default=True,
+                        help="also time the vmapped Ensemble, forced onto the MLP in this benchmark only")
     parser.add_argument("--profile", action="store_true",
                         help="instead of the table, print torch.profiler's operator table of the largest ensemble")
     parser.add_argument("--profile_epochs", type=int, default=5)
     parser.add_argument("--profile_rows", type=int, default=25)
     parser.add_argument("--step_costs", action="store_true",
-                        help="instead of the table, print the cost of one training step per variant and K")
+                        help="instead of the table, print the cost of one training step per way and K")
     parser.add_argument("--step_samples", type=int, default=200)
     parser.add_argument("--compile", action="store_true",
-                        help="with --step_costs, also time each variant's step through torch.compile")
+                        help="with --step_costs, also time each way's step through torch.compile")
     cli = parser.parse_args()
     if cli.threads:
         torch.set_num_threads(cli.threads)

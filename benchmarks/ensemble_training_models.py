@@ -1,65 +1,45 @@
-"""The reference implementations benchmarks/ensemble_training.py times beside the engine's code.
+"""The ways of building an ensemble that benchmarks/ensemble_training.py times, and one training step.
 
-`StackedMLPEnsemble` is a PROTOTYPE of a faster vectorised MLP ensemble (not the engine's code),
-`prototype_ensemble` makes train_group build it, and `train_step` is one step of train_group on fixed
-inputs, optionally through torch.compile.
+The engine trains the `mlp` backbone through `StackedMLP` (weights [K, in, out], one `baddbmm` per
+layer, chosen by `memorization.training.build_ensemble`) and every other backbone through the vmapped
+`Ensemble`. `vmapped_ensemble` makes train_group take the vmapped path for the MLP too, inside the
+block only, so that the benchmark times both paths on the same models; `WAYS` names each vectorised
+way with its builder and the context train_group builds it in, and `train_step` is one step of
+train_group on fixed inputs, optionally through torch.compile.
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
+from typing import Callable, NamedTuple
 
 import torch
 
 from memorization import training as split_training
 from memorization.training import autocast
-from utils.optimizers import build_optimizer
-
-
-class StackedMLPEnsemble:
-    """PROTOTYPE of a faster vectorised MLP ensemble; the engine's `Ensemble` is what train_splits.py runs.
-
-    The same parameters (copied from the same initialised networks) and the same optimizer, laid out
-    as the engine lays them out in memory (weights [K, in, out]), but each layer is one `baddbmm`
-    (bias folded in) followed by a ReLU, without vmap or functional_call: the reference for what a
-    vmap-free stacked MLP path in the engine would give.
-    """
-
-    def __init__(self, nets: list[torch.nn.Module], training: argparse.Namespace):
-        self.size = len(nets)
-        linears = [[*net.layers, net.head] for net in nets]  # per network, its Linear layers in order
-        self.weights = [torch.stack([layer.weight.detach().t() for layer in same]).contiguous().requires_grad_()
-                        for same in zip(*linears)]
-        self.biases = [torch.stack([layer.bias.detach()[None] for layer in same]).requires_grad_()
-                       for same in zip(*linears)]
-        self.parameters = self.weights + self.biases
-        self.optimizer = build_optimizer(self.parameters, training)
-
-    def train(self, mode: bool = True) -> None:
-        """No dropout or BatchNorm in the MLP: nothing changes between training and evaluation."""
-
-    def __call__(self, x: torch.Tensor, shared_input: bool = False) -> torch.Tensor:
-        h = x.flatten(1).expand(self.size, -1, -1) if shared_input else x.flatten(2)
-        for i, (weight, bias) in enumerate(zip(self.weights, self.biases)):
-            h = torch.baddbmm(bias, h, weight)
-            if i < len(self.weights) - 1:
-                h = torch.relu(h)
-        return h
 
 
 @contextlib.contextmanager
-def prototype_ensemble():
-    """train_group builds StackedMLPEnsemble instead of the engine's Ensemble (for K > 1) inside the block."""
-    engine = split_training.Ensemble
-
-    def build(nets, training):
-        return engine(nets, training) if len(nets) == 1 else StackedMLPEnsemble(nets, training)
-
-    split_training.Ensemble = build
+def vmapped_ensemble():
+    """Inside the block train_group builds the vmapped `Ensemble` for every backbone, the MLP included
+    (the path the engine took for it before `StackedMLP`); the engine's own choice comes back on exit."""
+    engine = split_training.build_ensemble
+    split_training.build_ensemble = split_training.Ensemble
     try:
         yield
     finally:
-        split_training.Ensemble = engine
+        split_training.build_ensemble = engine
+
+
+class Way(NamedTuple):
+    build: Callable  # (nets, training) → ensemble, for the step costs
+    context: Callable  # () → the context manager inside which train_group builds the ensemble this way
+
+
+WAYS = {
+    "engine": Way(lambda nets, training: split_training.build_ensemble(nets, training), contextlib.nullcontext),
+    "vmapped": Way(lambda nets, training: split_training.Ensemble(nets, training), vmapped_ensemble),
+}
+LABELS = {"engine": "engine (stacked)", "vmapped": "vmapped Ensemble (forced)"}
 
 
 def train_step(ensemble, x: torch.Tensor, y: torch.Tensor, compiled: bool):

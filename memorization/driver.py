@@ -203,7 +203,9 @@ def run_plan(args: argparse.Namespace) -> dict:
         logger.log_metrics({"train_seconds_total": elapsed}, step=len(stored))
         logger.finish()
         (store.folder / "drivers" / f"{logger.run_id}.json").unlink(missing_ok=True)
-    print(f"trained {done} models in {elapsed:.1f} s; the store holds {len(stored)} of {plan.n_models}")
+    elsewhere = [g for g in elsewhere if not all(store.is_stored(m, plan) for m in g)]  # still unfinished
+    held = len(store.stored_models() & set(range(plan.n_models)))  # other drivers' models included
+    print(f"trained {done} models in {elapsed:.1f} s; the store holds {held} of {plan.n_models}")
     if elsewhere:
         print(f"{sum(map(len, elsewhere))} models are being trained by another driver of this store; rerun to "
               f"take over those whose driver stops for {args.claim_timeout:.0f} s")

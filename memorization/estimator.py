@@ -6,7 +6,8 @@ Scores of an example that was never left out (or never included) are undefined: 
 Every sum over models is a vectorised numpy reduction or a float32 matrix product. The passes of
 `influence` over each block of the [n, m] matrix (its mean arithmetic, histogram, pairs and top-k) are
 numba kernels on every core: a numpy pass runs on one thread while BLAS uses them all, and at small K
-those passes, not the product, took most of the time.
+those passes, not the product, took most of the time. The kernels compile on first use (seconds) and
+are cached beside this file (numba's cache=True); a later process loads them in under a second.
 """
 from __future__ import annotations
 
@@ -65,25 +66,13 @@ def memorization(mask: np.ndarray, target: np.ndarray) -> dict:
     }
 
 
-@numba.njit(parallel=True, cache=True)
-def _held_out_difference(infl: np.ndarray, total: np.ndarray, div_in: np.ndarray, div_out: np.ndarray,
-                         undefined: np.ndarray) -> None:
-    """In place, row i of the product (sums over the models with train i) becomes the mean with i minus the
-    mean without i; NaN for an undefined row. One loop instead of four numpy passes over the block, with
-    the same float32 operations in the same order, so the same bits."""
-    for i in prange(infl.shape[0]):
-        if undefined[i]:
-            infl[i] = np.nan
-            continue
-        for j in range(infl.shape[1]):
-            with_i = infl[i, j]
-            infl[i, j] = with_i / div_in[i] - (total[j] - with_i) / div_out[i]
-
-
-def _bin_starts(edges: np.ndarray) -> tuple[np.ndarray, np.float32, np.float32]:
-    """Float32 starts of the extended bins (0 below the range, 1..n_bins, n_bins + 1 above) and the linear
-    map that guesses a value's bin. starts[e] is the smallest float32 in bin e, so float32 comparisons
-    against it are exactly np.histogram's float64 comparisons against the edges (the last bin is closed)."""
+def _bin_starts(edges: np.ndarray) -> tuple[np.ndarray, np.float32, np.float32, np.float32]:
+    """Float32 starts of the extended bins (0 below the range, 1..n_bins, n_bins + 1 above), and the linear
+    map `(v - lo) * scale + 1` that guesses a value's bin with the distance `tol` from a whole number
+    beyond which the guess is exact. starts[e] is the smallest float32 in bin e, so float32 comparisons
+    against it are exactly np.histogram's float64 comparisons against the edges (the last bin is closed).
+    tol covers the float32 rounding of the map and how far the edges are from evenly spaced; for uneven
+    edges it is 0.5, and every value is compared against the starts."""
     edges = np.asarray(edges, np.float64)
     if not (np.all(np.isfinite(edges)) and np.all(np.diff(edges) >= 0) and edges[-1] > edges[0]):
         raise ValueError(f"bins must be finite and increase monotonically, got {edges}")
@@ -92,72 +81,156 @@ def _bin_starts(edges: np.ndarray) -> tuple[np.ndarray, np.float32, np.float32]:
     above = np.nextafter(ceil32[-1], up) if ceil32[-1] == edges[-1] else ceil32[-1]
     starts = np.array([-np.inf, *ceil32[:-1], above, np.inf], np.float32)
     n_bins = len(edges) - 1
-    return starts, np.float32(edges[0]), np.float32(n_bins / (edges[-1] - edges[0]))
+    width = (edges[-1] - edges[0]) / n_bins
+    uneven = np.max(np.abs(edges - edges[0] - np.arange(n_bins + 1) * width)) / width
+    rounding = 16 * 2.0**-24 * (n_bins + 4 + abs(edges[0]) / width)  # a few float32 ulps of the guess
+    tol = min(0.5, 1e-3 + uneven + rounding)
+    return starts, np.float32(edges[0]), np.float32(1 / width), np.float32(tol)
+
+
+@numba.njit(cache=True)
+def _count_bins(row: np.ndarray, starts: np.ndarray, lo: np.float32, scale: np.float32, tol: np.float32,
+                counts: np.ndarray, guess: np.ndarray) -> None:
+    """counts[e] += the row's values in extended bin e; NaN is left out, as np.histogram leaves it out.
+    Two loops: the first, vectorised, keeps each value's linear guess (in `guess`, as long as the row)
+    where it is farther than tol from a bin edge; the second counts, and places the other values by
+    comparing them with the bin starts. numpy needed index arrays and several passes for the same."""
+    last = len(counts) - 1
+    for j in range(len(row)):
+        g = (row[j] - lo) * scale + np.float32(1)
+        frac = g - np.floor(g)  # NaN for NaN, which fails the test below
+        g = min(max(g, np.float32(0)), np.float32(last))
+        guess[j] = np.int32(g) if (frac > tol) & (frac < 1 - tol) else np.int32(-1)
+    for j in range(len(row)):
+        e = guess[j]
+        if e < 0:
+            v = row[j]
+            if np.isnan(v):
+                continue
+            g = (v - lo) * scale + np.float32(1)
+            e = 0 if g < 0 else last if g > last else int(g)
+            while v < starts[e]:  # one step at most for evenly spaced edges
+                e -= 1
+            while e < last and v >= starts[e + 1]:
+                e += 1
+        counts[e] += 1
+
+
+@numba.njit(cache=True)
+def _held_out_difference(row: np.ndarray, total: np.ndarray, div_in: np.float32, div_out: np.float32) -> None:
+    """In place, a row of the product (sums over the models with the training example) becomes the mean
+    with it minus the mean without it: numpy's float32 operations in numpy's order, so the same bits.
+    (Divisors as scalars and each value read once, so that the loop is vectorised.)"""
+    for j in range(len(row)):
+        with_i = row[j]
+        row[j] = with_i / div_in - (total[j] - with_i) / div_out
+
+
+@numba.njit(cache=True)
+def _count_above(row: np.ndarray, threshold) -> int:
+    """How many of the row's values are above threshold (a loop: np.sum(row > t) makes a bool array)."""
+    above = 0
+    for j in range(len(row)):
+        above += np.int32(row[j] > threshold)  # an integer sum, so that the loop is vectorised
+    return above
+
+
+@numba.njit(cache=True)
+def _insert(best_value: np.ndarray, best_index: np.ndarray, value: np.float32, index: int) -> None:
+    """Put value (above best_value[-1]) into a descending top-k list, after the values equal to it."""
+    at = len(best_value) - 1
+    while at > 0 and best_value[at - 1] < value:
+        best_value[at], best_index[at] = best_value[at - 1], best_index[at - 1]
+        at -= 1
+    best_value[at], best_index[at] = value, index
+
+
+@numba.njit(cache=True)
+def _update_topk(row: np.ndarray, index: int, kth: np.ndarray, best_value: np.ndarray, best_index: np.ndarray,
+                 chunk: int = 32) -> None:
+    """Insert row (training example `index`) into each column's running top-k: value descending, ties to
+    the lower index; kth is a contiguous copy of best_value[:, -1]. A loop, as a stable selection is one:
+    rows come in ascending order, so a value enters only when strictly above its column's k-th (NaN and
+    -inf never do), after the equal values already there. A vectorised test first skips the chunks of
+    columns where nothing enters, most of them once the lists have filled."""
+    for start in range(0, len(row), chunk):
+        stop = min(start + chunk, len(row))
+        enters = False
+        for j in range(start, stop):
+            enters |= row[j] > kth[j]
+        if enters:
+            for j in range(start, stop):
+                if row[j] > kth[j]:
+                    _insert(best_value[j], best_index[j], row[j], index)
+                    kth[j] = best_value[j, -1]
 
 
 @numba.njit(parallel=True, cache=True)
-def _add_bin_counts(values: np.ndarray, starts: np.ndarray, lo: np.float32, scale: np.float32,
-                    counts: np.ndarray) -> None:
-    """counts[p, e] += the values of part p of the rows in extended bin e (sum over p for the histogram);
-    NaN is left out, as np.histogram leaves it out. A loop: a value's bin is a linear guess fixed by
-    comparing against the bin starts (one step at most for evenly spaced edges), in registers, with no
-    index arrays; each thread counts its own part of the rows into its own row of counts."""
-    n_rows, n_parts, last = values.shape[0], counts.shape[0], counts.shape[1] - 1  # extended bins 0..last
+def _row_passes(infl: np.ndarray, first_row: int, total: np.ndarray, div_in: np.ndarray, div_out: np.ndarray,
+                undefined: np.ndarray, threshold, starts: np.ndarray, lo: np.float32, scale: np.float32,
+                tol: np.float32, counts: np.ndarray, best_value: np.ndarray, best_index: np.ndarray) -> np.ndarray:
+    """In place, row i of the product (sums over the models with train i) becomes the mean with i minus the
+    mean without i (NaN for an undefined row), with numpy's float32 operations in numpy's order, so the
+    same bits. Its bin counts and its top-k candidates go to the thread's part p of the rows: counts[p],
+    best_value[p] and best_index[p] (the histogram is the sum over p, the top-k the merge of the parts);
+    its count of values above threshold is returned. One loop reads each row once, on every core, where
+    numpy made about ten single-threaded passes over the whole block."""
+    n_rows, n_parts = infl.shape[0], counts.shape[0]
+    n_above = np.zeros(n_rows, np.int64)
     for part in prange(n_parts):
+        kth, guess = best_value[part, :, -1].copy(), np.empty(infl.shape[1], np.int32)
         for i in range(part * n_rows // n_parts, (part + 1) * n_rows // n_parts):
-            for v in values[i]:
-                if np.isnan(v):
-                    continue
-                guess = (v - lo) * scale + 1
-                e = 0 if guess < 0 else last if guess > last else int(guess)
-                while v < starts[e]:
-                    e -= 1
-                while e < last and v >= starts[e + 1]:
-                    e += 1
-                counts[part, e] += 1
+            row = infl[i]
+            if undefined[i]:
+                row[:] = np.nan
+                continue
+            _held_out_difference(row, total, div_in[i], div_out[i])
+            _count_bins(row, starts, lo, scale, tol, counts[part], guess)
+            n_above[i] = _count_above(row, threshold)
+            _update_topk(row, first_row + i, kth, best_value[part], best_index[part])
+    return n_above
 
 
 @numba.njit(parallel=True, cache=True)
-def _pairs_above(values: np.ndarray, threshold, first_row: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Train index, test index and value of the entries above threshold, in row-major order (as
-    np.nonzero gives them). Two loops over the rows: count, then fill from each row's offset, so the
-    rows are read in parallel and the output has an exact size and a fixed order."""
-    n_rows, m = values.shape
-    ends = np.zeros(n_rows, np.int64)
-    for i in prange(n_rows):
-        for j in range(m):
-            ends[i] += values[i, j] > threshold
-    ends = np.cumsum(ends)
-    size = ends[-1] if n_rows else 0
+def _pairs_above(infl: np.ndarray, threshold, first_row: int,
+                 n_above: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Train index, test index and value of the entries above threshold, in row-major order (as np.nonzero
+    gives them). The rows' counts, from the pass before, place each row's entries, so rows fill in
+    parallel into arrays of the exact size, in a fixed order; rows with nothing above are skipped."""
+    ends = np.cumsum(n_above)
+    size = ends[-1] if len(ends) else 0
     train, test, value = np.empty(size, np.int32), np.empty(size, np.int32), np.empty(size, np.float32)
-    for i in prange(n_rows):
-        at = ends[i - 1] if i else 0
-        for j in range(m):
-            if values[i, j] > threshold:
-                train[at], test[at], value[at] = first_row + i, j, values[i, j]
+    for i in prange(infl.shape[0]):
+        if n_above[i] == 0:
+            continue
+        at = ends[i] - n_above[i]
+        for j in range(infl.shape[1]):
+            if infl[i, j] > threshold:
+                train[at], test[at], value[at] = first_row + i, j, infl[i, j]
                 at += 1
     return train, test, value
 
 
-@numba.njit(parallel=True, cache=True)
-def _merge_topk(values: np.ndarray, first_row: int, best_value: np.ndarray, best_index: np.ndarray,
-                tile: int = 16) -> None:
-    """Insert each column's values into its running top-k in place: value descending, ties to the lower row.
-    A loop: rows come in ascending order, so a value enters only when strictly above its column's k-th
-    (NaN and -inf never do), and goes after the equal values already there. Threads own tiles of adjacent
-    columns and read them row by row, whole cache lines at a time."""
-    n_rows, m = values.shape
-    k = best_value.shape[1]
-    for t in prange((m + tile - 1) // tile):
-        for i in range(n_rows):
-            for j in range(t * tile, min(t * tile + tile, m)):
-                v = values[i, j]
-                if v > best_value[j, k - 1]:
-                    at = k - 1
-                    while at > 0 and best_value[j, at - 1] < v:
-                        best_value[j, at], best_index[j, at] = best_value[j, at - 1], best_index[j, at - 1]
-                        at -= 1
-                    best_value[j, at], best_index[j, at] = v, first_row + i
+@numba.njit(cache=True)
+def _merge_topk(best_value: np.ndarray, best_index: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each column's top-k of the parts' lists [part, column, k], each value descending with ties to the
+    lower index and -inf, -1 in its empty slots: a k-way merge per column (once per call, a few ms)."""
+    n_parts, m, k = best_value.shape
+    value, index = np.full((m, k), -np.inf, np.float32), np.full((m, k), -1, np.int32)
+    for j in range(m):
+        head = np.zeros(n_parts, np.int64)  # each part's first entry not taken yet
+        for slot in range(k):
+            pick = -1
+            for p in range(n_parts):
+                if head[p] == k or best_index[p, j, head[p]] < 0:
+                    continue  # nothing left in part p
+                v, i = best_value[p, j, head[p]], best_index[p, j, head[p]]
+                if pick < 0 or v > value[j, slot] or v == value[j, slot] and i < index[j, slot]:
+                    pick, value[j, slot], index[j, slot] = p, v, i
+            if pick < 0:
+                break
+            head[pick] += 1
+    return value, index
 
 
 def influence(mask: np.ndarray, test_target: np.ndarray, topk: int = 10, threshold: float = 0.15,
@@ -174,7 +247,7 @@ def influence(mask: np.ndarray, test_target: np.ndarray, topk: int = 10, thresho
     n_models, n = mask.shape
     m = test_target.shape[1]
     test_target = np.ascontiguousarray(test_target, np.float32)
-    starts, lo, scale = _bin_starts(bins)
+    starts, lo, scale, tol = _bin_starts(bins)
     threshold = np.result_type(np.float32, threshold).type(threshold)  # a Python float: float32, as numpy
     n_in = mask.sum(0, dtype=np.int64)
     n_out = n_models - n_in
@@ -182,9 +255,11 @@ def influence(mask: np.ndarray, test_target: np.ndarray, topk: int = 10, thresho
     total = test_target.sum(0)
     # Safe divisors: undefined rows are overwritten with NaN, not divided.
     div_in, div_out = np.maximum(n_in, 1).astype(np.float32), np.maximum(n_out, 1).astype(np.float32)
-    best_value = np.full((m, topk), -np.inf, np.float32)
-    best_index = np.full((m, topk), -1, np.int32)
-    pairs, counts = [], np.zeros((numba.get_num_threads(), len(starts) - 1), np.int64)
+    n_parts = numba.get_num_threads()  # each thread's rows have their own bin counts and top-k lists
+    counts = np.zeros((n_parts, len(starts) - 1), np.int64)
+    best_value = np.full((n_parts, m, topk), -np.inf, np.float32)
+    best_index = np.full((n_parts, m, topk), -1, np.int32)
+    pairs = []
     full = None if full_path is None else np.lib.format.open_memmap(full_path, "w+", np.float32, (n, m))
     buffer = np.empty((min(block_rows, n), m), np.float32)
     for rows in _blocks(n, len(buffer)):
@@ -192,22 +267,23 @@ def influence(mask: np.ndarray, test_target: np.ndarray, topk: int = 10, thresho
         # One product per block; for 0/1 targets the sums are exact integers, so results do not
         # depend on the block size or on the order BLAS adds in.
         np.matmul(mask[:, rows].astype(np.float32).T, test_target, out=infl)
-        _held_out_difference(infl, total, div_in[rows], div_out[rows], undefined[rows])
+        n_above = _row_passes(infl, rows.start, total, div_in[rows], div_out[rows], undefined[rows], threshold,
+                              starts, lo, scale, tol, counts, best_value, best_index)
         if full is not None:
             full[rows] = infl
-        _add_bin_counts(infl, starts, lo, scale, counts)
-        pairs.append(_pairs_above(infl, threshold, rows.start))
-        _merge_topk(infl, rows.start, best_value, best_index)
+        pairs.append(_pairs_above(infl, threshold, rows.start, n_above))
     if full is not None:
         full.flush()
         del full
+    # Pairs come in train-then-test order, so a stable sort on the value alone gives the full order.
     pair_train, pair_test, pair_value = (np.concatenate(p) for p in zip(*pairs))
-    order = np.lexsort((pair_test, pair_train, -pair_value))
+    order = np.argsort(-pair_value, kind="stable")
+    best_value, best_index = _merge_topk(best_value, best_index)
     best_value[best_index < 0] = np.nan  # fewer than k defined training examples
     return {
         "topk_index": best_index, "topk_value": best_value, "pair_train": pair_train[order],
-        "pair_test": pair_test[order], "pair_value": pair_value[order], "histogram": counts.sum(0)[1:-1], "bins": bins,
-        "n_undefined_train": int(undefined.sum()),
+        "pair_test": pair_test[order], "pair_value": pair_value[order], "histogram": counts.sum(0)[1:-1],
+        "bins": bins, "n_undefined_train": int(undefined.sum()),
     }
 
 

@@ -138,8 +138,9 @@ class StackedMLP:
     with its bias added in the same kernel (`torch.baddbmm`) then a ReLU: no vmap, no functional_call.
 
     The same contract as `Ensemble` and the same initial weights; on the CPU it takes fewer and larger
-    kernels than the vmapped MLP (benchmarks/README.md), and a model's slice of every product does not
-    depend on K, so its results are the same whatever its group.
+    kernels than the vmapped MLP (benchmarks/README.md). A model's bits can still depend on its place in
+    the group (MKL rounds a product differently when a model's slice is not 16-byte aligned, as with 10
+    classes and an odd batch), which is why the groups are fixed by the plan.
     """
 
     def __init__(self, nets: list[nn.Module], training: argparse.Namespace):
