@@ -51,6 +51,8 @@ def load_scores(path: str, dataset: ContinualDataset) -> np.ndarray:
                               f"the score file of {dataset.NAME}")
         expected = meta.get("label_fingerprint")
         if expected is not None and expected != fingerprint(original_train_labels(dataset)):
+            same = (f"pass --label_noise {meta['label_noise']} --seed {meta['seed']} as the score file's plan had"
+                    if meta.get("label_noise") is not None else "pass the --label_noise and --seed of its plan")
             raise ConfigError(f"--mem_scores {path} was computed on other training labels than this run's "
-                              f"(different --label_noise or data files); pass the score file of these labels")
+                              f"(another --label_noise or --seed, or other data files); {same}")
     return scores.astype(np.float32)

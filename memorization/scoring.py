@@ -115,6 +115,8 @@ def score_store(args: argparse.Namespace) -> dict:
         summary["spearman_with_compare"] = compare_with(args.compare, scores)
     sidecar = {"dataset": plan.settings["dataset"] if plan else None, "n": int(n_total),
                "label_fingerprint": plan.settings["label_fingerprint"] if plan else None,
+               "label_noise": plan.settings["label_noise"] if plan else None,
+               "seed": plan.settings["seed"] if plan else None,
                "plan_hash": plan.hash if plan else None, "n_models": len(data["model_ids"]),
                "n_models_planned": summary["n_models_planned"], "subset_ratios": ratios, "target": args.target,
                "n_undefined": summary["n_undefined"], "files": {
