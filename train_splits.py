@@ -17,8 +17,8 @@ import torch
 from backbones import BACKBONES
 from datasets import DATASETS
 from memorization.driver import run_plan
-from utils.errors import ConfigError, run_command
 from utils.config_files import load_config
+from utils.errors import ConfigError, run_command
 from utils.launchers import add_launcher_args
 from utils.optimizers import SCHEDULES
 from utils.registry import flags_of
