@@ -12,6 +12,8 @@ from memorization.driver import run_plan
 from utils.launchers import run_jobs
 from memorization.store import SubsetStore
 
+pytestmark = pytest.mark.slow  # real processes, clusters or servers: run by CI, not by `-m "not slow"`
+
 ARGS = ["--dataset", "seq-digits", "--n_models", "4", "--n_epochs", "2", "--lr", "0.1", "--batch_size", "64",
         "--mlp_hidden", "32", "--ensemble", "2", "--non_verbose"]
 
@@ -49,13 +51,13 @@ def test_ray_launcher_stores_the_same_models(tmp_path, local_store, ray_cluster)
 
 
 def test_chunks_partition_the_plan(tmp_path):
-    """SLURM arrays run `--chunk I/N`: together the chunks train every model exactly once."""
+    """SLURM arrays run `--chunk I/N`: together the chunks train every group (of 2 models) exactly once."""
     stored = []
-    for index in range(3):
-        run_plan(train_splits.parse_args([*ARGS, "--chunk", f"{index}/3", "--out", str(tmp_path / "store"),
+    for index in range(2):
+        run_plan(train_splits.parse_args([*ARGS, "--chunk", f"{index}/2", "--out", str(tmp_path / "store"),
                                                   "--tracking_uri", f"sqlite:///{tmp_path / 'mlflow.db'}"]))
         stored.append(SubsetStore(tmp_path / "store").stored_models())
-    assert stored[0] < stored[1] < stored[2] == {0, 1, 2, 3}
+    assert stored == [{0, 1}, {0, 1, 2, 3}]
 
 
 @pytest.mark.parametrize("launcher", ["local", "pool"])

@@ -9,6 +9,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 import main
+from continual.run import logged_params
 from continual.run import run as run_experiment
 from continual.args import parse_args
 
@@ -34,7 +35,13 @@ def test_er_run_logs_arguments_metrics_tags_and_artifacts(tracking_uri):
     # Every resolved argument is a param, defaults filled in from the dataset.
     assert params["model"] == "er" and params["lr"] == "0.1" and params["buffer_size"] == "100"
     assert params["backbone"] == "mlp" and params["batch_size"] == "32" and params["seed"] == "0"
-    assert set(vars(parse_args([*BASE, "--model", "er", "--buffer_size", "1", "--lr", "1"]))) <= set(params)
+    # Every flag of the components in use, and none of the plasticity methods the run does not use.
+    assert set(logged_params(parse_args([*BASE, "--model", "er", "--buffer_size", "1", "--lr", "1"]))) == set(params)
+    assert "redo_tau" not in params and "cbp_rho" not in params and params["last_k"] == "50,10"
+    assert logged.info.run_name == "er-seq-digits-buf100-s0"
+    experiment = client.get_experiment(logged.info.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"  # MLflow's model-training view
+    assert logged.data.tags["mlflow.source.name"] and logged.inputs.dataset_inputs[0].dataset.name == "seq-digits"
     tags = logged.data.tags
     assert tags["device"] == "cpu" and tags["torch_version"] and tags["git_commit"]
     history = client.get_metric_history(logged.info.run_id, "acc_class_il")
@@ -45,7 +52,8 @@ def test_er_run_logs_arguments_metrics_tags_and_artifacts(tracking_uri):
     artifacts = {a.path for a in client.list_artifacts(logged.info.run_id)}
     assert {"accuracy", "config.yaml"} <= artifacts
     files = {a.path for a in client.list_artifacts(logged.info.run_id, "accuracy")}
-    assert files == {f"accuracy/{s}.{e}" for s in ("class_il", "task_il", "terminal") for e in ("csv", "png")}
+    assert files == ({f"accuracy/{s}.{e}" for s in ("class_il", "task_il", "terminal") for e in ("csv", "png")}
+                     | {"accuracy/class_il_per_task.png", "accuracy/task_il_per_task.png"})
     # The CSV artifact holds exactly the matrix the run computed.
     local = client.download_artifacts(logged.info.run_id, "accuracy/class_il.csv")
     rows = list(csv.reader(io.StringIO(open(local).read())))[1:]
@@ -126,7 +134,7 @@ def test_help_shows_the_flags_of_every_component(capsys):
     (["--model", "sgd", "--backbone", "nope", "--lr", "0.1"], "unknown backbone 'nope'; known backbones: "),
     (["--model", "er", "--buffer_size", "10", "--buffer_policy", "nope", "--lr", "0.1"],
      "unknown buffer policy 'nope'"),
-    (["--model", "sgd", "--lr", "0"], "--lr must be positive, got 0.0"),
+    (["--model", "sgd", "--lr", "0"], "--lr must be a positive number, got 0.0"),
     (["--model", "sgd"], "--lr is required"),
     (["--model", "er", "--lr", "0.1", "--buffer_size", "-5"], "--buffer_size cannot be negative"),
     (["--model", "er", "--lr", "0.1"], "er replays from a buffer: pass --buffer_size greater than 0"),

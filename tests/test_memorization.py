@@ -286,32 +286,34 @@ def test_threshold_is_compared_as_numpy_compares_float32_values():
 
 
 def test_bin_counts_match_numpy_histogram_on_edges_infinities_and_nan():
-    from memorization.estimator import _add_bin_counts, _bin_starts
+    from memorization.estimator import _bin_starts, _count_bins
 
     rng = np.random.default_rng(5)
-    for bins in (np.linspace(-1, 1, 81), np.linspace(-0.3, 0.7, 7), np.array([-1, -0.5, -0.5, 0, 0.1, 1.0]),
-                 np.array([0.1, 0.1 + 1e-9, 0.2])):
+    # even edges (the guess is kept away from them), edges 1e-4 apart far from 0, uneven edges (always
+    # looked up), an empty bin, and edges that float32 cannot hold
+    for bins in (np.linspace(-1, 1, 81), np.linspace(-0.3, 0.7, 7), np.linspace(1000, 1000.001, 11),
+                 np.array([-1, -0.5, -0.5, 0, 0.1, 1.0]), np.array([0.1, 0.1 + 1e-9, 0.2])):
         on_edges = bins.astype(np.float32)
         near = np.concatenate([on_edges, np.nextafter(on_edges, np.float32(-np.inf)),
                                np.nextafter(on_edges, np.float32(np.inf))])
-        values = np.concatenate([near, rng.uniform(-1.5, 1.5, 500).astype(np.float32),
-                                 np.array([np.nan, np.inf, -np.inf, 0.0, -0.0], np.float32)])
-        values = np.resize(rng.permutation(values), (11, 64)).astype(np.float32)
-        starts, lo, scale = _bin_starts(bins)
-        counts = np.zeros((3, len(starts) - 1), np.int64)  # 3 parts of the rows, below, bins, above
-        _add_bin_counts(values, starts, lo, scale, counts)
-        _add_bin_counts(values[:2], starts, lo, scale, counts)  # counts accumulate over blocks
-        finite = ~np.isnan(values)
-        expected = np.histogram(values[finite], bins)[0] + np.histogram(values[:2][finite[:2]], bins)[0]
-        np.testing.assert_array_equal(counts.sum(0)[1:-1], expected, err_msg=str(bins))
-        assert counts.sum() == finite.sum() + finite[:2].sum()  # below and above counted too
-    for bad in (np.array([0.0, 1.0, 0.5]), np.array([0.0, np.inf])):
+        spread = rng.uniform(bins[0] - (bins[-1] - bins[0]) / 4, bins[-1] + (bins[-1] - bins[0]) / 4, 2000)
+        values = np.concatenate([near, spread.astype(np.float32), rng.uniform(-1.5, 1.5, 500).astype(np.float32),
+                                 np.array([np.nan, np.inf, -np.inf, 0.0, -0.0, 3e38, -3e38], np.float32)])
+        values = rng.permutation(values).astype(np.float32)
+        starts, lo, scale, tol = _bin_starts(bins)
+        counts = np.zeros(len(starts) - 1, np.int64)  # below the range, the bins, above it
+        for part in np.array_split(values, 3):  # counts accumulate
+            _count_bins(part, starts, lo, scale, tol, counts, np.empty(part.size, np.int32))
+        finite = values[~np.isnan(values)]
+        np.testing.assert_array_equal(counts[1:-1], np.histogram(finite, bins)[0], err_msg=str(bins))
+        assert counts[0] == np.sum(finite < bins[0]) and counts[-1] == np.sum(finite > bins[-1])
+    for bad in (np.array([0.0, 1.0, 0.5]), np.array([0.0, np.inf]), np.array([0.5, 0.5])):
         with pytest.raises(ValueError):
             _bin_starts(bad)
 
 
-def test_merge_topk_over_blocks_matches_sorting_with_ties_and_infinities():
-    from memorization.estimator import _merge_topk
+def test_topk_of_parts_over_blocks_matches_sorting_with_ties_and_infinities():
+    from memorization.estimator import _merge_topk, _update_topk
 
     rng = np.random.default_rng(6)
     values = rng.integers(-3, 4, (200, 37)).astype(np.float32) / 4  # many ties
@@ -320,26 +322,54 @@ def test_merge_topk_over_blocks_matches_sorting_with_ties_and_infinities():
     values[rng.random(values.shape) < 0.02] = -np.inf
     values[:, 5] = np.nan  # a column with nothing defined
     for k in (1, 4, 250):
-        best_value, best_index = np.full((37, k), -np.inf, np.float32), np.full((37, k), -1, np.int32)
+        n_parts = 3  # as influence splits each block's rows between threads, each with its own lists
+        best_value, best_index = np.full((n_parts, 37, k), -np.inf, np.float32), np.full((n_parts, 37, k), -1, np.int32)
+        kth = best_value[:, :, -1].copy()
         for start, stop in ((0, 1), (1, 60), (60, 61), (61, 200)):
-            _merge_topk(values[start:stop], start, best_value, best_index)
-        best_value[best_index < 0] = np.nan
+            for part, rows in enumerate(np.array_split(np.arange(start, stop), n_parts)):
+                for i in rows:
+                    _update_topk(values[i], i, kth[part], best_value[part], best_index[part])
+        np.testing.assert_array_equal(kth, best_value[:, :, -1])
+        value, index = _merge_topk(best_value, best_index)
+        value[index < 0] = np.nan
         expected = reference_passes(values, k, 0.0, np.linspace(-1, 1, 3))
-        np.testing.assert_array_equal(best_index, expected["topk_index"])
-        np.testing.assert_array_equal(best_value, expected["topk_value"])
+        np.testing.assert_array_equal(index, expected["topk_index"])
+        np.testing.assert_array_equal(value, expected["topk_value"])
 
 
 def test_pairs_above_are_in_row_major_order_as_nonzero_gives():
-    from memorization.estimator import _pairs_above
+    from memorization.estimator import _count_above, _pairs_above
 
     rng = np.random.default_rng(7)
     values = rng.integers(-2, 5, (50, 33)).astype(np.float32) / 8
     values[rng.random(values.shape) < 0.05] = np.nan
     values[10] = np.float32(0.15)
     for threshold in (np.float32(0.15), np.float64(0.15), np.float32(0.25), np.float32(9)):
-        train, test, value = _pairs_above(values, threshold, 100)
+        n_above = np.array([_count_above(row, threshold) for row in values])
+        np.testing.assert_array_equal(n_above, (values > threshold).sum(1))
+        train, test, value = _pairs_above(values, threshold, 100, n_above)
         rows, cols = np.nonzero(values > threshold)
         np.testing.assert_array_equal(train, rows + 100)
         np.testing.assert_array_equal(test, cols)
         np.testing.assert_array_equal(value, values[rows, cols])
         assert (train.dtype, test.dtype, value.dtype) == (np.int32, np.int32, np.float32)
+
+
+def test_bin_counts_match_numpy_histogram_next_to_random_evenly_spaced_edges():
+    from memorization.estimator import _bin_starts, _count_bins
+
+    rng = np.random.default_rng(8)
+    for _ in range(200):  # offsets and widths over several decades; values within 3 ulps of every edge
+        n_bins, lo, width = int(rng.integers(1, 200)), rng.normal() * 10 ** rng.uniform(-3, 3), 10 ** rng.uniform(-4, 2)
+        bins = np.linspace(lo, lo + n_bins * width, n_bins + 1)
+        up = down = bins.astype(np.float32)
+        near = [up]
+        for _ in range(3):
+            up, down = np.nextafter(up, np.float32(np.inf)), np.nextafter(down, np.float32(-np.inf))
+            near += [up, down]
+        values = np.concatenate([*near, rng.uniform(bins[0] - n_bins * width, bins[-1] + n_bins * width, 500)])
+        values = values.astype(np.float32)
+        starts, lo32, scale, tol = _bin_starts(bins)
+        counts = np.zeros(len(starts) - 1, np.int64)
+        _count_bins(values, starts, lo32, scale, tol, counts, np.empty(values.size, np.int32))
+        np.testing.assert_array_equal(counts[1:-1], np.histogram(values, bins)[0])

@@ -1,6 +1,8 @@
 """What a researcher sees in MLflow: a run logged to a real server, and `mlflow ui` over the default store layout."""
 from __future__ import annotations
 
+import pytest
+
 import json
 import os
 import subprocess
@@ -9,6 +11,8 @@ import urllib.parse
 import urllib.request
 
 from tests.conftest import REPO_ROOT, start_mlflow, stop
+
+pytestmark = pytest.mark.slow  # real processes, clusters or servers: run by CI, not by `-m "not slow"`
 
 ARGS = ["--dataset", "seq-digits", "--model", "er", "--buffer_size", "100", "--lr", "0.1", "--n_epochs", "2",
         "--seed", "0", "--non_verbose", "--run_name", "digits-er"]

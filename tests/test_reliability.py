@@ -18,6 +18,8 @@ from mlflow.tracking import MlflowClient
 
 from tests.conftest import REPO_ROOT
 
+pytestmark = pytest.mark.slow  # real processes, clusters or servers: run by CI, not by `-m "not slow"`
+
 OFFLINE = {"https_proxy": "http://127.0.0.1:9", "http_proxy": "http://127.0.0.1:9", "HTTPS_PROXY": "http://127.0.0.1:9"}
 DIGITS = ["--dataset", "seq-digits", "--n_epochs", "1", "--non_verbose"]
 SPLITS = ["--n_models", "2", "--n_epochs", "1", "--lr", "0.1", "--mlp_hidden", "16", "--non_verbose"]

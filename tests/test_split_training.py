@@ -172,11 +172,6 @@ def test_several_ratios_give_consistency_scores(tmp_path):
     assert np.isfinite(cscore).mean() > 0.9
 
 
-def test_batchnorm_backbones_cannot_be_ensembled(tmp_path):
-    with pytest.raises(Exception, match="BatchNorm.*--ensemble 1"):
-        train(tmp_path, "--n_models", "2", "--ensemble", "2", "--backbone", "reduced_resnet18", "--n_epochs", "1")
-
-
 @pytest.mark.parametrize("argv, sentence", [
     (["--dataset", "nope"], "unknown dataset 'nope'"),
     (["--backbone", "nope"], "unknown backbone 'nope'"),

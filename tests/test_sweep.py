@@ -20,6 +20,8 @@ from utils.errors import ConfigError
 from continual.sweep_runs import run_cell
 from continual.sweep_spec import load_sweep
 
+pytestmark = pytest.mark.slow  # real processes, clusters or servers: run by CI, not by `-m "not slow"`
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 BASE = {"dataset": "seq-digits", "model": "sgd", "n_epochs": 1, "batch_size": 32, "mlp_hidden": 32}
 # 2 methods × 2 settings × 2 search seeds, then the chosen settings with 2 final seeds: 12 runs.

@@ -18,6 +18,8 @@ from memorization.driver import run_plan
 from memorization.store import SubsetStore
 from tests.conftest import REPO_ROOT
 
+pytestmark = pytest.mark.slow  # real processes, clusters or servers: run by CI, not by `-m "not slow"`
+
 PLAN = ["--dataset", "seq-digits", "--n_models", "8", "--n_epochs", "60", "--lr", "0.1", "--batch_size", "64",
         "--mlp_hidden", "256", "--non_verbose"]
 
