@@ -7,11 +7,12 @@ times `memorization` and `influence(topk=10, threshold=0.15)` without the full m
 on the same block shape ([block_rows, K] @ [K, m]), best of all the runs (one before each round), so load
 from other processes makes the floor lower and the ratio more honest, not less. `influence` runs
 --repeats rounds; the table gives the median and the range of its ratio to the floor. Its numba kernels
-are compiled (or loaded from numba's cache) by a first call on a tiny store, timed on its own row and
-kept out of the ratio. --compare FILE also times the `influence` of another estimator.py (for instance
-the previous commit's, `git show HEAD~1:memorization/estimator.py > /tmp/old_estimator.py`), in the
-same process, alternating with this one (each first in every other round), and checks that both give
-the same outputs. Peak memory is ru_maxrss, reported after each step with the bytes of the synthetic
+are compiled (or loaded from numba's cache) by a first call on a tiny store, timed and printed on its
+own line, out of the ratio; `NUMBA_CACHE_DIR=$(mktemp -d)` makes that the cost of compiling them.
+--compare FILE also times the `influence` of another estimator.py (for instance the pure-numpy one,
+`git show edfd1aa:memorization/estimator.py > /tmp/numpy_estimator.py`) in the same process,
+alternating with this one (each first in every other round), and checks that both give the same
+outputs. Peak memory is ru_maxrss, reported after each step with the bytes of the synthetic
 input itself; this estimator runs first, so its figure is its own. A benchmark, not a test: it prints a
 table and never fails on a slow machine.
 
@@ -83,6 +84,21 @@ def matmul_rate(block_rows: int, n_models: int, n_test: int, repeats: int = 3) -
     return 2 * block_rows * n_models * n_test / best / GB
 
 
+def blas_threads() -> str:
+    """Threads of the BLAS numpy uses, from threadpoolctl where it is installed."""
+    try:
+        from threadpoolctl import threadpool_info
+    except ImportError:
+        return "?"
+    threads = {str(pool["num_threads"]) for pool in threadpool_info() if pool["user_api"] == "blas"}
+    return ",".join(sorted(threads)) or "?"
+
+
+def load_average() -> str:
+    """The 1-, 5- and 15-minute load averages."""
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
 def load_estimator(path: str):
     """The estimator module at `path` (a copy of memorization/estimator.py), imported under its own name."""
     spec = importlib.util.spec_from_file_location(f"compared_{Path(path).stem}", path)
@@ -101,7 +117,7 @@ def first_call(estimator) -> tuple[float, str]:
     kernels = [f for f in vars(estimator).values() if hasattr(f, "stats") and hasattr(f, "py_func")]
     hits = sum(sum(f.stats.cache_hits.values()) for f in kernels)
     misses = sum(sum(f.stats.cache_misses.values()) for f in kernels)
-    return seconds, f"{len(kernels)} kernels: {hits} loaded from numba's cache, {misses} compiled"
+    return seconds, f"numba kernels: {hits} loaded from its cache, {misses} compiled"
 
 
 def same_outputs(one: dict, other: dict) -> bool:
@@ -125,6 +141,7 @@ def main() -> None:
     n_models, n, m = args.n_models, args.n_train, args.n_test
     block_rows = min(args.block_rows, n)
 
+    load_at_start = load_average()
     start = time.perf_counter()
     from memorization import estimator  # numba's import is part of it
     import_time = time.perf_counter() - start
@@ -166,9 +183,9 @@ def main() -> None:
     blas = np.show_config(mode="dicts")["Build Dependencies"]["blas"]
     import numba
     print(f"K={n_models} n={n} m={m} ratio={args.ratio} block_rows={block_rows}; {cpu_model()}, "
-          f"{os.cpu_count()} cores, load average {' '.join(f'{x:.2f}' for x in os.getloadavg())} at the end; "
-          f"numpy {np.__version__}, {blas['name']} {blas['version']}; numba {numba.__version__}, "
-          f"{numba.get_num_threads()} threads, threading layer {numba.threading_layer()}")
+          f"{os.cpu_count()} cores, load average {load_at_start} at the start, {load_average()} at the end; "
+          f"numpy {np.__version__}, {blas['name']} {blas['version']} ({blas_threads()} threads); "
+          f"numba {numba.__version__} ({numba.get_num_threads()} threads, {numba.threading_layer()} layer)")
     print(f"input {input_gb:.2f} GB (mask {mask.nbytes / GB:.2f}, target {target.nbytes / GB:.2f}, "
           f"test_target {test_target.nbytes / GB:.2f}); peak RSS before it {before_input:.2f} GB, "
           f"after building it {after_input:.2f} GB")

@@ -97,7 +97,8 @@ def score_store(args: argparse.Namespace) -> dict:
     np.save(f"{stem}_n_out.npy", _counts(final["n_out"], rows, n_total))
     infl = influence(mask, data["test"][-1], topk=args.influence_topk, threshold=args.influence_threshold,
                      full_path=f"{stem}_influence_full.npy" if args.influence_full else None)
-    np.savez(f"{stem}_influence.npz", topk_index=rows[infl["topk_index"]], topk_value=infl["topk_value"],
+    topk = np.where(infl["topk_index"] >= 0, rows[infl["topk_index"]], -1)  # -1: fewer influencers than k
+    np.savez(f"{stem}_influence.npz", topk_index=topk, topk_value=infl["topk_value"],
              pair_train=rows[infl["pair_train"]], pair_test=infl["pair_test"], pair_value=infl["pair_value"],
              histogram=infl["histogram"], bins=infl["bins"] if "bins" in infl else np.linspace(-1, 1, 81))
     ratios = sorted(set(np.round(data["ratio"], 6).tolist()))
