@@ -9,7 +9,7 @@
 # Output goes to stdout and, when $OUT is set, to $OUT/gpu_report.txt. Run from anywhere:
 #   benchmarks/gpu.sh            # on the GPU machine
 #   benchmarks/gpu.sh --smoke    # tiny sizes on the CPU (--device cpu, torch.compile with the aot_eager
-#                                # backend: no code generation), about 4 minutes: the script end to end
+#                                # backend: no code generation), about 2 minutes: the script end to end
 # PYTHON overrides the interpreter (default: .venv/bin/python if present, else python3).
 set -u -o pipefail
 cd "$(dirname "$0")/.." || exit 2
