@@ -98,8 +98,10 @@ class Claims:
         self.fresh.append(Path(path))
 
     def close(self) -> None:
-        """Stop touching claims; those still held (a killed run) go stale and are taken over later."""
+        """Stop touching claims and files; those still held (a killed run) go stale and are taken over later."""
         self._stop.set()
+        if self._heartbeat is not threading.current_thread():
+            self._heartbeat.join()
 
     def _touch_held(self) -> None:
         while not self._stop.wait(self.timeout / 4):

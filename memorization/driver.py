@@ -190,6 +190,7 @@ def run_plan(args: argparse.Namespace) -> dict:
         if logger:
             logger.finish("KILLED" if not isinstance(sys.exc_info()[1], Exception) else "FAILED")
             record = store.folder / "drivers" / f"{logger.run_id}.json"
+            claims.close()  # no touch may follow the one below
             if record.exists():
                 os.utime(record, (0, 0))  # stopped: the next driver continues this run at once
         raise
