@@ -18,6 +18,21 @@ from pathlib import Path
 from utils.errors import ConfigError
 
 
+def driver_gone(driver: str) -> bool:
+    """A driver id `host:pid:token` of this host whose process no longer exists (killed with -9, say)."""
+    host, _, rest = driver.partition(":")
+    pid = rest.partition(":")[0]
+    if host != socket.gethostname() or not pid.isdigit():
+        return False  # another machine's driver: only its claims' age tells
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
 class Claims:
     """This driver's claims on the groups of one plan in one store."""
 
@@ -83,9 +98,12 @@ class Claims:
         return False
 
     def _stale(self, path: Path) -> bool:
+        """Untouched for `timeout` seconds, or written by a driver of this host whose process is gone."""
         try:
-            return time.time() - path.stat().st_mtime > self.timeout
-        except FileNotFoundError:
+            if time.time() - path.stat().st_mtime > self.timeout:
+                return True
+            return driver_gone(json.loads(path.read_text()).get("driver", ""))
+        except (OSError, ValueError, AttributeError):
             return False
 
     def release(self, group: int) -> None:

@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from backbones import BACKBONES
 from datasets import DATASETS
-from memorization.claims import Claims
+from memorization.claims import Claims, driver_gone
 from memorization.plan import (
     Plan,
     balanced_masks,
@@ -105,7 +105,8 @@ def open_mlflow_run(store: SubsetStore, plan: Plan, args: argparse.Namespace, cl
             record = json.loads(path.read_text())
         except (OSError, ValueError):
             continue
-        if record.get("tracking_uri") != tracking_uri or time.time() - path.stat().st_mtime <= args.claim_timeout:
+        stale = time.time() - path.stat().st_mtime > args.claim_timeout or driver_gone(record.get("driver", ""))
+        if record.get("tracking_uri") != tracking_uri or not stale:
             continue
         try:  # one driver only adopts it
             os.rename(path, path.with_suffix(".adopted"))
@@ -123,7 +124,7 @@ def open_mlflow_run(store: SubsetStore, plan: Plan, args: argparse.Namespace, cl
         logger.set_tags(environment_tags(args.device))
         logger.log_artifact(str(store.folder / "plan.json"))
     record_path = folder / f"{logger.run_id}.json"
-    record_path.write_text(json.dumps({"tracking_uri": tracking_uri, "run_id": logger.run_id}))
+    record_path.write_text(json.dumps({"tracking_uri": tracking_uri, "run_id": logger.run_id, "driver": claims.driver}))
     claims.keep_fresh(record_path)
     return logger
 
