@@ -201,12 +201,13 @@ def run_plan(args: argparse.Namespace) -> dict:
             claims.release(index[first])
         claims.close()
     elapsed = time.perf_counter() - started
-    if logger:
-        logger.log_metrics({"train_seconds_total": elapsed}, step=len(stored))
-        logger.finish()
-        (store.folder / "drivers" / f"{logger.run_id}.json").unlink(missing_ok=True)
     elsewhere = [g for g in elsewhere if not all(store.is_stored(m, plan) for m in g)]  # still unfinished
     held = len(store.stored_models() & set(range(plan.n_models)))  # other drivers' models included
+    if logger:
+        logger.log_metrics({"train_seconds_total": elapsed, "models_stored": held,
+                            "hours_left": 0.0 if held == plan.n_models else float("nan")}, step=held)
+        logger.finish()
+        (store.folder / "drivers" / f"{logger.run_id}.json").unlink(missing_ok=True)
     print(f"trained {done} models in {elapsed:.1f} s; the store holds {held} of {plan.n_models}")
     if elsewhere:
         print(f"{sum(map(len, elsewhere))} models are being trained by another driver of this store; rerun to "

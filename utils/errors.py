@@ -33,5 +33,12 @@ def run_command(run, parse_args, argv: list[str] | None = None) -> int:
     except Terminated:
         print("stopped by SIGTERM; the run is marked KILLED in MLflow, and the same command (main.py: with "
               "--resume CHECKPOINT) continues it", file=sys.stderr)
+        import os
+        import threading
+
+        if threading.active_count() > 1:  # a job thread still inside torch would abort the interpreter's exit
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(143)
         return 143
     return 0
