@@ -43,7 +43,6 @@ class Claims:
         self.driver = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.held: set[int] = set()
         self.fresh: list[Path] = []  # other files this driver keeps touched while it lives
-        self.taken_over: list[int] = []
         self._lock = threading.Lock()
         self._stop = threading.Event()
         try:
@@ -88,7 +87,6 @@ class Claims:
                     os.rename(path, path.with_name(f"{path.name}.stale-{self.driver.replace(':', '-')}"))
                 except FileNotFoundError:
                     return False
-                self.taken_over.append(group)
                 continue
             with os.fdopen(descriptor, "w") as file:
                 json.dump({"plan_hash": self.plan_hash, "driver": self.driver, "time": time.time()}, file)
