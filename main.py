@@ -7,8 +7,13 @@ from __future__ import annotations
 import sys
 
 from continual.args import parse_args
-from continual.run import run
 from utils.errors import run_command
+
+
+def run(args) -> None:
+    from continual.run import run  # torch, MLflow and the components: only once the arguments are good
+
+    run(args)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import torch
-from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from backbones import Backbone, UnitGroup, register_backbone
@@ -34,6 +33,8 @@ class ViT(Backbone):
         if args.vit_width % args.vit_heads:
             raise ConfigError(f"--vit_width {args.vit_width} is not divisible by --vit_heads "
                               f"{args.vit_heads}; choose a width that is a multiple of the heads.")
+        from timm.models.vision_transformer import VisionTransformer  # here: importing timm takes seconds
+
         self.net = VisionTransformer(
             img_size=(height, width), patch_size=args.vit_patch, in_chans=in_chans,
             num_classes=n_classes, global_pool="token", class_token=True,

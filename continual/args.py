@@ -1,4 +1,8 @@
-"""Command-line arguments of main.py: common flags plus the flags each chosen component declares."""
+"""Command-line arguments of main.py: common flags plus the flags each chosen component declares.
+
+The parse reads the components from `continual.catalogue`, so `--help` and argument errors cost no
+torch import; the components themselves are imported only for their own `check_args`.
+"""
 from __future__ import annotations
 
 import argparse
@@ -6,24 +10,19 @@ import math
 import sys
 from pathlib import Path
 
-import torch
 import yaml
 
-from backbones import BACKBONES
-from buffer_policies import BUFFER_POLICIES
-from datasets import DATASETS
-from models import MODELS
-from plasticity import PLASTICITY, check_plasticity_args
+from continual.catalogue import family
 from utils.config_files import load_config
 from utils.errors import ConfigError
 from utils.optimizers import OPTIMIZERS
-from utils.registry import flags_of
+from utils.registry import flags_of, method_names
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = REPO_ROOT / "configs" / "best"
 # Flags that say where to log or resume, not what is computed: a checkpoint may differ in these.
 NON_COMPUTATIONAL = {"resume", "savecheck", "checkpoint_dir", "tracking_uri", "experiment_name", "run_name",
-                     "non_verbose", "data_path", "download", "model_config", "config", "log_every"}
+                     "non_verbose", "data_path", "download", "model_config", "config", "log_every", "num_threads"}
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -41,17 +40,17 @@ def common_parser(first_pass: bool = False) -> argparse.ArgumentParser:
     """The flags every run has; the first pass only reads component names, so nothing is required yet."""
     parser = argparse.ArgumentParser(
         description="Run one continual-learning experiment and log it to MLflow.", add_help=not first_pass,
-        formatter_class=HelpFormatter)
+        formatter_class=HelpFormatter, allow_abbrev=False)  # whole flag names only: si's --c is not --config
     what = parser.add_argument_group("what to run")
-    what.add_argument("--dataset", default="seq-digits", help=f"one of: {', '.join(DATASETS.names())}")
-    what.add_argument("--model", required=not first_pass, help=f"one of: {', '.join(MODELS.names())}")
-    what.add_argument("--backbone", default=None, help=f"one of: {', '.join(BACKBONES.names())} "
-                                                      "(default: the dataset's)")
-    what.add_argument("--buffer_policy", default="reservoir",
-                      help=f"for replay models, one of: {', '.join(BUFFER_POLICIES.names())}")
+    names = {kind: ", ".join(family(kind).names()) for kind in ("dataset", "model", "backbone", "buffer policy",
+                                                                  "plasticity method")}
+    what.add_argument("--dataset", default="seq-digits", help=f"one of: {names['dataset']}")
+    what.add_argument("--model", required=not first_pass, help=f"one of: {names['model']}")
+    what.add_argument("--backbone", default=None, help=f"one of: {names['backbone']} (default: the dataset's)")
+    what.add_argument("--buffer_policy", default="reservoir", help=f"for replay models, one of: {names['buffer policy']}")
     what.add_argument("--plasticity", default="",
                       help=f"comma-separated plasticity methods composed on top of the model, of: "
-                           f"{', '.join(PLASTICITY.names())}")
+                           f"{names['plasticity method']}")
     what.add_argument("--model_config", choices=("default", "best"), default="default",
                       help="'best' loads the published hyperparameters from configs/best/<dataset>.yaml "
                            "(flags given explicitly still win)")
@@ -75,6 +74,9 @@ def common_parser(first_pass: bool = False) -> argparse.ArgumentParser:
                             "continual-ImageNet protocol)")
     train.add_argument("--seed", type=int, default=None, help="random seed (default: drawn and logged)")
     train.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    train.add_argument("--num_threads", type=int, default=0, metavar="N",
+                       help="CPU threads of tensor operations; 0 chooses one for networks under 1M parameters, "
+                            "else the cores the machine's load leaves free (the run's log says which and why)")
 
     data = parser.add_argument_group("data")
     data.add_argument("--data_path", default="./data", help="folder holding the datasets' standard files")
@@ -124,19 +126,32 @@ class _SkipSharedFlags:
 
     def __init__(self, group: argparse._ArgumentGroup):
         self.group = group
+        self.shared: list[str] = []
 
     def add_argument(self, *names, **options):
         try:
             return self.group.add_argument(*names, **options)
-        except argparse.ArgumentError:
-            return None  # e.g. --alpha of der and derpp: the first declaration is shown
+        except argparse.ArgumentError:  # e.g. --alpha of der and derpp: the first declaration is shown
+            self.shared.append(names[0])
+            return None
+
+
+CHOOSING_FLAG = {"dataset": "--dataset", "backbone": "--backbone", "model": "--model",
+                 "buffer policy": "--buffer_policy", "plasticity method": "--plasticity"}
 
 
 def _add_component_args(parser: argparse.ArgumentParser, kind: str, components: list[type]) -> None:
     """One argument group per component with the flags it declares."""
     for component in components:
         group = parser.add_argument_group(f"{kind} {component.NAME}")
-        component.add_args(_SkipSharedFlags(group) if len(components) > 1 else group)
+        if len(components) == 1:
+            component.add_args(group)
+            continue
+        wrapper = _SkipSharedFlags(group)
+        component.add_args(wrapper)
+        if wrapper.shared:
+            group.description = (f"also {', '.join(wrapper.shared)}, shown above for another {kind}; "
+                                 f"`{CHOOSING_FLAG[kind]} {component.NAME} --help` gives the meaning here")
 
 
 def _best_config(dataset: str, model: str, buffer_size: int) -> dict:
@@ -170,14 +185,13 @@ def full_parser(argv: list[str]) -> argparse.ArgumentParser:
     given = {token.split("=")[0] for token in argv if token.startswith("--")}
     help_asked = bool({"-h", "--help"} & set(argv))  # --help shows every component's flags, unless one is named
     chosen = {}
-    for kind, registry, name in (("dataset", DATASETS, first.dataset), ("backbone", BACKBONES, first.backbone),
-                                 ("model", MODELS, first.model), ("buffer policy", BUFFER_POLICIES,
-                                                                  first.buffer_policy)):
+    for kind, name in (("dataset", first.dataset), ("backbone", first.backbone), ("model", first.model),
+                       ("buffer policy", first.buffer_policy)):
         named = name and not (help_asked and f"--{kind.replace(' ', '_')}" not in given and kind not in config)
-        chosen[kind] = [registry.get(name)] if named else registry.classes()
+        chosen[kind] = [family(kind).get(name)] if named else family(kind).classes()
     if first.backbone is None and not help_asked:
-        chosen["backbone"] = [BACKBONES.get(chosen["dataset"][0].DEFAULT_BACKBONE)]
-    chosen["plasticity method"] = PLASTICITY.classes()
+        chosen["backbone"] = [family("backbone").get(chosen["dataset"][0].DEFAULT_BACKBONE)]
+    chosen["plasticity method"] = family("plasticity method").classes()
     for kind, components in chosen.items():
         _add_component_args(parser, kind, components)
     unknown = sorted(set(config) - set(flags_of(parser)))
@@ -194,17 +208,31 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Parse in two passes: first the component names, then every flag those components declare."""
     argv = sys.argv[1:] if argv is None else argv
     args = full_parser(argv).parse_args(argv)
-    check_plasticity_args(args, argv)
+    _check_plasticity_flags(args, argv)
     return resolve(args)
+
+
+def _check_plasticity_flags(args: argparse.Namespace, argv: list[str]) -> None:
+    """Unknown plasticity methods, and flags of methods that were not chosen, end the run."""
+    methods = family("plasticity method")
+    chosen = [methods.get(name).name for name in method_names(args.plasticity)]
+    given = {token.split("=")[0] for token in argv if token.startswith("--")}
+    options = {c.name: {o for names, _ in c.flags for o in names} for c in methods.classes()}
+    chosen_flags = set().union(*(options[name] for name in chosen))
+    for name, flags in options.items():
+        stray = sorted(f for f in flags - chosen_flags if f in given) if name not in chosen else []
+        if stray:
+            raise ConfigError(f"{', '.join(stray)} belongs to the plasticity method {name}, which is not in "
+                              f"--plasticity ({args.plasticity or 'none'}); add {name} to --plasticity or drop the flag")
 
 
 def resolve(args: argparse.Namespace) -> argparse.Namespace:
     """Fill the defaults that depend on the dataset or the machine, then refuse impossible values."""
-    dataset = DATASETS.get(args.dataset)
-    model = MODELS.get(args.model)
+    dataset = family("dataset").get(args.dataset)
+    family("model").get(args.model)
     args.backbone = args.backbone or dataset.DEFAULT_BACKBONE
-    backbone = BACKBONES.get(args.backbone)
-    policy = BUFFER_POLICIES.get(args.buffer_policy)
+    family("backbone").get(args.backbone)
+    family("buffer policy").get(args.buffer_policy)
     if args.batch_size is None:
         args.batch_size = dataset.DEFAULT_BATCH_SIZE
     if args.n_epochs is None:
@@ -213,7 +241,6 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
         args.minibatch_size = args.batch_size
     if args.eval_scope is None:
         args.eval_scope = "current" if dataset.LONG_STREAM else "seen"
-    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
 
     if args.lr is None:
         raise ConfigError("--lr is required (or --model_config best for the published value)")
@@ -227,6 +254,7 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
         (args.buffer_size >= 0, f"--buffer_size cannot be negative, got {args.buffer_size}"),
         (0 <= args.optim_wd < math.inf, f"--optim_wd must be a finite number ≥ 0, got {args.optim_wd}"),
         (args.log_every >= 0, f"--log_every cannot be negative, got {args.log_every}"),
+        (args.num_threads >= 0, f"--num_threads cannot be negative, got {args.num_threads} (0 chooses)"),
         (args.log_every == 0 or args.covariates, "--log_every N logs covariates every N steps; add --covariates"),
         (args.probe_size >= 1, f"--probe_size must be at least 1, got {args.probe_size}"),
         (args.dormant_tau >= 0, f"--dormant_tau cannot be negative, got {args.dormant_tau}"),
@@ -234,10 +262,23 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
     for ok, sentence in checks:
         if not ok:
             raise ConfigError(sentence)
-    for component in (dataset, backbone, model, policy):  # each chosen component checks its own flags
-        component.check_args(args)
     args.bucket_thresholds = _thresholds(args.bucket_thresholds)
     args.last_k = _last_k(args.last_k)
+    # The components themselves (and torch) from here on: each chosen one checks its own flags.
+    import torch
+
+    from backbones import BACKBONES
+    from buffer_policies import BUFFER_POLICIES
+    from datasets import DATASETS
+    from models import MODELS
+    from plasticity import PLASTICITY
+
+    for name in method_names(args.plasticity):
+        PLASTICITY.get(name).check_args(args)
+    for registry, name in ((DATASETS, args.dataset), (BACKBONES, args.backbone), (MODELS, args.model),
+                           (BUFFER_POLICIES, args.buffer_policy)):
+        registry.get(name).check_args(args)
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"--device {args.device} asked for CUDA but no GPU is visible; pass --device cpu")
     return args

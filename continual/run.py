@@ -36,6 +36,7 @@ from utils.mlflow_logger import (
     environment_tags,
 )
 from utils.registry import declared_flags
+from utils.threads import choose_threads
 
 
 def set_seed(seed: int) -> None:
@@ -122,6 +123,9 @@ def run(args: argparse.Namespace, logger: RunLogger | RecordingLogger | None = N
         dataset.mem_scores = load_scores(args.mem_scores, dataset)
     backbone = BACKBONES.get(args.backbone)(args, dataset.SHAPE, dataset.N_CLASSES).to(args.device)
     model = MODELS.get(args.model)(backbone, dataset, args)
+    args.num_threads, threads_reason = choose_threads(args.num_threads, sum(p.numel() for p in backbone.parameters()))
+    torch.set_num_threads(args.num_threads)
+    print(f"{args.num_threads} CPU thread{'s' if args.num_threads > 1 else ''}: {threads_reason}", flush=True)
     state = RunState.fresh(dataset)
     if checkpoint is not None:
         model.net.load_state_dict(checkpoint["net"])
@@ -138,6 +142,7 @@ def run(args: argparse.Namespace, logger: RunLogger | RecordingLogger | None = N
         logger.load_state_dict(checkpoint["logger"])
     if checkpoint is None:
         log_new_run(logger, args, dataset)
+    logger.set_tags({"threads": f"{args.num_threads}: {threads_reason}"})
     checkpoint_path = None
     if args.savecheck:
         checkpoint_path = Path(args.resume) if args.resume else Path(args.checkpoint_dir) / f"{logger.run_id}.pt"

@@ -25,16 +25,13 @@ PARENT_TAG = "mlflow.parentRunId"
 
 def run_cell(key: str, argv: list[str], checkpoint_dir: str, threads: int | None = None) -> dict:
     """Worker: train one cell, resuming from its checkpoint when a killed sweep left one."""
-    import torch
-
     from continual.args import computational_config, parse_args
     from continual.run import run
     from utils.checkpoint import check_same_config, load_checkpoint
 
-    if threads:
-        torch.set_num_threads(threads)
     checkpoint = Path(checkpoint_dir) / f"{key}.pt"
-    argv = [*argv, "--non_verbose", "--savecheck", "--checkpoint_dir", checkpoint_dir]
+    argv = [*argv, "--non_verbose", "--savecheck", "--checkpoint_dir", checkpoint_dir,
+            *(["--num_threads", str(threads)] if threads else [])]
     start = time.time()
     logger = RecordingLogger(run_id=key)
     outcome, error = "finished", ""

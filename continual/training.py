@@ -42,7 +42,9 @@ from utils.plots import (
 
 LOSS_REFRESH_STEPS = 20  # read the loss back from the device this often (progress bar and NaN check)
 PER_TASK_METRICS_UP_TO = 50  # log each task's accuracy as its own metric for streams up to this long
-FIGURES_EVERY = 10  # on longer streams, redraw the figures this often (and after the last task)
+# While a run is watched, redraw its figures after a task when this long has passed since the last
+# drawing (and always after the last task): a short run draws them once, a long one keeps them fresh.
+FIGURES_EVERY_S = 60.0
 
 
 @dataclass
@@ -53,6 +55,7 @@ class RunState:
     next_task: int = 0
     epoch_losses: list[float] = field(default_factory=list)
     history: dict[str, list[float]] = field(default_factory=dict)  # per-task scalars, for the figures
+    figures_drawn_at: float = field(default_factory=time.monotonic)  # not checkpointed
 
     def terminal_accuracy(self, setting: str) -> np.ndarray:
         """Test accuracy of each finished task right after it was trained, before any further update."""
@@ -189,9 +192,10 @@ def record_task(model: ContinualModel, dataset: ContinualDataset, task: int, log
         figure = value_histogram(everything, kept, f"memorization values after task {task + 1}")
         logger.log_figure(figure, name)
         close(figure)
-    on_cadence = dataset.n_tasks <= FIGURES_EVERY or (task + 1) % FIGURES_EVERY == 0
-    if task == dataset.n_tasks - 1 or (on_cadence and logger.LIVE):
+    due = logger.LIVE and time.monotonic() - state.figures_drawn_at >= FIGURES_EVERY_S
+    if task == dataset.n_tasks - 1 or due:
         log_figures(model, dataset, task, logger, state)
+        state.figures_drawn_at = time.monotonic()
     return metrics
 
 

@@ -1,8 +1,11 @@
 """seq-digits and perm-digits: scikit-learn's bundled 8×8 handwritten digits (real data, available offline)."""
 from __future__ import annotations
 
+import gzip
+import importlib.util
+from pathlib import Path
+
 import numpy as np
-from sklearn.datasets import load_digits
 
 from datasets import ContinualDataset, register_dataset
 from datasets.mnist import PermutedPixels
@@ -11,11 +14,20 @@ TEST_FRACTION = 0.2
 SPLIT_SEED = 0  # the train/test split is fixed, whatever --seed says, so results stay comparable
 
 
+def digits_file() -> Path:
+    """scikit-learn's bundled copy of the UCI digits (1797 rows of 64 pixels in 0..16, then the label).
+
+    Read directly: `sklearn.datasets.load_digits` reads the same file but importing it costs seconds."""
+    spec = importlib.util.find_spec("sklearn")  # finds the package without importing it
+    return Path(spec.submodule_search_locations[0]) / "datasets" / "data" / "digits.csv.gz"
+
+
 def load_digits_split() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """The fixed, class-stratified 80/20 split: train and test images (uint8 [N, 1, 8, 8]) and labels."""
-    digits = load_digits()
-    images = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)[:, None]
-    labels = digits.target.astype(np.int64)
+    with gzip.open(digits_file(), "rt") as f:
+        table = np.loadtxt(f, delimiter=",")
+    images = np.round(table[:, :-1].reshape(-1, 8, 8) * (255.0 / 16.0)).astype(np.uint8)[:, None]
+    labels = table[:, -1].astype(np.int64)
     rng = np.random.default_rng(SPLIT_SEED)
     is_test = np.zeros(len(labels), dtype=bool)
     for c in range(10):

@@ -10,7 +10,6 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torch.nn.functional as F
-from scipy.stats import spearmanr
 
 from models import ContinualModel, register_model
 from models._memorization_proxy import PROXIES, MemorizationProxy
@@ -108,6 +107,8 @@ class Maer(ContinualModel):
             proxy, scores = self.proxy.values()[seen], self.scores[seen]
             both = np.isfinite(proxy) & np.isfinite(scores)
             if both.sum() > 2:
+                from scipy.stats import spearmanr  # importing scipy.stats takes a second or two
+
                 record["metrics"][f"spearman_{self.proxy.kind}_vs_scores"] = float(
                     spearmanr(proxy[both], scores[both]).statistic)
         return record

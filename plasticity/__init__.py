@@ -16,7 +16,7 @@ import torch
 from backbones import Backbone
 from plasticity._hidden_units import HiddenUnits
 from utils.errors import ConfigError
-from utils.registry import Registry, declared_flags
+from utils.registry import Registry, method_names  # noqa: F401 (method_names: part of this family's interface)
 
 
 class PlasticityMethod:
@@ -61,35 +61,6 @@ class PlasticityMethod:
 
 PLASTICITY: Registry[PlasticityMethod] = Registry("plasticity method", "plasticity")
 register_plasticity = PLASTICITY.register
-
-
-def method_names(text: str | None) -> list[str]:
-    """`--plasticity` as a list of names ('' and 'none' mean no method)."""
-    names = [n.strip() for n in (text or "").split(",") if n.strip() and n.strip() != "none"]
-    if len(set(names)) != len(names):
-        raise ConfigError(f"--plasticity lists a method twice ({text!r}); name each method once")
-    return names
-
-
-def check_plasticity_args(args: argparse.Namespace, argv: list[str]) -> None:
-    """Unknown methods, out-of-range values, and flags of methods that were not chosen end the run."""
-    chosen = method_names(args.plasticity)
-    for name in chosen:
-        PLASTICITY.get(name).check_args(args)
-    given = {token.split("=")[0] for token in argv if token.startswith("--")}
-    chosen_flags = set().union(*(_options_of(PLASTICITY.get(n)) for n in chosen))
-    for name in PLASTICITY.names():
-        if name in chosen:
-            continue
-        flags = _options_of(PLASTICITY.get(name)) - chosen_flags
-        stray = sorted(f for f in flags if f in given)
-        if stray:
-            raise ConfigError(f"{', '.join(stray)} belongs to the plasticity method {name}, which is not in "
-                              f"--plasticity ({args.plasticity or 'none'}); add {name} to --plasticity or drop the flag")
-
-
-def _options_of(method: type[PlasticityMethod]) -> set[str]:
-    return {option for options in declared_flags(method).values() for option in options}
 
 
 class Plasticity:

@@ -44,6 +44,8 @@ def test_er_run_logs_arguments_metrics_tags_and_artifacts(tracking_uri):
     assert logged.data.tags["mlflow.source.name"] and logged.inputs.dataset_inputs[0].dataset.name == "seq-digits"
     tags = logged.data.tags
     assert tags["device"] == "cpu" and tags["torch_version"] and tags["git_commit"]
+    # the thread count chosen for the 64-100-100-10 MLP, and why, are on record
+    assert params["num_threads"] == "1" and tags["threads"] == "1: a network of 0.02M parameters trains fastest on one thread"
     history = client.get_metric_history(logged.info.run_id, "acc_class_il")
     assert [m.step for m in history] == [0, 1, 2, 3, 4]
     assert [m.value for m in history][-1] == pytest.approx(np.mean(state.matrices["class_il"][4]))
@@ -129,7 +131,8 @@ def test_help_shows_the_flags_of_every_component(capsys):
 
 
 @pytest.mark.parametrize("argv, sentence", [
-    (["--model", "nope", "--lr", "0.1"], "unknown model 'nope'; known models: der, derpp, er, joint, maer, sgd"),
+    (["--model", "nope", "--lr", "0.1"], "unknown model 'nope'; known models: agem, bic, der, derpp, er, er_ace, ewc_on, gdumb, icarl, joint, lwf, "
+                                       "maer, sgd, si, xder"),
     (["--model", "sgd", "--dataset", "nope", "--lr", "0.1"], "unknown dataset 'nope'; known datasets: "),
     (["--model", "sgd", "--backbone", "nope", "--lr", "0.1"], "unknown backbone 'nope'; known backbones: "),
     (["--model", "er", "--buffer_size", "10", "--buffer_policy", "nope", "--lr", "0.1"],

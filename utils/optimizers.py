@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import argparse
 import math
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 
@@ -12,6 +14,8 @@ OPTIMIZERS = ("sgd", "adam", "adamw")
 def build_optimizer(params, args: argparse.Namespace) -> torch.optim.Optimizer:
     """The optimizer named by --optimizer: SGD with --optim_mom (Nesterov's with --optim_nesterov, where the
     command has it), or Adam/AdamW with --optim_eps."""
+    import torch  # here, so that the command line can name the optimizers without importing torch
+
     if args.optimizer == "sgd":
         return torch.optim.SGD(params, lr=args.lr, momentum=args.optim_mom, weight_decay=args.optim_wd,
                                nesterov=getattr(args, "optim_nesterov", False))
@@ -46,5 +50,7 @@ def build_schedule(optimizer: torch.optim.Optimizer, schedule: str, steps_per_ep
         if schedule == "onecycle":
             return 1.0 - progress
         return 1.0
+
+    import torch
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)

@@ -72,3 +72,11 @@ def declared_flags(component: type) -> dict[str, tuple[str, ...]]:
     parser = argparse.ArgumentParser(add_help=False)
     component.add_args(parser)
     return flags_of(parser)
+
+
+def method_names(text: str | None) -> list[str]:
+    """`--plasticity` as a list of names ('' and 'none' mean no method)."""
+    names = [n.strip() for n in (text or "").split(",") if n.strip() and n.strip() != "none"]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"--plasticity lists a method twice ({text!r}); name each method once")
+    return names

@@ -1,0 +1,85 @@
+"""agem: Averaged Gradient Episodic Memory (A-GEM).
+
+A. Chaudhry, M. Ranzato, M. Rohrbach, M. Elhoseiny, "Efficient Lifelong Learning with A-GEM", ICLR 2019.
+
+The step follows the stream batch's gradient g unless it would increase the loss on the episodic
+memory to first order: with g_ref the gradient of the loss on a batch drawn from the memory, a g with
+g·g_ref < 0 is replaced by its projection g − (g·g_ref / g_ref·g_ref) g_ref, which has g·g_ref = 0.
+The projection runs in `edit_gradients`, between the task loop's backward pass and its optimizer step.
+
+The memory is filled as in Mammoth's agem (the version its DER-paper hyperparameters were tuned with):
+at the end of each task, --buffer_size // n_tasks examples drawn at random from the task's training
+data, unaugmented, are offered to the buffer, so every task keeps an equal share.
+"""
+from __future__ import annotations
+
+import torch
+
+from datasets import DATASETS
+from models import ContinualModel, register_model
+from utils.errors import ConfigError
+
+
+def project(g: torch.Tensor, g_ref: torch.Tensor) -> torch.Tensor:
+    """A-GEM's update direction: g if g·g_ref ≥ 0, else g − (g·g_ref / ‖g_ref‖²) g_ref (no host sync)."""
+    dot = torch.dot(g, g_ref)
+    scale = dot.clamp(max=0) / torch.dot(g_ref, g_ref).clamp_min(torch.finfo(g.dtype).tiny)
+    return g - scale * g_ref
+
+
+def flat_gradients(params: list[torch.nn.Parameter]) -> torch.Tensor:
+    """The parameters' .grad as one vector (zeros for a parameter without a gradient)."""
+    return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
+
+
+def write_gradients(params: list[torch.nn.Parameter], flat: torch.Tensor) -> None:
+    """Set each parameter's .grad to its slice of `flat`."""
+    offset = 0
+    for p in params:
+        chunk = flat[offset:offset + p.numel()].view_as(p)
+        offset += p.numel()
+        if p.grad is None:
+            p.grad = chunk.clone()
+        else:
+            p.grad.copy_(chunk)
+
+
+@register_model("agem")
+class AGem(ContinualModel):
+    """Stream cross-entropy; the gradient is projected against the memory's in `edit_gradients`."""
+
+    USES_BUFFER = True
+
+    @classmethod
+    def check_args(cls, args):
+        super().check_args(args)
+        n_tasks = args.n_tasks if args.n_tasks is not None else DATASETS.get(args.dataset).N_TASKS
+        if args.buffer_size < n_tasks:
+            raise ConfigError(f"agem keeps --buffer_size // n_tasks examples of each task, none with --buffer_size "
+                              f"{args.buffer_size} over {n_tasks} tasks; pass --buffer_size of at least {n_tasks}")
+
+    def observe(self, inputs, labels, not_aug_inputs, indices, task):
+        return self.loss(self.net(inputs), labels)
+
+    def reference_gradient(self, params: list[torch.nn.Parameter]) -> torch.Tensor:
+        """g_ref: the gradient of the cross-entropy on a batch drawn from the memory (leaves .grad alone)."""
+        replay = self.buffer.get_data(self.args.minibatch_size, transform=self.transform)
+        loss = self.loss(self.net(replay["examples"]), replay["labels"])
+        grads = torch.autograd.grad(loss, params, allow_unused=True)
+        return torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(grads, params)])
+
+    def edit_gradients(self, task):
+        if self.buffer.is_empty():
+            return
+        params = [p for p in self.net.parameters() if p.requires_grad]
+        g = flat_gradients(params)
+        write_gradients(params, project(g, self.reference_gradient(params)))
+
+    @torch.no_grad()
+    def end_task(self, task):
+        data = self.training_data(task)
+        per_task = self.args.buffer_size // self.dataset.n_tasks
+        rows = torch.randperm(len(data), device=data.labels.device)[:per_task]
+        indices = data.indices[rows]
+        self.buffer.add_data(data.images[rows], data.labels[rows], indices=indices,
+                             task_labels=torch.full_like(indices, task))
