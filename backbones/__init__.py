@@ -64,7 +64,7 @@ class Backbone(nn.Module):
 
         Resets and Shrink & Perturb call this on a scratch copy of the network and take the values
         they need from it. The default is each module's `reset_parameters` (PyTorch's initialisation,
-        used by the mlp and resnet backbones); a backbone initialised otherwise overrides it.
+        used by the resnet backbones); a backbone initialised otherwise (mlp, vit) overrides it.
         """
         for module in self.modules() if modules is None else modules:
             if hasattr(module, "reset_parameters"):

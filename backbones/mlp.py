@@ -8,6 +8,16 @@ from torch import nn
 
 from backbones import Backbone, UnitGroup, register_backbone
 
+INITS = ("xavier", "torch")
+# The datasets on which Mammoth builds this network as its MNISTMLP, whose reset_parameters applies
+# Xavier-uniform weights and zero biases to every linear layer, the classifier included.
+MAMMOTH_DATASETS = ("seq-mnist", "perm-mnist", "rot-mnist")
+
+
+def default_init(dataset: str | None) -> str:
+    """--mlp_init when none is given: Mammoth's on Mammoth's datasets, PyTorch's elsewhere."""
+    return "xavier" if dataset in MAMMOTH_DATASETS else "torch"
+
 
 @register_backbone("mlp")
 class MLP(Backbone):
@@ -17,14 +27,42 @@ class MLP(Backbone):
     def add_args(parser):
         parser.add_argument("--mlp_hidden", type=str, default="100,100",
                             help="comma-separated hidden layer widths of the mlp backbone")
+        parser.add_argument("--mlp_init", choices=INITS, default=None,
+                            help="initialisation of every linear layer of the mlp, head included: xavier "
+                                 "(Xavier-uniform weights, bound sqrt(6/(fan_in+fan_out)), zero biases: "
+                                 "Mammoth's MNISTMLP) or torch (PyTorch's nn.Linear default, weights and "
+                                 "biases uniform within 1/sqrt(fan_in)); default: xavier on Mammoth's "
+                                 f"datasets ({', '.join(MAMMOTH_DATASETS)}), torch on the others")
+
+    @staticmethod
+    def check_args(args):
+        if getattr(args, "mlp_init", None) is None:
+            args.mlp_init = default_init(getattr(args, "dataset", None))
 
     def __init__(self, args, input_shape: tuple[int, ...], n_classes: int):
         super().__init__()
+        self.init = getattr(args, "mlp_init", None) or default_init(getattr(args, "dataset", None))
         widths = [math.prod(input_shape)] + [int(w) for w in str(args.mlp_hidden).split(",") if w]
         self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(widths[:-1], widths[1:]))
         # One ReLU module per layer, so each layer's activations can be observed on its own.
         self.activations = nn.ModuleList(nn.ReLU() for _ in self.layers)
         self.head = nn.Linear(widths[-1], n_classes)
+        if self.init == "xavier":
+            # As Mammoth: the layers are built (drawing PyTorch's initialisation), then redrawn in
+            # order, so one seed gives Mammoth's initial weights exactly.
+            self.reinitialize_()
+
+    @torch.no_grad()
+    def reinitialize_(self, modules: list[nn.Module] | None = None) -> None:
+        """Fresh draws of the --mlp_init initialisation for `modules` (default: every layer, in order)."""
+        for module in self.modules() if modules is None else modules:
+            if not isinstance(module, nn.Linear):
+                continue
+            if self.init == "xavier":
+                nn.init.xavier_uniform_(module.weight)
+                nn.init.zeros_(module.bias)
+            else:
+                module.reset_parameters()
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         x = x.flatten(1)

@@ -210,9 +210,9 @@ def main() -> None:
     parser.add_argument("--mammoth_python", default="/work/mammoth-venv/bin/python",
                         help="the interpreter of a venv with Mammoth's requirements")
     parser.add_argument("--mammoth_num_workers", type=int, default=None,
-                        help="--num_workers for Mammoth's run (default: Mammoth's own, min(8, CPUs))")
+                        help="--num_workers for Mammoth's run (None: Mammoth's own, min(8, CPUs))")
     parser.add_argument("--omp_num_threads", type=int, default=None,
-                        help="OMP_NUM_THREADS for both programs (default: unset)")
+                        help="OMP_NUM_THREADS for both programs (None: unset)")
     cli = parser.parse_args()
     cases = [c for c in cli.cases.split(",") if c]
     unknown = sorted(set(cases) - set(CASES))

@@ -100,7 +100,7 @@ def main() -> None:
     for load in ("as found", "loaded"):
         for workload in workloads:
             rates = [statistics.median(results[(load, workload, t, n)]) for t, n in columns]
-            print(f"| {load} | {workload} | " + " | ".join(f"{r:.1f}" for r in rates) + f" | {max(rates) / rates[0]:.2f} |")
+            print(f"| {load} | {workload} | " + " | ".join(f"{r:.3g}" for r in rates) + f" | {max(rates) / rates[0]:.2f} |")
     print(f"\nload average at the end {os.getloadavg()}; 'loaded' adds {os.cpu_count()} busy processes")
 
 

@@ -75,7 +75,7 @@ class Buffer:
         batch = {"examples": examples, "labels": labels, "logits": logits,
                  "task_labels": task_labels, "indices": indices}
         if self.examples is None:
-            self._allocate(batch)
+            self.allocate(batch)
         slots, rows = self.policy.insert(self, labels)
         for name, value in batch.items():
             store = getattr(self, name)
@@ -111,7 +111,9 @@ class Buffer:
         """The buffer now holds exactly slots [0, n); the next stream example counts as the (n + 1)-th."""
         self.n_seen = n
 
-    def _allocate(self, batch: dict[str, torch.Tensor | None]) -> None:
+    def allocate(self, batch: dict[str, torch.Tensor | None]) -> None:
+        """Allocate, at the buffer's capacity, a zero store for every field of `batch` (on the first insert,
+        or before a policy writes rows into a buffer that was never offered a batch)."""
         for name, value in batch.items():
             if value is not None:
                 shape = (self.capacity, *value.shape[1:])

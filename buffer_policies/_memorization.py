@@ -101,6 +101,8 @@ class MemorizationPolicy(BufferPolicy):
     def end_task(self, buffer, task: int, classes_of_task: list[range], candidates: dict[str, torch.Tensor],
                  values: np.ndarray) -> None:
         """Fill the task's share with the policy's choice among all the task's examples, class by class."""
+        if buffer.labels is None:  # a model that offers no stream batches (agem) fills the buffer only here
+            buffer.allocate(candidates)
         classes = list(classes_of_task[task])
         labels = candidates["labels"].cpu().numpy()
         indices = candidates["indices"].cpu().numpy()

@@ -9,7 +9,9 @@ The projection runs in `edit_gradients`, between the task loop's backward pass a
 
 The memory is filled as in Mammoth's agem (the version its DER-paper hyperparameters were tuned with):
 at the end of each task, --buffer_size // n_tasks examples drawn at random from the task's training
-data, unaugmented, are offered to the buffer, so every task keeps an equal share.
+data, unaugmented, are offered to the buffer, so every task keeps an equal share. With a memorization
+--buffer_policy (min, max, ... and --mem_scores) the policy chooses each task's share instead, from all
+of the task's training examples (the replay contract's re-selection in models/__init__.py).
 """
 from __future__ import annotations
 
@@ -77,6 +79,9 @@ class AGem(ContinualModel):
 
     @torch.no_grad()
     def end_task(self, task):
+        if self.reselects_buffer():
+            super().end_task(task)
+            return
         data = self.training_data(task)
         per_task = self.args.buffer_size // self.dataset.n_tasks
         rows = torch.randperm(len(data), device=data.labels.device)[:per_task]

@@ -4,6 +4,8 @@ ER (or DER++ with --replay derpp) whose buffer policy re-selects, at the end of 
 the task's examples to keep by a memorization value: precomputed scores (--mem_scores, from
 eval_splits.py or the paper's released arrays) or an online proxy computed from the forward passes
 training already makes (--mem_proxy). With both, the scores choose and the proxy is compared to them.
+The re-selection itself is the replay contract's (models/__init__.py), shared with every replay model
+that takes --mem_scores; the online proxy is maer's.
 """
 from __future__ import annotations
 
@@ -40,7 +42,6 @@ class Maer(ContinualModel):
         self.scores = dataset.mem_scores
         self.proxy = None if args.mem_proxy == "none" else MemorizationProxy(args.mem_proxy, len(dataset.train),
                                                                               self.device)
-        self.selection: dict = {}
 
     def observe(self, inputs, labels, not_aug_inputs, indices, task):
         batch_size = len(labels)
@@ -63,45 +64,9 @@ class Maer(ContinualModel):
     def memorization_values(self) -> np.ndarray:
         return self.scores if self.scores is not None else self.proxy.values()
 
-    def begin_task(self, task):
-        if self.buffer.policy.NEEDS_MEMORIZATION_VALUES:
-            self.buffer.policy.begin_task(self.buffer, task, self.classes_of_tasks(task), self.memorization_values())
-
-    def classes_of_tasks(self, task: int) -> list[range]:
-        return [self.dataset.task_classes(t) for t in range(task + 1)]
-
-    @torch.no_grad()
-    def end_task(self, task):
-        policy = self.buffer.policy
-        if not policy.NEEDS_MEMORIZATION_VALUES:
-            return
-        split = self.dataset.train_split(task)
-        candidates = {"examples": split.images, "labels": split.labels, "indices": split.indices,
-                      "task_labels": torch.full_like(split.indices, task)}
-        if self.buffer.logits is not None:  # DER++ targets for newly chosen examples: the logits now
-            self.net.eval()
-            candidates["logits"] = torch.cat([self.net(self.dataset.test_transform(split.images[i:i + 512]))
-                                              for i in range(0, len(split), 512)])
-            self.net.train()
-        values = self.memorization_values()
-        policy.end_task(self.buffer, task, self.classes_of_tasks(task), candidates, values)
-        kept = {k: v.cpu().numpy() for k, v in self.buffer.get_all().items() if k in ("indices", "labels")}
-        task_values = values[split.indices.cpu().numpy()]
-        self.selection = {"task": task, "kept": kept, "task_values": task_values,
-                          "buffer_values": values[kept["indices"]],
-                          "undefined": int(np.isnan(task_values).sum())}
-
     def task_record(self, task: int) -> dict:
-        """What to log after a task: kept indices, class counts, value histograms, proxy–score agreement."""
-        record = {"metrics": {}, "arrays": {}, "histograms": {}}
-        if self.selection.get("task") == task:
-            kept = self.selection["kept"]
-            record["arrays"][f"buffer/indices_task_{task}.npy"] = kept["indices"]
-            classes, counts = np.unique(kept["labels"], return_counts=True)
-            record["metrics"].update({f"buffer_count_class_{c}": int(n) for c, n in zip(classes, counts)})
-            record["metrics"]["mem_values_undefined"] = self.selection["undefined"]
-            record["histograms"][f"buffer/values_task_{task}.png"] = (self.selection["task_values"],
-                                                                      self.selection["buffer_values"])
+        """The contract's selection record, and the proxy's Spearman correlation with the scores."""
+        record = super().task_record(task)
         if self.scores is not None and self.proxy is not None:
             seen = self.dataset.train_split(task).indices.cpu().numpy()
             proxy, scores = self.proxy.values()[seen], self.scores[seen]
