@@ -18,6 +18,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from utils.cache import cache_dir
 from utils.errors import ConfigError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -99,11 +100,6 @@ def source_digest(root: Path = REPO_ROOT) -> str:
         for file in sorted(path.rglob("*.py")) if path.is_dir() else [path]:
             digest.update(str(file.relative_to(root)).encode() + b"\0" + file.read_bytes() + b"\0")
     return digest.hexdigest()[:24]
-
-
-def cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "continual-memorization"
 
 
 def build() -> dict[str, Family]:

@@ -5,6 +5,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -14,6 +15,9 @@ import pytest
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # Small networks train fastest single-threaded, and tests may run beside other work.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# The session's own cache folder (component catalogue, empty MLflow store), inherited by the processes
+# tests start: what a user's cache holds never changes a test, and each session builds it once.
+os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="test-cache-")
 
 
 @pytest.fixture
@@ -130,3 +134,9 @@ def train_steps(model, dataset, steps: int, task: int = 0, batch_size: int = 32)
         raw = split.images[rows]
         loss = model.observe(dataset.test_transform(raw), split.labels[rows], raw, split.indices[rows], task)
         optimizer_step(model, loss, task)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    import shutil
+
+    shutil.rmtree(os.environ["XDG_CACHE_HOME"], ignore_errors=True)

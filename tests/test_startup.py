@@ -125,3 +125,45 @@ def test_the_digits_are_read_from_scikit_learns_file_exactly_as_load_digits_read
         assert all(table[row.tobytes()] == label for row, label in zip(x, y))
     counts = np.bincount(np.concatenate([train_y, test_y]), minlength=10)
     np.testing.assert_array_equal(counts, np.bincount(digits.target, minlength=10))
+
+
+def test_a_new_store_is_a_copy_of_an_empty_store_with_mlflows_own_schema(tmp_path, monkeypatch):
+    import sqlite3
+
+    from mlflow.tracking import MlflowClient
+
+    from utils import mlflow_logger
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    stores = []
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        uri = f"sqlite:///{tmp_path / name / 'mlflow.db'}"
+        logger = mlflow_logger.RunLogger(uri, "exp", run_name="r")
+        logger.log_metrics({"m": 1.0}, step=0)
+        logger.finish("FINISHED")
+        client = MlflowClient(uri)
+        (run,) = client.search_runs([client.get_experiment_by_name("exp").experiment_id])
+        assert run.data.metrics == {"m": 1.0} and run.info.status == "FINISHED"
+        assert client.get_experiment("0").artifact_location == str(tmp_path / name / "mlruns" / "0")
+        stores.append(tmp_path / name / "mlflow.db")
+    (template,) = (tmp_path / "cache" / "continual-memorization").glob("mlflow-*-empty-store.db")
+    built = tmp_path / "built.db"
+    MlflowClient(f"sqlite:///{built}").search_experiments()  # a store MLflow migrates itself
+
+    def schema(path):
+        with sqlite3.connect(path) as connection:
+            return (sorted(connection.execute("SELECT type, name, sql FROM sqlite_master").fetchall()),
+                    connection.execute("SELECT version_num FROM alembic_version").fetchall())
+
+    assert schema(template) == schema(built) == schema(stores[1])
+
+
+def test_without_a_writable_cache_mlflow_builds_the_store_itself(tmp_path, monkeypatch):
+    from utils import mlflow_logger
+
+    (tmp_path / "not_a_folder").write_text("")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "not_a_folder"))
+    logger = mlflow_logger.RunLogger(f"sqlite:///{tmp_path / 'mlflow.db'}", "exp", run_name="r")
+    logger.finish("FINISHED")
+    assert (tmp_path / "mlflow.db").stat().st_size > 0

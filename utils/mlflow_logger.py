@@ -25,6 +25,8 @@ import mlflow  # noqa: E402  (after the environment above is set)
 from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunTag  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
+from utils.cache import cache_dir  # noqa: E402
+
 # MLflow 3 opens an experiment in its model-training view (not the GenAI one) when it carries this tag.
 EXPERIMENT_KIND, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_development"
 
@@ -62,12 +64,44 @@ def store_lock(tracking_uri: str):
         return
     import fcntl
 
-    with open(Path(tracking_uri[len("sqlite:///"):]).with_suffix(".lock"), "a") as lock:
+    database = Path(tracking_uri[len("sqlite:///"):])
+    with open(database.with_suffix(".lock"), "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
+            if not database.exists() or database.stat().st_size == 0:
+                _seed_new_store(database)
             yield
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _seed_new_store(database: Path) -> None:
+    """Start a new SQLite store as a copy of an empty store of this MLflow version.
+
+    MLflow builds a new store by running its schema migrations, which takes seconds (6–7 s on 2
+    shared cores) every time; a copy takes milliseconds. The empty store is built once per MLflow
+    version in the cache folder; its Default experiment is pointed at `mlruns/0` beside the new
+    database, where MLflow itself would have put it. Without a writable cache MLflow builds the store."""
+    import shutil
+    import sqlite3
+
+    template = cache_dir() / f"mlflow-{mlflow.__version__}-empty-store.db"
+    try:
+        if not template.exists():
+            template.parent.mkdir(parents=True, exist_ok=True)
+            building = template.with_suffix(f".{os.getpid()}.tmp")
+            building.unlink(missing_ok=True)
+            MlflowClient(f"sqlite:///{building}").search_experiments()  # MLflow's own migrations
+            os.replace(building, template)
+        copy = database.with_name(f".{database.name}.{os.getpid()}.tmp")
+        shutil.copyfile(template, copy)
+        with contextlib.closing(sqlite3.connect(copy)) as connection, connection:
+            now = int(time.time() * 1000)
+            connection.execute("UPDATE experiments SET artifact_location = ?, creation_time = ?, last_update_time = ? "
+                               "WHERE experiment_id = 0", (str(database.resolve().parent / "mlruns" / "0"), now, now))
+        os.replace(copy, database)
+    except (OSError, sqlite3.Error):  # no cache: MLflow creates the store on first use, as it always can
+        pass
 
 
 def _artifact_location(tracking_uri: str, experiment_name: str) -> str | None:
