@@ -4,7 +4,8 @@
 
 Writes the scores as float32 .npy in dataset order (NaN where undefined) with a JSON sidecar,
 the standard errors and in/out counts beside them, influence top-k and pairs, consistency scores
-when the plan has several ratios, and a report folder; everything is also logged to MLflow.
+and one score file per ratio when the plan has several ratios, the scores and influence top-k of
+every recorded epoch (NAME_epochs/epoch_<E>/), and a report folder; everything is also logged to MLflow.
 """
 from __future__ import annotations
 

@@ -10,10 +10,11 @@ from continual.args import parse_args
 from utils.errors import run_command
 
 
-def run(args) -> None:
-    from continual.run import run  # torch, MLflow and the components: only once the arguments are good
+def run(args):
+    """continual.run.run, imported here: torch, MLflow and the components only once the arguments are good."""
+    from continual.run import run
 
-    run(args)
+    return run(args)
 
 
 def main(argv: list[str] | None = None) -> int:

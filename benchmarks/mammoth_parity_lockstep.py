@@ -88,14 +88,16 @@ def import_mammoth(root: Path) -> SimpleNamespace:
         from models.derpp import Derpp
         from models.er import Er
         from models.sgd import Sgd
+        from utils.conf import base_path
+        from utils.evaluate import evaluate
     finally:
         os.chdir(cwd)  # Mammoth's models/__init__.py changes into its work tree
         sys.path[:] = path
     for name in [n for n in sys.modules if n.partition(".")[0] in MAMMOTH_PACKAGES]:
         del sys.modules[name]
     sys.path.insert(0, str(REPO))
-    return SimpleNamespace(net=BaseMNISTMLP, MyMNIST=MyMNIST, SequentialMNIST=SequentialMNIST,
-                           models={"sgd": Sgd, "er": Er, "der": Der, "derpp": Derpp})
+    return SimpleNamespace(net=BaseMNISTMLP, MyMNIST=MyMNIST, SequentialMNIST=SequentialMNIST, base_path=base_path,
+                           evaluate=evaluate, models={"sgd": Sgd, "er": Er, "der": Der, "derpp": Derpp})
 
 
 def mammoth_model(mammoth: SimpleNamespace, name: str, hyper: dict, seed: int):
@@ -104,7 +106,9 @@ def mammoth_model(mammoth: SimpleNamespace, name: str, hyper: dict, seed: int):
         seed=seed, lr=hyper["lr"], batch_size=hyper["batch_size"], buffer_size=hyper["buffer_size"],
         minibatch_size=hyper["minibatch_size"], alpha=hyper["alpha"], beta=hyper["beta"], optimizer="sgd",
         optim_wd=0.0, optim_mom=0.0, optim_nesterov=False, label_perc=1, label_perc_by_class=1, joint=0,
-        custom_task_order=None, custom_class_order=None, permute_classes=0, nowand=True)
+        custom_task_order=None, custom_class_order=None, permute_classes=0, nowand=True, validation=None,
+        validation_mode="current", noise_rate=0.0, num_workers=0, drop_last=False, debug_mode=False,
+        eval_future=False, non_verbose=True)
     dataset = mammoth.SequentialMNIST(args)
     torch.manual_seed(seed)
     net = mammoth.net(28 * 28, dataset.N_CLASSES)
@@ -202,6 +206,8 @@ def differences(step_loss, mnet, onet, mbuffer, obuffer) -> dict[str, float]:
 
 def lockstep(mammoth: SimpleNamespace, name: str, seed: int, data_path: str, n_tasks: int,
              steps_per_task: int | None) -> dict:
+    from continual.evaluation import evaluate
+
     mmodel, mdataset = mammoth_model(mammoth, name, HYPER, seed)
     omodel, odataset = ours_model(name, HYPER, seed, data_path)
     own_init_equal = all(torch.equal(m, o) for _, m, o in pairs(mmodel.net, omodel.net))
@@ -210,9 +216,11 @@ def lockstep(mammoth: SimpleNamespace, name: str, seed: int, data_path: str, n_t
             o.copy_(m)
     # As Mammoth's SequentialMNIST.get_data_loaders builds its training set (ToTensor, no augmentation).
     mtrain = mammoth.MyMNIST(str(Path(data_path) / "MNIST"), train=True, download=False, transform=ToTensor())
+    mammoth.base_path(f"{data_path}/")  # where Mammoth's get_data_loaders reads (its --base_path)
     recorder = Recorder(omodel.buffer, getattr(mmodel, "buffer", None))
-    first, worst, step, inputs_equal = None, {}, 0, True
+    first, worst, step, inputs_equal, accuracy = None, {}, 0, True, []
     for task in range(n_tasks):
+        mdataset.get_data_loaders()  # as Mammoth's training loop: its test loaders, up to this task
         mmodel.meta_begin_task(mdataset)
         omodel.begin_task(task)
         split = odataset.train_split(task)
@@ -237,8 +245,12 @@ def lockstep(mammoth: SimpleNamespace, name: str, seed: int, data_path: str, n_t
             step += 1
         omodel.end_task(task)
         mmodel.meta_end_task(mdataset)
+        # Each side's own evaluation of the seen tasks (test set), class-IL then task-IL.
+        mine = evaluate(omodel, odataset, task)
+        accuracy.append({"mammoth": [list(v) for v in mammoth.evaluate(mmodel, mdataset)],
+                         "ours": [mine["class_il"].tolist(), mine["task_il"].tolist()]})
     return {"model": name, "steps": step, "own_init_equal": own_init_equal, "inputs_equal": inputs_equal,
-            "draws_replayed": recorder.settled(), "first_difference": first, "worst": worst}
+            "draws_replayed": recorder.settled(), "first_difference": first, "worst": worst, "accuracy": accuracy}
 
 
 # -- reference ----------------------------------------------------------------------------------------

@@ -22,7 +22,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = REPO_ROOT / "configs" / "best"
 # Flags that say where to log or resume, not what is computed: a checkpoint may differ in these.
 NON_COMPUTATIONAL = {"resume", "savecheck", "checkpoint_dir", "tracking_uri", "experiment_name", "run_name",
-                     "non_verbose", "data_path", "download", "model_config", "config", "log_every", "num_threads"}
+                     "non_verbose", "data_path", "download", "model_config", "config", "log_every", "num_threads",
+                     "forgetting_events"}  # recording reads the forward passes training makes; it changes no result
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -115,6 +116,10 @@ def common_parser(first_pass: bool = False) -> argparse.ArgumentParser:
                         help="training examples of the current task the covariates are measured on")
     record.add_argument("--dormant_tau", type=float, default=0.025,
                         help="ReDO threshold τ of the dormant-unit covariate")
+    record.add_argument("--forgetting_events", action="store_true",
+                        help="count each training example's forgetting events (correct → wrong between consecutive "
+                             "presentations, Toneva et al. 2019) and log them as the score file "
+                             "forgetting/events.npy, usable with --mem_scores")
     record.add_argument("--ignore_other_metrics", action="store_true",
                         help="accepted for Mammoth command lines; the metrics here are always the same few")
     record.add_argument("--nowand", action="store_true", help="accepted for Mammoth command lines (no W&B here)")

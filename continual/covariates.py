@@ -12,6 +12,8 @@ import math
 import torch
 from torch import nn
 
+from plasticity.redo import redo_scores
+
 # A unit is "low activity" when it is active (> 0) on fewer than this fraction of (inputs × positions).
 LOW_ACTIVITY = 0.01
 # Stable rank (Dohare et al.): the number of singular values holding this fraction of their sum.
@@ -72,12 +74,8 @@ class _GroupAccumulator:
     def statistics(self, dormant_tau: float) -> dict[str, float | torch.Tensor]:
         """Per-group fractions (as tensors of flags for the overall sums) and ranks."""
         rows = max(self.rows, 1)
-        mean_abs = self.abs_sum / rows
-        layer_mean = mean_abs.mean()
-        if layer_mean > 0:
-            dormant = mean_abs / layer_mean <= dormant_tau
-        else:  # every activation is 0: every unit is dormant
-            dormant = torch.ones_like(mean_abs, dtype=torch.bool)
+        # ReDO's own score (all zeros, so every unit dormant, when the whole layer is silent).
+        dormant = redo_scores(self.abs_sum / rows) <= dormant_tau
         sigma = singular_values_from_gram(self.gram)
         return {
             "dead": self.positives == 0,
@@ -121,10 +119,9 @@ def _mean(values: list[float]) -> float:
     return sum(values) / len(values) if values else math.nan
 
 
-@torch.no_grad()
-def probe_statistics(backbone: nn.Module, images: torch.Tensor, dormant_tau: float,
-                     batch_size: int = 256) -> dict[str, float]:
-    """Dead/dormant/low-activity fractions, effective/stable ranks and attention entropy on probe images."""
+def _probe(backbone: nn.Module, images: torch.Tensor, batch_size: int):
+    """Run the backbone in eval mode over the probe images with accumulators on every unit group and
+    attention block; the modes, hooks and attention flags are restored afterwards."""
     groups = backbone.hidden_units()
     attention = list(backbone.attention_modules()) if hasattr(backbone, "attention_modules") else []
     parameter = next(backbone.parameters())
@@ -151,7 +148,26 @@ def probe_statistics(backbone: nn.Module, images: torch.Tensor, dormant_tau: flo
             module.fused_attn = flag
         for module, training in modes.items():
             module.training = training
+    return groups, accumulators, attention_accumulators
 
+
+@torch.no_grad()
+def dormant_units(backbone: nn.Module, images: torch.Tensor, dormant_tau: float,
+                  batch_size: int = 256) -> dict[str, torch.Tensor]:
+    """Per unit group, the flags of the units that `dormant_frac` counts as dormant on the probe images."""
+    groups, accumulators, _ = _probe(backbone, images, batch_size)
+    return {g.name: a.statistics(dormant_tau)["dormant"] for g, a in zip(groups, accumulators)}
+
+
+@torch.no_grad()
+def probe_statistics(backbone: nn.Module, images: torch.Tensor, dormant_tau: float,
+                     batch_size: int = 256) -> dict[str, float]:
+    """Dead/dormant/low-activity fractions, effective/stable ranks and attention entropy on probe images.
+
+    The backbone runs in eval mode: a unit's activation is a function of each input (a BatchNorm uses its
+    running statistics), as in ReDO's score, which `--plasticity redo` also measures in eval mode.
+    """
+    groups, accumulators, attention_accumulators = _probe(backbone, images, batch_size)
     result: dict[str, float] = {}
     flags = {"dead": [], "dormant": [], "low_activity": []}
     ranks = {"effective_rank": [], "stable_rank": []}
@@ -169,7 +185,7 @@ def probe_statistics(backbone: nn.Module, images: torch.Tensor, dormant_tau: flo
     for kind, values in ranks.items():
         result[f"{kind}_mean"] = _mean(values)
 
-    if attention:
+    if attention_accumulators:
         means = []
         for i, accumulator in enumerate(attention_accumulators):
             mean, std = accumulator.statistics()

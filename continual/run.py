@@ -14,6 +14,7 @@ from backbones import BACKBONES
 from buffer_policies import BUFFER_POLICIES
 from continual.args import computational_config
 from continual.evaluation import summary_metrics
+from continual.forgetting import StreamRecorder, log_forgetting
 from continual.training import RunState, train
 from datasets import DATASETS
 from memorization.plan import fingerprint
@@ -27,7 +28,7 @@ from utils.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from utils.errors import TrainingDiverged
+from utils.errors import ConfigError, TrainingDiverged
 from utils.mlflow_logger import (
     RecordingLogger,
     RunLogger,
@@ -127,6 +128,8 @@ def run(args: argparse.Namespace, logger: RunLogger | RecordingLogger | None = N
     torch.set_num_threads(args.num_threads)
     print(f"{args.num_threads} CPU thread{'s' if args.num_threads > 1 else ''}: {threads_reason}", flush=True)
     state = RunState.fresh(dataset)
+    if args.forgetting_events:
+        state.forgetting = StreamRecorder(len(dataset.train), args.device)
     if checkpoint is not None:
         model.net.load_state_dict(checkpoint["net"])
         model.opt.load_state_dict(checkpoint["optimizer"])
@@ -134,6 +137,11 @@ def run(args: argparse.Namespace, logger: RunLogger | RecordingLogger | None = N
         state = RunState({k: v.numpy() for k, v in checkpoint["matrices"].items()}, checkpoint["next_task"],
                          list(checkpoint["epoch_losses"]), {k: list(v) for k, v in checkpoint["history"].items()})
         set_rng_state(checkpoint["rng"])
+        if state.forgetting is not None:
+            if "forgetting" not in checkpoint:
+                raise ConfigError(f"checkpoint {args.resume} was written without --forgetting_events, so the "
+                                  f"forgetting events of its finished tasks are unknown; resume without the flag")
+            state.forgetting.load_state_dict(checkpoint["forgetting"])
 
     if logger is None:
         logger = RunLogger(args.tracking_uri, args.experiment_name, args.run_name or run_name(args),
@@ -156,6 +164,7 @@ def run(args: argparse.Namespace, logger: RunLogger | RecordingLogger | None = N
             "matrices": {k: torch.from_numpy(v) for k, v in state.matrices.items()},
             "net": model.net.state_dict(), "optimizer": model.opt.state_dict(), "extra": model.extra_state(),
             "rng": rng_state(),
+            **({"forgetting": state.forgetting.state_dict()} if state.forgetting is not None else {}),
         })
         print(f"checkpoint after task {state.next_task}: {checkpoint_path}", flush=True)
 
@@ -171,6 +180,10 @@ def run(args: argparse.Namespace, logger: RunLogger | RecordingLogger | None = N
         logger.finish("KILLED")
         raise
     print(summary_table(state, args))
+    if state.forgetting is not None:
+        log_forgetting(logger, state.forgetting, dataset, args, step=state.next_task - 1)
+        print(f"forgetting events: artifact forgetting/events.npy (and its events.json) of the run; download both "
+              f"and pass the .npy to --mem_scores", flush=True)
     logger.finish("FINISHED")
     if isinstance(logger, RunLogger):
         print(f"\nresults: MLflow run {logger.run_id} in {args.tracking_uri}; to look at them, run\n"

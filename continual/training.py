@@ -7,6 +7,7 @@ so no model can leave them out.
 from __future__ import annotations
 
 import argparse
+import functools
 import io
 import math
 import sys
@@ -27,6 +28,7 @@ from continual.evaluation import (
     terminal_metrics,
     training_accuracy,
 )
+from continual.forgetting import StreamRecorder
 from datasets import ContinualDataset
 from models import ContinualModel
 from plasticity._hidden_units import zero_head
@@ -56,6 +58,7 @@ class RunState:
     epoch_losses: list[float] = field(default_factory=list)
     history: dict[str, list[float]] = field(default_factory=dict)  # per-task scalars, for the figures
     figures_drawn_at: float = field(default_factory=time.monotonic)  # not checkpointed
+    forgetting: StreamRecorder | None = None  # --forgetting_events (checkpointed by continual/run.py)
 
     def terminal_accuracy(self, setting: str) -> np.ndarray:
         """Test accuracy of each finished task right after it was trained, before any further update."""
@@ -102,6 +105,7 @@ def train_task(model: ContinualModel, dataset: ContinualDataset, task: int, args
     probe = data.images[: args.probe_size]
     n, batch_size = len(data), args.batch_size
     steps = math.ceil(n / batch_size)
+    observe = model.observe if state.forgetting is None else functools.partial(state.forgetting.observe, model)
     for epoch in range(args.n_epochs):
         order = torch.randperm(n, device=data.labels.device)
         loss_sum = torch.zeros((), device=data.labels.device)
@@ -111,7 +115,7 @@ def train_task(model: ContinualModel, dataset: ContinualDataset, task: int, args
         for step in bar:
             rows = order[step * batch_size:(step + 1) * batch_size]
             raw = data.images[rows]
-            loss = model.observe(dataset.train_transform(raw), data.labels[rows], raw, data.indices[rows], task)
+            loss = observe(dataset.train_transform(raw), data.labels[rows], raw, data.indices[rows], task)
             if loss is not None:  # None: the batch only fed the model's memory
                 optimizer_step(model, loss, task)
                 loss_sum += loss.detach() * len(rows)
@@ -131,6 +135,8 @@ def train_task(model: ContinualModel, dataset: ContinualDataset, task: int, args
     # One write per task: a store write costs more than an epoch of a small network.
     logger.log_series("train_loss", state.epoch_losses[-args.n_epochs:], first_step=task * args.n_epochs)
     model.plasticity.check_stepped(task, model.NAME)
+    if state.forgetting is not None:
+        state.forgetting.detach()  # before end_task, where methods copy the network
     model.end_task(task)
 
 

@@ -194,9 +194,26 @@ def _mem_vs_loss(final: np.ndarray, loss: np.ndarray, noisy_mask: np.ndarray | N
     return figure
 
 
+def _forgetting_vs_mem(mem: np.ndarray, forgetting: np.ndarray, rho: float):
+    """Memorization against forgetting events: every example, and the mean per unit-wide bin of forgetting."""
+    both = np.isfinite(mem) & np.isfinite(forgetting)
+    x, y = forgetting[both], mem[both]
+    figure, axes = plt.subplots(figsize=(6, 4.5))
+    axes.scatter(x, y, s=6, alpha=0.3, color="tab:blue", label="examples", rasterized=True)
+    bins = np.floor(x)
+    centres = np.unique(bins)
+    axes.plot(centres + 0.5, [y[bins == c].mean() for c in centres], "o-", color="black", label="mean per bin [k, k + 1)")
+    axes.legend()
+    axes.set_xlabel("forgetting events (mean over models that trained on the example)")
+    axes.set_ylabel("memorization")
+    axes.set_title(f"Memorization vs forgetting events (Spearman {rho:.3f}, n={int(both.sum())})")
+    figure.tight_layout()
+    return figure
+
+
 def summary_rows(mem: np.ndarray, se: np.ndarray, n_in: np.ndarray, n_out: np.ndarray, influence: dict | None = None,
                  noisy_mask: np.ndarray | None = None, summary: dict | None = None,
-                 threshold: float = 0.25) -> list[tuple[str, object]]:
+                 threshold: float = 0.25, forgetting: np.ndarray | None = None) -> list[tuple[str, object]]:
     """The summary table as (key, value) rows, every number computed from the inputs."""
     mem = np.asarray(mem, dtype=float)
     noisy_mask = None if noisy_mask is None else np.asarray(noisy_mask, dtype=bool)
@@ -216,6 +233,10 @@ def summary_rows(mem: np.ndarray, se: np.ndarray, n_in: np.ndarray, n_out: np.nd
                  ("mean_clean", _stats(mem[~noisy_mask], threshold)[0])]
         if labels.any() and not labels.all():
             rows.append(("auroc_relabeled_vs_clean", float(roc_auc_score(labels, mem[defined]))))
+    if forgetting is not None:
+        from memorization.forgetting import spearman_defined  # it imports torch, which the rest does not need
+
+        rows.append(("spearman_forgetting_mem", spearman_defined(np.asarray(forgetting, dtype=float), mem)))
     return _given_rows(summary or {}, rows) + rows
 
 
@@ -259,6 +280,7 @@ MEANINGS = {
     "n_relabeled": "relabeled (noisy) examples", "mean_relabeled": "mean defined score of relabeled examples",
     "mean_clean": "mean defined score of clean examples",
     "auroc_relabeled_vs_clean": "AUROC of the score separating relabeled from clean (defined scores)",
+    "spearman_forgetting_mem": "Spearman correlation of forgetting events with memorization (both defined)",
 }
 
 
@@ -289,8 +311,10 @@ def write_report(folder: Path, *, mem: np.ndarray, se: np.ndarray, n_in: np.ndar
                  test_images: np.ndarray | None = None, test_labels: np.ndarray | None = None,
                  influence: dict | None = None,
                  per_epoch: dict | None = None, noisy_mask: np.ndarray | None = None,
-                 summary: dict | None = None, threshold: float = 0.25, grid_size: int = 32) -> list[Path]:
-    """Write figures, summary.md, summary.csv (and per_epoch.csv) into `folder`; return the paths."""
+                 summary: dict | None = None, threshold: float = 0.25, grid_size: int = 32,
+                 forgetting: np.ndarray | None = None) -> list[Path]:
+    """Write figures, summary.md, summary.csv (and per_epoch.csv) into `folder`; return the paths.
+    `forgetting` (forgetting events per example, same rows as `mem`) adds forgetting_vs_mem.png."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     mem = np.asarray(mem, dtype=float)
@@ -315,7 +339,11 @@ def write_report(folder: Path, *, mem: np.ndarray, se: np.ndarray, n_in: np.ndar
         loss = np.asarray(per_epoch["train_loss"], dtype=float)
         _save(_mem_vs_loss(per_epoch_mem[-1], loss, noisy_mask), folder / "mem_vs_loss.png", written)
         epoch_rows = per_epoch_rows(per_epoch, threshold)
-    rows = summary_rows(mem, se, n_in, n_out, influence, noisy_mask, summary, threshold)
+    rows = summary_rows(mem, se, n_in, n_out, influence, noisy_mask, summary, threshold, forgetting)
+    if forgetting is not None:
+        rho = next(value for key, value in rows if key == "spearman_forgetting_mem")
+        figure = _forgetting_vs_mem(mem, np.asarray(forgetting, dtype=float), rho)
+        _save(figure, folder / "forgetting_vs_mem.png", written)
     _write_markdown(folder / "summary.md", rows, epoch_rows)
     written.append(folder / "summary.md")
     with open(folder / "summary.csv", "w", newline="") as handle:

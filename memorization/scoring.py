@@ -10,8 +10,10 @@ import numpy as np
 from scipy.stats import spearmanr
 
 from memorization.estimator import auroc, consistency_scores, influence, memorization
+from memorization.forgetting import write_pooled_scores
 from memorization.released_runs import find_released_runs, read_released_runs
 from memorization.report import write_report
+from memorization.score_files import write_score_files
 from memorization.store import CorruptModelFile, SubsetStore
 from memorization.training import load_plan_data
 from utils.errors import ConfigError
@@ -114,6 +116,10 @@ def score_store(args: argparse.Namespace) -> dict:
         summary["auroc_relabeled"] = auroc(final["mem"], noisy)
     if args.compare:
         summary["spearman_with_compare"] = compare_with(args.compare, scores)
+    forgetting = write_pooled_scores(run_dir, plan, data["model_ids"], mask, rows, n_total, stem, final["mem"]) \
+        if plan is not None else None
+    if forgetting is not None:
+        summary["spearman_forgetting_mem"], data["forgetting"] = forgetting["spearman_with_mem"], forgetting["values"]
     sidecar = {"dataset": plan.settings["dataset"] if plan else None, "n": int(n_total),
                "label_fingerprint": plan.settings["label_fingerprint"] if plan else None,
                "label_noise": plan.settings["label_noise"] if plan else None,
@@ -123,13 +129,15 @@ def score_store(args: argparse.Namespace) -> dict:
                "n_undefined": summary["n_undefined"], "files": {
                    "se": f"{stem.name}_se.npy", "n_in": f"{stem.name}_n_in.npy", "n_out": f"{stem.name}_n_out.npy",
                    "influence": f"{stem.name}_influence.npz"}}
+    more_files = write_score_files(stem, data, infl, rows, n_total, args.influence_topk, sidecar)
     Path(f"{stem}.json").write_text(json.dumps(sidecar, indent=2))
     print(f"{out}: memorization of {len(rows)} examples from {len(data['model_ids'])} models; "
           f"{summary['n_undefined']} undefined (never left out or never included) are NaN")
     for key, value in summary.items():
         print(f"  {key}: {value:.4f}" if isinstance(value, float) else f"  {key}: {value}")
     report = write_report_for(data, final, infl, noisy, args, Path(f"{stem}_report"), summary)
-    log_to_mlflow(args, summary, sidecar, [out, Path(f"{stem}.json")], report)
+    log_to_mlflow(args, summary, sidecar, [out, Path(f"{stem}.json"), *more_files,
+                                             *(forgetting["files"] if forgetting else [])], report)
     return {"scores": scores, "summary": summary, "memorization": final, "influence": infl}
 
 
@@ -172,7 +180,8 @@ def write_report_for(data: dict, final: dict, infl: dict, noisy, args, folder: P
     return write_report(folder, mem=final["mem"], se=final["se"], n_in=final["n_in"], n_out=final["n_out"],
                         train_images=images, train_labels=labels, test_images=test_images, test_labels=test_labels,
                         influence={**infl, "threshold": args.influence_threshold}, per_epoch=per_epoch,
-                        noisy_mask=noisy, summary=summary, threshold=args.mem_threshold)
+                        noisy_mask=noisy, summary=summary, threshold=args.mem_threshold,
+                        forgetting=data.get("forgetting"))
 
 
 def log_to_mlflow(args: argparse.Namespace, summary: dict, sidecar: dict, files: list[Path],

@@ -5,7 +5,8 @@ Layout of a store folder:
     plan_arrays.npz  inclusion_mask [K, n] bool, model_ratio [K], model_seed [K], train_indices [n]
     noisy_mask.npy   bool [N_train], dataset order: training examples whose label was replaced
     input_noise_mask.npy  bool [N_train]: training examples whose image was replaced by noise
-    models/model_000042.npz   one model's predictions on every training and test example
+    models/model_000042.npz   one model's predictions on every training and test example, and its forgetting
+                              events over its subset (forget_events_train int32, never_learned_train bool)
 """
 from __future__ import annotations
 
@@ -140,6 +141,8 @@ class SubsetStore:
             raise CorruptModelFile(f"{path.name} belongs to another plan or model")
         expected = {"prob_train": (n_epochs, n_train), "correct_train": (n_epochs, n_train),
                     "prob_test": (n_epochs, n_test), "correct_test": (n_epochs, n_test)}
+        # Forgetting counts: in every file written since they are recorded, absent from older stores.
+        expected.update({key: (n_train,) for key in ("forget_events_train", "never_learned_train") if key in arrays})
         for key, shape in expected.items():
             if arrays[key].shape != shape:
                 raise CorruptModelFile(f"{path.name}: {key} has shape {arrays[key].shape}, expected {shape}")

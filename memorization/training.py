@@ -2,7 +2,8 @@
 
 A worker rebuilds the dataset from the plan, trains a group of models on their subsets and writes
 each model's predictions (softmax probability of the training label and 0/1 correctness, on every
-training and test example, at every recorded epoch) into the store.
+training and test example, at every recorded epoch) and its forgetting events (memorization/forgetting.py)
+into the store.
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from torch.func import functional_call, stack_module_state, vmap
 from backbones import BACKBONES
 from backbones.mlp import MLP
 from datasets import DATASETS
+from memorization.forgetting import ForgettingEvents
 from memorization.plan import Plan, fingerprint
 from memorization.store import SubsetStore
 from utils.errors import ConfigError
@@ -225,7 +227,8 @@ def train_group(plan: Plan, model_ids: list[int], data: PlanData, device: str,
 
     Everything random in a model's training comes from its own seed (initialisation, order of its
     subset, augmentation), so on the CPU its results are the same bits whatever group it is in.
-    `on_epoch(epoch)` follows every epoch (progress).
+    `on_epoch(epoch)` follows every epoch (progress). Each model's forgetting events over its subset are
+    counted from the correctness of its training forward pass on every batch (no extra pass).
     """
     training = recipe(plan.settings["training"])
     device = torch.device(device)
@@ -240,6 +243,8 @@ def train_group(plan: Plan, model_ids: list[int], data: PlanData, device: str,
     record = set(training.record_epochs)
     recorded = {f"{k}_{s}": [] for k in ("prob", "correct") + (("logits",) if training.save_logits else ())
                 for s in ("train", "test")}
+    # Each model's correctness at every presentation of its subset's examples, from its training forward pass.
+    forgetting = ForgettingEvents(len(data.train_labels), device, rows=ensemble.size)
     ensemble.train(True)
     for epoch in range(1, training.n_epochs + 1):
         order = torch.stack([torch.randperm(size, generator=g) for g in orders]).to(device)
@@ -251,6 +256,7 @@ def train_group(plan: Plan, model_ids: list[int], data: PlanData, device: str,
             y = data.train_labels[step_rows]
             with autocast(device):
                 logits = ensemble(x).float()
+            forgetting.update(step_rows, logits.argmax(-1) == y)
             # Sum of per-model mean losses: each model's gradient is that of its own mean loss.
             loss = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none",
                                    label_smoothing=training.label_smoothing).view_as(y).mean(1).sum()
@@ -269,7 +275,9 @@ def train_group(plan: Plan, model_ids: list[int], data: PlanData, device: str,
         if on_epoch is not None:
             on_epoch(epoch)
     epochs = np.array(sorted(record), dtype=np.int64)
-    return {model_id: {"epochs": epochs, **{key: np.stack([v[k] for v in values]) for key, values in recorded.items()}}
+    counts = forgetting.arrays()
+    return {model_id: {"epochs": epochs, **{key: np.stack([v[k] for v in values]) for key, values in recorded.items()},
+                       "forget_events_train": counts["events"][k], "never_learned_train": counts["never_learned"][k]}
             for k, model_id in enumerate(model_ids)}
 
 

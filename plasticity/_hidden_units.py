@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from backbones import Backbone, UnitGroup
+from utils.errors import ConfigError
 
 
 class UnitMonitor:
@@ -22,10 +23,16 @@ class UnitMonitor:
     × position is > 0); `age_tokens` counts inputs × positions ("tokens"): a silent step adds all
     of the step's tokens, a step where the unit fires sets it to tokens / positive tokens, the
     expected gap between two firings within the step (SNR-V2's token-level age).
+
+    The monitor also keeps the inputs of the step's training-mode forward passes through the whole
+    network (`step_inputs`, the last finished step's), so a method can look at the same inputs again
+    with the network in another mode.
     """
 
-    def __init__(self, groups: list[UnitGroup]):
+    def __init__(self, groups: list[UnitGroup], net: nn.Module | None = None):
         self.groups = groups
+        self._inputs: list[torch.Tensor] = []
+        self.step_inputs: list[torch.Tensor] = []
         self.abs_sum = [torch.zeros(g.n_units, device=_device(g)) for g in groups]
         self.positive = [torch.zeros(g.n_units, device=_device(g)) for g in groups]
         self.positions = [0] * len(groups)
@@ -38,6 +45,12 @@ class UnitMonitor:
         self.step_positions: list[int] = [0] * len(groups)
         for i, group in enumerate(groups):
             group.activation.register_forward_hook(self._hook(i))
+        if net is not None:
+            net.register_forward_pre_hook(self._keep_inputs)
+
+    def _keep_inputs(self, module: nn.Module, inputs) -> None:
+        if module.training and inputs:
+            self._inputs.append(inputs[0].detach())
 
     def _hook(self, index: int):
         group = self.groups[index]
@@ -58,6 +71,7 @@ class UnitMonitor:
 
     def end_step(self) -> None:
         """Close the step: per-unit statistics of its forward passes, and the new ages."""
+        self.step_inputs, self._inputs = self._inputs, []
         for i in range(len(self.groups)):
             positions = self.positions[i]
             if positions == 0:
@@ -131,7 +145,7 @@ class HiddenUnits:
         self.optimizer = optimizer
         self.groups = net.hidden_units()
         self.reinitializer = Reinitializer(net)  # before the hooks, so the scratch copy has none
-        self.monitor = UnitMonitor(self.groups)
+        self.monitor = UnitMonitor(self.groups, net)
         self.resets = [torch.zeros((), dtype=torch.long, device=_device(g)) for g in self.groups]
 
     @torch.no_grad()
@@ -141,7 +155,10 @@ class HiddenUnits:
         Incoming weights are re-drawn from the initialisation, biases set to 0, outgoing weights set
         to 0 (so the network's function is unchanged at this moment), and the optimizer state of all
         those entries zeroed. PyTorch's Adam keeps one step count per tensor, so the step count stays
-        (as in the ViT study's reference code, which zeroes Adam's moments only).
+        (as in the ViT study's reference code, which zeroes Adam's moments only). A BatchNorm among the
+        incoming modules restarts the running mean and variance of those channels at their initial 0
+        and 1: the old statistics describe the old incoming weights, and kept they would leave a
+        re-drawn channel silent in eval mode until the running averages caught up.
         """
         if not bool(mask.any()):
             return
@@ -159,8 +176,57 @@ class HiddenUnits:
             where = _along(mask, param, axis)
             param.masked_fill_(where, 0.0)
             self._zero_state(param, where)
+        self._restart_running_statistics(incoming, mask)
         self.monitor.on_reset(index, mask)
         self.resets[index] += mask.sum()
+
+    def _restart_running_statistics(self, incoming: list[nn.Parameter], mask: torch.Tensor) -> None:
+        """Running statistics of the reset channels, in the modules holding their incoming parameters, set
+        to those of the scratch copy, which `fresh` has just re-initialised."""
+        modules = {self.reinitializer.names[id(p)].rpartition(".")[0] for p in incoming}
+        for name in sorted(modules):
+            module, fresh = self.net.get_submodule(name), self.reinitializer.scratch.get_submodule(name)
+            for key in ("running_mean", "running_var"):
+                statistic = getattr(module, key, None)
+                if isinstance(statistic, torch.Tensor) and statistic.shape == mask.shape:
+                    statistic.copy_(torch.where(mask, getattr(fresh, key), statistic))
+
+    @torch.no_grad()
+    def eval_mean_abs(self) -> list[torch.Tensor]:
+        """Mean |h| (float64) per unit of every group over the last step's training inputs × positions, the network
+        in eval mode: the activation as a function of each input (a BatchNorm uses its running statistics,
+        as at test time and in the dormant-unit covariate), not of the batch it came in."""
+        inputs = self.monitor.step_inputs
+        if not inputs:
+            raise ConfigError("the last optimizer step ran no training-mode forward pass through the whole "
+                              "network, so its units cannot be scored; the model must call its network on "
+                              "the batch it learns from")
+        sums = [torch.zeros(g.n_units, dtype=torch.float64, device=_device(g)) for g in self.groups]
+        positions = [0] * len(self.groups)
+
+        def hook(index: int):
+            axis = self.groups[index].activation_axis
+
+            def add(module, module_inputs, output: torch.Tensor) -> None:
+                h = output.detach()
+                dims = [d for d in range(h.dim()) if d != axis % h.dim()]
+                sums[index] += h.abs().sum(dim=dims, dtype=torch.float64)
+                positions[index] += h.numel() // self.groups[index].n_units
+
+            return add
+
+        modes = {module: module.training for module in self.net.modules()}
+        handles = [g.activation.register_forward_hook(hook(i)) for i, g in enumerate(self.groups)]
+        try:
+            self.net.eval()
+            for x in inputs:
+                self.net(x)
+        finally:
+            for handle in handles:
+                handle.remove()
+            for module, training in modes.items():
+                module.training = training
+        return [s / max(n, 1) for s, n in zip(sums, positions)]
 
     def _zero_state(self, param: torch.Tensor, where: torch.Tensor) -> None:
         for value in self.optimizer.state.get(param, {}).values():

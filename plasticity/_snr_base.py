@@ -56,6 +56,9 @@ class SelfNormalizedResets(PlasticityMethod):
             self.estimate(i)
 
     def task_metrics(self, task):
+        """The median threshold over all units, once there is an estimate: before it every τ_i is infinite,
+        and an infinite value would be stored as 1.8e308 by MLflow, so nothing is logged."""
         finite = torch.cat([t[torch.isfinite(t)] for t in self.tau])
-        median = float(finite.median()) if len(finite) else math.inf
-        return {f"{self.P_FLAG.removesuffix('_p')}_threshold_median": median}
+        if not len(finite):
+            return {}
+        return {f"{self.P_FLAG.removesuffix('_p')}_threshold_median": float(finite.median())}
