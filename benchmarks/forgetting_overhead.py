@@ -2,10 +2,12 @@
 
 One ER model is built as main.py builds it (buffer 200) and trains task 0 through the real `train_task`;
 blocks of one epoch alternate between recording (the forward hook in every `observe` and the counter's
-update) and not, each first in turn, and the table shows the median seconds per epoch of each and their
-ratio (process CPU time on the CPU, wall time on CUDA). Cases: seq-digits/mlp (the whole task), seq-mnist/mlp at batch 10 and seq-cifar10/resnet18 at
-batch 32 on the first `--examples` examples of the task (on the CPU at most 2000 and 256), the last two on random images written in the real
-on-disk formats to a temporary folder (or the release files under --data_path).
+update) and not, each first in turn, and the table shows the median time per epoch of each and their
+ratio (CPU time of the process on the CPU, so that other jobs on a shared machine count less; wall time
+on CUDA). Cases: seq-digits/mlp (the whole task), seq-mnist/mlp at batch 10 and seq-cifar10/resnet18 at
+batch 32 on the first `--examples` examples of the task (on the CPU at most 2000 and 64), the last two
+on random images written in the real on-disk formats to a temporary folder (or the release files under
+--data_path).
 
     .venv/bin/python benchmarks/forgetting_overhead.py                        # about 2 min on 2 CPU cores
     .venv/bin/python benchmarks/forgetting_overhead.py --cases digits-mlp     # seconds
@@ -34,7 +36,7 @@ from models import MODELS  # noqa: E402
 
 # name: dataset, backbone, batch size, examples per epoch on the CPU (all of --examples on CUDA)
 CASES = {"digits-mlp": ("seq-digits", "mlp", 32, 2000), "mnist-mlp": ("seq-mnist", "mlp", 10, 2000),
-         "cifar10-resnet18": ("seq-cifar10", "resnet18", 32, 256)}
+         "cifar10-resnet18": ("seq-cifar10", "resnet18", 32, 64)}
 
 
 def build(dataset_name: str, backbone: str, batch_size: int, data_path: str, device: str, examples: int):

@@ -19,7 +19,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import train_splits  # noqa: E402
-from memorization.driver import make_plan, run_plan  # noqa: E402
+from memorization.driver import run_plan  # noqa: E402
 from memorization.estimator import auroc, memorization  # noqa: E402
 from memorization.store import SubsetStore  # noqa: E402
 

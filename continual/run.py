@@ -128,8 +128,6 @@ def run(args: argparse.Namespace, logger: RunLogger | RecordingLogger | None = N
     torch.set_num_threads(args.num_threads)
     print(f"{args.num_threads} CPU thread{'s' if args.num_threads > 1 else ''}: {threads_reason}", flush=True)
     state = RunState.fresh(dataset)
-    if args.forgetting_events:
-        state.forgetting = StreamRecorder(len(dataset.train), args.device)
     if checkpoint is not None:
         model.net.load_state_dict(checkpoint["net"])
         model.opt.load_state_dict(checkpoint["optimizer"])
@@ -137,7 +135,9 @@ def run(args: argparse.Namespace, logger: RunLogger | RecordingLogger | None = N
         state = RunState({k: v.numpy() for k, v in checkpoint["matrices"].items()}, checkpoint["next_task"],
                          list(checkpoint["epoch_losses"]), {k: list(v) for k, v in checkpoint["history"].items()})
         set_rng_state(checkpoint["rng"])
-        if state.forgetting is not None:
+    if args.forgetting_events:
+        state.forgetting = StreamRecorder(len(dataset.train), args.device)
+        if checkpoint is not None:
             if "forgetting" not in checkpoint:
                 raise ConfigError(f"checkpoint {args.resume} was written without --forgetting_events, so the "
                                   f"forgetting events of its finished tasks are unknown; resume without the flag")

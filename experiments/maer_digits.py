@@ -54,7 +54,7 @@ import eval_splits  # noqa: E402
 from memorization.scoring import score_store  # noqa: E402
 from continual import run as main_py  # noqa: E402
 import train_splits  # noqa: E402
-from memorization.driver import make_plan, run_plan  # noqa: E402
+from memorization.driver import run_plan  # noqa: E402
 from continual.args import parse_args as main_parse_args  # noqa: E402
 from continual.evaluation import memorization_buckets  # noqa: E402
 # the statistics and the report, beside this file (the script's folder is first on sys.path)

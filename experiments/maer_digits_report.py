@@ -166,7 +166,7 @@ def report(args, runner, results, n_tasks, scores, labels, counts, mem_summary, 
     lines += ["", "![training accuracy of past tasks per memorization bucket](maer_digits_buckets.png)", ""]
 
     # spearman
-    lines += [f"## Online proxies against the subset-training scores", "",
+    lines += ["## Online proxies against the subset-training scores", "",
               f"`maer --mem_scores mem.npy --mem_proxy X --buffer_policy {args.spearman_policy} --buffer_size "
               f"{args.spearman_buffer}` (the scores choose the buffer; the proxy is only recorded). Spearman "
               f"correlation over each task's training examples where the proxy is defined, after each task; mean "

@@ -31,7 +31,7 @@ import torch
 
 from memorization.store import SubsetStore
 
-NEVER_PRESENTED, WRONG, CORRECT = -1, 0, 1
+NEVER_PRESENTED, CORRECT = -1, 1  # the last correctness of an example (0: wrong)
 DEFINITION = ("forgetting events (Toneva et al. 2019): transitions from correct to wrong between consecutive "
               "presentations of an example in training minibatches; never learned = largest count among learned "
               "examples + 1; never presented = NaN")
@@ -143,7 +143,7 @@ def sidecar(dataset: str, n: int, label_fingerprint: str, label_noise, seed, val
     never_value = np.unique(values[never_learned])
     return {"dataset": dataset, "n": int(n), "label_fingerprint": label_fingerprint, "label_noise": label_noise,
             "seed": seed, "score": "forgetting_events", "definition": DEFINITION,
-            "never_learned_value": float(never_value.max()) if never_value.size else None,
+            "never_learned_value": float(never_value[0]) if never_value.size == 1 else None,  # one file's max + 1
             "n_undefined": int(np.isnan(values).sum()), **summary(values, never_learned), **extra}
 
 
@@ -204,7 +204,7 @@ def write_pooled_scores(run_dir, plan, model_ids: list[int], mask: np.ndarray, r
     meta = sidecar(settings["dataset"], n_total, settings["label_fingerprint"], settings["label_noise"],
                    settings["seed"], values, never_all, plan_hash=plan.hash, n_models=len(model_ids),
                    pooling="per model: its count, never learned = its max + 1; then the mean over the models "
-                           "that trained on the example", spearman_with_memorization=rho,
+                           "that trained on the example", spearman_with_memorization=rho if np.isfinite(rho) else None,
                    files={"never_learned_fraction": f"{stem.name}_forgetting_never_learned.npy"})
     Path(f"{stem}_forgetting.json").write_text(json.dumps(meta, indent=2))
     print(f"{stem}_forgetting.npy: forgetting events of {int(np.isfinite(values).sum())} examples, mean over the "

@@ -202,7 +202,8 @@ def _forgetting_vs_mem(mem: np.ndarray, forgetting: np.ndarray, rho: float):
     axes.scatter(x, y, s=6, alpha=0.3, color="tab:blue", label="examples", rasterized=True)
     bins = np.floor(x)
     centres = np.unique(bins)
-    axes.plot(centres + 0.5, [y[bins == c].mean() for c in centres], "o-", color="black", label="mean per bin [k, k + 1)")
+    axes.plot(centres + 0.5, [y[bins == c].mean() for c in centres], "o-", color="black",
+              label="mean per bin [k, k + 1)")
     axes.legend()
     axes.set_xlabel("forgetting events (mean over models that trained on the example)")
     axes.set_ylabel("memorization")

@@ -24,15 +24,16 @@ class UnitMonitor:
     of the step's tokens, a step where the unit fires sets it to tokens / positive tokens, the
     expected gap between two firings within the step (SNR-V2's token-level age).
 
-    The monitor also keeps the inputs of the step's training-mode forward passes through the whole
-    network (`step_inputs`, the last finished step's), so a method can look at the same inputs again
-    with the network in another mode.
+    On request (`keep_step_inputs`) the monitor also keeps the inputs of the step's training-mode
+    forward passes through the whole network (`step_inputs`, the last finished step's), so a method can
+    look at the same inputs again with the network in another mode.
     """
 
-    def __init__(self, groups: list[UnitGroup], net: nn.Module | None = None):
+    def __init__(self, groups: list[UnitGroup]):
         self.groups = groups
         self._inputs: list[torch.Tensor] = []
         self.step_inputs: list[torch.Tensor] = []
+        self._keeping_inputs = False
         self.abs_sum = [torch.zeros(g.n_units, device=_device(g)) for g in groups]
         self.positive = [torch.zeros(g.n_units, device=_device(g)) for g in groups]
         self.positions = [0] * len(groups)
@@ -45,10 +46,16 @@ class UnitMonitor:
         self.step_positions: list[int] = [0] * len(groups)
         for i, group in enumerate(groups):
             group.activation.register_forward_hook(self._hook(i))
-        if net is not None:
-            net.register_forward_pre_hook(self._keep_inputs)
 
-    def _keep_inputs(self, module: nn.Module, inputs) -> None:
+    def keep_step_inputs(self, net: nn.Module) -> None:
+        """From now on keep the network inputs of each step. Off until a method asks: a model that trains
+        outside the task loop's steps (gdumb at the end of a task) would pile up every batch of that
+        training until the next step ended."""
+        if not self._keeping_inputs:
+            net.register_forward_pre_hook(self._keep_input)
+            self._keeping_inputs = True
+
+    def _keep_input(self, module: nn.Module, inputs) -> None:
         if module.training and inputs:
             self._inputs.append(inputs[0].detach())
 
@@ -145,7 +152,7 @@ class HiddenUnits:
         self.optimizer = optimizer
         self.groups = net.hidden_units()
         self.reinitializer = Reinitializer(net)  # before the hooks, so the scratch copy has none
-        self.monitor = UnitMonitor(self.groups, net)
+        self.monitor = UnitMonitor(self.groups)
         self.resets = [torch.zeros((), dtype=torch.long, device=_device(g)) for g in self.groups]
 
     @torch.no_grad()
@@ -193,9 +200,10 @@ class HiddenUnits:
 
     @torch.no_grad()
     def eval_mean_abs(self) -> list[torch.Tensor]:
-        """Mean |h| (float64) per unit of every group over the last step's training inputs × positions, the network
-        in eval mode: the activation as a function of each input (a BatchNorm uses its running statistics,
-        as at test time and in the dormant-unit covariate), not of the batch it came in."""
+        """Mean |h| (float64) per unit of every group over the last step's training inputs × positions,
+        the network in eval mode: the activation as a function of each input (a BatchNorm uses its
+        running statistics, as at test time and in the dormant-unit covariate), not of its batch."""
+        self.monitor.keep_step_inputs(self.net)
         inputs = self.monitor.step_inputs
         if not inputs:
             raise ConfigError("the last optimizer step ran no training-mode forward pass through the whole "

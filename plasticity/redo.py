@@ -53,6 +53,7 @@ class ReDO(PlasticityMethod):
 
     def __init__(self, net, optimizer, units, args):
         super().__init__(net, optimizer, units, args)
+        units.monitor.keep_step_inputs(net)  # the check re-reads the step's inputs in eval mode
         self.checks = 0  # dormancy checks since the last task_metrics
 
     def after_step(self, step):

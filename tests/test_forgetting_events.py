@@ -4,6 +4,7 @@ per-model counts against a recount from the training forward passes and each mod
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -12,6 +13,7 @@ import torch.nn.functional as F
 from mlflow.tracking import MlflowClient
 from torch import nn
 
+import continual.run
 import eval_splits
 import main
 import train_splits
@@ -25,6 +27,7 @@ from memorization.scoring import score_store
 from memorization.store import SubsetStore
 from memorization.training import load_plan_data
 from models.er import Er
+from utils.checkpoint import save_checkpoint
 
 RUN = ["--dataset", "seq-digits", "--n_tasks", "2", "--n_epochs", "2", "--seed", "0", "--non_verbose",
        "--model", "er", "--buffer_size", "100", "--lr", "0.1"]
@@ -129,9 +132,16 @@ def recorded_run(tmp_path_factory):
             patch.setattr(torch.nn.functional, "cross_entropy", recording)
             return original(self, inputs, labels, not_aug_inputs, indices, task)
 
+    def keep_first(path, content):  # the checkpoint after task 0 stays for the resume test
+        save_checkpoint(path, content)
+        if content["next_task"] == 1:
+            shutil.copy(path, folder / "after_task_0.pt")
+
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(Er, "observe", observe)
-        state = run_experiment(parse_args([*RUN, "--tracking_uri", uri, "--forgetting_events"]))
+        patch.setattr(continual.run, "save_checkpoint", keep_first)
+        state = run_experiment(parse_args([*RUN, "--tracking_uri", uri, "--forgetting_events", "--savecheck",
+                                           "--checkpoint_dir", str(folder / "checkpoints")]))
     client = MlflowClient(uri)
     (logged,) = client.search_runs([client.get_experiment_by_name("continual-learning").experiment_id])
     files = folder / "artifacts"
@@ -156,6 +166,13 @@ def test_main_records_the_events_of_an_independent_recount(recorded_run):
     assert meta["never_learned_value"] == counts[~expected["never_learned"]].max() + 1
     metrics = recorded_run["run"].data.metrics
     assert metrics["forgetting_events/n_never_learned"] == expected["never_learned"].sum()
+
+
+def test_a_resumed_run_counts_what_an_uninterrupted_one_does(recorded_run):
+    args = parse_args([*RUN, "--forgetting_events", "--resume", str(recorded_run["folder"] / "after_task_0.pt")])
+    resumed = run_experiment(args).forgetting.events.arrays()
+    np.testing.assert_array_equal(resumed["events"][0], np.load(recorded_run["files"] / "counts.npy"))
+    np.testing.assert_array_equal(resumed["presentations"][0], np.load(recorded_run["files"] / "presentations.npy"))
 
 
 def test_recording_changes_no_result(recorded_run):

@@ -3,7 +3,6 @@ written before is touched, two runs started at once on a new store both land, an
 KILLED that the same command then continues."""
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess

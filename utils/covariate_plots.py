@@ -13,7 +13,7 @@ import torch  # noqa: E402
 # (key prefix, figure title) of the covariate families logged per task; per-group keys are `prefix/G`.
 COVARIATE_PLOTS: list[tuple[str, str]] = [
     ("dead_frac", "Dead units (never active on the probe)"),
-    ("dormant_frac", "ReDO-dormant units (score ≤ τ)"),
+    ("dormant_frac", "ReDO-dormant units (score ≤ τ, network in eval mode)"),
     ("low_activity_frac", "Low-activity units (active on < 1% of inputs × positions)"),
     ("effective_rank", "Effective rank of the features"),
     ("stable_rank", "Stable rank of the features (99% of Σσ)"),
