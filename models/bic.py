@@ -31,6 +31,7 @@ from models._exemplars import (
     concat_rows,
     first_per_group,
     frozen_copy,
+    restored_copy,
     in_batches,
     rewrite_buffer,
     stored_rows,
@@ -216,10 +217,7 @@ class Bic(ContinualModel):
 
     def load_extra_state(self, state):
         super().load_extra_state(state)
-        self.old_net = None
-        if state["old_net"] is not None:
-            self.old_net = frozen_copy(self.net)
-            self.old_net.load_state_dict(state["old_net"])
+        self.old_net = restored_copy(self.net, state["old_net"])
         self.bias_task = int(state["bias_task"])
         self.bias = None if state["bias"] is None else state["bias"].to(self.device)
         self.old_bias = None if state["old_bias"] is None else state["old_bias"].to(self.device)

@@ -32,6 +32,7 @@ from models._exemplars import (
     concat_rows,
     first_per_group,
     frozen_copy,
+    restored_copy,
     herding,
     in_batches,
     rewrite_buffer,
@@ -152,8 +153,5 @@ class Icarl(ContinualModel):
 
     def load_extra_state(self, state):
         super().load_extra_state(state)
-        self.old_net = None
-        if state["old_net"] is not None:
-            self.old_net = frozen_copy(self.net)
-            self.old_net.load_state_dict(state["old_net"])
+        self.old_net = restored_copy(self.net, state["old_net"])
         self.class_means = None
