@@ -50,7 +50,7 @@ class StreamRecorder:
             self.detach()
             self.net, self._handle = model.net, model.net.register_forward_hook(self._hook)
         self._pending = (inputs, labels, indices)
-        self.offered += len(inputs)
+        self.offered += inputs.shape[0]
         try:
             loss = model.observe(inputs, labels, not_aug_inputs, indices, task)
         except BaseException:
@@ -77,9 +77,9 @@ class StreamRecorder:
         if self._pending is None or module is not self.net or not args:
             return
         inputs, labels, indices = self._pending
-        x, size = args[0], len(inputs)
+        x, size = args[0], inputs.shape[0]  # shape, not len(): len() of a tensor costs a few µs more
         if not (isinstance(x, torch.Tensor) and isinstance(output, torch.Tensor) and output.dim() == 2
-                and len(x) >= size and x.shape[1:] == inputs.shape[1:]):
+                and x.shape[0] >= size and x.shape[1:] == inputs.shape[1:]):
             return
         same = None  # rows of x that are the stream batch: all of them, or a mask computed on the device
         if x is not inputs:
