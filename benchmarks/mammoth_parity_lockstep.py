@@ -14,9 +14,11 @@ by that list) and the rows each replay batch drew (passed to Mammoth's `Buffer.g
 `force_indexes`). Mammoth's inputs come from its own dataset class (PIL → ToTensor) at the same
 dataset indices. After every step the loss, every gradient, every weight and the buffer (examples,
 labels, logits) are compared; the first step where any differs is reported with the quantity.
+After every task each side evaluates the seen tasks with its own code (Mammoth's `utils/evaluate.py`
+on its own test loaders, ours `continual.evaluation.evaluate`).
 
-`reference`: the fixed DER++ scenario of tests/test_mammoth_parity.py (`scenario()` below) run
-through Mammoth's DER++, printing the numbers the test pins.
+`reference`: the fixed DER++ scenario of tests/test_mammoth_parity.py (`SCENARIO` and the
+`scenario_*` functions below) run through Mammoth's DER++, printing the numbers the test pins.
 """
 from __future__ import annotations
 
@@ -159,7 +161,6 @@ class Recorder:
     def __init__(self, ours_buffer, mammoth_buffer):
         self.draws: list[np.ndarray] = []
         self.slots: list[int] = []
-        self.ours, self.mammoth = ours_buffer, mammoth_buffer
         if ours_buffer is None:
             return
         get_data, insert = ours_buffer.get_data, ours_buffer.policy.insert

@@ -24,6 +24,7 @@ ARGS = ["--dataset", "seq-digits", "--model", "derpp", "--buffer_size", "60", "-
         "--covariates", "--n_epochs", "25", "--seed", "3", "--non_verbose"]
 
 
+@pytest.mark.slow
 def test_a_run_killed_during_task_3_resumes_to_the_uninterrupted_result(tmp_path):
     tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     checkpoint_dir = tmp_path / "checkpoints"

@@ -3,6 +3,7 @@ ewc_on, si) beside fine-tuning, replay methods far above them, joint training on
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from continual.args import parse_args
 from continual.run import run
@@ -24,6 +25,7 @@ def class_il(name: str) -> float:
     return float(np.mean(state.matrices["class_il"][-1]))
 
 
+@pytest.mark.slow
 def test_class_il_ordering_of_every_method_matches_the_literature():
     assert set(REGULARISATION + REPLAY + ("agem", "joint")) == set(MODELS.names())  # a new method joins a group
     accuracy = {name: class_il(name) for name in MODELS.names()}

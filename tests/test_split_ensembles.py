@@ -100,6 +100,7 @@ def model_bytes(store) -> dict[int, bytes]:
     return {m: SubsetStore(store).model_path(m).read_bytes() for m in range(4)}
 
 
+@pytest.mark.slow
 def test_a_model_file_is_the_same_bytes_after_a_kill_a_damaged_file_and_another_launcher(cifar_path, tmp_path,
                                                                                         ray_cluster):
     common = ["--backbone", "resnet18", "--resnet_width", "4", "--ensemble", "2", "--n_epochs", "3"]

@@ -122,6 +122,7 @@ def test_a_corrupt_model_file_is_set_aside_and_retrained(tmp_path, capsys):
     np.testing.assert_array_equal(np.load(path)["prob_test"], good)  # the retrained model is the same model
 
 
+@pytest.mark.slow
 def test_a_killed_run_resumes_without_retraining_finished_models(tmp_path):
     command = [sys.executable, "train_splits.py", "--n_models", "40", "--n_epochs", "20", "--lr", "0.1",
                "--batch_size", "32", "--out", str(tmp_path / "store"), "--non_verbose",
