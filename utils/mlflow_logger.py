@@ -125,10 +125,18 @@ def git_commit() -> str:
 
 
 def environment_tags(device: str) -> dict[str, str]:
-    """Where and with what a run ran: git commit, device, and library versions."""
+    """Where and with what a run ran: git commit, device, and library versions (read from the installed
+    packages' metadata: importing torchvision and timm only for their versions would cost seconds)."""
+    from importlib.metadata import PackageNotFoundError, version
+
     import numpy
     import torch
-    import torchvision
+
+    def installed(distribution: str) -> str | None:
+        try:
+            return version(distribution)
+        except PackageNotFoundError:
+            return None
 
     commit = git_commit()
     tags = {
@@ -137,15 +145,12 @@ def environment_tags(device: str) -> dict[str, str]:
         "device": str(device) if device == "cpu" else f"{device} ({torch.cuda.get_device_name(device)})",
         "python_version": sys.version.split()[0],
         "torch_version": torch.__version__,
-        "torchvision_version": torchvision.__version__,
         "numpy_version": numpy.__version__,
         "mlflow_version": mlflow.__version__,
     }
-    try:
-        import timm
-        tags["timm_version"] = timm.__version__
-    except ImportError:
-        pass
+    for distribution in ("torchvision", "timm"):
+        if installed(distribution):
+            tags[f"{distribution}_version"] = installed(distribution)
     return tags
 
 
