@@ -152,13 +152,16 @@ def test_a_new_store_is_a_copy_of_an_empty_store_with_mlflows_own_schema(tmp_pat
     MlflowClient(f"sqlite:///{built}").search_experiments()  # a store MLflow migrates itself
 
     def schema(path):
+        """Tables with their columns, index names, and the migration version."""
         with sqlite3.connect(path) as connection:
-            return (sorted(connection.execute("SELECT type, name, sql FROM sqlite_master").fetchall()),
+            tables = [name for (name,) in connection.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
+            return ({table: [row[1] for row in connection.execute(f"PRAGMA table_info('{table}')")] for table in tables},
+                    {name for (name,) in connection.execute("SELECT name FROM sqlite_master WHERE type = 'index'")},
                     connection.execute("SELECT version_num FROM alembic_version").fetchall())
 
     assert schema(template) == schema(built)
-    tables, version = schema(stores[1])  # the copy, after a run was logged into it
-    assert version == schema(built)[1] and set(schema(built)[0]) <= set(tables), set(schema(built)[0]) - set(tables)
+    tables, indexes, version = schema(stores[1])  # the copy, after a run was logged into it
+    assert version == schema(built)[2] and tables == schema(built)[0] and indexes == schema(built)[1]
 
 
 def test_without_a_writable_cache_mlflow_builds_the_store_itself(tmp_path, monkeypatch):
