@@ -3,6 +3,9 @@
     python train_splits.py --dataset seq-cifar100 --backbone resnet18 --n_models 2000 --subset_ratio 0.7 \
         --n_epochs 50 --lr 0.1 --batch_size 128 --out runs/cifar100-r18
 
+    python train_splits.py --plan_kind loo --loo_examples random:300 --loo_seeds 4 --n_epochs 50 --lr 0.1 \
+        --out runs/digits-loo        # leave-one-out: per seed a model on everything and one without each example
+
 The plan (inclusion masks, seeds, settings) is written into --out first; each model's predictions
 follow as their own file. Running the same command again trains only what is missing.
 """
@@ -41,6 +44,9 @@ def build_parser(backbone: type | None = None) -> argparse.ArgumentParser:
                       help="fraction of training images replaced by uniform noise (seeded), input_noise_mask.npy")
     plan = parser.add_argument_group("plan")
     plan.add_argument("--out", required=True, help="the run store folder")
+    plan.add_argument("--plan_kind", choices=("subsets", "loo"), default="subsets",
+                      help="subsets: models on random subsets (the held-out estimator); loo: leave-one-out, per "
+                           "seed one model on every example and one without each of --loo_examples")
     plan.add_argument("--n_models", type=int, default=100, help="models per subset ratio")
     plan.add_argument("--subset_ratio", default="0.7", help="fraction of the training set per model; several "
                                                             "comma-separated ratios for consistency scores")
@@ -49,6 +55,13 @@ def build_parser(backbone: type | None = None) -> argparse.ArgumentParser:
                       help="balanced: every example in the same number of subsets (±1); random: independent draws; "
                            "stratified: balanced within each class, so every subset holds the same share of each "
                            "class")
+    plan.add_argument("--loo_examples", default=None, metavar="SPEC",
+                      help="loo plans: the examples left out, as dataset indices: random:N (drawn with --seed), "
+                           "indices and ranges such as 0-99,512, or a .npy / text file of indices")
+    plan.add_argument("--loo_seeds", type=int, default=4,
+                      help="loo plans: seeds per left-out example, each with its own full model (same seed, same "
+                           "initialisation, same batch order but for the left-out example); seed noise is of the "
+                           "order of the signal, so average several")
     plan.add_argument("--seed", type=int, default=0, help="seeds the masks, model seeds and noise")
     train = parser.add_argument_group("training of each model")
     train.add_argument("--backbone", default=None, help=f"one of: {', '.join(BACKBONES.names())}")
@@ -133,9 +146,30 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for ok, sentence in checks:
         if not ok:
             raise ConfigError(sentence)
+    _check_plan_kind(args, argv, config)
     args.chunk_index, args.chunk_count = _chunk(args.chunk)
     args.lr_milestones = _milestones(args.lr_milestones)
     return args
+
+
+SUBSET_FLAGS = ("n_models", "subset_ratio", "split_sampling")
+
+
+def _check_plan_kind(args: argparse.Namespace, argv: list[str], config: dict) -> None:
+    """A loo plan needs its examples; the flags of the other kind are refused rather than silently ignored."""
+    given = {a.split("=")[0].lstrip("-") for a in argv if a.startswith("--")} | set(config)
+    given |= {"split_sampling"} if "mask_sampling" in given else set()
+    if args.plan_kind == "loo":
+        if args.loo_examples is None:
+            raise ConfigError("--plan_kind loo needs --loo_examples (e.g. random:300, 0-99 or a .npy file of "
+                              "dataset indices)")
+        if args.loo_seeds < 1:
+            raise ConfigError(f"--loo_seeds must be at least 1, got {args.loo_seeds}")
+        clash = [f for f in SUBSET_FLAGS if f in given]
+        if clash:
+            raise ConfigError(f"--{clash[0]} sets subset plans and has no meaning with --plan_kind loo; drop it")
+    elif given & {"loo_examples", "loo_seeds"}:
+        raise ConfigError("--loo_examples and --loo_seeds set leave-one-out plans; add --plan_kind loo or drop them")
 
 
 def _milestones(text) -> list[float]:

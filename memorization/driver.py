@@ -22,6 +22,7 @@ from memorization.plan import (
     Plan,
     balanced_masks,
     fingerprint,
+    loo_masks,
     random_masks,
     stratified_masks,
 )
@@ -38,6 +39,58 @@ from utils.mlflow_logger import RunLogger, default_tracking_uri, environment_tag
 from utils.registry import declared_flags
 
 
+def loo_example_indices(spec: str, train_indices: np.ndarray, n_total: int, args: argparse.Namespace) -> np.ndarray:
+    """The training examples a leave-one-out plan leaves out, as sorted dataset indices, from --loo_examples:
+    'random:N' (N of the plan's examples, drawn with --seed), indices and ranges such as '0-99,512', or a
+    .npy / text file of indices."""
+    spec = str(spec).strip()
+    where = f"--loo_examples {spec}"
+    if spec.startswith("random:"):
+        try:
+            count = int(spec.split(":", 1)[1])
+        except ValueError:
+            raise ConfigError(f"{where}: 'random:N' takes a whole number N, e.g. random:300") from None
+        if not 1 <= count <= len(train_indices):
+            raise ConfigError(f"{where} asks for {count} examples but the plan has {len(train_indices)} training "
+                              f"examples; pass 1 ≤ N ≤ {len(train_indices)}")
+        rng = np.random.default_rng([args.seed, 8])
+        return np.sort(train_indices[rng.choice(len(train_indices), count, replace=False)]).astype(np.int64)
+    if Path(spec).suffix in (".npy", ".txt") or Path(spec).is_file():
+        try:
+            values = np.load(spec, allow_pickle=False) if spec.endswith(".npy") else np.loadtxt(spec, ndmin=1)
+        except (OSError, ValueError) as error:
+            raise ConfigError(f"{where} is not a readable file of example indices ({type(error).__name__}); pass "
+                              f"a .npy or text file of whole numbers") from None
+        values = np.asarray(values).ravel()
+        if values.size == 0 or not np.all(np.isfinite(values)) or np.any(values != np.round(values)):
+            raise ConfigError(f"{where} must hold whole-number example indices (and at least one)")
+        chosen = values.astype(np.int64)
+    else:
+        chosen = []
+        for part in filter(None, (p.strip() for p in spec.split(","))):
+            try:
+                a, _, b = part.partition("-")
+                chosen += list(range(int(a), int(b) + 1)) if b else [int(a)]
+            except ValueError:
+                raise ConfigError(f"{where}: {part!r} is neither an index nor a range a-b; pass e.g. "
+                                  f"'0-99,512', random:300 or a .npy file") from None
+        chosen = np.asarray(chosen, dtype=np.int64)
+        if chosen.size == 0:
+            raise ConfigError(f"{where} names no example; pass e.g. '0-99', random:300 or a .npy file")
+    outside = chosen[(chosen < 0) | (chosen >= n_total)]
+    if outside.size:
+        raise ConfigError(f"{where} names example {int(outside[0])}, out of range: {args.dataset}'s training set "
+                          f"has examples 0..{n_total - 1}")
+    excluded = chosen[~np.isin(chosen, train_indices)]
+    if excluded.size:
+        raise ConfigError(f"{where} names example {int(excluded[0])}, which --classes {args.classes[0]},"
+                          f"{args.classes[1]} leaves out of the plan; pick examples of those classes")
+    unique, counts = np.unique(chosen, return_counts=True)
+    if (counts > 1).any():
+        raise ConfigError(f"{where} names example {int(unique[counts > 1][0])} twice; list each example once")
+    return unique
+
+
 def make_plan(args: argparse.Namespace) -> Plan:
     """Everything that determines the stored predictions, derived deterministically from the arguments."""
     dataset = DATASETS.get(args.dataset)(dataset_args(vars(args), args.data_path, "cpu",
@@ -48,23 +101,28 @@ def make_plan(args: argparse.Namespace) -> Plan:
     labels = dataset.train.labels.numpy()
     train_indices = class_rows(labels, args.classes)
     n = len(train_indices)
-    rng = np.random.default_rng([args.seed, 5])
-    if args.split_sampling == "stratified":
-        masks = np.concatenate([stratified_masks(labels[train_indices], ratio, args.n_models, rng)
-                                for ratio in args.ratios])
+    if args.plan_kind == "loo":
+        loo_examples = loo_example_indices(args.loo_examples, train_indices, len(labels), args)
+        masks, seed_index = loo_masks(n, np.searchsorted(train_indices, loo_examples), args.loo_seeds)
+        model_ratio = masks.mean(1)  # 1 for the full models, (n - 1) / n for the others: separate groups
+        model_seed = np.random.default_rng([args.seed, 6]).integers(0, 2**31 - 1, args.loo_seeds)[seed_index]
     else:
-        sample = balanced_masks if args.split_sampling == "balanced" else random_masks
-        masks = np.concatenate([sample(n, ratio, args.n_models, rng) for ratio in args.ratios])
-    model_ratio = np.repeat(np.array(args.ratios, dtype=np.float64), args.n_models)
-    model_seed = np.random.default_rng([args.seed, 6]).integers(0, 2**31 - 1, len(masks))
+        rng = np.random.default_rng([args.seed, 5])
+        if args.split_sampling == "stratified":
+            masks = np.concatenate([stratified_masks(labels[train_indices], ratio, args.n_models, rng)
+                                    for ratio in args.ratios])
+        else:
+            sample = balanced_masks if args.split_sampling == "balanced" else random_masks
+            masks = np.concatenate([sample(n, ratio, args.n_models, rng) for ratio in args.ratios])
+        model_ratio = np.repeat(np.array(args.ratios, dtype=np.float64), args.n_models)
+        model_seed = np.random.default_rng([args.seed, 6]).integers(0, 2**31 - 1, len(masks))
     input_noise = np.zeros(len(labels), dtype=bool)
     input_noise[np.random.default_rng([args.seed, 4]).permutation(len(labels))[:round(args.input_noise * len(labels))]] = True
     backbone_args = {dest: getattr(args, dest) for dest in declared_flags(BACKBONES.get(args.backbone))}
     settings = {
         "dataset": args.dataset, "classes": args.classes, "n_train": n, "n_train_total": len(labels),
         "n_test": len(class_rows(dataset.test.labels.numpy(), args.classes)),
-        "label_fingerprint": fingerprint(labels), "subset_ratios": args.ratios,
-        "n_models_per_ratio": args.n_models, "mask_sampling": args.split_sampling, "seed": args.seed,
+        "label_fingerprint": fingerprint(labels), "seed": args.seed,
         "label_noise": args.label_noise, "input_noise": args.input_noise,
         "backbone": args.backbone, "backbone_args": backbone_args,
         "training": {"n_epochs": args.n_epochs, "lr": args.lr, "batch_size": args.batch_size,
@@ -72,6 +130,11 @@ def make_plan(args: argparse.Namespace) -> Plan:
                      "optim_eps": args.optim_eps, "record_epochs": args.record_epochs,
                      "save_logits": args.save_logits},
     }
+    if args.plan_kind == "loo":
+        settings.update({"kind": "loo", "loo_examples": loo_examples.tolist(), "loo_seeds": args.loo_seeds})
+    else:  # the keys of a subset plan, unchanged since the first stores (their hash depends on them)
+        settings.update({"subset_ratios": args.ratios, "n_models_per_ratio": args.n_models,
+                         "mask_sampling": args.split_sampling})
     # Settings added later are recorded only where they differ from what earlier plans trained with,
     # so a store made before them keeps its hash.
     settings["training"].update({k: getattr(args, k) for k, v in RECIPE_DEFAULTS.items() if getattr(args, k) != v})
@@ -118,7 +181,9 @@ def open_mlflow_run(store: SubsetStore, plan: Plan, args: argparse.Namespace, cl
         break
     else:
         logger = RunLogger(tracking_uri, args.experiment_name, args.run_name)
-        logger.log_params({k: v for k, v in plan.settings.items() if k not in ("training", "grouping")}
+        logger.log_params({k: v for k, v in plan.settings.items() if k not in ("training", "grouping", "loo_examples")}
+                          | ({"n_loo_examples": len(plan.settings["loo_examples"])} if "loo_examples" in plan.settings
+                             else {})
                           | plan.settings["training"] | plan.settings.get("grouping", {})
                           | {"plan_hash": plan.hash, "out": str(Path(args.out).resolve())})
         logger.set_tags(environment_tags(args.device))

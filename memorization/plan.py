@@ -86,3 +86,26 @@ class Plan:
                       self.input_noise_mask):
             digest.update(np.ascontiguousarray(array).tobytes())
         return digest.hexdigest()[:32]
+
+
+def loo_masks(n: int, positions: np.ndarray, n_seeds: int) -> tuple[np.ndarray, np.ndarray]:
+    """The masks of a leave-one-out plan over n examples and its model → seed-index map.
+
+    For each seed s (seed-major): one model on all n examples, then one model per left-out position p
+    (every example but p). Model s·(L+1) is seed s's full model and s·(L+1)+1+l the model without
+    positions[l]; a full model and the models without one example of the same seed share the seed.
+    """
+    n_loo = len(positions)
+    one_seed = np.ones((n_loo + 1, n), dtype=bool)
+    one_seed[1 + np.arange(n_loo), positions] = False
+    return np.tile(one_seed, (n_seeds, 1)), np.repeat(np.arange(n_seeds), n_loo + 1)
+
+
+def loo_layout(plan: "Plan") -> tuple[np.ndarray, int]:
+    """A leave-one-out plan's left-out positions (into the plan's training examples) and its seeds per model."""
+    positions = np.searchsorted(plan.train_indices, np.asarray(plan.settings["loo_examples"], dtype=np.int64))
+    return positions, int(plan.settings["loo_seeds"])
+
+
+def is_loo(plan: "Plan | None") -> bool:
+    return plan is not None and plan.settings.get("kind") == "loo"

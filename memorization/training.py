@@ -221,12 +221,24 @@ def augment(data: PlanData, images: torch.Tensor, generators: list[torch.Generat
     return torch.cat([dataset.train_transform(x, g) for x, g in zip(per_model, generators)])
 
 
+def epoch_rows(masks: torch.Tensor, subset: torch.Tensor, orders: list[torch.Generator], paired: bool) -> torch.Tensor:
+    """[K, m]: the rows each model trains on this epoch, in order, each model shuffled by its own generator.
+    `paired` (leave-one-out plans): shuffle all n rows, then drop those outside the mask, so a model without
+    example i sees its seed's full-model order with i removed; otherwise shuffle the subset itself."""
+    if paired:
+        perms = [torch.randperm(masks.shape[1], generator=g).to(masks.device) for g in orders]
+        return torch.stack([p[m[p]] for p, m in zip(perms, masks)])
+    order = torch.stack([torch.randperm(subset.shape[1], generator=g) for g in orders]).to(subset.device)
+    return subset.gather(1, order)
+
+
 def train_group(plan: Plan, model_ids: list[int], data: PlanData, device: str,
                 on_epoch=None) -> dict[int, dict[str, np.ndarray]]:
     """Train the models of one group (same subset ratio) together; returns each model's arrays.
 
     Everything random in a model's training comes from its own seed (initialisation, order of its
-    subset, augmentation), so on the CPU its results are the same bits whatever group it is in.
+    subset, augmentation), so on the CPU its results are the same bits whatever group it is in. In a
+    leave-one-out plan a model without example i sees its seed's full-model order with i removed.
     `on_epoch(epoch)` follows every epoch (progress). Each model's forgetting events over its subset are
     counted from the correctness of its training forward pass on every batch (no extra pass).
     """
@@ -241,14 +253,14 @@ def train_group(plan: Plan, model_ids: list[int], data: PlanData, device: str,
     schedule = build_schedule(ensemble.optimizer, training.lr_schedule, math.ceil(size / batch), training.n_epochs,
                               training.lr_milestones, training.lr_warmup)
     record = set(training.record_epochs)
+    paired = plan.settings.get("kind") == "loo"
     recorded = {f"{k}_{s}": [] for k in ("prob", "correct") + (("logits",) if training.save_logits else ())
                 for s in ("train", "test")}
     # Each model's correctness at every presentation of its subset's examples, from its training forward pass.
     forgetting = ForgettingEvents(len(data.train_labels), device, rows=ensemble.size)
     ensemble.train(True)
     for epoch in range(1, training.n_epochs + 1):
-        order = torch.stack([torch.randperm(size, generator=g) for g in orders]).to(device)
-        rows = subset.gather(1, order)  # [K, m], each model's own shuffle of its own subset
+        rows = epoch_rows(masks, subset, orders, paired)
         for start in range(0, size, batch):
             step_rows = rows[:, start:start + batch]
             x = augment(data, data.train_images.index_select(0, step_rows.reshape(-1)), augmentations)
