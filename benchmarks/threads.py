@@ -5,7 +5,7 @@ backbone with SGD on random data of its dataset's shape at 1 thread and at every
 for --seconds each. "loaded" adds, for the whole measurement, as many busy processes as the machine
 has cores (other jobs on a shared machine); "as found" is the machine with whatever else it runs.
 
-    .venv/bin/python benchmarks/threads.py            # about 2 minutes on 2 cores
+    .venv/bin/python benchmarks/threads.py            # about 3 minutes on 2 cores
 """
 from __future__ import annotations
 
@@ -22,6 +22,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 WORKLOADS = {
     "mlp digits b32": ("mlp", (1, 8, 8), 10, 32, {"mlp_hidden": "100,100"}),
     "mlp mnist b10": ("mlp", (1, 28, 28), 10, 10, {"mlp_hidden": "100,100"}),
+    "mlp mnist 400-400 b32": ("mlp", (1, 28, 28), 10, 32, {"mlp_hidden": "400,400"}),
+    "mlp mnist 1000-1000 b128": ("mlp", (1, 28, 28), 10, 128, {"mlp_hidden": "1000,1000"}),
     "resnet18 cifar b32": ("resnet18", (3, 32, 32), 10, 32, {"resnet_width": 64}),
     "vit-L3 cifar b100": ("vit", (3, 32, 32), 10, 100, {"vit_depth": 3, "vit_width": 48, "vit_heads": 3,
                                                          "vit_patch": 4, "vit_mlp_ratio": 4, "vit_act": "relu"}),
@@ -35,12 +37,9 @@ def worker(workloads: list[str], seconds: float) -> None:
 
     import torch
 
-    sys.path.insert(0, str(REPO_ROOT))
-    from backbones import BACKBONES
-
     for workload in workloads:
-        backbone, shape, n_classes, batch, flags = WORKLOADS[workload]
-        net = BACKBONES.get(backbone)(argparse.Namespace(**flags), shape, n_classes)
+        _, shape, n_classes, batch, _ = WORKLOADS[workload]
+        net = build(workload)
         opt = torch.optim.SGD(net.parameters(), lr=0.01)
         x, y = torch.randn(batch, *shape), torch.randint(0, n_classes, (batch,))
 
@@ -59,6 +58,25 @@ def worker(workloads: list[str], seconds: float) -> None:
                 steps += 1
             print(json.dumps({"workload": workload, "threads": threads,
                               "steps_per_s": steps / (time.perf_counter() - start)}), flush=True)
+
+
+def build(workload: str):
+    import torch  # noqa: F401  (the backbones need it)
+
+    sys.path.insert(0, str(REPO_ROOT))
+    from backbones import BACKBONES
+
+    backbone, shape, n_classes, batch, flags = WORKLOADS[workload]
+    parser = argparse.ArgumentParser()
+    BACKBONES.get(backbone).add_args(parser)
+    return BACKBONES.get(backbone)(argparse.Namespace(**{**vars(parser.parse_args([])), **flags}), shape, n_classes)
+
+
+def step_flops_of(workloads: list[str]) -> dict[str, float]:
+    """FLOPs of one training step of each workload, as `--num_threads 0` counts them (utils/threads.py)."""
+    from utils.threads import step_flops
+
+    return {w: step_flops(build(w), WORKLOADS[w][1], WORKLOADS[w][3]) for w in workloads}
 
 
 def measure(workloads: list[str], policy: str | None, seconds: float) -> list[dict]:
@@ -80,6 +98,7 @@ def main() -> None:
     if args.worker:
         return worker(args.worker.split(","), args.seconds)
     workloads = args.workloads.split(",")
+    flops = step_flops_of(workloads)
     print(f"{os.cpu_count()} cores; load average at start {os.getloadavg()}", flush=True)
     results: dict[tuple, list[float]] = {}
     for load in ("as found", "loaded"):
@@ -95,12 +114,14 @@ def main() -> None:
             for spinner in spinners:
                 spinner.kill()
     columns = [(threads, name) for name in POLICIES for threads in (1, os.cpu_count())]
-    print("\n| machine | workload | " + " | ".join(f"{t} thr, {n}" for t, n in columns) + " | best / 1 thread |")
-    print("|---|---|" + "---|" * (len(columns) + 1))
+    print("\n| machine | workload | MFLOPs/step | " + " | ".join(f"{t} thr, {n}" for t, n in columns)
+          + " | best / 1 thread | 2 thr / 1 thr, default wait |")
+    print("|---|---|---|" + "---|" * (len(columns) + 2))
     for load in ("as found", "loaded"):
         for workload in workloads:
             rates = [statistics.median(results[(load, workload, t, n)]) for t, n in columns]
-            print(f"| {load} | {workload} | " + " | ".join(f"{r:.3g}" for r in rates) + f" | {max(rates) / rates[0]:.2f} |")
+            print(f"| {load} | {workload} | {flops[workload] / 1e6:.4g} | " + " | ".join(f"{r:.3g}" for r in rates)
+                  + f" | {max(rates) / rates[0]:.2f} | {rates[1] / rates[0]:.2f} |")
     print(f"\nload average at the end {os.getloadavg()}; 'loaded' adds {os.cpu_count()} busy processes")
 
 

@@ -37,7 +37,7 @@ from utils.mlflow_logger import (
     environment_tags,
 )
 from utils.registry import declared_flags
-from utils.threads import choose_threads
+from utils.threads import choose_threads, step_flops
 
 
 def set_seed(seed: int) -> None:
@@ -124,7 +124,8 @@ def run(args: argparse.Namespace, logger: RunLogger | RecordingLogger | None = N
         dataset.mem_scores = load_scores(args.mem_scores, dataset)
     backbone = BACKBONES.get(args.backbone)(args, dataset.SHAPE, dataset.N_CLASSES).to(args.device)
     model = MODELS.get(args.model)(backbone, dataset, args)
-    args.num_threads, threads_reason = choose_threads(args.num_threads, sum(p.numel() for p in backbone.parameters()))
+    args.num_threads, threads_reason = choose_threads(args.num_threads, 0.0 if args.num_threads else step_flops(
+        backbone, dataset.SHAPE, args.batch_size, args.device))
     torch.set_num_threads(args.num_threads)
     print(f"{args.num_threads} CPU thread{'s' if args.num_threads > 1 else ''}: {threads_reason}", flush=True)
     state = RunState.fresh(dataset)
@@ -182,8 +183,8 @@ def run(args: argparse.Namespace, logger: RunLogger | RecordingLogger | None = N
     print(summary_table(state, args))
     if state.forgetting is not None:
         log_forgetting(logger, state.forgetting, dataset, args, step=state.next_task - 1)
-        print(f"forgetting events: artifact forgetting/events.npy (and its events.json) of the run; download both "
-              f"and pass the .npy to --mem_scores", flush=True)
+        print("forgetting events: artifact forgetting/events.npy (and its events.json) of the run; download both "
+              "and pass the .npy to --mem_scores", flush=True)
     logger.finish("FINISHED")
     if isinstance(logger, RunLogger):
         print(f"\nresults: MLflow run {logger.run_id} in {args.tracking_uri}; to look at them, run\n"

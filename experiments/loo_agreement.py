@@ -12,7 +12,7 @@ On the embedded seq-digits (1438 training images, an MLP), through the repositor
      split-half agreement (its models in two halves) as the reference ceiling;
   d. the table, written to experiments/loo_agreement_results.md.
 
-    OMP_NUM_THREADS=1 .venv/bin/python experiments/loo_agreement.py            # full: about 25 min on 2 cores
+    OMP_NUM_THREADS=1 .venv/bin/python experiments/loo_agreement.py            # full: about 40 min on 2 cores
     OMP_NUM_THREADS=1 .venv/bin/python experiments/loo_agreement.py --quick    # smoke test, about 1 min
 """
 from __future__ import annotations
@@ -52,7 +52,7 @@ def parse_cli(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--subset_models", type=int, default=128)
     parser.add_argument("--subset_ratio", type=float, default=0.5)
     parser.add_argument("--label_noise", type=float, default=0.0)
-    parser.add_argument("--n_epochs", type=int, default=30)
+    parser.add_argument("--n_epochs", type=int, default=60)
     parser.add_argument("--results", default=str(REPO / "experiments" / "loo_agreement_results.md"))
     parser.add_argument("--quick", action="store_true", help="16 examples, 2 seeds, 16 subset models, 5 epochs")
     args = parser.parse_args(argv)

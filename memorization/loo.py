@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from memorization.plan import Plan, loo_layout
+from memorization.score_files import compare_with, in_dataset_order
 from memorization.store import CorruptModelFile, SubsetStore
 from utils.errors import ConfigError
 
@@ -110,9 +111,9 @@ def seed_stability(self_diff: np.ndarray, compare: np.ndarray | None) -> dict:
     return out
 
 
-def score_loo_store(args: argparse.Namespace, store: SubsetStore, plan: Plan) -> dict:
-    """eval_splits.py on a leave-one-out store: the score files, a short report and the MLflow run."""
-    from memorization.scoring import compare_with, in_dataset_order, log_to_mlflow
+def score_loo_store(args: argparse.Namespace, store: SubsetStore, plan: Plan) -> tuple[dict, dict, dict, list, list]:
+    """eval_splits.py on a leave-one-out store: writes the score files and a short report; returns the result,
+    the summary, the sidecar and the files and report pages for the MLflow run."""
     if getattr(args, "datamodels", False):
         raise ConfigError(f"{store.folder} is a leave-one-out store, and a datamodel is fitted on random subsets; "
                           f"drop --datamodels or pass a subset store")
@@ -161,8 +162,7 @@ def score_loo_store(args: argparse.Namespace, store: SubsetStore, plan: Plan) ->
         print(f"  {key}: {value:.4f}" if isinstance(value, float) else f"  {key}: {value}")
     files = [out, Path(f"{stem}.json")] + [Path(f"{stem}_{k}") for k in ("se.npy", "n_in.npy", "n_out.npy",
                                                                           "influence.npz")]
-    log_to_mlflow(args, summary, sidecar, files, report)
-    return {"scores": scores, "summary": summary, "memorization": final, "influence": infl}
+    return {"scores": scores, "summary": summary, "memorization": final, "influence": infl}, summary, sidecar, files, report
 
 
 def write_loo_report(folder: Path, summary: dict, args: argparse.Namespace) -> list[Path]:

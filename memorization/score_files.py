@@ -37,10 +37,27 @@ def ratio_path(stem: Path, ratio: float) -> Path:
     return Path(f"{stem}_ratio{ratio:g}.npy")
 
 
-def _dataset_order(values: np.ndarray, rows: np.ndarray, n_total: int) -> np.ndarray:
+def in_dataset_order(values: np.ndarray, rows: np.ndarray, n_total: int) -> np.ndarray:
+    """Scores of the planned examples placed at their dataset rows; NaN for rows outside the plan."""
     out = np.full(n_total, np.nan, dtype=np.float32)
     out[rows] = values
     return out
+
+
+def compare_with(path: str, scores: np.ndarray) -> float:
+    """Spearman correlation with another score file over the examples both define; lengths must agree."""
+    from scipy.stats import spearmanr
+
+    from utils.errors import ConfigError
+    try:
+        other = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as error:
+        raise ConfigError(f"--compare {path} is not a readable .npy file ({type(error).__name__})") from None
+    if other.ndim != 1 or len(other) != len(scores):
+        raise ConfigError(f"--compare {path} holds {other.shape} scores but this dataset has {len(scores)} training "
+                          f"examples; pass a score file of the same dataset, in dataset order")
+    both = np.isfinite(other) & np.isfinite(scores)
+    return float(spearmanr(other[both], scores[both]).statistic)
 
 
 def _write_scores(path: Path, scores: np.ndarray, sidecar: dict) -> None:
@@ -65,7 +82,7 @@ def write_epoch_files(stem: Path, mask: np.ndarray, train: np.ndarray, test: np.
         folder = epoch_folder(stem, epoch)
         folder.mkdir(parents=True, exist_ok=True)
         scores = memorization(mask, train[index])
-        _write_scores(folder / EPOCH_SCORES, _dataset_order(scores["mem"], rows, n_total),
+        _write_scores(folder / EPOCH_SCORES, in_dataset_order(scores["mem"], rows, n_total),
                       {**_base(sidecar), "epoch": int(epoch), "n_undefined": scores["n_undefined"],
                        "files": {"influence_topk": EPOCH_TOPK}})
         if index == len(epochs) - 1 and final_influence is not None:
@@ -94,7 +111,7 @@ def write_ratio_files(stem: Path, mask: np.ndarray, target: np.ndarray, model_ra
         chosen = ratio == value
         scores = memorization(np.asarray(mask)[chosen], target[chosen])
         path = ratio_path(stem, value)
-        _write_scores(path, _dataset_order(scores["mem"], rows, n_total),
+        _write_scores(path, in_dataset_order(scores["mem"], rows, n_total),
                       {**_base(sidecar), "subset_ratio": value, "subset_ratios": [value],
                        "n_models": int(chosen.sum()), "n_models_planned": int((planned == value).sum()),
                        "n_undefined": scores["n_undefined"], "pooled": f"{stem.name}.npy"})

@@ -134,11 +134,13 @@ def test_relabeled_examples_have_high_leave_one_out_memorization(tmp_path):
     assert np.mean(scores[noisy[:5]]) > 0.3 > 0.15 > np.mean(scores[clean[:5]])
 
 
+@pytest.mark.slow  # starts worker processes
 def test_a_killed_loo_run_resumes_and_partial_stores_are_refused_or_scored_with_the_seeds_present(tmp_path):
     args = loo_args(tmp_path, "--loo_examples", "1,2", "--loo_seeds", "2")
     run_plan(args)
     store = SubsetStore(tmp_path / "store")
     lost = store.model_path(4)  # seed 1, without example 1
+    original = lost.read_bytes()
     lost.unlink()
     with pytest.raises(ConfigError, match="holds 5 of the plan's 6 models"):
         evaluate(tmp_path)
@@ -146,8 +148,10 @@ def test_a_killed_loo_run_resumes_and_partial_stores_are_refused_or_scored_with_
     assert np.load(tmp_path / "scores" / "store_n_in.npy")[[1, 2]].tolist() == [1, 2]
     assert np.isnan(np.load(tmp_path / "scores" / "store_se.npy")[1])  # one seed: no standard error
     assert np.isfinite(partial["scores"][[1, 2]]).all()
-    assert run_plan(args)["trained"] == 1  # the lost model only (groups of one here)
-    assert lost.exists() and evaluate(tmp_path)["summary"]["n_models"] == 6
+    # Resumed on another launcher (worker processes): the lost model only (groups of one here), same bytes.
+    resumed = loo_args(tmp_path, "--loo_examples", "1,2", "--loo_seeds", "2", "--launcher", "pool", "--workers", "2")
+    assert run_plan(resumed)["trained"] == 1
+    assert lost.read_bytes() == original and evaluate(tmp_path)["summary"]["n_models"] == 6
 
 
 def test_loo_memorization_counts_only_complete_seed_pairs():

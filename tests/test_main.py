@@ -45,7 +45,7 @@ def test_er_run_logs_arguments_metrics_tags_and_artifacts(tracking_uri):
     tags = logged.data.tags
     assert tags["device"] == "cpu" and tags["torch_version"] and tags["git_commit"]
     # the thread count chosen for the 64-100-100-10 MLP, and why, are on record
-    assert params["num_threads"] == "1" and tags["threads"] == "1: a network of 0.02M parameters trains fastest on one thread"
+    assert params["num_threads"] == "1" and tags["threads"] == "1: a training step of 3.3 MFLOPs runs fastest on one thread"
     history = client.get_metric_history(logged.info.run_id, "acc_class_il")
     assert [m.step for m in history] == [0, 1, 2, 3, 4]
     assert [m.value for m in history][-1] == pytest.approx(np.mean(state.matrices["class_il"][4]))

@@ -3,17 +3,21 @@
 PyTorch's default is one thread per core, and its OpenMP threads spin while they wait for work. On
 a machine whose cores are busy with other jobs, the spinning threads compete with those jobs and
 with each other: a small network then trains many times slower than on one thread
-(`benchmarks/threads.py`, figures in benchmarks/README.md). A small network gains nothing from more
-threads even on an idle machine, since each of its operations is too short to split. So the default
-uses every free core only for a network large enough to gain from them, on cores that are free.
+(`benchmarks/threads.py`, figures in benchmarks/README.md). A network whose training step is little
+arithmetic gains nothing from more threads even on an idle machine, since each of its operations is
+too short to split. So the default uses every free core only when a step is enough work to gain from
+them (counted, not guessed from the parameters: a small ViT has few parameters and much work), on
+cores that are free.
 """
 from __future__ import annotations
 
 import os
 
-# Parameters below which one thread is as fast as several (benchmarks/threads.py: the 100-100 MLPs of
-# seq-digits and seq-mnist, 0.02M and 0.09M parameters, train fastest on one thread even idle).
-SMALL_NETWORK_PARAMETERS = 1_000_000
+# Arithmetic per training step (forward and backward, FLOPs) below which one thread is as fast as several,
+# even on an idle machine: the operations are too short to split (benchmarks/threads.py, benchmarks/README.md:
+# the 100-100 MLPs of seq-digits and seq-mnist, a few MFLOPs a step, gain nothing from a second core; the
+# 3-layer ViT, about 4 GFLOPs a step with under 1M parameters, and ResNet-18 gain 1.5x).
+SMALL_STEP_FLOPS = 300e6
 
 
 def usable_cores() -> int:
@@ -24,18 +28,35 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
-def choose_threads(requested: int, n_parameters: int) -> tuple[int, str]:
+def step_flops(net, shape: tuple[int, ...], batch_size: int, device: str = "cpu") -> float:
+    """FLOPs of one training step of `net` on a batch: three times its forward pass (forward, and the
+    backward's two products per layer), counted by torch's FlopCounterMode on one example in eval mode
+    (no statistics change)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    was_training = net.training
+    net.eval()
+    try:
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            net(torch.zeros(1, *shape, device=device))
+    finally:
+        net.train(was_training)
+    return 3.0 * counter.get_total_flops() * batch_size
+
+
+def choose_threads(requested: int, flops_per_step: float) -> tuple[int, str]:
     """The thread count to use and the reason, as the run's log states it.
 
-    `requested` > 0 is used as given; 0 chooses: one thread for a network under
-    SMALL_NETWORK_PARAMETERS, otherwise the cores the machine's one-minute load average leaves
-    free, at least one.
+    `requested` > 0 is used as given; 0 chooses: one thread when a training step is under
+    SMALL_STEP_FLOPS, otherwise the cores the machine's one-minute load average leaves free, at least one.
     """
     cores = usable_cores()
     if requested > 0:
         return requested, f"--num_threads {requested}"
-    if n_parameters < SMALL_NETWORK_PARAMETERS:
-        return 1, f"a network of {n_parameters / 1e6:.2f}M parameters trains fastest on one thread"
+    if flops_per_step < SMALL_STEP_FLOPS:
+        return 1, f"a training step of {flops_per_step / 1e6:.1f} MFLOPs runs fastest on one thread"
     load = os.getloadavg()[0]
     free = max(1, min(cores, int(cores - load + 0.5)))
-    return free, f"{cores} usable cores with a load average of {load:.1f} leave {free} free"
+    return free, (f"a training step of {flops_per_step / 1e9:.2f} GFLOPs; {cores} usable cores with a load "
+                  f"average of {load:.1f} leave {free} free")
