@@ -6,6 +6,12 @@ Writes the scores as float32 .npy in dataset order (NaN where undefined) with a 
 the standard errors and in/out counts beside them, influence top-k and pairs, consistency scores
 and one score file per ratio when the plan has several ratios, the scores and influence top-k of
 every recorded epoch (NAME_epochs/epoch_<E>/), and a report folder; everything is also logged to MLflow.
+
+With --datamodels it also fits linear datamodels (Ilyas et al. 2022): per test example, a LASSO of the model's
+margin on the test example (z_y - max other logit with --save_logits stores, else log p/(1-p) of the stored
+probability) on the inclusion masks, its regularisation chosen on held-out models (--datamodel_val_fraction);
+NAME_datamodels.npz holds the sparse θ, bias, alpha, validation R² and top-k per test example, and the report
+compares θ with the held-out influence of the same margin. Not for released aux_arrays runs (correctness only).
 """
 from __future__ import annotations
 
@@ -28,6 +34,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--influence_threshold", type=float, default=0.15)
     parser.add_argument("--influence_full", action="store_true",
                         help="also write the full train × test influence matrix as a memory-mappable .npy")
+    parser.add_argument("--datamodels", action="store_true",
+                        help="also fit linear datamodels (Ilyas et al. 2022) of every test example's margin by LASSO "
+                             "and compare them with the influence: NAME_datamodels.npz and a report section")
+    parser.add_argument("--datamodel_val_fraction", type=float, default=0.1,
+                        help="share of the models held out to choose each test example's regularisation")
+    parser.add_argument("--datamodel_alphas", type=int, default=30, help="regularisations on each LASSO path")
     parser.add_argument("--mem_threshold", type=float, default=0.25, help="'memorized' if the score is at least this")
     parser.add_argument("--allow_partial", action="store_true", help="use the stored models even if some are missing")
     parser.add_argument("--compare", default=None, metavar="SCORES.npy",
@@ -42,6 +54,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         raise ConfigError(f"--out must name a .npy file, got {args.out!r}")
     if args.influence_topk < 1:
         raise ConfigError(f"--influence_topk must be at least 1, got {args.influence_topk}")
+    if not 0 < args.datamodel_val_fraction <= 0.5:
+        raise ConfigError(f"--datamodel_val_fraction must be above 0 and at most 0.5, "
+                          f"got {args.datamodel_val_fraction}")
+    if args.datamodel_alphas < 2:
+        raise ConfigError(f"--datamodel_alphas must be at least 2, got {args.datamodel_alphas}")
     return args
 
 

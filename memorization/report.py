@@ -282,6 +282,16 @@ MEANINGS = {
     "mean_clean": "mean defined score of clean examples",
     "auroc_relabeled_vs_clean": "AUROC of the score separating relabeled from clean (defined scores)",
     "spearman_forgetting_mem": "Spearman correlation of forgetting events with memorization (both defined)",
+    "datamodel_fit_models": "datamodels: models the LASSO was fitted on",
+    "datamodel_val_models": "datamodels: models held out to choose each test example's regularisation",
+    "datamodel_val_r2_mean": "datamodels: mean validation R² per test example",
+    "datamodel_val_r2_median": "datamodels: median validation R² per test example",
+    "datamodel_val_spearman": "datamodels: Spearman of predicted and actual margins of the validation models",
+    "datamodel_nonzeros_mean": "datamodels: mean nonzero θ per test example",
+    "datamodel_influence_pearson_median": "datamodels: median over test examples of Pearson(θ_j, influence_j)",
+    "datamodel_topk_overlap_mean": "datamodels: mean share of the top-k by θ also in the top-k by influence",
+    "datamodel_unconverged": "datamodels: test examples whose chosen fit stopped at the iteration limit",
+    "datamodel_fit_seconds": "datamodels: seconds of the LASSO fits",
 }
 
 
@@ -292,7 +302,7 @@ def _format(value: object) -> str:
     return str(value)
 
 
-def _write_markdown(path: Path, rows: list, epoch_rows: list[dict]) -> None:
+def _write_markdown(path: Path, rows: list, epoch_rows: list[dict], sections: list[str] = ()) -> None:
     """summary.md: the key/value table, then the per-epoch table when there is one."""
     lines = ["# Memorization report", "", "| quantity | value | meaning |", "|---|---|---|"]
     for key, value in rows:
@@ -304,7 +314,7 @@ def _write_markdown(path: Path, rows: list, epoch_rows: list[dict]) -> None:
         lines += ["", "## Per epoch", "", "gap = train_acc - test_acc; fraction over defined scores at that epoch.", "",
                   "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         lines += ["| " + " | ".join(_format(row[key]) for key in header) + " |" for row in epoch_rows]
-    path.write_text("\n".join(lines) + "\n")
+    path.write_text("\n".join([*lines, *sections]) + "\n")
 
 
 def write_report(folder: Path, *, mem: np.ndarray, se: np.ndarray, n_in: np.ndarray, n_out: np.ndarray,
@@ -313,9 +323,10 @@ def write_report(folder: Path, *, mem: np.ndarray, se: np.ndarray, n_in: np.ndar
                  influence: dict | None = None,
                  per_epoch: dict | None = None, noisy_mask: np.ndarray | None = None,
                  summary: dict | None = None, threshold: float = 0.25, grid_size: int = 32,
-                 forgetting: np.ndarray | None = None) -> list[Path]:
+                 forgetting: np.ndarray | None = None, datamodels: dict | None = None) -> list[Path]:
     """Write figures, summary.md, summary.csv (and per_epoch.csv) into `folder`; return the paths.
-    `forgetting` (forgetting events per example, same rows as `mem`) adds forgetting_vs_mem.png."""
+    `forgetting` (forgetting events per example, same rows as `mem`) adds forgetting_vs_mem.png;
+    `datamodels` (memorization.datamodels.write_datamodels' "report") datamodel_vs_influence.png and a section."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     mem = np.asarray(mem, dtype=float)
@@ -345,7 +356,11 @@ def write_report(folder: Path, *, mem: np.ndarray, se: np.ndarray, n_in: np.ndar
         rho = next(value for key, value in rows if key == "spearman_forgetting_mem")
         figure = _forgetting_vs_mem(mem, np.asarray(forgetting, dtype=float), rho)
         _save(figure, folder / "forgetting_vs_mem.png", written)
-    _write_markdown(folder / "summary.md", rows, epoch_rows)
+    if datamodels is not None:
+        from memorization.datamodels import report_section, scatter_figure
+
+        _save(scatter_figure(datamodels), folder / "datamodel_vs_influence.png", written)
+    _write_markdown(folder / "summary.md", rows, epoch_rows, report_section(datamodels) if datamodels else [])
     written.append(folder / "summary.md")
     with open(folder / "summary.csv", "w", newline="") as handle:
         csv.writer(handle).writerows([("key", "value"), *rows])

@@ -7,13 +7,15 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from scipy.stats import spearmanr
 
+from memorization.datamodels import check_enough_models, stored_margin, write_datamodels
 from memorization.estimator import auroc, consistency_scores, influence, memorization
 from memorization.forgetting import write_pooled_scores
+from memorization.loo import score_loo_store
+from memorization.plan import is_loo
 from memorization.released_runs import find_released_runs, read_released_runs
 from memorization.report import write_report
-from memorization.score_files import write_score_files
+from memorization.score_files import compare_with, in_dataset_order, write_score_files
 from memorization.store import CorruptModelFile, SubsetStore
 from memorization.training import load_plan_data
 from utils.errors import ConfigError
@@ -35,9 +37,15 @@ def load_store(run_dir: Path, args: argparse.Namespace) -> dict:
     arrays = {key: np.zeros((len(epochs), len(stored), size), dtype=np.float32)
               for key, size in (("prob_train", n), ("correct_train", n), ("prob_test", m), ("correct_test", m))}
     finished = []
+    kind = "logits" if plan.settings["training"].get("save_logits") else "prob"
+    margin = np.zeros((len(stored), m), np.float32) if getattr(args, "datamodels", False) else None
+    labels = load_plan_data(plan, args.data_path, "cpu").test_labels.numpy() \
+        if margin is not None and kind == "logits" else None
     for model_id in stored:
         try:
             model = store.read_model(model_id, plan)
+            if margin is not None:  # the datamodels' target, one [m] row per model instead of all logits
+                margin[len(finished)] = stored_margin(model, kind, labels)
         except CorruptModelFile as error:
             print(f"warning: {error} (not used; train_splits.py retrains it)", file=sys.stderr)
             continue
@@ -50,13 +58,19 @@ def load_store(run_dir: Path, args: argparse.Namespace) -> dict:
         raise ConfigError(f"{run_dir} holds {len(finished)} of the plan's {plan.n_models} models; finish it with "
                           f"train_splits.py or pass --allow_partial to use the {len(finished)}")
     arrays = {key: value[:, :len(finished)] for key, value in arrays.items()}
+    if margin is not None:
+        check_enough_models(len(finished), args.datamodel_val_fraction)
     return {"plan": plan, "model_ids": finished, "mask": plan.inclusion_mask[finished], "epochs": epochs,
             "ratio": plan.model_ratio[finished], "train": arrays[f"{args.target}_train"],
             "test": arrays[f"{args.target}_test"], "prob_train": arrays["prob_train"],
-            "correct_train": arrays["correct_train"], "correct_test": arrays["correct_test"]}
+            "correct_train": arrays["correct_train"], "correct_test": arrays["correct_test"],
+            "margin": None if margin is None else margin[:len(finished)], "margin_kind": kind}
 
 
 def load_released(run_dir: Path, args: argparse.Namespace) -> dict:
+    if getattr(args, "datamodels", False):
+        raise ConfigError("--datamodels needs each model's margin (probabilities or logits), and released "
+                          "aux_arrays.npz runs hold 0/1 correctness only; leave out --datamodels for them")
     if args.target != "correct":
         raise ConfigError("released aux_arrays.npz files hold 0/1 correctness only; pass --target correct")
     runs = read_released_runs(run_dir)
@@ -66,17 +80,14 @@ def load_released(run_dir: Path, args: argparse.Namespace) -> dict:
             "correct_test": test}
 
 
-def in_dataset_order(values: np.ndarray, rows: np.ndarray, n_total: int) -> np.ndarray:
-    """Scores of the planned examples placed at their dataset rows; NaN for rows outside the plan."""
-    out = np.full(n_total, np.nan, dtype=np.float32)
-    out[rows] = values
-    return out
-
-
 def score_store(args: argparse.Namespace) -> dict:
     """Scores, standard errors, counts, influence and consistency of a store, written beside --out and logged."""
     check_reachable(args.tracking_uri or default_tracking_uri())  # before the work, not after it
     run_dir = Path(args.run_dir)
+    if (run_dir / "plan.json").exists() and is_loo(plan := SubsetStore(run_dir).load_plan()):
+        result, summary, sidecar, files, report = score_loo_store(args, SubsetStore(run_dir), plan)
+        log_to_mlflow(args, summary, sidecar, files, report)
+        return result
     if (run_dir / "plan.json").exists():
         data = load_store(run_dir, args)
     elif find_released_runs(run_dir):
@@ -120,6 +131,14 @@ def score_store(args: argparse.Namespace) -> dict:
         if plan is not None else None
     if forgetting is not None:
         summary["spearman_forgetting_mem"], data["forgetting"] = forgetting["spearman_with_mem"], forgetting["values"]
+    datamodels = None if data.get("margin") is None else write_datamodels(
+        Path(f"{stem}_datamodels.npz"), mask, data["margin"], data["margin_kind"], rows, data["model_ids"],
+        args.datamodel_val_fraction, args.datamodel_alphas, args.influence_topk, plan.settings["seed"])
+    if datamodels is not None:
+        summary.update(datamodels["summary"])
+        data["datamodels"] = datamodels["report"]
+    else:  # an earlier evaluation's fit would otherwise sit beside scores it was not made with
+        Path(f"{stem}_datamodels.npz").unlink(missing_ok=True)
     sidecar = {"dataset": plan.settings["dataset"] if plan else None, "n": int(n_total),
                "label_fingerprint": plan.settings["label_fingerprint"] if plan else None,
                "label_noise": plan.settings["label_noise"] if plan else None,
@@ -129,6 +148,8 @@ def score_store(args: argparse.Namespace) -> dict:
                "n_undefined": summary["n_undefined"], "files": {
                    "se": f"{stem.name}_se.npy", "n_in": f"{stem.name}_n_in.npy", "n_out": f"{stem.name}_n_out.npy",
                    "influence": f"{stem.name}_influence.npz"}}
+    if datamodels is not None:
+        sidecar["files"]["datamodels"], sidecar["datamodel_margin"] = datamodels["path"].name, data["margin_kind"]
     more_files = write_score_files(stem, data, infl, rows, n_total, args.influence_topk, sidecar)
     Path(f"{stem}.json").write_text(json.dumps(sidecar, indent=2))
     print(f"{out}: memorization of {len(rows)} examples from {len(data['model_ids'])} models; "
@@ -137,7 +158,8 @@ def score_store(args: argparse.Namespace) -> dict:
         print(f"  {key}: {value:.4f}" if isinstance(value, float) else f"  {key}: {value}")
     report = write_report_for(data, final, infl, noisy, args, Path(f"{stem}_report"), summary)
     log_to_mlflow(args, summary, sidecar, [out, Path(f"{stem}.json"), *more_files,
-                                             *(forgetting["files"] if forgetting else [])], report)
+                                             *(forgetting["files"] if forgetting else []),
+                                             *([datamodels["path"]] if datamodels else [])], report)
     return {"scores": scores, "summary": summary, "memorization": final, "influence": infl}
 
 
@@ -145,19 +167,6 @@ def _counts(values: np.ndarray, rows: np.ndarray, n_total: int) -> np.ndarray:
     out = np.zeros(n_total, dtype=np.int32)
     out[rows] = values
     return out
-
-
-def compare_with(path: str, scores: np.ndarray) -> float:
-    """Spearman correlation with another score file over the examples both define; lengths must agree."""
-    try:
-        other = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as error:
-        raise ConfigError(f"--compare {path} is not a readable .npy file ({type(error).__name__})") from None
-    if other.ndim != 1 or len(other) != len(scores):
-        raise ConfigError(f"--compare {path} holds {other.shape} scores but this dataset has {len(scores)} training "
-                          f"examples; pass a score file of the same dataset, in dataset order")
-    both = np.isfinite(other) & np.isfinite(scores)
-    return float(spearmanr(other[both], scores[both]).statistic)
 
 
 def write_report_for(data: dict, final: dict, infl: dict, noisy, args, folder: Path, summary: dict) -> list[Path]:
@@ -181,7 +190,7 @@ def write_report_for(data: dict, final: dict, infl: dict, noisy, args, folder: P
                         train_images=images, train_labels=labels, test_images=test_images, test_labels=test_labels,
                         influence={**infl, "threshold": args.influence_threshold}, per_epoch=per_epoch,
                         noisy_mask=noisy, summary=summary, threshold=args.mem_threshold,
-                        forgetting=data.get("forgetting"))
+                        forgetting=data.get("forgetting"), datamodels=data.get("datamodels"))
 
 
 def log_to_mlflow(args: argparse.Namespace, summary: dict, sidecar: dict, files: list[Path],

@@ -16,6 +16,7 @@ SCRIPTS = ("main.py", "train_splits.py", "eval_splits.py", "sweep.py")
 SHORTER = {"main.py": ["--n_epochs", "1", "--n_tasks", "2", "--non_verbose"],
            "train_splits.py": ["--n_models", "4", "--n_epochs", "3", "--non_verbose"],
            "eval_splits.py": [], "sweep.py": []}
+LOO_SHORTER = ["--loo_examples", "random:4", "--loo_seeds", "2", "--n_epochs", "3", "--non_verbose"]
 
 
 def readme_commands() -> list[tuple[str, list[str]]]:
@@ -63,7 +64,8 @@ def test_every_readme_command_is_accepted_and_those_on_embedded_data_run(tmp_pat
         elif script == "train_splits.py":
             args = train_splits.parse_args(argv)
             if DATASETS.get(args.dataset).EMBEDDED:
-                run_plan(train_splits.parse_args([*argv, *SHORTER[script], *uri]))
+                shorter = LOO_SHORTER if args.plan_kind == "loo" else SHORTER[script]
+                run_plan(train_splits.parse_args([*argv, *shorter, *uri]))
                 ran.append(" ".join(argv))
         elif script == "eval_splits.py":
             args = eval_splits.parse_args(argv)
