@@ -29,6 +29,7 @@ def test_first_examples_fill_slots_in_order_until_full():
     assert buffer.examples.dtype == torch.uint8
 
 
+@pytest.mark.slow  # thousands of seeded streams
 def test_every_stream_example_is_kept_with_probability_capacity_over_n():
     torch.manual_seed(0)
     capacity, n, batch, trials = 10, 100, 7, 3000

@@ -69,6 +69,7 @@ def make_checkpoint(tmp_path) -> Path:
     return path
 
 
+@pytest.mark.slow  # whole runs
 def test_resuming_with_another_configuration_is_refused(tmp_path, capsys):
     path = make_checkpoint(tmp_path)
     code = main.main([*ARGS[:-5], "--n_epochs", "1", "--seed", "3", "--resume", str(path), "--lr", "0.1"])

@@ -105,7 +105,7 @@ def evaluate(store, out, uri, *extra):
                                                "--influence_topk", str(TOPK), "--tracking_uri", uri, *extra]))
 
 
-@pytest.mark.parametrize("kind", ["logits", "prob"])
+@pytest.mark.parametrize("kind", ["logits", pytest.param("prob", marks=pytest.mark.slow)])
 def test_eval_splits_writes_the_datamodels_of_a_real_store(stores, tmp_path, kind):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     result = evaluate(stores / kind, tmp_path / "s.npy", uri)

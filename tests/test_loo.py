@@ -121,6 +121,7 @@ def test_loo_scores_are_the_mean_over_seeds_of_full_minus_left_out_probability(t
     assert "| 2 |" in (tmp_path / "scores" / "store_report" / "report.md").read_text()
 
 
+@pytest.mark.slow  # 22 MLPs × 30 epochs on every example
 def test_relabeled_examples_have_high_leave_one_out_memorization(tmp_path):
     """With 10% of the labels flipped, removing a flipped example costs its full models far more of its
     (wrong) label's probability than removing a clean one."""

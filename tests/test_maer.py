@@ -215,6 +215,7 @@ def test_maer_logs_its_buffer_and_er_logs_accuracy_per_memorization_bucket(tmp_p
     assert 0 <= er["train_acc_high_task_0"] <= 100 and (buckets == 2).any()
 
 
+@pytest.mark.slow  # a kill and a resume of real runs
 def test_maer_resumes_from_a_checkpoint_to_the_uninterrupted_result(tmp_path, tracking_uri, monkeypatch):
     argv = ["--model", "maer", "--buffer_policy", "middle", "--buffer_size", "30", "--lr", "0.1", "--n_epochs", "3",
             "--seed", "0", "--non_verbose", "--tracking_uri", tracking_uri]

@@ -83,6 +83,7 @@ def test_every_model_beats_fine_tuning(tracking_uri, model, extra):
     assert final > (85 if model == "joint" else 50)
 
 
+@pytest.mark.slow  # two whole runs
 def test_same_seed_gives_the_identical_accuracy_matrix(tracking_uri):
     first = run(tracking_uri, "--model", "derpp", "--buffer_size", "50", "--lr", "0.05")
     second = run(tracking_uri, "--model", "derpp", "--buffer_size", "50", "--lr", "0.05")

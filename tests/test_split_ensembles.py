@@ -77,7 +77,7 @@ def trained_alone(plan, model_id: int, data) -> dict[str, np.ndarray]:
 
 
 @pytest.mark.parametrize("backbone", [["--backbone", "resnet18", "--resnet_width", "4"],
-                                      ["--backbone", "reduced_resnet18"],
+                                      pytest.param(["--backbone", "reduced_resnet18"], marks=pytest.mark.slow),
                                       ["--backbone", "airbench", "--airbench_width", "0.125"],
                                       ["--backbone", "vit", "--vit_depth", "1", "--vit_width", "16",
                                        "--vit_heads", "2", "--vit_patch", "8"],

@@ -35,6 +35,7 @@ def evaluate(tmp_path, *extra: str, out: str = "store"):
     return score_store(eval_splits.parse_args(argv))
 
 
+@pytest.mark.slow  # 16 MLPs × 100 epochs
 def test_relabeled_digits_rank_at_the_top_of_the_memorization_scores(tmp_path):
     """16 MLPs fit their halves of seq-digits with 10% of labels flipped; the flipped ones stand out."""
     train(tmp_path, "--n_models", "16", "--subset_ratio", "0.5", "--n_epochs", "100", "--batch_size", "32",
