@@ -6,6 +6,8 @@ Writes the scores as float32 .npy in dataset order (NaN where undefined) with a 
 the standard errors and in/out counts beside them, influence top-k and pairs, consistency scores
 and one score file per ratio when the plan has several ratios, the scores and influence top-k of
 every recorded epoch (NAME_epochs/epoch_<E>/), and a report folder; everything is also logged to MLflow.
+A leave-one-out store (train_splits.py --plan_kind loo) gives the same score, standard-error, count and
+influence files from p_full − p_without_i, averaged over its seeds (memorization/loo.py).
 
 With --datamodels it also fits linear datamodels (Ilyas et al. 2022): per test example, a LASSO of the model's
 margin on the test example (z_y - max other logit with --save_logits stores, else log p/(1-p) of the stored
