@@ -79,14 +79,14 @@ def main(argv: list[str] | None = None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     started = time.time()
     tracking = ["--tracking_uri", f"sqlite:///{out}/mlflow.db"]
-    run_plan(train_splits.parse_args([*recipe(args), "--n_models", str(args.subset_models), "--subset_ratio",
-                                      str(args.subset_ratio), "--out", str(out / "subsets")]))
+    trained = run_plan(train_splits.parse_args([*recipe(args), "--n_models", str(args.subset_models),
+                                                "--subset_ratio", str(args.subset_ratio), "--out", str(out / "subsets")]))
     score_store(eval_splits.parse_args(["--run_dir", str(out / "subsets"), "--out", str(out / "subsets.npy"),
                                         *tracking]))
     subset_seconds = time.time() - started
-    run_plan(train_splits.parse_args([*recipe(args), "--plan_kind", "loo", "--loo_examples",
-                                      f"random:{args.examples}", "--loo_seeds", str(args.loo_seeds),
-                                      "--out", str(out / "loo")]))
+    trained_loo = run_plan(train_splits.parse_args([*recipe(args), "--plan_kind", "loo", "--loo_examples",
+                                                    f"random:{args.examples}", "--loo_seeds", str(args.loo_seeds),
+                                                    "--out", str(out / "loo")]))
     score_store(eval_splits.parse_args(["--run_dir", str(out / "loo"), "--out", str(out / "loo.npy"),
                                         "--compare", str(out / "subsets.npy"), *tracking]))
     loo_seconds = time.time() - started - subset_seconds
@@ -116,7 +116,8 @@ def main(argv: list[str] | None = None) -> None:
         f"Written by `experiments/loo_agreement.py` on {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, "
         f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores "
         f"(load average at the end {os.getloadavg()[0]:.1f}); {time.time() - started:.0f} s in all "
-        f"(subset store {subset_seconds:.0f} s, LOO store {loo_seconds:.0f} s).", "",
+        f"(subset store {subset_seconds:.0f} s, {trained['trained']} models trained; LOO store {loo_seconds:.0f} s, "
+        f"{trained_loo['trained']} models trained; a rerun trains only what its store lacks).", "",
         f"Recipe of every model: MLP 64-256-10, {args.n_epochs} epochs, SGD lr 0.1 momentum 0.9, batch 32, "
         f"label noise {args.label_noise}. Subset estimator: {args.subset_models} models on random "
         f"{args.subset_ratio:g} subsets (balanced). LOO: {args.examples} examples drawn at random, "
@@ -124,11 +125,16 @@ def main(argv: list[str] | None = None) -> None:
         f"({plan.n_models} models). Target: probability of the label.", "",
         f"Subset scores of these examples: mean {np.nanmean(subsets):.3f}, {np.mean(subsets >= 0.25):.0%} at or "
         f"above 0.25; LOO ({args.loo_seeds} seeds): mean {np.nanmean(full_mem):.3f}, "
-        f"{np.mean(full_mem >= 0.25):.0%} at or above 0.25, median standard error "
-        f"{np.nanmedian(loo_memorization(diff)['se']):.3f}.", "",
+        f"{np.mean(full_mem >= 0.25):.0%} at or above 0.25, {np.mean(full_mem == 0):.0%} exactly 0 (the float16 "
+        f"probability is 1 with and without the example in every seed), median standard error "
+        f"{np.nanmedian(loo_memorization(diff)['se']):.2g}.", "",
         "| LOO seeds s | Spearman with subset estimator | Spearman of two disjoint s-seed LOO estimates |",
         "|---|---|---|"]
     lines += [f"| {s} | {a:.3f} | {'' if b is None else f'{b:.3f}'} |" for s, a, b in table]
+    moved = full_mem != 0
+    lines += ["", f"On the {int(moved.sum())} examples whose {args.loo_seeds}-seed LOO score is not exactly 0, the "
+                  f"Spearman correlation with the subset estimator is {spearman(full_mem[moved], subsets[moved]):.3f} "
+                  f"({args.loo_seeds} seeds) and {spearman(diff[moved, 0], subsets[moved]):.3f} (1 seed)."]
     lines += ["", f"Subset estimator split-half ({half} against {sub_plan.n_models - half} models) on the same "
                   f"examples: Spearman {subset_split_half:.3f}.", ""]
     text = "\n".join(lines)
