@@ -74,6 +74,7 @@ def build(workload: str):
 
 def step_flops_of(workloads: list[str]) -> dict[str, float]:
     """FLOPs of one training step of each workload, as `--num_threads 0` counts them (utils/threads.py)."""
+    sys.path.insert(0, str(REPO_ROOT))
     from utils.threads import step_flops
 
     return {w: step_flops(build(w), WORKLOADS[w][1], WORKLOADS[w][3]) for w in workloads}

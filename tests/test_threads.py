@@ -52,7 +52,7 @@ def test_the_work_of_a_step_is_counted_from_the_network_not_its_parameters():
         BACKBONES.get(name).add_args(parser)
         return BACKBONES.get(name)(argparse.Namespace(**{**vars(parser.parse_args([])), **flags}), (3, 32, 32), 10)
     vit = backbone("vit", vit_depth=3, vit_width=48, vit_heads=3, vit_patch=4, vit_mlp_ratio=4)
-    mlp = backbone("mlp", mlp_hidden="1000")
+    mlp = backbone("mlp", mlp_hidden="50")
     assert sum(p.numel() for p in vit.parameters()) < sum(p.numel() for p in mlp.parameters())
     assert threads.step_flops(vit, (3, 32, 32), 100) > threads.SMALL_STEP_FLOPS > threads.step_flops(mlp, (3, 32, 32), 10)
 

@@ -15,9 +15,10 @@ import os
 
 # Arithmetic per training step (forward and backward, FLOPs) below which one thread is as fast as several,
 # even on an idle machine: the operations are too short to split (benchmarks/threads.py, benchmarks/README.md:
-# the 100-100 MLPs of seq-digits and seq-mnist, a few MFLOPs a step, gain nothing from a second core; the
-# 3-layer ViT, about 4 GFLOPs a step with under 1M parameters, and ResNet-18 gain 1.5x).
-SMALL_STEP_FLOPS = 300e6
+# the 100-100 MLPs of seq-digits and seq-mnist, 3-5 MFLOPs a step, gain nothing from a second core; a
+# 400-400 MLP at 92 MFLOPs gains 1.26x, the 3-layer ViT at 3.3 GFLOPs with under 1M parameters 1.66x).
+# The threshold lies between the measured 5 and 92, near their geometric mean.
+SMALL_STEP_FLOPS = 20e6
 
 
 def usable_cores() -> int:
