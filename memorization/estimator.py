@@ -285,7 +285,7 @@ def influence(mask: np.ndarray, test_target: np.ndarray, topk: int = 10, thresho
         del full
     # Pairs come in train-then-test order, so a stable sort on the value alone gives the full order.
     pair_train, pair_test, pair_value = (np.concatenate(p) for p in zip(*pairs))
-    order = np.argsort(-pair_value, kind="stable")
+    order = descending_stable_order(pair_value)
     best_value, best_index = _merge_topk(best_value, best_index)
     best_value[best_index < 0] = np.nan  # fewer than k defined training examples
     return {
@@ -293,6 +293,19 @@ def influence(mask: np.ndarray, test_target: np.ndarray, topk: int = 10, thresho
         "pair_test": pair_test[order], "pair_value": pair_value[order], "histogram": counts.sum(0)[1:-1],
         "bins": bins, "n_undefined_train": int(undefined.sum()),
     }
+
+
+def descending_stable_order(values: np.ndarray) -> np.ndarray:
+    """np.argsort(-values, kind="stable") for float32 values without NaN, about 3x faster: each value's bits,
+    mapped to integers of the same order, and its position make one unique 64-bit key, and an unstable
+    integer sort of unique keys is stable (numpy's stable sort of floats is a merge sort)."""
+    if len(values) >= 2**32:
+        return np.argsort(-values, kind="stable")
+    bits = (np.asarray(values, np.float32) + np.float32(0)).view(np.int32)  # + 0: -0.0 becomes 0.0, its equal
+    ordered = bits ^ ((bits >> 31) & np.int32(0x7FFFFFFF))  # signed integers in the floats' order
+    key = ((~ordered).astype(np.int64) + 2**31).astype(np.uint64) << np.uint64(32) \
+        | np.arange(len(values), dtype=np.uint64)
+    return (np.sort(key) & np.uint64(0xFFFFFFFF)).astype(np.intp)
 
 
 def consistency_scores(mask: np.ndarray, target: np.ndarray, model_ratio: np.ndarray) -> dict:

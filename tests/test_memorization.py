@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from memorization.estimator import auroc, consistency_scores, influence, memorization
+from memorization.estimator import auroc, consistency_scores, descending_stable_order, influence, memorization
 
 # A hand-made store: 6 models, 3 training and 3 test examples (rows are models).
 MASK = np.array([  # train example 0 is in every model: its scores are undefined
@@ -373,3 +373,12 @@ def test_bin_counts_match_numpy_histogram_next_to_random_evenly_spaced_edges():
         counts = np.zeros(len(starts) - 1, np.int64)
         _count_bins(values, starts, lo32, scale, tol, counts, np.empty(values.size, np.int32))
         np.testing.assert_array_equal(counts[1:-1], np.histogram(values, bins)[0])
+
+
+def test_the_pairs_order_is_numpys_stable_descending_sort_with_ties_signs_zeros_and_infinities():
+    rng = np.random.default_rng(3)
+    special = np.array([-1.5, -0.0, 0.0, 0.15, 0.2, 1e-30, -1e-30, np.inf, -np.inf, 1.4e-45, -1.4e-45], np.float32)
+    for trial in range(60):
+        values = (rng.choice(special, rng.integers(0, 200)) if trial % 2
+                  else rng.normal(size=rng.integers(0, 200)).astype(np.float32))
+        np.testing.assert_array_equal(descending_stable_order(values), np.argsort(-values, kind="stable"))
