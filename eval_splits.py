@@ -22,11 +22,12 @@ import sys
 
 from memorization.scoring import score_store
 from utils.errors import ConfigError, run_command
+from utils.help import HelpFormatter
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=HelpFormatter)
     parser.add_argument("--run_dir", required=True, help="a train_splits.py --out folder, or a folder of released "
                                                          "<ratio>/<seed>/aux_arrays.npz runs")
     parser.add_argument("--out", required=True, help="the memorization scores (.npy); the rest is written beside it")

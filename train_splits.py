@@ -22,6 +22,7 @@ from datasets import DATASETS
 from memorization.driver import run_plan
 from utils.config_files import load_config
 from utils.errors import ConfigError, run_command
+from utils.help import HelpFormatter
 from utils.launchers import add_launcher_args
 from utils.optimizers import SCHEDULES
 from utils.registry import flags_of
@@ -29,7 +30,7 @@ from utils.registry import flags_of
 
 def build_parser(backbone: type | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=HelpFormatter)
     parser.add_argument("--config", default=None, metavar="FILE.yaml",
                         help="a YAML file of flag: value defaults, e.g. a recipe of configs/splits/; flags given "
                              "explicitly still win")

@@ -15,6 +15,7 @@ import yaml
 from continual.catalogue import family
 from utils.config_files import load_config
 from utils.errors import ConfigError
+from utils.help import HelpFormatter
 from utils.optimizers import OPTIMIZERS
 from utils.registry import flags_of, method_names
 
@@ -24,17 +25,6 @@ CONFIG_DIR = REPO_ROOT / "configs" / "best"
 NON_COMPUTATIONAL = {"resume", "savecheck", "checkpoint_dir", "tracking_uri", "experiment_name", "run_name",
                      "non_verbose", "data_path", "download", "model_config", "config", "log_every", "num_threads",
                      "forgetting_events"}  # recording reads the forward passes training makes; it changes no result
-
-
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Defaults shown once and short: none for a flag without one or whose help already names it."""
-
-    def _get_help_string(self, action: argparse.Action) -> str:
-        text = action.help or ""
-        if action.default in (None, False, argparse.SUPPRESS) or "default" in text:
-            return text
-        default = f"{action.default:.6g}" if isinstance(action.default, float) else "%(default)s"
-        return f"{text} (default: {default})"
 
 
 def common_parser(first_pass: bool = False) -> argparse.ArgumentParser:

@@ -1,8 +1,9 @@
 """main.py end to end on the embedded seq-digits data: learning, logging, reproducibility, bad input."""
 from __future__ import annotations
 
-import io
 import csv
+import io
+import re
 
 import numpy as np
 import pytest
@@ -129,6 +130,20 @@ def test_help_shows_the_flags_of_every_component(capsys):
     text = capsys.readouterr().out
     for flag in ("--alpha", "--beta", "--mlp_hidden", "--buffer_size", "--tracking_uri", "--label_noise"):
         assert flag in text
+
+
+@pytest.mark.parametrize("script", ["main.py", "train_splits.py", "eval_splits.py"])
+def test_help_shows_each_default_once_and_no_default_of_none(script, capsys):
+    import eval_splits
+    import train_splits
+
+    parse = {"main.py": parse_args, "train_splits.py": train_splits.parse_args,
+             "eval_splits.py": eval_splits.parse_args}[script]
+    with pytest.raises(SystemExit):
+        parse(["--help"])
+    text = " ".join(capsys.readouterr().out.split())  # help lines wrap
+    assert "(default: None)" not in text and "(default: False)" not in text
+    assert text.count("(default:") >= 4 and not re.search(r"\(default: [^)]*\) \(default:", text)
 
 
 @pytest.mark.parametrize("argv, sentence", [
