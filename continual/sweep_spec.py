@@ -162,7 +162,7 @@ def load_sweep(path: str | Path) -> Sweep:
     where = f"sweep file {path}"
     if not isinstance(spec, dict):
         raise ConfigError(f"{where} must be a mapping with keys {', '.join(sorted(TOP_LEVEL))}")
-    unknown = sorted(set(spec) - TOP_LEVEL)
+    unknown = sorted(map(str, set(spec) - TOP_LEVEL))  # YAML keys may be numbers or null
     if unknown:
         raise ConfigError(f"{where} has unknown keys {', '.join(unknown)}; the keys are {', '.join(sorted(TOP_LEVEL))}")
     missing = sorted(k for k in TOP_LEVEL - {"name"} if k not in spec)
@@ -219,7 +219,7 @@ def _methods(value, where: str) -> dict[str, Method]:
     methods = {}
     for name, entry in value.items():
         entry = _mapping(entry, f"{where}: method {name}")
-        unknown = sorted(set(entry) - METHOD_KEYS)
+        unknown = sorted(map(str, set(entry) - METHOD_KEYS))
         if unknown:
             raise ConfigError(f"{where}: method {name} has unknown keys {', '.join(unknown)}; a method has "
                               f"flags, grid and reuse")
@@ -240,8 +240,8 @@ def _methods(value, where: str) -> dict[str, Method]:
     for name, method in methods.items():
         unknown = [r for r in method.reuse if r not in methods]
         if unknown:
-            raise ConfigError(f"{where}: method {name} reuses {', '.join(unknown)}, which the file does not define; "
-                              f"reuse one of {', '.join(n for n in methods if n != name)}")
+            raise ConfigError(f"{where}: method {name} reuses {', '.join(map(str, unknown))}, which the file does not "
+                              f"define; reuse one of {', '.join(str(n) for n in methods if n != name)}")
     _check_no_cycle(methods, where)
     return methods
 
@@ -282,7 +282,7 @@ def _check_runs(sweep: Sweep) -> None:
                 where = f"sweep file {sweep.path}, method {name}"
                 argv = cell.argv()
                 known = set(flags_of(_parse(full_parser, argv, where)))
-                unknown = sorted(set(cell.flags) - known)
+                unknown = sorted(map(str, set(cell.flags) - known))
                 if unknown:
                     raise ConfigError(f"{where} sets {', '.join(unknown)}, which main.py does not accept for this "
                                       f"dataset, backbone and model; fix the names (see python main.py --help)")

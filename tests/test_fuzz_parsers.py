@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
@@ -98,6 +98,8 @@ SWEEP_KEYS = st.sampled_from(["name", "base", "methods", "selection", "search_se
 
 @FUZZ
 @given(spec=st.one_of(JSON, st.dictionaries(SWEEP_KEYS, JSON, max_size=6)), raw=st.one_of(st.none(), st.binary(max_size=80)))
+@example(spec={}, raw=b"?")  # YAML's explicit-key mark: {None: None}, keys that are not text
+@example(spec={}, raw=b"name: a\nmethods:\n  er:\n    3: 4\n    reuse: [5]\n")
 def test_sweep_files(spec, raw):
     from continual.sweep_spec import load_sweep
 
