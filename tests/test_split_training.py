@@ -125,7 +125,7 @@ def test_a_corrupt_model_file_is_set_aside_and_retrained(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_a_killed_run_resumes_without_retraining_finished_models(tmp_path):
-    command = [sys.executable, "train_splits.py", "--n_models", "40", "--n_epochs", "20", "--lr", "0.1",
+    command = [sys.executable, "train_splits.py", "--n_models", "16", "--n_epochs", "10", "--lr", "0.1",
                "--batch_size", "32", "--out", str(tmp_path / "store"), "--non_verbose",
                "--tracking_uri", f"sqlite:///{tmp_path / 'mlflow.db'}"]
     process = subprocess.Popen(command, cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -137,10 +137,10 @@ def test_a_killed_run_resumes_without_retraining_finished_models(tmp_path):
     process.send_signal(signal.SIGKILL)
     process.wait()
     stored = SubsetStore(tmp_path / "store").stored_models()
-    assert 3 <= len(stored) < 40, "the run was not killed midway"
+    assert 3 <= len(stored) < 16, "the run was not killed midway"
     times = {i: (models / f"model_{i:06d}.npz").stat().st_mtime_ns for i in stored}
     result = run_plan(train_splits.parse_args(command[2:]))
-    assert result["trained"] == 40 - len(stored)
+    assert result["trained"] == 16 - len(stored)
     assert all((models / f"model_{i:06d}.npz").stat().st_mtime_ns == t for i, t in times.items())
     assert not list(models.glob(".*tmp"))  # the killed write left no partial file behind
 
