@@ -31,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
+from memorization.estimator import blocks
 from memorization.store import CorruptModelFile
 from utils.errors import ConfigError
 from utils.threads import usable_cores
@@ -101,11 +102,6 @@ def split_models(n_models: int, val_fraction: float, seed: int) -> tuple[np.ndar
     return np.sort(order[n_val:]), np.sort(order[:n_val])
 
 
-def _blocks(size: int, block: int):
-    for start in range(0, size, block):
-        yield slice(start, min(start + block, size))
-
-
 def _topk(index: np.ndarray, value: np.ndarray, k: int) -> np.ndarray:
     """The k indices of the largest values, ties to the lower index."""
     return index[np.lexsort((index, -value))][:k]
@@ -160,7 +156,7 @@ def fit_datamodels(mask: np.ndarray, margin: np.ndarray, val_fraction: float = 0
     # Non-convergence is recorded per test example instead of warned (the filter is the process's, set once).
     with warnings.catch_warnings(), ThreadPoolExecutor(max(1, threads or usable_cores())) as pool:
         warnings.simplefilter("ignore", ConvergenceWarning)
-        for cols in _blocks(m, block):
+        for cols in blocks(m, block):
             xy = x.T @ y[:, cols]  # [n, block]: the first alpha of every path of the block
             alpha_max = np.abs(xy).max(0) / len(fit)
             fits = pool.map(fit_one, range(cols.start, cols.stop), xy.T, alpha_max)
@@ -208,7 +204,7 @@ def compare_with_influence(mask: np.ndarray, margin: np.ndarray, fitted: dict, t
     order = np.argsort(fitted["test_index"], kind="stable")
     test_index, train_index, value = (fitted[key][order] for key in ("test_index", "train_index", "value"))
     scatter_theta, scatter_infl = [], []
-    for cols in _blocks(m, block):
+    for cols in blocks(m, block):
         target = np.asarray(margin[:, cols], np.float32)
         with_i = (weights.T @ target).astype(np.float64)[rows]  # [defined, block]
         total = target.sum(0, dtype=np.float64)

@@ -27,7 +27,7 @@ if "NUMBA_THREADING_LAYER" not in os.environ:
     numba.config.THREADING_LAYER = "workqueue"
 
 
-def _blocks(size: int, block: int) -> Iterator[slice]:
+def blocks(size: int, block: int) -> Iterator[slice]:
     """Consecutive slices of `range(size)`, `block` long (the last may be shorter)."""
     for start in range(0, size, block):
         yield slice(start, min(start + block, size))
@@ -37,7 +37,7 @@ def _masked_sums(mask: np.ndarray, target: np.ndarray, block: int = 8192) -> tup
     """Per column: count, sum and sum of squares of target where mask holds, and over all models."""
     n = mask.shape[1]
     count, total, total_sq, masked, masked_sq = (np.empty(n, np.float32) for _ in range(5))
-    for cols in _blocks(n, block):  # column blocks bound the float32 copy of the mask
+    for cols in blocks(n, block):  # column blocks bound the float32 copy of the mask
         chosen, values = mask[:, cols].astype(np.float32), target[:, cols]
         count[cols] = chosen.sum(0)
         masked[cols] = np.einsum("kn,kn->n", chosen, values)  # no [K, b] product materialised
@@ -270,7 +270,7 @@ def influence(mask: np.ndarray, test_target: np.ndarray, topk: int = 10, thresho
     pairs = []
     full = None if full_path is None else np.lib.format.open_memmap(full_path, "w+", np.float32, (n, m))
     buffer = np.empty((min(block_rows, n), m), np.float32)
-    for rows in _blocks(n, len(buffer)):
+    for rows in blocks(n, len(buffer)):
         infl = buffer[:rows.stop - rows.start]
         # One product per block; for 0/1 targets the sums are exact integers, so results do not
         # depend on the block size or on the order BLAS adds in.

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from memorization.plan import Plan, loo_layout
-from memorization.score_files import compare_with, in_dataset_order
+from memorization.score_files import compare_with, counts_in_dataset_order, in_dataset_order
 from memorization.store import CorruptModelFile, SubsetStore
 from utils.errors import ConfigError
 
@@ -127,9 +127,8 @@ def score_loo_store(args: argparse.Namespace, store: SubsetStore, plan: Plan) ->
     scores = in_dataset_order(final["mem"], rows, n_total)
     np.save(out, scores)
     np.save(f"{stem}_se.npy", in_dataset_order(final["se"], rows, n_total))
+    counts = counts_in_dataset_order(final["count"], rows, n_total)
     for name in ("n_in", "n_out"):  # full models and leave-one-out models: one pair per seed
-        counts = np.zeros(n_total, np.int32)
-        counts[rows] = final["count"]
         np.save(f"{stem}_{name}.npy", counts)
     with np.errstate(invalid="ignore"):
         valid = np.isfinite(data["test_diff"]).sum(1)

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from memorization.estimator import influence, memorization
+from utils.errors import ConfigError
 
 EPOCH_SCORES, EPOCH_TOPK = "mem.npy", "influence_topk.npz"
 
@@ -44,11 +45,17 @@ def in_dataset_order(values: np.ndarray, rows: np.ndarray, n_total: int) -> np.n
     return out
 
 
+def counts_in_dataset_order(values: np.ndarray, rows: np.ndarray, n_total: int) -> np.ndarray:
+    """Per-example counts of the planned examples at their dataset rows; 0 for rows outside the plan."""
+    out = np.zeros(n_total, dtype=np.int32)
+    out[rows] = values
+    return out
+
+
 def compare_with(path: str, scores: np.ndarray) -> float:
     """Spearman correlation with another score file over the examples both define; lengths must agree."""
     from scipy.stats import spearmanr
 
-    from utils.errors import ConfigError
     try:
         other = np.load(path, allow_pickle=False)
     except (OSError, ValueError) as error:

@@ -15,7 +15,7 @@ from memorization.loo import score_loo_store
 from memorization.plan import is_loo
 from memorization.released_runs import find_released_runs, read_released_runs
 from memorization.report import write_report
-from memorization.score_files import compare_with, in_dataset_order, write_score_files
+from memorization.score_files import compare_with, counts_in_dataset_order, in_dataset_order, write_score_files
 from memorization.store import CorruptModelFile, SubsetStore
 from memorization.training import load_plan_data
 from utils.errors import ConfigError
@@ -27,10 +27,9 @@ from utils.mlflow_logger import (
 )
 
 
-def load_store(run_dir: Path, args: argparse.Namespace) -> dict:
+def load_store(store: SubsetStore, plan, args: argparse.Namespace) -> dict:
     """Masks and targets of every readable model, as float32 matrices [epochs, models, examples]; one read each."""
-    store = SubsetStore(run_dir)
-    plan = store.load_plan()
+    run_dir = store.folder
     stored = sorted(i for i in store.stored_models() if i < plan.n_models)
     n, m = plan.inclusion_mask.shape[1], plan.settings["n_test"]
     epochs = plan.settings["training"]["record_epochs"]
@@ -39,8 +38,8 @@ def load_store(run_dir: Path, args: argparse.Namespace) -> dict:
     finished = []
     kind = "logits" if plan.settings["training"].get("save_logits") else "prob"
     margin = np.zeros((len(stored), m), np.float32) if getattr(args, "datamodels", False) else None
-    labels = load_plan_data(plan, args.data_path, "cpu").test_labels.numpy() \
-        if margin is not None and kind == "logits" else None
+    plan_data = load_plan_data(plan, args.data_path, "cpu") if margin is not None and kind == "logits" else None
+    labels = None if plan_data is None else plan_data.test_labels.numpy()
     for model_id in stored:
         try:
             model = store.read_model(model_id, plan)
@@ -64,7 +63,8 @@ def load_store(run_dir: Path, args: argparse.Namespace) -> dict:
             "ratio": plan.model_ratio[finished], "train": arrays[f"{args.target}_train"],
             "test": arrays[f"{args.target}_test"], "prob_train": arrays["prob_train"],
             "correct_train": arrays["correct_train"], "correct_test": arrays["correct_test"],
-            "margin": None if margin is None else margin[:len(finished)], "margin_kind": kind}
+            "margin": None if margin is None else margin[:len(finished)], "margin_kind": kind,
+            "plan_data": plan_data}
 
 
 def load_released(run_dir: Path, args: argparse.Namespace) -> dict:
@@ -84,12 +84,14 @@ def score_store(args: argparse.Namespace) -> dict:
     """Scores, standard errors, counts, influence and consistency of a store, written beside --out and logged."""
     check_reachable(args.tracking_uri or default_tracking_uri())  # before the work, not after it
     run_dir = Path(args.run_dir)
-    if (run_dir / "plan.json").exists() and is_loo(plan := SubsetStore(run_dir).load_plan()):
-        result, summary, sidecar, files, report = score_loo_store(args, SubsetStore(run_dir), plan)
-        log_to_mlflow(args, summary, sidecar, files, report)
-        return result
     if (run_dir / "plan.json").exists():
-        data = load_store(run_dir, args)
+        store = SubsetStore(run_dir)
+        plan = store.load_plan()  # read once: at full size its masks are gigabytes' worth of bools
+        if is_loo(plan):
+            result, summary, sidecar, files, report = score_loo_store(args, store, plan)
+            log_to_mlflow(args, summary, sidecar, files, report)
+            return result
+        data = load_store(store, plan, args)
     elif find_released_runs(run_dir):
         data = load_released(run_dir, args)
     else:
@@ -106,8 +108,8 @@ def score_store(args: argparse.Namespace) -> dict:
     scores = in_dataset_order(final["mem"], rows, n_total)
     np.save(out, scores)
     np.save(f"{stem}_se.npy", in_dataset_order(final["se"], rows, n_total))
-    np.save(f"{stem}_n_in.npy", _counts(final["n_in"], rows, n_total))
-    np.save(f"{stem}_n_out.npy", _counts(final["n_out"], rows, n_total))
+    np.save(f"{stem}_n_in.npy", counts_in_dataset_order(final["n_in"], rows, n_total))
+    np.save(f"{stem}_n_out.npy", counts_in_dataset_order(final["n_out"], rows, n_total))
     infl = influence(mask, data["test"][-1], topk=args.influence_topk, threshold=args.influence_threshold,
                      full_path=f"{stem}_influence_full.npy" if args.influence_full else None)
     topk = np.where(infl["topk_index"] >= 0, rows[infl["topk_index"]], -1)  # -1: fewer influencers than k
@@ -163,17 +165,11 @@ def score_store(args: argparse.Namespace) -> dict:
     return {"scores": scores, "summary": summary, "memorization": final, "influence": infl}
 
 
-def _counts(values: np.ndarray, rows: np.ndarray, n_total: int) -> np.ndarray:
-    out = np.zeros(n_total, dtype=np.int32)
-    out[rows] = values
-    return out
-
-
 def write_report_for(data: dict, final: dict, infl: dict, noisy, args, folder: Path, summary: dict) -> list[Path]:
     plan = data["plan"]
     images = labels = test_images = test_labels = None
     if plan is not None:
-        plan_data = load_plan_data(plan, args.data_path, "cpu")
+        plan_data = data.get("plan_data") or load_plan_data(plan, args.data_path, "cpu")  # loaded once
         images, labels = plan_data.train_images.numpy(), plan_data.train_labels.numpy()
         test_images, test_labels = plan_data.test_images.numpy(), plan_data.test_labels.numpy()
     per_epoch = None
