@@ -18,7 +18,7 @@ from mlflow.tracking import MlflowClient
 
 from continual.sweep_spec import Cell, Sweep
 from utils.errors import ConfigError, TrainingDiverged
-from utils.mlflow_logger import RecordingLogger, RunLogger, store_lock
+from utils.mlflow_logger import RecordingLogger, RunLogger, UninterruptedClient, store_lock
 
 PARENT_TAG = "mlflow.parentRunId"
 
@@ -70,7 +70,7 @@ class SweepTracker:
         self.sweep = sweep
         self.parent: RunLogger | None = None
         with store_lock(tracking_uri):
-            self.client = MlflowClient(tracking_uri)  # creates and migrates a new store
+            self.client = UninterruptedClient(MlflowClient(tracking_uri))  # creates and migrates a new store
         self.runs: dict[str, Run] = {}
 
     def _search(self, filter_string: str) -> list[Run]:

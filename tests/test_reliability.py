@@ -236,3 +236,24 @@ def test_sigterm_marks_a_sweep_killed_and_the_same_command_finishes_it(tmp_path)
     assert subprocess.run(command, capture_output=True, timeout=300).returncode == 0
     (parent_again,) = client.search_runs([experiment], "tags.sweep_role = 'parent'")
     assert parent_again.info.run_id == parent.info.run_id and parent_again.info.status == "FINISHED"
+
+
+def test_a_sigterm_inside_a_store_write_stops_the_program_right_after_the_write():
+    """A signal that landed in the middle of an MLflow transaction left its SQLite lock held, and the KILLED
+    status written next failed; a write now finishes first, then the signal stops the program."""
+    from utils.errors import Terminated, _terminate, deferred_termination
+
+    previous = signal.signal(signal.SIGTERM, _terminate)
+    written = []
+    try:
+        with pytest.raises(Terminated):
+            with deferred_termination():
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(0.05)  # the handler has run by now, and did not interrupt
+                written.append("whole write")
+        assert written == ["whole write"]
+        with pytest.raises(Terminated):  # outside a write it stops at once, as before
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(1)
+    finally:
+        signal.signal(signal.SIGTERM, previous)

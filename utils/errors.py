@@ -14,8 +14,30 @@ class Terminated(KeyboardInterrupt):
     KILLED and what a resume needs stays on disk."""
 
 
+_deferring = {"depth": 0, "pending": False}
+
+
 def _terminate(signum, frame) -> None:
+    if _deferring["depth"]:  # inside a write that must not be cut in two: stop right after it
+        _deferring["pending"] = True
+        return
     raise Terminated()
+
+
+class deferred_termination:
+    """A block that SIGTERM does not interrupt: a signal arriving inside it stops the program when it ends.
+    For writes to a store (an MLflow SQLite transaction cut by the signal leaves its lock held, and the
+    KILLED status written next then fails with 'database is locked')."""
+
+    def __enter__(self):
+        _deferring["depth"] += 1
+
+    def __exit__(self, *exc) -> None:
+        _deferring["depth"] -= 1
+        if not _deferring["depth"] and _deferring["pending"]:
+            _deferring["pending"] = False
+            if exc[0] is None:
+                raise Terminated()
 
 
 def run_command(run, parse_args, argv: list[str] | None = None) -> int:

@@ -14,7 +14,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from utils.errors import ConfigError
+from utils.errors import ConfigError, deferred_termination
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # Fail fast on a dead server instead of MLflow's default minutes of retries.
@@ -161,6 +161,21 @@ def param_text(value) -> str:
     return str(value)
 
 
+class UninterruptedClient:
+    """An MlflowClient whose every call finishes before a SIGTERM takes effect (utils.errors.deferred_termination)."""
+
+    def __init__(self, client: MlflowClient):
+        self._client = client
+
+    def __getattr__(self, name: str):
+        method = getattr(self._client, name)
+
+        def call(*args, **kwargs):
+            with deferred_termination():
+                return method(*args, **kwargs)
+        return call
+
+
 class RunLogger:
     """One MLflow run: created new, or continued after a resume (same run id)."""
 
@@ -171,7 +186,7 @@ class RunLogger:
         check_reachable(tracking_uri)
         self.tracking_uri = tracking_uri
         with store_lock(tracking_uri):
-            self.client = MlflowClient(tracking_uri)  # creates and migrates a new store
+            self.client = UninterruptedClient(MlflowClient(tracking_uri))  # creates and migrates a new store
             if run_id is not None:
                 self.run_id = run_id
                 if not keep_status:
