@@ -3,8 +3,9 @@
 Every way runs the engine's `train_group` on a plan built exactly as train_splits.py builds it
 (`parse_args`, `make_plan`, `load_plan_data`), in one process: one at a time is K calls with one id
 each (the `--ensemble 1` path, the straightforward loop); an ensemble is one call with K model ids,
-timed two ways: the engine's own (`build_ensemble` picks `StackedMLP` for the mlp backbone: weights
-[K, in, out], one `baddbmm` per layer) and the vmapped `Ensemble` forced onto the same MLP
+timed three ways: the engine's own (`build_ensemble` picks `StackedMLP` for the mlp backbone: weights
+[K, out, in], one `baddbmm` per layer, the backward pass written out), the same stacked weights with
+autograd's backward (the straightforward way), and the vmapped `Ensemble` forced onto the same MLP
 (benchmarks/ensemble_training_models.py; the engine's path for every other backbone). Same models,
 seeds, subsets and settings: an MLP with SGD (lr 0.1, momentum 0.9), batch 32, subset ratio 0.5; a
 64-256-10 MLP on seq-digits, and a 784-100-100-10 MLP on synthetic MNIST-sized images (see
@@ -13,8 +14,8 @@ between repeats, so background load favours none of them.
 
 The arithmetic floor of an ensemble is its matrix-multiply FLOPs (forward, weight gradients and the
 input gradients of every layer but the first, plus the evaluation passes) at the rate `torch.bmm`
-reaches on the same [K, ...] shapes, measured in the same process just before each ensemble run
-(benchmarks/ensemble_training_floor.py). The table also counts the models whose stored predictions
+reaches on the same [K, ...] shapes, each product in its faster orientation, measured in the same
+process just before each ensemble run (benchmarks/ensemble_training_floor.py). The table also counts the models whose stored predictions
 are the same bits as one at a time. --profile prints torch.profiler's operator table instead;
 --step_costs the cost of one training step per way (--compile adds each step through torch.compile).
 A benchmark, not a test: it prints tables and never fails on a slow machine.
@@ -49,7 +50,7 @@ from benchmarks.ensemble_training_models import LABELS, WAYS, train_step  # noqa
 from datasets.mnist import FILES as MNIST_FILES  # noqa: E402
 from memorization.driver import make_plan  # noqa: E402
 from memorization.plan import Plan  # noqa: E402
-from memorization.training import PlanData, build_backbones, load_plan_data, train_group  # noqa: E402
+from memorization.training import PlanData, build_backbones, load_plan_data, recipe, train_group  # noqa: E402
 
 BATCH = 32
 
@@ -157,8 +158,8 @@ def plan_and_data(case: Case, cli: argparse.Namespace, scratch: Path, epochs: in
 
 
 def ways(cli: argparse.Namespace) -> list[str]:
-    """The vectorised ways to time (keys of ensemble_training_models.WAYS)."""
-    return ["engine"] + (["vmapped"] if cli.vmapped else [])
+    """The vectorised ways to time (keys of ensemble_training_models.WAYS), the engine first."""
+    return ["engine"] + [way for way in cli.ways if way != "engine"]
 
 
 def measure(case: Case, cli: argparse.Namespace, scratch: Path) -> list[Row]:
@@ -260,7 +261,7 @@ def step_costs(case: Case, cli: argparse.Namespace, scratch: Path) -> None:
     the floor's matmuls are timed with the same clock.
     """
     plan, data = plan_and_data(case, cli, scratch, 1)
-    training = argparse.Namespace(**plan.settings["training"])
+    training = recipe(plan.settings["training"])
     widths = layer_widths(plan, data)
     on_cpu = torch.device(cli.device).type == "cpu"
     clock = time.process_time if on_cpu else time.perf_counter
@@ -303,8 +304,9 @@ def main() -> None:
                         help="torch intra-op threads on CPU; 0 keeps torch's default (one per core). One, "
                              "because at these sizes a second thread gains little and, on a machine shared "
                              "with other jobs, its waits made training 10-20x slower")
-    parser.add_argument("--vmapped", action=argparse.BooleanOptionalAction, default=True,
-                        help="also time the vmapped Ensemble, forced onto the MLP in this benchmark only")
+    parser.add_argument("--ways", nargs="+", choices=list(WAYS), default=list(WAYS),
+                        help="the ways to time besides the engine: the stacked MLP with autograd's backward, and "
+                             "the vmapped Ensemble, each forced onto the MLP in this benchmark only")
     parser.add_argument("--profile", action="store_true",
                         help="instead of the table, print torch.profiler's operator table of the largest ensemble")
     parser.add_argument("--profile_epochs", type=int, default=5)

@@ -2,7 +2,10 @@
 
 The floor is an ensemble's matrix-multiply FLOPs (forward, weight gradients and the input gradients of
 every layer but the first, plus the evaluation passes) at the rate `torch.bmm` reaches on the same
-[K, ...] shapes, measured in the same process.
+[K, ...] shapes, measured in the same process. Each product is timed both ways round (C = A @ B, and its
+transpose C^T = B^T @ A^T, contiguous operands each time) and counted at the faster: on the CPU a
+product whose result has the classes as its last dimension is several times slower than its transpose,
+so the floor is what the products cost in their better orientation, whichever an engine uses.
 """
 from __future__ import annotations
 
@@ -54,20 +57,26 @@ def ensemble_flops_per_model(plan: Plan, widths: list[int]) -> float:
 
 def matmul_rate(widths: list[int], batch: int, n_models: int, device: str, bursts: int = 5,
                 clock=time.perf_counter) -> float:
-    """FLOP/s of one training step's products as torch.bmm on [K, ...] operands (median of bursts).
+    """FLOP/s of one training step's products as torch.bmm on [K, ...] operands, each product in its faster
+    orientation (median of bursts per product and orientation).
 
     bf16 on CUDA, where train_group runs under bf16 autocast; float32 elsewhere.
     """
     dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
     shapes = step_matmuls(widths, batch)
-    operands = [(torch.randn(n_models, rows, inner, device=device, dtype=dtype),
-                 torch.randn(n_models, inner, cols, device=device, dtype=dtype)) for rows, inner, cols in shapes]
+    seconds = 0.0
+    for rows, inner, cols in shapes:
+        per_orientation = []
+        for left_shape, right_shape in (((rows, inner), (inner, cols)), ((cols, inner), (inner, rows))):
+            left = torch.randn(n_models, *left_shape, device=device, dtype=dtype)
+            right = torch.randn(n_models, *right_shape, device=device, dtype=dtype)
 
-    def burst() -> None:
-        for _ in range(MATMUL_CALLS):
-            for left, right in operands:
-                torch.bmm(left, right)
+            def burst() -> None:
+                for _ in range(MATMUL_CALLS):
+                    torch.bmm(left, right)
 
-    # the first burst warms up and is not counted
-    seconds = [timed(burst, device, clock) / MATMUL_CALLS for _ in range(bursts + 1)][1:]
-    return n_models * flops(shapes) / statistics.median(seconds)
+            # the first burst warms up and is not counted
+            times = [timed(burst, device, clock) / MATMUL_CALLS for _ in range(bursts + 1)][1:]
+            per_orientation.append(statistics.median(times))
+        seconds += min(per_orientation)
+    return n_models * flops(shapes) / seconds

@@ -1,10 +1,11 @@
 """The ways of building an ensemble that benchmarks/ensemble_training.py times, and one training step.
 
-The engine trains the `mlp` backbone through `StackedMLP` (weights [K, in, out], one `baddbmm` per
-layer, chosen by `memorization.training.build_ensemble`) and every other backbone through the vmapped
-`Ensemble`. `vmapped_ensemble` makes train_group take the vmapped path for the MLP too, inside the
-block only, so that the benchmark times both paths on the same models; `WAYS` names each vectorised
-way with its builder and the context train_group builds it in, and `train_step` is one step of
+The engine trains the `mlp` backbone through `StackedMLP` (weights [K, out, in], one `baddbmm` per
+layer, the backward pass written out; chosen by `memorization.training.build_ensemble`) and every other
+backbone through the vmapped `Ensemble`. `built_as` makes train_group build another way inside a block
+only: the vmapped `Ensemble` forced onto the MLP, or `AutogradStackedMLP` (stacked weights with autograd's
+backward, the straightforward way), so that the benchmark times every way on the same models; `WAYS`
+names each vectorised way with its builder and the context train_group builds it in, and `train_step` is one step of
 train_group on fixed inputs, optionally through torch.compile.
 """
 from __future__ import annotations
@@ -15,15 +16,43 @@ from typing import Callable, NamedTuple
 import torch
 
 from memorization import training as split_training
-from memorization.training import autocast
+from utils.optimizers import build_optimizer
+
+
+class AutogradStackedMLP:
+    """The straightforward stacked MLP: weights [K, in, out], one `baddbmm` per layer with activations
+    [K, B, features], autograd's backward and torch's default optimizer (the engine's path before its
+    backward was written out and its products turned round)."""
+
+    def __init__(self, nets, training):
+        self.size = len(nets)
+        layers = [[*net.layers, net.head] for net in nets]
+        self.weights = [torch.stack([layer.weight.detach().t() for layer in same]).contiguous().requires_grad_()
+                        for same in zip(*layers)]
+        self.biases = [torch.stack([layer.bias.detach()[None] for layer in same]).requires_grad_()
+                       for same in zip(*layers)]
+        self.optimizer = build_optimizer(self.weights + self.biases, training)
+        self.smoothing = training.label_smoothing
+
+    def train(self, mode: bool = True) -> None:
+        """No dropout or BatchNorm in the mlp."""
+
+    def __call__(self, x: torch.Tensor, shared_input: bool = False) -> torch.Tensor:
+        h = x.flatten(1).expand(self.size, -1, -1) if shared_input else x.flatten(2)
+        for i, (weight, bias) in enumerate(zip(self.weights, self.biases)):
+            h = torch.baddbmm(bias, h, weight)
+            h = torch.relu(h) if i < len(self.weights) - 1 else h
+        return h
+
+    train_step = split_training.Ensemble.train_step  # forward, loss, autograd's backward, optimizer step
 
 
 @contextlib.contextmanager
-def vmapped_ensemble():
-    """Inside the block train_group builds the vmapped `Ensemble` for every backbone, the MLP included
-    (the path the engine took for it before `StackedMLP`); the engine's own choice comes back on exit."""
+def built_as(builder: Callable):
+    """Inside the block train_group builds its ensembles with `builder` (nets, training) → ensemble, for the
+    MLP too; the engine's own choice comes back on exit."""
     engine = split_training.build_ensemble
-    split_training.build_ensemble = split_training.Ensemble
+    split_training.build_ensemble = builder
     try:
         yield
     finally:
@@ -37,27 +66,16 @@ class Way(NamedTuple):
 
 WAYS = {
     "engine": Way(lambda nets, training: split_training.build_ensemble(nets, training), contextlib.nullcontext),
-    "vmapped": Way(lambda nets, training: split_training.Ensemble(nets, training), vmapped_ensemble),
+    "autograd": Way(AutogradStackedMLP, lambda: built_as(AutogradStackedMLP)),
+    "vmapped": Way(split_training.Ensemble, lambda: built_as(split_training.Ensemble)),
 }
-LABELS = {"engine": "engine (stacked)", "vmapped": "vmapped Ensemble (forced)"}
+LABELS = {"engine": "engine (stacked)", "autograd": "stacked with autograd", "vmapped": "vmapped Ensemble (forced)"}
 
 
 def train_step(ensemble, x: torch.Tensor, y: torch.Tensor, compiled: bool):
-    """One step of train_group on fixed inputs; with `compiled`, the forward and loss (with their backward)
-    and the optimizer step each go through torch.compile (compiled at the first call, a warm-up call)."""
-    def loss_of():
-        with autocast(x.device):
-            logits = ensemble(x).float()
-        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none")
-        return loss.view_as(y).mean(1).sum()
-
-    update = ensemble.optimizer.step
+    """One step of train_group on fixed inputs (the ensemble's own `train_step`: forward, loss, backward,
+    optimizer step); with `compiled`, that step goes through torch.compile (compiled at a warm-up call)."""
+    step = ensemble.train_step
     if compiled:
-        loss_of, update = torch.compile(loss_of), torch.compile(update)
-
-    def step():
-        loss = loss_of()
-        ensemble.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        update()
-    return step
+        step = torch.compile(step)
+    return lambda: step(x, y)

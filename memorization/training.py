@@ -25,6 +25,7 @@ from backbones.mlp import MLP
 from datasets import DATASETS
 from memorization.forgetting import ForgettingEvents
 from memorization.plan import Plan, fingerprint
+from memorization.stacked_mlp import StackedMLP
 from memorization.store import SubsetStore
 from utils.errors import ConfigError
 from utils.optimizers import build_optimizer, build_schedule
@@ -126,6 +127,7 @@ class Ensemble:
         self._forward = vmap(one, in_dims=(0, 0, 0), randomness="different")
         self._forward_shared = vmap(one, in_dims=(0, 0, None), randomness="different")
         self.optimizer = build_optimizer(self.parameters, training)
+        self.smoothing = training.label_smoothing
 
     def train(self, mode: bool = True) -> None:
         self.net.train(mode)
@@ -134,37 +136,18 @@ class Ensemble:
         forward = self._forward_shared if shared_input else self._forward
         return forward(self.params, self.buffers, x)
 
-
-class StackedMLP:
-    """K `mlp` backbones as stacked weights ([K, in, out] per layer), each layer one batched matrix product
-    with its bias added in the same kernel (`torch.baddbmm`) then a ReLU: no vmap, no functional_call.
-
-    The same contract as `Ensemble` and the same initial weights; on the CPU it takes fewer and larger
-    kernels than the vmapped MLP (benchmarks/README.md). A model's bits can still depend on its place in
-    the group (MKL rounds a product differently when a model's slice is not 16-byte aligned, as with 10
-    classes and an odd batch), which is why the groups are fixed by the plan.
-    """
-
-    def __init__(self, nets: list[nn.Module], training: argparse.Namespace):
-        self.size = len(nets)
-        layers = [[*net.layers, net.head] for net in nets]
-        self.weights = [torch.stack([layer.weight.detach().t() for layer in same]).contiguous().requires_grad_()
-                        for same in zip(*layers)]
-        self.biases = [torch.stack([layer.bias.detach()[None] for layer in same]).requires_grad_()
-                       for same in zip(*layers)]
-        self.parameters = self.weights + self.biases
-        self.optimizer = build_optimizer(self.parameters, training)
-
-    def train(self, mode: bool = True) -> None:
-        """No dropout or BatchNorm in the mlp: training and evaluation compute the same function."""
-
-    def __call__(self, x: torch.Tensor, shared_input: bool = False) -> torch.Tensor:
-        h = x.flatten(1).expand(self.size, -1, -1) if shared_input else x.flatten(2)
-        for i, (weight, bias) in enumerate(zip(self.weights, self.biases)):
-            h = torch.baddbmm(bias, h, weight)
-            if i < len(self.weights) - 1:
-                h = torch.relu(h)
-        return h
+    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One step on model k's batch x[k] with labels y[k] ([K, B]): the loss and the correctness of the
+        forward pass, [K, B]. The loss is the sum of per-model mean losses, so each model's gradient is
+        that of its own mean loss."""
+        with autocast(x.device):
+            logits = self(x).float()
+        loss = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none",
+                               label_smoothing=self.smoothing).view_as(y).mean(1).sum()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        return loss.detach(), logits.argmax(-1) == y
 
 
 def build_ensemble(nets: list[nn.Module], training: argparse.Namespace) -> Ensemble | StackedMLP:
@@ -265,16 +248,8 @@ def train_group(plan: Plan, model_ids: list[int], data: PlanData, device: str,
             step_rows = rows[:, start:start + batch]
             x = augment(data, data.train_images.index_select(0, step_rows.reshape(-1)), augmentations)
             x = x.view(ensemble.size, -1, *x.shape[1:])
-            y = data.train_labels[step_rows]
-            with autocast(device):
-                logits = ensemble(x).float()
-            forgetting.update(step_rows, logits.argmax(-1) == y)
-            # Sum of per-model mean losses: each model's gradient is that of its own mean loss.
-            loss = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none",
-                                   label_smoothing=training.label_smoothing).view_as(y).mean(1).sum()
-            ensemble.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            ensemble.optimizer.step()
+            loss, correct = ensemble.train_step(x, data.train_labels[step_rows])
+            forgetting.update(step_rows, correct)
             schedule.step()
         if not math.isfinite(loss.item()):
             raise ConfigError(f"the training loss of models {model_ids[0]}..{model_ids[-1]} became {loss.item()} in "

@@ -11,16 +11,18 @@ if TYPE_CHECKING:
 OPTIMIZERS = ("sgd", "adam", "adamw")
 
 
-def build_optimizer(params, args: argparse.Namespace) -> torch.optim.Optimizer:
+def build_optimizer(params, args: argparse.Namespace, fused: bool = False) -> torch.optim.Optimizer:
     """The optimizer named by --optimizer: SGD with --optim_mom (Nesterov's with --optim_nesterov, where the
-    command has it), or Adam/AdamW with --optim_eps."""
+    command has it), or Adam/AdamW with --optim_eps. `fused`: torch's fused kernel (one pass over each
+    parameter; the same update up to float32 rounding, not the same bits as the default)."""
     import torch  # here, so that the command line can name the optimizers without importing torch
 
+    fused = fused or None  # None: torch's default implementation
     if args.optimizer == "sgd":
         return torch.optim.SGD(params, lr=args.lr, momentum=args.optim_mom, weight_decay=args.optim_wd,
-                               nesterov=getattr(args, "optim_nesterov", False))
+                               nesterov=getattr(args, "optim_nesterov", False), fused=fused)
     cls = torch.optim.Adam if args.optimizer == "adam" else torch.optim.AdamW
-    return cls(params, lr=args.lr, betas=(0.9, 0.999), eps=args.optim_eps, weight_decay=args.optim_wd)
+    return cls(params, lr=args.lr, betas=(0.9, 0.999), eps=args.optim_eps, weight_decay=args.optim_wd, fused=fused)
 
 
 SCHEDULES = ("none", "multistep", "cosine", "onecycle")

@@ -1,0 +1,102 @@
+"""K `mlp` backbones trained as one: stacked weights, batched products, and the backward pass written out.
+
+Each layer's weights are stacked as [K, out, in] (nn.Linear's layout) and the activations are kept as
+[K, features, batch], so every product of a step has the batch as its last dimension. On the CPU that
+orientation matters: a product whose result has the 10 classes as its last dimension ran 4-10 times slower
+in MKL's batched kernel than the same product with the batch there (benchmarks/README.md). The backward
+pass of an MLP with ReLUs and a cross-entropy loss is five formulas, written out below with preallocated
+gradients: autograd's bookkeeping, its transposes and copies took about a third of a step at these sizes.
+The optimizer is torch's, fused where torch has a fused kernel for it (one pass over each parameter).
+A step writes its activations and gradients into tensors kept from the steps before: tensors of these
+sizes, allocated afresh, went back to the system after each step, and touching their pages again cost
+as much as the products.
+"""
+from __future__ import annotations
+
+import argparse
+
+import torch
+from torch import nn
+
+from utils.optimizers import build_optimizer
+
+
+class StackedMLP:
+    """The same contract as the vmapped `Ensemble` (memorization/training.py) and the same initial weights:
+    `__call__` maps [K, B, ...] inputs (or one [B, ...] batch shared by every model) to [K, B, classes] logits,
+    `train_step` makes one optimizer step of every model on its own batch. Everything is float32 on every
+    device (bf16 autocast is turned off here): these products are small and the MLP gains nothing from it.
+    """
+
+    def __init__(self, nets: list[nn.Module], training: argparse.Namespace):
+        self.size = len(nets)
+        layers = [[*net.layers, net.head] for net in nets]
+        self.weights = [torch.stack([layer.weight.detach() for layer in same]) for same in zip(*layers)]
+        self.biases = [torch.stack([layer.bias.detach()[:, None] for layer in same]) for same in zip(*layers)]
+        self.parameters = self.weights + self.biases
+        for parameter in self.parameters:
+            parameter.grad = torch.zeros_like(parameter)  # written in place by every step
+        self.optimizer = build_optimizer(self.parameters, training, fused=True)
+        self.smoothing = float(training.label_smoothing)
+        self._kept: dict[tuple, torch.Tensor] = {}
+
+    def _kept_tensor(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
+        """A float32 tensor of this name and shape, the same from one step to the next."""
+        key = (name, *shape)
+        if key not in self._kept:
+            self._kept[key] = torch.empty(shape, device=self.weights[0].device)
+        return self._kept[key]
+
+    def train(self, mode: bool = True) -> None:
+        """No dropout or BatchNorm in the mlp: training and evaluation compute the same function."""
+
+    def _forward(self, inputs: torch.Tensor, kept: bool = False) -> list[torch.Tensor]:
+        """Every layer's output, [K, features, B], from the [K, in, B] inputs (first entry: the inputs);
+        `kept`: written into the kept tensors."""
+        outputs = [inputs]
+        for i, (weight, bias) in enumerate(zip(self.weights, self.biases)):
+            shape = (self.size, weight.shape[1], inputs.shape[2])
+            out = self._kept_tensor(f"output {i}", shape) if kept else None
+            out = torch.baddbmm(bias, weight, outputs[-1], out=out)  # the bias added in the product's kernel
+            outputs.append(out.relu_() if i < len(self.weights) - 1 else out)
+        return outputs
+
+    @torch.no_grad()
+    def __call__(self, x: torch.Tensor, shared_input: bool = False) -> torch.Tensor:
+        inputs = x.flatten(1).T.expand(self.size, -1, -1) if shared_input else x.flatten(2).transpose(1, 2)
+        with torch.autocast(x.device.type, enabled=False):
+            return self._forward(inputs.float())[-1].transpose(1, 2)
+
+    @torch.no_grad()
+    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One step on model k's batch x[k] with labels y[k] ([K, B]): the loss (sum over models of each
+        model's mean cross-entropy, with the recipe's label smoothing) and the correctness of the forward
+        pass, [K, B]. Each model's gradient is that of its own mean loss, as autograd would give it."""
+        with torch.autocast(x.device.type, enabled=False):
+            outputs = self._forward(x.flatten(2).transpose(1, 2).float(), kept=True)
+            logits = outputs.pop()  # [K, classes, B]
+            n_classes, batch = logits.shape[1], logits.shape[2]
+            labels = y[:, None, :]
+            log_probs = torch.log_softmax(logits, 1)
+            per_example = log_probs.gather(1, labels).mul_(-(1 - self.smoothing))
+            if self.smoothing:
+                per_example -= self.smoothing * log_probs.mean(1, keepdim=True)
+            loss = per_example.mean(2).sum()
+            # d loss / d logits = (softmax - smoothed one-hot label) / B
+            grad = log_probs.exp_()
+            grad.scatter_add_(1, labels, torch.full((1, 1, 1), -(1 - self.smoothing), device=grad.device)
+                              .expand_as(labels))
+            if self.smoothing:
+                grad -= self.smoothing / n_classes
+            grad /= batch
+            for i in reversed(range(len(self.weights))):
+                weight, inputs = self.weights[i], outputs[i]
+                torch.bmm(grad, inputs.transpose(1, 2), out=weight.grad)
+                torch.sum(grad, 2, keepdim=True, out=self.biases[i].grad)
+                if i > 0:  # through the product, then the ReLU: zero where its output was zero
+                    grad = torch.bmm(weight.transpose(1, 2), grad, out=self._kept_tensor(f"grad {i}", inputs.shape))
+                    torch.ops.aten.threshold_backward.grad_input(grad, inputs, 0, grad_input=grad)
+            # argmax along the last dimension: along the classes' dimension of [K, classes, B] it took 5x longer
+            correct = logits.transpose(1, 2).contiguous().argmax(2) == y
+        self.optimizer.step()
+        return loss, correct
