@@ -18,11 +18,16 @@ compares θ with the held-out influence of the same margin. Not for released aux
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
-from memorization.scoring import score_store
-from utils.errors import ConfigError, run_command
-from utils.help import HelpFormatter
+# Before numpy loads OpenBLAS: its idle threads then sleep right after each product instead of spinning for about
+# 0.1 s on the cores that the estimator's numba passes need next (memorization/estimator.py).
+os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
+
+from memorization.scoring import score_store  # noqa: E402
+from utils.errors import ConfigError, run_command  # noqa: E402
+from utils.help import HelpFormatter  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

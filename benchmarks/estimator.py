@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
+os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")  # as eval_splits.py sets it; pass 28 for OpenBLAS's default
 
 import numpy as np  # noqa: E402
 
@@ -185,7 +186,8 @@ def main() -> None:
     print(f"K={n_models} n={n} m={m} ratio={args.ratio} block_rows={block_rows}; {cpu_model()}, "
           f"{os.cpu_count()} cores, load average {load_at_start} at the start, {load_average()} at the end; "
           f"numpy {np.__version__}, {blas['name']} {blas['version']} ({blas_threads()} threads); "
-          f"numba {numba.__version__} ({numba.get_num_threads()} threads, {numba.threading_layer()} layer)")
+          f"numba {numba.__version__} ({numba.get_num_threads()} threads, {numba.threading_layer()} layer); "
+          f"OPENBLAS_THREAD_TIMEOUT={os.environ['OPENBLAS_THREAD_TIMEOUT']}")
     print(f"input {input_gb:.2f} GB (mask {mask.nbytes / GB:.2f}, target {target.nbytes / GB:.2f}, "
           f"test_target {test_target.nbytes / GB:.2f}); peak RSS before it {before_input:.2f} GB, "
           f"after building it {after_input:.2f} GB")

@@ -8,6 +8,9 @@ Every sum over models is a vectorised numpy reduction or a float32 matrix produc
 numba kernels on every core: a numpy pass runs on one thread while BLAS uses them all, and at small K
 those passes, not the product, took most of the time. The kernels compile on first use (about 10 s) and
 are cached beside this file (numba's cache=True); a later process loads them in about a second.
+OpenBLAS's idle threads spin for about 0.1 s after each product by default and took the cores from these
+passes (at K=200 the passes ran twice as long); eval_splits.py sets OPENBLAS_THREAD_TIMEOUT=4 before numpy
+loads, so that they sleep. A script that calls `influence` itself sets it the same way, before importing numpy.
 """
 from __future__ import annotations
 
