@@ -396,6 +396,7 @@ real_import = builtins.__import__
 def watched(name, *args, **kwargs):
     if name.split(".")[0] == "numpy" and "numpy" not in sys.modules:
         print("NUMPY_LOADED_WITH", os.environ.get("OPENBLAS_THREAD_TIMEOUT"))
+        raise SystemExit(0)  # all that matters is known; the rest of the imports would only take time
     return real_import(name, *args, **kwargs)
 
 builtins.__import__ = watched
