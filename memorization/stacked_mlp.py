@@ -5,7 +5,7 @@ Each layer's weights are stacked as [K, out, in] (nn.Linear's layout) and the ac
 orientation matters: a product whose result has the 10 classes as its last dimension ran 4-10 times slower
 in MKL's batched kernel than the same product with the batch there (benchmarks/README.md). The backward
 pass of an MLP with ReLUs and a cross-entropy loss is five formulas, written out below with preallocated
-gradients: autograd's bookkeeping, its transposes and copies took about a third of a step at these sizes.
+gradients: autograd's bookkeeping, its transposes and copies took about a sixth of a step at these sizes.
 The optimizer is torch's, fused where torch has a fused kernel for it (one pass over each parameter).
 A step writes its activations and gradients into tensors kept from the steps before: tensors of these
 sizes, allocated afresh, went back to the system after each step, and touching their pages again cost
