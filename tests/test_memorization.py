@@ -1,13 +1,8 @@
 """The held-out memorization estimator gives the scores one derives by hand, undefined ones as NaN."""
-import os
-import subprocess
-import sys
-
 import numpy as np
 import pytest
 
 from memorization.estimator import auroc, consistency_scores, descending_stable_order, influence, memorization
-from tests.conftest import REPO_ROOT
 
 # A hand-made store: 6 models, 3 training and 3 test examples (rows are models).
 MASK = np.array([  # train example 0 is in every model: its scores are undefined
@@ -388,30 +383,3 @@ def test_the_pairs_order_is_numpys_stable_descending_sort_with_ties_signs_zeros_
                   else rng.normal(size=rng.integers(0, 200)).astype(np.float32))
         np.testing.assert_array_equal(descending_stable_order(values), np.argsort(-values, kind="stable"))
 
-
-OPENBLAS_PROBE = """
-import builtins, os, sys
-real_import = builtins.__import__
-
-def watched(name, *args, **kwargs):
-    if name.split(".")[0] == "numpy" and "numpy" not in sys.modules:
-        print("NUMPY_LOADED_WITH", os.environ.get("OPENBLAS_THREAD_TIMEOUT"))
-        raise SystemExit(0)  # all that matters is known; the rest of the imports would only take time
-    return real_import(name, *args, **kwargs)
-
-builtins.__import__ = watched
-import eval_splits
-"""
-
-
-@pytest.mark.parametrize("given,expected", [(None, "4"), ("12", "12")])
-def test_eval_splits_lets_openblas_threads_sleep_before_numpy_loads(given, expected):
-    """OpenBLAS reads OPENBLAS_THREAD_TIMEOUT once, when numpy loads it: eval_splits.py sets it first (a value the
-    user gave is kept), so that idle BLAS threads do not spin on the cores the numba passes need."""
-    env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_THREAD_TIMEOUT"}
-    if given is not None:
-        env["OPENBLAS_THREAD_TIMEOUT"] = given
-    out = subprocess.run([sys.executable, "-c", OPENBLAS_PROBE], cwd=REPO_ROOT, env=env, capture_output=True,
-                         text=True, timeout=120)
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.split() == ["NUMPY_LOADED_WITH", expected]
