@@ -1,5 +1,5 @@
 """Start-up: `--help` and argument errors read the component catalogue, never torch; the catalogue
-always says what the code says."""
+always says what the code says; eval_splits.py sets OpenBLAS's idle-thread timeout before numpy loads."""
 from __future__ import annotations
 
 import gzip
