@@ -26,6 +26,8 @@ class StackedMLP:
     `__call__` maps [K, B, ...] inputs (or one [B, ...] batch shared by every model) to [K, B, classes] logits,
     `train_step` makes one optimizer step of every model on its own batch. Everything is float32 on every
     device (bf16 autocast is turned off here): these products are small and the MLP gains nothing from it.
+    A model's bits can depend on its place in the group (MKL rounds a product differently when a model's
+    slice is not 16-byte aligned, as with an odd batch), which is why the groups are fixed by the plan.
     """
 
     def __init__(self, nets: list[nn.Module], training: argparse.Namespace):

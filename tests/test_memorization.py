@@ -382,4 +382,3 @@ def test_the_pairs_order_is_numpys_stable_descending_sort_with_ties_signs_zeros_
         values = (rng.choice(special, rng.integers(0, 200)) if trial % 2
                   else rng.normal(size=rng.integers(0, 200)).astype(np.float32))
         np.testing.assert_array_equal(descending_stable_order(values), np.argsort(-values, kind="stable"))
-
