@@ -100,6 +100,8 @@ SWEEP_KEYS = st.sampled_from(["name", "base", "methods", "selection", "search_se
 @given(spec=st.one_of(JSON, st.dictionaries(SWEEP_KEYS, JSON, max_size=6)), raw=st.one_of(st.none(), st.binary(max_size=80)))
 @example(spec={}, raw=b"?")  # YAML's explicit-key mark: {None: None}, keys that are not text
 @example(spec={}, raw=b"name: a\nmethods:\n  er:\n    3: 4\n    reuse: [5]\n")
+@example(spec={"\n": None}, raw=None)  # a key that is a newline: the message must stay one line
+@example(spec={}, raw=b'{base: {}, selection: x, search_seeds: [0], final_seeds: [1], methods: {"a\\nb": 3}}')
 def test_sweep_files(spec, raw):
     from continual.sweep_spec import load_sweep
 

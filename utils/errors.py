@@ -2,7 +2,13 @@
 
 
 class ConfigError(Exception):
-    """Bad input from the user: an unknown name, an impossible value, a missing file."""
+    """Bad input from the user: an unknown name, an impossible value, a missing file.
+
+    The message stays one line: a character from the input that would break it (a newline in a YAML key,
+    say) is written as its escape."""
+
+    def __init__(self, message: str = ""):
+        super().__init__("".join(c if c.isprintable() else repr(c)[1:-1] for c in str(message)))
 
 
 class TrainingDiverged(Exception):
