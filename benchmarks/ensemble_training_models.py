@@ -5,8 +5,8 @@ layer, the backward pass written out; chosen by `memorization.training.build_ens
 backbone through the vmapped `Ensemble`. `built_as` makes train_group build another way inside a block
 only: the vmapped `Ensemble` forced onto the MLP, or `AutogradStackedMLP` (stacked weights with autograd's
 backward, the straightforward way), so that the benchmark times every way on the same models; `WAYS`
-names each vectorised way with its builder and the context train_group builds it in, and `train_step` is one step of
-train_group on fixed inputs, optionally through torch.compile.
+names each vectorised way with its builder and the context train_group builds it in, and `train_step` is
+one step of train_group on fixed inputs, optionally through torch.compile.
 """
 from __future__ import annotations
 

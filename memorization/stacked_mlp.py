@@ -41,13 +41,15 @@ class StackedMLP:
         self.weights = [torch.stack([layer.weight.detach() for layer in same]) for same in zip(*layers)]
         self.biases = [torch.stack([layer.bias.detach()[:, None] for layer in same]) for same in zip(*layers)]
         self.parameters = self.weights + self.biases
-        for parameter in self.parameters:
-            parameter.grad = torch.zeros_like(parameter)  # written in place by every step
         # Also the learning rate's holder for the schedule when the SGD step below is used instead of its own.
         self.optimizer = build_optimizer(self.parameters, training, fused=True)
         self.sgd_in_products = training.optimizer == "sgd" and not getattr(training, "optim_nesterov", False)
         self.momentum, self.weight_decay = float(training.optim_mom), float(training.optim_wd)
+        # Written in place by every step: the momentum buffers of the SGD below, or the gradients for torch's.
         self.momentum_buffers = [torch.zeros_like(p) for p in self.parameters] if self.sgd_in_products else []
+        if not self.sgd_in_products:
+            for parameter in self.parameters:
+                parameter.grad = torch.zeros_like(parameter)
         self.smoothing = float(training.label_smoothing)
         self._kept: dict[tuple, torch.Tensor] = {}
 
