@@ -84,6 +84,33 @@ def test_the_online_counter_equals_the_count_of_each_sequence():
     assert (arrays["presentations"][:, -2:] == 0).all() and not arrays["never_learned"][:, -2:].any()
 
 
+def test_whole_epochs_counted_at_once_equal_the_count_of_each_sequence():
+    """count_once (subset training: an epoch presents each example once per model) between queued steps."""
+    rng = np.random.default_rng(1)
+    n, rows = 30, 3
+    counter = ForgettingEvents(n, "cpu", rows=rows)
+    records = [[] for _ in range(rows)]
+    chance = np.linspace(0, 0.9, n)
+    for epoch in range(12):
+        index = np.stack([rng.permutation(n - 2)[:20] for _ in range(rows)])  # n-2, n-1: never presented
+        correct = rng.random(index.shape) < chance[index]
+        if epoch % 3 == 2:  # as queued steps, then counted at once: the order of presentations is kept
+            counter.update(torch.as_tensor(index[:, :5]), torch.as_tensor(correct[:, :5]))
+            counter.count_once(torch.as_tensor(index[:, 5:]), torch.as_tensor(correct[:, 5:]))
+        else:
+            counter.count_once(torch.as_tensor(index), torch.as_tensor(correct))
+        for r in range(rows):
+            records[r].append((index[r], correct[r]))
+    arrays = counter.arrays()
+    for r in range(rows):
+        expected = recount(records[r], n)
+        for key in ("events", "never_learned", "presentations"):
+            np.testing.assert_array_equal(arrays[key][r], expected[key])
+    assert arrays["events"].sum() > 20 and arrays["never_learned"][:, 0].all()
+    with pytest.raises(ValueError, match="twice"):
+        counter.count_once(torch.tensor([[1, 1], [2, 3], [4, 5]]), torch.ones(3, 2, dtype=torch.bool))
+
+
 class _Concatenating(nn.Module):
     """A model whose one forward pass holds the stream batch then other rows (as ER's does)."""
 
@@ -205,9 +232,9 @@ def test_split_training_counts_equal_a_recount_and_eval_splits_pools_them(tmp_pa
     steps = []
     train_step = StackedMLP.train_step
 
-    def recording(ensemble, x, y):  # each step's predictions, from a forward pass of their own
+    def recording(ensemble, x, y, **options):  # each step's predictions, from a forward pass of their own
         steps.append((ensemble(x).argmax(-1).flatten().numpy().copy(), y.flatten().numpy().copy()))
-        return train_step(ensemble, x, y)
+        return train_step(ensemble, x, y, **options)
 
     monkeypatch.setattr(StackedMLP, "train_step", recording)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
