@@ -61,12 +61,6 @@ class StackedMLP:
             self._kept[key] = torch.empty(shape, device=self.weights[0].device)
         return self._kept[key]
 
-    def _ones(self, n: int) -> torch.Tensor:
-        """A vector of n ones, the same from one step to the next."""
-        if ("ones", n) not in self._kept:
-            self._kept[("ones", n)] = torch.ones(n, device=self.weights[0].device)
-        return self._kept[("ones", n)]
-
     def train(self, mode: bool = True) -> None:
         """No dropout or BatchNorm in the mlp: training and evaluation compute the same function."""
 
@@ -107,18 +101,19 @@ class StackedMLP:
             grad.scatter_add_(1, labels, self._target.expand_as(labels))
             if self.smoothing:
                 grad -= self.smoothing / logits.shape[1]
-            scale, ones = 1 / logits.shape[2], self._ones(logits.shape[2])
+            scale = 1 / logits.shape[2]
             for i in reversed(range(len(self.weights))):
                 weight, inputs = self.weights[i], outputs[i]
-                # momentum buffer = momentum · buffer + gradient, in the product's kernel (the bias's: a
-                # matrix-vector product with ones, in half the time of a sum and an update)
-                if self.sgd_in_products:
+                # Not a matrix-vector product with ones for the bias (faster): its rounding depended on where a
+                # model's rows lay in memory, so a model's bits on its place in the group.
+                bias_grad = grad.sum(2, keepdim=True)
+                if self.sgd_in_products:  # momentum buffer = momentum · buffer + gradient, in the product
                     weight_buffer, bias_buffer = self.momentum_buffers[i], self.momentum_buffers[len(self.weights) + i]
-                    beta = self.momentum
+                    weight_buffer.baddbmm_(grad, inputs.transpose(1, 2), beta=self.momentum, alpha=scale)
+                    bias_buffer.mul_(self.momentum).add_(bias_grad, alpha=scale)
                 else:
-                    weight_buffer, bias_buffer, beta = weight.grad, self.biases[i].grad, 0
-                weight_buffer.baddbmm_(grad, inputs.transpose(1, 2), beta=beta, alpha=scale)
-                bias_buffer.view(-1).addmv_(grad.view(-1, grad.shape[2]), ones, beta=beta, alpha=scale)
+                    weight.grad.baddbmm_(grad, inputs.transpose(1, 2), beta=0, alpha=scale)
+                    torch.mul(bias_grad, scale, out=self.biases[i].grad)
                 if i > 0:  # through the product, then the ReLU: zero where its output was zero
                     grad = torch.bmm(weight.transpose(1, 2), grad, out=self._kept_tensor(f"grad {i}", inputs.shape))
                     torch.ops.aten.threshold_backward.grad_input(grad, inputs, 0, grad_input=grad)

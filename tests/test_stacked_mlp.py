@@ -86,3 +86,24 @@ def test_the_learning_rate_schedule_reaches_the_written_out_sgd_step():
     before = [p.clone() for p in stacked.parameters]
     stacked.train_step(*batches(1)[0])
     assert all(torch.equal(p, b) for p, b in zip(stacked.parameters, before))
+
+
+@pytest.mark.parametrize("changes", [{}, {"optimizer": "adam", "lr": 0.01}])
+def test_a_model_gets_the_same_bits_alone_as_in_any_place_of_its_group(changes):
+    """What makes split training's files the same bytes whatever the group: odd batches (15 rows), so that a
+    model's slices lie at every alignment, and each model equal bit for bit to its own training alone."""
+    torch.manual_seed(0)
+    shape, k, steps = (1, 8, 8), 5, 6
+    nets = [MLP(argparse.Namespace(mlp_hidden="64", mlp_init="torch"), shape, 10) for _ in range(k)]
+    settings = training(**changes)
+    group = StackedMLP(nets, settings)
+    alone = [StackedMLP([net], settings) for net in nets]
+    generator = torch.Generator().manual_seed(2)
+    for _ in range(steps):
+        x, y = torch.randn(k, 15, *shape, generator=generator), torch.randint(0, 10, (k, 15), generator=generator)
+        _, correct = group.train_step(x, y, with_loss=False)
+        for m, model in enumerate(alone):
+            assert torch.equal(model.train_step(x[m:m + 1], y[m:m + 1], with_loss=False)[1][0], correct[m])
+    for m, model in enumerate(alone):
+        for together, single in zip(group.parameters, model.parameters):
+            assert torch.equal(together[m], single[0])
