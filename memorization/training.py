@@ -266,6 +266,7 @@ def train_group(plan: Plan, model_ids: list[int], data: PlanData, device: str,
     size, batch = subset.shape[1], training.batch_size
     schedule = build_schedule(ensemble.optimizer, training.lr_schedule, math.ceil(size / batch), training.n_epochs,
                               training.lr_milestones, training.lr_warmup)
+    scheduled = training.lr_schedule != "none" or training.lr_warmup > 0  # a constant rate needs no step (10 µs)
     record = set(training.record_epochs)
     paired = plan.settings.get("kind") == "loo"
     recorded = {f"{k}_{s}": [] for k in ("prob", "correct") + (("logits",) if training.save_logits else ())
@@ -282,7 +283,8 @@ def train_group(plan: Plan, model_ids: list[int], data: PlanData, device: str,
             # the loss is only read at an epoch's end (below): computing it at every step cost 3% of a step
             loss, correct[:, start:start + batch] = ensemble.train_step(x, labels[:, start:start + batch],
                                                                         with_loss=start + batch >= size)
-            schedule.step()
+            if scheduled:
+                schedule.step()
         forgetting.count_once(rows, correct)  # an epoch presents each example of a model's subset once
         if not math.isfinite(loss.item()):
             raise ConfigError(f"the training loss of models {model_ids[0]}..{model_ids[-1]} became {loss.item()} in "
