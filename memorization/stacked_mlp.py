@@ -6,15 +6,16 @@ orientation matters: a product whose result has the 10 classes as its last dimen
 in MKL's batched kernel than the same product with the batch there (benchmarks/README.md). The backward
 pass of an MLP with ReLUs and a cross-entropy loss is five formulas, written out below with preallocated
 gradients: autograd's bookkeeping, its transposes and copies took about a sixth of a step at these sizes.
+The loss's gradient is softmax minus the (smoothed) one-hot label, its 1/B applied by each gradient's own
+product (`alpha`); the loss itself is only computed when the caller reads it.
 SGD without Nesterov's correction (train_splits.py's default) is written out too: each weight gradient's
 product adds itself to the momentum buffer in its own kernel (`baddbmm_` with beta = momentum), and the
-step is p -= lr · buffer. That is torch's SGD update without writing the gradients and reading them back
-(at K=16 the first layer's weights, gradients and momentum are 3 MB, beyond a core's L2 cache): a step took
-1156 µs instead of 1630, the same bits as torch's fused SGD without weight decay (with it, the same up to
-float32 rounding). Any other optimizer is torch's, fused (one pass over each parameter).
-A step writes its activations and gradients into tensors kept from the steps before: tensors of these
-sizes, allocated afresh, went back to the system after each step, and touching their pages again cost
-as much as the products.
+step is p -= lr · buffer, one foreach update. That is torch's SGD update without writing the gradients and
+reading them back (at K=16 the first layer's weights, gradients and momentum are 3 MB, beyond a core's L2
+cache): a step took 1156 µs instead of 1630. Any other optimizer is torch's, fused (one pass over each
+parameter). A step writes its activations and gradients into tensors kept from the steps before: tensors
+of these sizes, allocated afresh, went back to the system after each step, and touching their pages again
+cost as much as the products.
 """
 from __future__ import annotations
 
@@ -31,8 +32,9 @@ class StackedMLP:
     `__call__` maps [K, B, ...] inputs (or one [B, ...] batch shared by every model) to [K, B, classes] logits,
     `train_step` makes one optimizer step of every model on its own batch. Everything is float32 on every
     device (bf16 autocast is turned off here): these products are small and the MLP gains nothing from it.
-    A model's bits can depend on its place in the group (MKL rounds a product differently when a model's
-    slice is not 16-byte aligned, as with an odd batch), which is why the groups are fixed by the plan.
+    On the CPU a model trained here has the same bits alone as in any place of its group, odd batches included
+    (tests/test_stacked_mlp.py); kernels whose rounding depends on where a model's slice lies in memory (a
+    matrix-vector product for the bias's gradient did) are kept out for that. The plan fixes the groups anyway.
     """
 
     def __init__(self, nets: list[nn.Module], training: argparse.Namespace):
