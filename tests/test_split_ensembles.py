@@ -220,18 +220,14 @@ def test_the_stacked_mlp_path_matches_the_vmapped_one(cifar_path, tmp_path, monk
 
 
 @pytest.mark.parametrize("dataset", ["seq-digits", "seq-cifar10"])
-def test_each_step_gets_its_rows_transformed_as_alone_in_chunks_or_with_augmentation(cifar_path, tmp_path, dataset,
-                                                                                    monkeypatch):
+def test_each_step_gets_its_rows_transformed_as_alone(cifar_path, tmp_path, dataset):
     """A step's inputs are model k's rows through the training transform, with k's own random draws (CIFAR's
-    crop and flip), or gathered from images transformed once, many steps at a time (digits: chunks of 3 steps
-    here, and a last step of 1 row)."""
+    crop and flip), or gathered from the images transformed once (digits); the last step has 1 row."""
     plan = make_plan(train_splits.parse_args(["--dataset", dataset, "--data_path", str(cifar_path), "--n_models", "3",
                                               "--lr", "0.1", "--out", str(tmp_path), "--non_verbose"]))
     data = load_plan_data(plan, str(cifar_path), "cpu")
     rows = torch.stack([torch.randperm(len(data.train_labels), generator=torch.Generator().manual_seed(k))[:41]
                         for k in range(3)])
-    step_bytes = 3 * 4 * data.train_images[0].numel() * 4
-    monkeypatch.setattr(TrainingInputs, "CHUNK_BYTES", 3 * step_bytes)
     seeds = [torch.Generator().manual_seed(k) for k in range(3)]
     steps = list(TrainingInputs(data, [torch.Generator().manual_seed(k) for k in range(3)]).epoch(rows, 4))
     assert [tuple(x.shape[:2]) for x in steps] == [(3, 4)] * 10 + [(3, 1)]
