@@ -96,7 +96,8 @@ class ForgettingEvents:
         def rows(tensors):  # [rows, P], time order along P
             return torch.cat([t.reshape(self.rows, -1) for t in tensors], 1)
 
-        flat, correct = (rows([i for i, _, _ in queue]) + self._offsets).view(-1), rows([c for _, c, _ in queue]).view(-1)
+        flat = (rows([i for i, _, _ in queue]) + self._offsets).view(-1)
+        correct = rows([c for _, c, _ in queue]).view(-1)
         if any(v is not None for _, _, v in queue):
             valid = rows([torch.ones_like(c) if v is None else v for _, c, v in queue]).view(-1)
             flat, correct = flat[valid], correct[valid]
@@ -115,8 +116,8 @@ class ForgettingEvents:
 
     def count_once(self, index: torch.Tensor, correct: torch.Tensor) -> None:
         """Presentations [rows, P] in which a row presents each example at most once (an epoch of subset
-        training), with their correctness, counted on dense [rows, n] tables: 2 µs a step at K=16 on digits,
-        against 35 µs through `update` (indexing kernels cost tens of ns per entry, elementwise ones below 1)."""
+        training), with their correctness: counted by gathering and scattering along each row, without the
+        sort that `update`'s queue needs (13 µs a step at K=16 on digits, against 35-40 µs queued)."""
         self.flush()  # the queue's presentations came first
         index, correct = index.reshape(self.rows, -1), correct.reshape(self.rows, -1)
         times = torch.zeros_like(self.presentations).scatter_add_(1, index, torch.ones_like(index, dtype=torch.int32))

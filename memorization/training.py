@@ -86,8 +86,8 @@ def build_backbones(plan: Plan, model_ids: list[int], data: PlanData, device: st
     settings = plan.settings
     args = argparse.Namespace(**settings["backbone_args"])
     nets = []
-    # A model's initialisation depends only on its seed. On the CPU only the CPU's generator is seeded: torch.manual_seed
-    # also queues the seeding of every accelerator's, with a stack trace each, 3.6 ms per call.
+    # A model's initialisation depends only on its seed. On the CPU only the CPU's generator is seeded:
+    # torch.manual_seed also queues the seeding of every accelerator's, with a stack trace each, 3.6 ms a call.
     seed = torch.default_generator.manual_seed if torch.device(device).type == "cpu" else torch.manual_seed
     for model_id in model_ids:
         seed(int(plan.model_seed[model_id]))
