@@ -62,6 +62,16 @@ def test_events_of_a_hand_made_sequence():
     assert values.dtype == np.float32
 
 
+def counted_as_recounted(counter: ForgettingEvents, records: list[list], n: int) -> dict[str, np.ndarray]:
+    """The counter's arrays, each row asserted equal to the recount of its records."""
+    arrays = counter.arrays()
+    for r, record in enumerate(records):
+        expected = recount(record, n)
+        for key in ("events", "never_learned", "presentations"):
+            np.testing.assert_array_equal(arrays[key][r], expected[key])
+    return arrays
+
+
 def test_the_online_counter_equals_the_count_of_each_sequence():
     rng = np.random.default_rng(0)
     n, rows = 30, 3
@@ -75,11 +85,7 @@ def test_the_online_counter_equals_the_count_of_each_sequence():
         counter.update(torch.as_tensor(index), torch.as_tensor(correct), torch.as_tensor(valid))
         for r in range(rows):
             records[r].append((index[r][valid[r]], correct[r][valid[r]]))
-    arrays = counter.arrays()
-    for r in range(rows):
-        expected = recount(records[r], n)
-        for key in ("events", "never_learned", "presentations"):
-            np.testing.assert_array_equal(arrays[key][r], expected[key])
+    arrays = counted_as_recounted(counter, records, n)
     assert arrays["events"].sum() > 0 and arrays["never_learned"][:, 0].all()
     assert (arrays["presentations"][:, -2:] == 0).all() and not arrays["never_learned"][:, -2:].any()
 
@@ -101,11 +107,7 @@ def test_whole_epochs_counted_at_once_equal_the_count_of_each_sequence():
             counter.count_once(torch.as_tensor(index), torch.as_tensor(correct))
         for r in range(rows):
             records[r].append((index[r], correct[r]))
-    arrays = counter.arrays()
-    for r in range(rows):
-        expected = recount(records[r], n)
-        for key in ("events", "never_learned", "presentations"):
-            np.testing.assert_array_equal(arrays[key][r], expected[key])
+    arrays = counted_as_recounted(counter, records, n)
     assert arrays["events"].sum() > 20 and arrays["never_learned"][:, 0].all()
     with pytest.raises(ValueError, match="twice"):
         counter.count_once(torch.tensor([[1, 1], [2, 3], [4, 5]]), torch.ones(3, 2, dtype=torch.bool))
