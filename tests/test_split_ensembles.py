@@ -81,7 +81,10 @@ def trained_alone(plan, model_id: int, data) -> dict[str, np.ndarray]:
                                       ["--backbone", "airbench", "--airbench_width", "0.125"],
                                       ["--backbone", "vit", "--vit_depth", "1", "--vit_width", "16",
                                        "--vit_heads", "2", "--vit_patch", "8"],
-                                      ["--backbone", "mlp", "--mlp_hidden", "32"]])
+                                      ["--backbone", "mlp", "--mlp_hidden", "32"],
+                                      # a warm-up without a schedule: the only rate that changes then
+                                      ["--backbone", "mlp", "--mlp_hidden", "32", "--lr_schedule", "none",
+                                       "--lr_warmup", "0.9"]])
 def test_an_ensemble_trains_each_model_as_it_would_be_trained_alone(cifar_path, tmp_path, backbone):
     torch.set_num_threads(1)
     plan = make_plan(plan_args(cifar_path, tmp_path / "store", "--n_epochs", "1", "--lr_schedule", "cosine",
