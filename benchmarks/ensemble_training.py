@@ -20,7 +20,7 @@ are the same bits as one at a time. --profile prints torch.profiler's operator t
 --step_costs the cost of one training step per way (--compile adds each step through torch.compile).
 A benchmark, not a test: it prints tables and never fails on a slow machine.
 
-    .venv/bin/python benchmarks/ensemble_training.py       # about 6.5 minutes on 2 cores shared with another job
+    .venv/bin/python benchmarks/ensemble_training.py       # about 8 minutes on 2 cores shared with another job
     .venv/bin/python benchmarks/ensemble_training.py --step_costs [--compile]
 """
 from __future__ import annotations
