@@ -23,6 +23,7 @@ import argparse
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from utils.optimizers import build_optimizer
 
@@ -96,7 +97,9 @@ class StackedMLP:
         outputs = self._forward(x.flatten(2).transpose(1, 2).float(), kept=True)
         logits = outputs.pop()  # [K, classes, B]
         labels = y[:, None, :]
-        loss = self._loss(logits, labels) if with_loss else None
+        # torch's cross-entropy reads [K, classes, B] as [N, C, d1]: each model's mean over its batch, summed
+        loss = (F.cross_entropy(logits, y, reduction="none", label_smoothing=self.smoothing).mean(1).sum()
+                if with_loss else None)
         # max's index, the first of equal maxima as argmax's: argmax along the classes' dimension took 6x longer
         correct = logits.max(1).indices == y
         # B · d loss / d logits = softmax - smoothed one-hot label; the 1 / B is applied in every
@@ -126,14 +129,6 @@ class StackedMLP:
         else:
             self.optimizer.step()
         return loss, correct
-
-    def _loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Sum over models of each model's mean cross-entropy of [K, classes, B] logits, labels [K, 1, B]."""
-        log_probs = torch.log_softmax(logits, 1)
-        per_example = log_probs.gather(1, labels).mul_(-(1 - self.smoothing))
-        if self.smoothing:
-            per_example -= self.smoothing * log_probs.mean(1, keepdim=True)
-        return per_example.mean(2).sum()
 
     def _sgd_step(self) -> None:
         """p -= lr · buffer, with weight decay added to the buffer first (torch's SGD, dampening 0)."""
