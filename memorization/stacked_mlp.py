@@ -87,21 +87,20 @@ class StackedMLP:
     def train_step(self, x: torch.Tensor, y: torch.Tensor, with_loss: bool = True
                    ) -> tuple[torch.Tensor | None, torch.Tensor]:
         """One step on model k's batch x[k] with labels y[k] ([K, B]): the loss (sum over models of each
-        model's mean cross-entropy, with the recipe's label smoothing; None unless `with_loss`) and the
-        correctness of the forward pass, [K, B]. Each model's gradient is that of its own mean loss, as
-        autograd would give it. No tensor here requires a gradient, so autograd records nothing without a
-        no_grad context; an autocast context is only left when one is on (entering each cost 3-5 µs a step)."""
+        model's mean cross-entropy, with the recipe's label smoothing; None unless `with_loss`) and the logits
+        of the forward pass, [K, B, classes], a view of a tensor the next step overwrites. Each model's
+        gradient is that of its own mean loss, as autograd would give it. No tensor here requires a gradient,
+        so autograd records nothing without a no_grad context; an autocast context is only left when one is on
+        (entering each cost 3-5 µs a step)."""
         if torch.is_autocast_enabled(x.device.type):
             with torch.autocast(x.device.type, enabled=False):
                 return self.train_step(x, y, with_loss)
         outputs = self._forward(x.flatten(2).transpose(1, 2).float(), kept=True)
         logits = outputs.pop()  # [K, classes, B]
-        labels = y[:, None, :]
+        labels = y.unsqueeze(1)
         # torch's cross-entropy reads [K, classes, B] as [N, C, d1]: each model's mean over its batch, summed
         loss = (F.cross_entropy(logits, y, reduction="none", label_smoothing=self.smoothing).mean(1).sum()
                 if with_loss else None)
-        # max's index, the first of equal maxima as argmax's: argmax along the classes' dimension took 6x longer
-        correct = logits.max(1).indices == y
         # B · d loss / d logits = softmax - smoothed one-hot label; the 1 / B is applied in every
         # gradient's own kernel (exact for a batch that is a power of two)
         grad = torch.softmax(logits, 1)
@@ -109,29 +108,34 @@ class StackedMLP:
         if self.smoothing:
             grad -= self.smoothing / logits.shape[1]
         scale = 1 / logits.shape[2]
+        bias_grads = []  # unscaled, last layer first
         for i in reversed(range(len(self.weights))):
             weight, inputs = self.weights[i], outputs[i]
             # Not a matrix-vector product with ones for the bias (faster): its rounding depended on where a
             # model's rows lay in memory, so a model's bits on its place in the group.
-            bias_grad = grad.sum(2, keepdim=True)
+            bias_grads.append(grad.sum(2, keepdim=True))
             if self.sgd_in_products:  # momentum buffer = momentum · buffer + gradient, in the product
-                weight_buffer, bias_buffer = self.momentum_buffers[i], self.momentum_buffers[len(self.weights) + i]
-                weight_buffer.baddbmm_(grad, inputs.transpose(1, 2), beta=self.momentum, alpha=scale)
-                bias_buffer.mul_(self.momentum).add_(bias_grad, alpha=scale)
+                self.momentum_buffers[i].baddbmm_(grad, inputs.transpose(1, 2), beta=self.momentum, alpha=scale)
             else:
                 weight.grad.baddbmm_(grad, inputs.transpose(1, 2), beta=0, alpha=scale)
-                torch.mul(bias_grad, scale, out=self.biases[i].grad)
             if i > 0:  # through the product, then the ReLU: zero where its output was zero
                 grad = torch.bmm(weight.transpose(1, 2), grad, out=self._kept_tensor(f"grad {i}", inputs.shape))
                 torch.ops.aten.threshold_backward.grad_input(grad, inputs, 0, grad_input=grad)
+        bias_grads.reverse()
         if self.sgd_in_products:
-            self._sgd_step()
+            self._sgd_step(bias_grads, scale)
         else:
+            for bias, grad_sum in zip(self.biases, bias_grads):
+                torch.mul(grad_sum, scale, out=bias.grad)
             self.optimizer.step()
-        return loss, correct
+        return loss, logits.transpose(1, 2)
 
-    def _sgd_step(self) -> None:
-        """p -= lr · buffer, with weight decay added to the buffer first (torch's SGD, dampening 0)."""
+    def _sgd_step(self, bias_grads: list[torch.Tensor], scale: float) -> None:
+        """The biases' momentum buffers take their gradients (scale · the sums), then p -= lr · buffer for
+        every parameter, weight decay added to the buffer first (torch's SGD, dampening 0)."""
+        bias_buffers = self.momentum_buffers[len(self.weights):]
+        torch._foreach_mul_(bias_buffers, self.momentum)
+        torch._foreach_add_(bias_buffers, bias_grads, alpha=scale)
         lr = self.optimizer.param_groups[0]["lr"]  # as the learning-rate schedule set it
         if self.weight_decay:
             torch._foreach_add_(self.momentum_buffers, self.parameters, alpha=self.weight_decay)

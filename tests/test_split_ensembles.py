@@ -18,6 +18,7 @@ import torch.nn.functional as F
 import train_splits
 from memorization.driver import make_plan, run_plan
 from memorization.store import SubsetStore
+from memorization import training as split_training
 from memorization.training import TrainingInputs, build_backbones, load_plan_data, recipe, train_group
 from tests.conftest import REPO_ROOT
 from utils.optimizers import build_optimizer, build_schedule
@@ -238,3 +239,21 @@ def test_each_step_gets_its_rows_transformed_as_alone(cifar_path, tmp_path, data
         for k in range(3):
             expected = data.dataset.train_transform(data.train_images[rows[k, 4 * i:4 * i + 4]], seeds[k])
             assert torch.equal(x[k], expected)
+
+
+@pytest.mark.parametrize("kept", [1, 3 * 4 * 5 * 2, 10**6])  # one step's logits at a time, two steps', all
+def test_an_epochs_correctness_is_each_steps_argmax_whatever_logits_are_kept(monkeypatch, kept):
+    """Correctness computed many steps at once equals each step's own argmax against its labels, ties included
+    (the first of equal maxima is the prediction), on an epoch of 23 rows in steps of 4 (the last of 3)."""
+    monkeypatch.setattr(split_training, "KEPT_LOGITS", kept)
+    generator = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 5, (3, 23), generator=generator)
+    correctness = split_training.EpochCorrectness(3, 23, 4, torch.device("cpu"))
+    for epoch in range(2):
+        expected = []
+        for start in range(0, 23, 4):
+            logits = torch.randint(0, 3, (3, min(4, 23 - start), 5), generator=generator).float()  # many ties
+            expected.append(logits.argmax(-1) == labels[:, start:start + 4])
+            correctness.add(start, logits, labels)
+        assert torch.equal(correctness.correct, torch.cat(expected, 1))
+    assert correctness.kept.shape[2] == {1: 4, 120: 8, 10**6: 24}[kept]
