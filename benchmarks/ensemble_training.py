@@ -15,9 +15,13 @@ between repeats, so background load favours none of them.
 The arithmetic floor of an ensemble is its matrix-multiply FLOPs (forward, weight gradients and the
 input gradients of every layer but the first, plus the evaluation passes) at the rate `torch.bmm`
 reaches on the same [K, ...] shapes, each product in its faster orientation, measured in the same
-process just before each ensemble run (benchmarks/ensemble_training_floor.py). The table also counts the models whose stored predictions
-are the same bits as one at a time. --profile prints torch.profiler's operator table instead;
---step_costs the cost of one training step per way (--compile adds each step through torch.compile).
+process just before each ensemble run (benchmarks/ensemble_training_floor.py), with the clock the ratio
+uses: on the CPU the process's CPU time, for the floor's products and for the run (time in which another
+job had the core then counts in neither); on CUDA wall time after a synchronize. Each
+repeat's run is divided by the floor measured just before it; the table shows the median ratio and its
+range. It also counts the models whose stored predictions are the same bits as one at a time.
+--profile prints torch.profiler's operator table instead; --step_costs the cost of one training step
+per way (--compile adds each step through torch.compile).
 A benchmark, not a test: it prints tables and never fails on a slow machine.
 
     .venv/bin/python benchmarks/ensemble_training.py       # about 8 minutes on 2 cores shared with another job
@@ -141,6 +145,7 @@ class Row:
     together: list[float]  # seconds per model in the ensemble, each repeat
     cpu_speedups: list[float]  # the speed-up in CPU seconds, each repeat
     floor: list[float]  # floor seconds per model, each repeat
+    floor_ratios: list[float]  # each repeat's ensemble seconds per model over its floor, in the floor's clock
     accuracy: dict  # "alone" / "together" → (mean train accuracy, mean test accuracy)
     identical: int  # models whose arrays are the same bits as one at a time (first repeat)
 
@@ -173,6 +178,8 @@ def measure(case: Case, cli: argparse.Namespace, scratch: Path) -> list[Row]:
         for way in ways(cli):
             train_models(warmup, data, list(range(size)), cli.device, way)
     flops_per_model = ensemble_flops_per_model(plan, widths)
+    on_cpu = torch.device(cli.device).type == "cpu"
+    clock = time.process_time if on_cpu else time.perf_counter  # the floor's, as the ratio's run time
     alone_runs, together_runs, floors = [], {}, {}
     for repeat in range(cli.repeats):
         steps = ["alone"] + [(way, size) for size in cli.sizes for way in ways(cli)]
@@ -183,7 +190,7 @@ def measure(case: Case, cli: argparse.Namespace, scratch: Path) -> list[Row]:
                       f"{statistics.mean(r.seconds for r in alone_runs[-1]):.2f} s/model", flush=True)
             else:
                 way, size = step
-                rate = matmul_rate(widths, BATCH, size, cli.device)
+                rate = matmul_rate(widths, BATCH, size, cli.device, clock=clock)
                 floors.setdefault(step, []).append(flops_per_model / rate)
                 trained = train_models(plan, data, list(range(size)), cli.device, way)
                 together_runs.setdefault(step, []).append(trained)
@@ -199,15 +206,17 @@ def measure(case: Case, cli: argparse.Namespace, scratch: Path) -> list[Row]:
                               statistics.mean(a for r in alone_runs[0][:size] for a in r.test_accuracy)),
                     "together": (statistics.mean(runs[0].train_accuracy), statistics.mean(runs[0].test_accuracy))}
         identical = sum(r.digests[0] == d for r, d in zip(alone_runs[0][:size], runs[0].digests))
+        ratios = [(r.cpu_seconds if on_cpu else r.seconds) / size / floor
+                  for r, floor in zip(runs, floors[(way, size)])]
         rows.append(Row(case.name, LABELS[way], size, alone, [r.seconds / size for r in runs], cpu_speedups,
-                        floors[(way, size)], accuracy, identical))
+                        floors[(way, size)], ratios, accuracy, identical))
     return rows
 
 
 # -- report --------------------------------------------------------------------------------------------
 HEADER = ("| case | ensemble | K | one at a time s/model | ensemble s/model | speed-up (range) | speed-up in CPU time "
           "| models/h one at a time | models/h ensemble | train acc % one / ens | test acc % one / ens "
-          "| same bits as one at a time | floor s/model | ensemble/floor |")
+          "| same bits as one at a time | floor s/model | ensemble/floor (range) |")
 
 
 def table(rows: list[Row]) -> str:
@@ -220,7 +229,8 @@ def table(rows: list[Row]) -> str:
                      f"({min(r.speedups):.2f}-{max(r.speedups):.2f}) | {statistics.median(r.cpu_speedups):.2f}x "
                      f"| {3600 / alone:,.0f} | {3600 / together:,.0f} "
                      f"| {100 * train_a:.1f} / {100 * train_t:.1f} | {100 * test_a:.1f} / {100 * test_t:.1f} "
-                     f"| {r.identical} of {r.size} | {floor:.3f} | {together / floor:.1f} |")
+                     f"| {r.identical} of {r.size} | {floor:.3f} | {statistics.median(r.floor_ratios):.2f} "
+                     f"({min(r.floor_ratios):.2f}-{max(r.floor_ratios):.2f}) |")
     return "\n".join(lines)
 
 
