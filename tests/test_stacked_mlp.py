@@ -30,16 +30,19 @@ def batches(steps: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
              torch.randint(0, N_CLASSES, (K, BATCH), generator=generator)) for _ in range(steps)]
 
 
-@pytest.mark.parametrize("hidden,changes", [("8", {}), ("8,6", {"label_smoothing": 0.2}),
+@pytest.mark.parametrize("hidden,changes", [("8", {}), ("8,6", {"label_smoothing": 0.2}), ("7,7", {}),
                                             ("6,5,4", {"optim_nesterov": True, "optim_wd": 0.0}),
                                             ("8", {"optimizer": "adam", "lr": 0.01}),
                                             ("8", {"optim_mom": 0.0}), ("", {"label_smoothing": 0.1})])
-def test_each_model_follows_its_own_autograd_training(hidden, changes):
+@pytest.mark.parametrize("cpu_kernels", [True, False])  # False: torch's operators, the path of other devices
+def test_each_model_follows_its_own_autograd_training(hidden, changes, cpu_kernels):
     """Step by step, every model's weights and loss as autograd and torch's default optimizer give them, on the
     path that writes SGD out (plain SGD) and on the one that hands the gradients to torch (Nesterov, Adam)."""
     settings = training(**changes)
     alone = nets(hidden)
     stacked = StackedMLP(nets(hidden), settings)
+    assert stacked.cpu_kernels
+    stacked.cpu_kernels = cpu_kernels
     assert stacked.sgd_in_products == (settings.optimizer == "sgd" and not settings.optim_nesterov)
     optimizers = [build_optimizer(net.parameters(), settings) for net in alone]
     for x, y in batches(4):
@@ -107,3 +110,24 @@ def test_a_model_gets_the_same_bits_alone_as_in_any_place_of_its_group(changes):
     for m, model in enumerate(alone):
         for together, single in zip(group.parameters, model.parameters):
             assert torch.equal(together[m], single[0])
+
+
+@pytest.mark.parametrize("cpu_kernels", [True, False])
+def test_a_nan_passes_through_every_layer_to_the_loss(cpu_kernels):
+    """A diverged model must show in the loss that train_group checks: a NaN in a hidden unit is not zeroed by the
+    ReLU, and a NaN gradient reaches the weights."""
+    stacked = StackedMLP(nets("8,8"), training())
+    stacked.cpu_kernels = cpu_kernels
+    x, y = batches(1)[0]
+    stacked.weights[0][1, 0] = float("nan")  # model 1's first hidden unit
+    loss, logits = stacked.train_step(x, y)
+    assert torch.isnan(loss) and torch.isnan(logits[1]).all() and torch.isfinite(logits[[0, 2]]).all()
+    assert torch.isnan(stacked.weights[1][1]).any() and torch.isfinite(stacked.weights[1][[0, 2]]).all()
+
+
+def test_a_label_outside_the_classes_is_refused_by_the_cpu_kernel():
+    stacked = StackedMLP(nets("8"), training())
+    x, y = batches(1)[0]
+    y[2, 3] = N_CLASSES
+    with pytest.raises(IndexError, match="a label is outside the model's classes"):
+        stacked.train_step(x, y, with_loss=False)  # the loss, when asked for, refuses it first
