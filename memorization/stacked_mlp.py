@@ -107,14 +107,14 @@ class StackedMLP:
         if torch.is_autocast_enabled(x.device.type):
             with torch.autocast(x.device.type, enabled=False):
                 return self.train_step(x, y, with_loss)
-        outputs = self._forward(x.flatten(2).transpose(1, 2).float(), kept=True)
+        inputs = x.flatten(2).transpose(1, 2)  # [K, in, B]
+        outputs = self._forward(inputs if inputs.dtype == torch.float32 else inputs.float(), kept=True)
         logits = outputs.pop()  # [K, classes, B]
         # torch's cross-entropy reads [K, classes, B] as [N, C, d1]: each model's mean over its batch, summed
         loss = (F.cross_entropy(logits, y, reduction="none", label_smoothing=self.smoothing).mean(1).sum()
                 if with_loss else None)
-        grad, grad_sum = self._loss_gradient(logits, y)
         scale = 1 / logits.shape[2]  # applied in every gradient's own kernel (exact for a batch that is a power of 2)
-        bias_grads = [grad_sum]  # unscaled, last layer first
+        grad = self._loss_gradient(logits, y, scale)
         for i in reversed(range(len(self.weights))):
             weight, inputs = self.weights[i], outputs[i]
             if self.sgd_in_products:  # momentum buffer = momentum · buffer + gradient, in the product
@@ -123,48 +123,59 @@ class StackedMLP:
                 weight.grad.baddbmm_(grad, inputs.transpose(1, 2), beta=0, alpha=scale)
             if i > 0:  # through the product, then the ReLU: zero where its output was zero
                 grad = torch.bmm(weight.transpose(1, 2), grad, out=self._kept_tensor(f"grad {i}", inputs.shape))
-                bias_grads.append(self._relu_backward(grad, inputs, i - 1))
-        bias_grads.reverse()
+                self._relu_backward(grad, inputs, i - 1, scale)
         if self.sgd_in_products:
-            self._sgd_step(bias_grads, scale)
+            self._sgd_step()
         else:
-            for bias, grad_sum in zip(self.biases, bias_grads):
-                torch.mul(grad_sum, scale, out=bias.grad)
             self.optimizer.step()
         return loss, logits.transpose(1, 2)
 
-    def _loss_gradient(self, logits: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """B · d loss / d logits = softmax - the smoothed one-hot label, [K, classes, B], and its sum over the
-        batch (the last bias's gradient, times B)."""
+    def _bias_gradient(self, layer: int) -> tuple[torch.Tensor, float]:
+        """Where `layer`'s bias gradient goes, and the factor on what is there already: its momentum buffer
+        (buffer = momentum · buffer + gradient, as the weights' products do) or its gradient for torch's optimizer."""
+        if self.sgd_in_products:
+            return self.momentum_buffers[len(self.weights) + layer], self.momentum
+        return self.biases[layer].grad, 0.0
+
+    def _add_bias_gradient(self, layer: int, grad: torch.Tensor, scale: float) -> None:
+        """torch's operators: `layer`'s bias gradient, scale · grad summed over the batch, into its place.
+        Not a matrix-vector product with ones for the sum (faster): its rounding depended on where a model's rows
+        lay in memory, so a model's bits on its place in the group."""
+        target, beta = self._bias_gradient(layer)
+        if beta:
+            target.mul_(beta).add_(grad.sum(2, keepdim=True), alpha=scale)
+        else:
+            torch.mul(grad.sum(2, keepdim=True), scale, out=target)
+
+    def _loss_gradient(self, logits: torch.Tensor, y: torch.Tensor, scale: float) -> torch.Tensor:
+        """B · d loss / d logits = softmax - the smoothed one-hot label, [K, classes, B]; the last bias's
+        gradient (scale · its sum over the batch) goes to its place."""
         grad = torch.softmax(logits, 1)
+        layer = len(self.weights) - 1
         if self.cpu_kernels:
-            grad_sum = self._kept_tensor(f"gradient sum {len(self.weights) - 1}", (*grad.shape[:2], 1))
-            _subtract_target_and_sum(grad.numpy(), y.numpy(), self.smoothing, grad_sum.numpy())
-            return grad, grad_sum
+            target, beta = self._bias_gradient(layer)
+            _subtract_target_and_sum(grad.numpy(), y.numpy(), self.smoothing, target.numpy(), beta, scale)
+            return grad
         labels = y.unsqueeze(1)
         grad.scatter_add_(1, labels, self._target.expand_as(labels))
         if self.smoothing:
             grad -= self.smoothing / logits.shape[1]
-        return grad, grad.sum(2, keepdim=True)
+        self._add_bias_gradient(layer, grad, scale)
+        return grad
 
-    def _relu_backward(self, grad: torch.Tensor, output: torch.Tensor, layer: int) -> torch.Tensor:
+    def _relu_backward(self, grad: torch.Tensor, output: torch.Tensor, layer: int, scale: float) -> None:
         """`grad` through the ReLU of `layer`, whose output was `output` (zero where that was zero), in place;
-        returns its sum over the batch (that layer's bias gradient, times B)."""
+        that layer's bias gradient (scale · its sum over the batch) goes to its place."""
         if self.cpu_kernels:
-            grad_sum = self._kept_tensor(f"gradient sum {layer}", (*grad.shape[:2], 1))
-            _relu_backward_and_sum(grad.numpy(), output.numpy(), grad_sum.numpy())
-            return grad_sum
+            target, beta = self._bias_gradient(layer)
+            _relu_backward_and_sum(grad.numpy(), output.numpy(), target.numpy(), beta, scale)
+            return
         torch.ops.aten.threshold_backward.grad_input(grad, output, 0, grad_input=grad)
-        # Not a matrix-vector product with ones (faster): its rounding depended on where a model's rows lay in
-        # memory, so a model's bits on its place in the group.
-        return grad.sum(2, keepdim=True)
+        self._add_bias_gradient(layer, grad, scale)
 
-    def _sgd_step(self, bias_grads: list[torch.Tensor], scale: float) -> None:
-        """The biases' momentum buffers take their gradients (scale · the sums), then p -= lr · buffer for
-        every parameter, weight decay added to the buffer first (torch's SGD, dampening 0)."""
-        bias_buffers = self.momentum_buffers[len(self.weights):]
-        torch._foreach_mul_(bias_buffers, self.momentum)
-        torch._foreach_add_(bias_buffers, bias_grads, alpha=scale)
+    def _sgd_step(self) -> None:
+        """p -= lr · buffer for every parameter, weight decay added to the buffer first (torch's SGD,
+        dampening 0); the buffers already hold momentum · buffer + gradient."""
         lr = self.optimizer.param_groups[0]["lr"]  # as the learning-rate schedule set it
         if self.weight_decay:
             torch._foreach_add_(self.momentum_buffers, self.parameters, alpha=self.weight_decay)
@@ -189,9 +200,18 @@ def _add_bias_relu(out: np.ndarray, bias: np.ndarray) -> None:
                 out[k, j, b] = np.float32(0) if value <= 0 else value
 
 
+@numba.njit(cache=True)
+def _accumulate(target: np.ndarray, k: int, j: int, beta: float, alpha: float, total: np.float32) -> None:
+    """target[k, j, 0] = beta · target[k, j, 0] + alpha · total; only alpha · total where beta is 0 (as a
+    product's beta: what was there, a NaN included, is not read)."""
+    target[k, j, 0] = alpha * total if beta == 0 else beta * target[k, j, 0] + alpha * total
+
+
 @numba.njit(cache=True, fastmath={"reassoc"})
-def _relu_backward_and_sum(grad: np.ndarray, output: np.ndarray, sums: np.ndarray) -> None:
-    """grad = 0 where output <= 0 (torch's threshold_backward), in place; sums [K, H, 1] = grad summed over B."""
+def _relu_backward_and_sum(grad: np.ndarray, output: np.ndarray, target: np.ndarray, beta: float,
+                           alpha: float) -> None:
+    """grad = 0 where output <= 0 (torch's threshold_backward), in place; its sum over B goes to `target`
+    [K, H, 1] as in `_accumulate`."""
     for k in range(grad.shape[0]):
         for j in range(grad.shape[1]):
             total = np.float32(0)
@@ -199,13 +219,14 @@ def _relu_backward_and_sum(grad: np.ndarray, output: np.ndarray, sums: np.ndarra
                 value = np.float32(0) if output[k, j, b] <= 0 else grad[k, j, b]
                 grad[k, j, b] = value
                 total += value
-            sums[k, j, 0] = total
+            _accumulate(target, k, j, beta, alpha, total)
 
 
 @numba.njit(cache=True, fastmath={"reassoc"})
-def _subtract_target_and_sum(grad: np.ndarray, labels: np.ndarray, smoothing: float, sums: np.ndarray) -> None:
-    """grad [K, C, B] (softmax) -= the smoothed one-hot labels [K, B], in place; sums [K, C, 1] = grad summed
-    over B."""
+def _subtract_target_and_sum(grad: np.ndarray, labels: np.ndarray, smoothing: float, target: np.ndarray,
+                             beta: float, alpha: float) -> None:
+    """grad [K, C, B] (softmax) -= the smoothed one-hot labels [K, B], in place; its sum over B goes to `target`
+    [K, C, 1] as in `_accumulate`."""
     n_classes = grad.shape[1]
     hit, spread = np.float32(1 - smoothing), np.float32(smoothing / n_classes)
     for k in range(grad.shape[0]):
@@ -220,4 +241,4 @@ def _subtract_target_and_sum(grad: np.ndarray, labels: np.ndarray, smoothing: fl
                 value = grad[k, c, b] - spread
                 grad[k, c, b] = value
                 total += value
-            sums[k, c, 0] = total
+            _accumulate(target, k, c, beta, alpha, total)
