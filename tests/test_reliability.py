@@ -238,6 +238,34 @@ def test_sigterm_marks_a_sweep_killed_and_the_same_command_finishes_it(tmp_path)
     assert parent_again.info.run_id == parent.info.run_id and parent_again.info.status == "FINISHED"
 
 
+def test_a_sigterm_that_lands_in_a_finalizer_still_stops_the_program(tmp_path):
+    """Python prints and drops an exception raised inside a finalizer: a SIGTERM that came while the garbage
+    collector ran one (a sweep's MLflow client, say) let the program run on and end with status 0."""
+    script = tmp_path / "finalizer.py"
+    script.write_text(f"""
+import os, signal, sys, time
+sys.path.insert(0, {str(REPO_ROOT)!r})
+from utils.errors import run_command
+
+class Closing:
+    def __del__(self):  # the signal comes while this finalizer runs
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.2)
+
+def run(args):
+    Closing()
+    time.sleep(20)
+    print("ran on")
+
+sys.exit(run_command(run, lambda argv: None, []))
+""")
+    started = time.time()
+    ended = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
+    assert ended.returncode == 143, ended.stderr
+    assert "ran on" not in ended.stdout and "stopped by SIGTERM" in ended.stderr
+    assert time.time() - started < 15
+
+
 def test_a_sigterm_inside_a_store_write_stops_the_program_right_after_the_write():
     """A signal that landed in the middle of an MLflow transaction left its SQLite lock held, and the KILLED
     status written next failed; a write now finishes first, then the signal stops the program."""

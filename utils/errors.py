@@ -30,6 +30,24 @@ def _terminate(signum, frame) -> None:
     raise Terminated()
 
 
+def _send_swallowed_terminations_again(previous):
+    """A `sys.unraisablehook`: Python cannot raise an exception out of a finalizer (a `__del__` or weakref
+    callback that the garbage collector ran when the signal came), so it prints Terminated and the program
+    went on as if no signal had come (a sweep then finished with status 0). The signal is sent again once the
+    finalizer has returned."""
+    def hook(unraisable) -> None:
+        if isinstance(unraisable.exc_value, Terminated):
+            import os
+            import signal
+            import threading
+
+            threading.Timer(0.05, os.kill, (os.getpid(), signal.SIGTERM)).start()
+            return
+        previous(unraisable)
+    hook.sends_terminations_again = True
+    return hook
+
+
 class deferred_termination:
     """A block that SIGTERM does not interrupt: a signal arriving inside it stops the program when it ends.
     For writes to a store (an MLflow SQLite transaction cut by the signal leaves its lock held, and the
@@ -53,6 +71,8 @@ def run_command(run, parse_args, argv: list[str] | None = None) -> int:
     import sys
 
     signal.signal(signal.SIGTERM, _terminate)
+    if not getattr(sys.unraisablehook, "sends_terminations_again", False):
+        sys.unraisablehook = _send_swallowed_terminations_again(sys.unraisablehook)
     try:
         run(parse_args(argv))
     except (ConfigError, TrainingDiverged) as error:
