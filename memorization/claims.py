@@ -1,7 +1,10 @@
 """Work sharing without a scheduler: drivers pointed at one store claim groups before training them.
 
-A claim is a file `claims/group_NNNNNN.json` created atomically (O_CREAT | O_EXCL, which a shared file
-system such as NFS honours), naming the plan, the driver and its host. While a driver works it touches
+A claim is a file `claims/group_NNNNNN.json` naming the plan, the driver and its host, created atomically
+with its content: written under a name of this driver's own, then hard-linked to the claim's name, which
+fails if the name exists (as O_CREAT | O_EXCL would, and a shared file system such as NFS honours both). A
+claim created empty and written afterwards stayed empty when its driver was killed in between, and an empty
+claim could not name a dead driver: the group waited for the timeout. While a driver works it touches
 its claims every `timeout / 4` seconds; a claim untouched for `timeout` seconds belongs to a driver that
 died, and the first driver to rename it away takes the group over. A finished group's claim is removed.
 """
@@ -73,12 +76,27 @@ class Claims:
             raise ConfigError(f"{path} claims a group for another plan ({plan}); this store's plan is "
                               f"{self.plan_hash}: remove {self.folder} if no driver of that plan runs")
 
+    def _create(self, path: Path) -> None:
+        """The claim file at `path`, with its content, or FileExistsError."""
+        content = json.dumps({"plan_hash": self.plan_hash, "driver": self.driver, "time": time.time()})
+        written = path.with_name(f".{path.name}.{self.driver.replace(':', '-')}")
+        written.write_text(content)
+        try:
+            os.link(written, path)
+        except FileExistsError:
+            raise
+        except OSError:  # a file system without hard links: created, then written
+            with os.fdopen(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644), "w") as file:
+                file.write(content)
+        finally:
+            written.unlink(missing_ok=True)
+
     def claim(self, group: int) -> bool:
         """True if this driver now holds the group; False if another live driver does."""
         path = self.path(group)
         for _ in range(2):
             try:
-                descriptor = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+                self._create(path)
             except FileExistsError:
                 self._check_plan(path)
                 if not self._stale(path):
@@ -88,8 +106,6 @@ class Claims:
                 except FileNotFoundError:
                     return False
                 continue
-            with os.fdopen(descriptor, "w") as file:
-                json.dump({"plan_hash": self.plan_hash, "driver": self.driver, "time": time.time()}, file)
             with self._lock:
                 self.held.add(group)
             return True

@@ -120,3 +120,32 @@ def test_a_driver_killed_with_sigkill_is_continued_in_the_same_mlflow_run(tmp_pa
 def test_bad_sharing_flags_end_with_one_sentence(tmp_path, capsys, argv, sentence):
     assert train_splits.main([*PLAN, "--out", str(tmp_path / "s"), *argv]) == 2
     assert capsys.readouterr().err.strip() == f"error: {sentence}"
+
+
+def test_a_driver_killed_while_claiming_leaves_no_claim_that_blocks_the_group(tmp_path, monkeypatch):
+    """A claim appears with its content or not at all: killed after writing it under its own name and before
+    linking it to the claim's name, a driver leaves the group free; a claim it made is whole at once."""
+    from memorization import claims as claims_module
+
+    first, second = (claims_module.Claims(tmp_path, "plan", timeout=300) for _ in range(2))
+    link = os.link
+
+    def killed(source, target):
+        raise KeyboardInterrupt  # as SIGKILL would stop the driver here
+
+    monkeypatch.setattr(claims_module.os, "link", killed)
+    with pytest.raises(KeyboardInterrupt):
+        first.claim(3)
+    assert not first.path(3).exists()
+    seen = []
+
+    def linked(source, target):  # what another driver sees the moment the claim's name exists
+        link(source, target)
+        seen.append(json.loads(open(target).read()))
+
+    monkeypatch.setattr(claims_module.os, "link", linked)
+    assert second.claim(3) and not first.claim(3)
+    assert seen == [{"plan_hash": "plan", "driver": second.driver, "time": seen[0]["time"]}]
+    assert sorted(p.name for p in (tmp_path / "claims").iterdir()) == ["group_000003.json"]
+    first.close()
+    second.close()
