@@ -44,13 +44,14 @@ class Claims:
         self.plan_hash = plan_hash
         self.timeout = timeout
         self.driver = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self._tag = self.driver.replace(":", "-")  # the driver in this driver's own file names
         self.held: set[int] = set()
         self.fresh: list[Path] = []  # other files this driver keeps touched while it lives
         self._lock = threading.Lock()
         self._stop = threading.Event()
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
-            probe = self.folder / f".probe-{self.driver.replace(':', '-')}"
+            probe = self.folder / f".probe-{self._tag}"
             probe.write_text("")
             probe.unlink()
         except OSError as error:
@@ -79,7 +80,7 @@ class Claims:
     def _create(self, path: Path) -> None:
         """The claim file at `path`, with its content, or FileExistsError."""
         content = json.dumps({"plan_hash": self.plan_hash, "driver": self.driver, "time": time.time()})
-        written = path.with_name(f".{path.name}.{self.driver.replace(':', '-')}")
+        written = path.with_name(f".{path.name}.{self._tag}")
         written.write_text(content)
         try:
             os.link(written, path)
@@ -102,7 +103,7 @@ class Claims:
                 if not self._stale(path):
                     return False
                 try:  # only one driver's rename succeeds: that one takes the group over
-                    os.rename(path, path.with_name(f"{path.name}.stale-{self.driver.replace(':', '-')}"))
+                    os.rename(path, path.with_name(f"{path.name}.stale-{self._tag}"))
                 except FileNotFoundError:
                     return False
                 continue

@@ -82,7 +82,7 @@ class StackedMLP:
             out = self._kept_tensor(f"output {i}", shape) if kept else None
             if i == len(self.weights) - 1:
                 outputs.append(torch.baddbmm(bias, weight, outputs[-1], out=out))  # the bias in the product
-            elif out is None or not self.cpu_kernels:
+            elif not self.cpu_kernels:
                 outputs.append(torch.baddbmm(bias, weight, outputs[-1], out=out).relu_())
             else:  # the bias and the ReLU in one pass: baddbmm first copies the bias into its output
                 out = torch.bmm(weight, outputs[-1], out=out)

@@ -231,17 +231,17 @@ class EpochCorrectness:
     on the CPU one step's max over the classes cost what a whole epoch's does, 40 µs a step on digits at K=16.
     A prediction is the first of equal maxima, as argmax's."""
 
-    def __init__(self, models: int, size: int, batch: int, device: torch.device):
+    def __init__(self, models: int, size: int, device: torch.device):
         self.correct = torch.empty(models, size, dtype=torch.bool, device=device)
-        self.batch, self.kept = batch, None  # kept: [K, classes, span] logits of steps not yet reduced
+        self.kept = None  # [K, classes, span]: logits of steps not yet reduced, a whole number of steps
 
     def add(self, start: int, logits: torch.Tensor, labels: torch.Tensor) -> None:
         """The step beginning at column `start` of the epoch gave these logits [K, B, classes]; `labels`: the
-        epoch's [K, m]."""
+        epoch's [K, m]; every step but an epoch's last has the batch of the first."""
         size, n = self.correct.shape[1], logits.shape[1]
         if self.kept is None:
-            steps = min(max(1, KEPT_LOGITS // logits.numel()), math.ceil(size / self.batch))
-            self.kept = logits.new_empty(logits.shape[0], logits.shape[2], steps * self.batch)
+            steps = min(max(1, KEPT_LOGITS // logits.numel()), math.ceil(size / n))
+            self.kept = logits.new_empty(logits.shape[0], logits.shape[2], steps * n)
         offset = start % self.kept.shape[2]  # steps begin at multiples of the batch, and so does the span
         self.kept[:, :, offset:offset + n].copy_(logits.transpose(1, 2))
         if offset + n == self.kept.shape[2] or start + n == size:
@@ -280,14 +280,13 @@ def train_group(plan: Plan, model_ids: list[int], data: PlanData, device: str,
     size, batch = subset.shape[1], training.batch_size
     schedule = build_schedule(ensemble.optimizer, training.lr_schedule, math.ceil(size / batch), training.n_epochs,
                               training.lr_milestones, training.lr_warmup)
-    scheduled = training.lr_schedule != "none" or training.lr_warmup > 0  # a constant rate needs no step (10 µs)
     record = set(training.record_epochs)
     paired = plan.settings.get("kind") == "loo"
     recorded = {f"{k}_{s}": [] for k in ("prob", "correct") + (("logits",) if training.save_logits else ())
                 for s in ("train", "test")}
     # Each model's correctness at every presentation of its subset's examples, from its training forward pass.
     forgetting = ForgettingEvents(len(data.train_labels), device, rows=ensemble.size)
-    correctness = EpochCorrectness(ensemble.size, size, batch, device)
+    correctness = EpochCorrectness(ensemble.size, size, device)
     ensemble.train(True)
     inputs = TrainingInputs(data, augmentations)
     for epoch in range(1, training.n_epochs + 1):
@@ -297,7 +296,7 @@ def train_group(plan: Plan, model_ids: list[int], data: PlanData, device: str,
             # the loss is only read at an epoch's end (below): computing it at every step cost 3% of a step
             loss, logits = ensemble.train_step(x, labels[:, start:start + batch], with_loss=start + batch >= size)
             correctness.add(start, logits, labels)
-            if scheduled:
+            if not schedule.constant:  # a constant rate needs no step (10 µs)
                 schedule.step()
         forgetting.count_once(rows, correctness.correct)  # an epoch presents each example of a model's subset once
         if not math.isfinite(loss.item()):

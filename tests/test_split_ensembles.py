@@ -248,7 +248,7 @@ def test_an_epochs_correctness_is_each_steps_argmax_whatever_logits_are_kept(mon
     monkeypatch.setattr(split_training, "KEPT_LOGITS", kept)
     generator = torch.Generator().manual_seed(0)
     labels = torch.randint(0, 5, (3, 23), generator=generator)
-    correctness = split_training.EpochCorrectness(3, 23, 4, torch.device("cpu"))
+    correctness = split_training.EpochCorrectness(3, 23, torch.device("cpu"))
     for epoch in range(2):
         expected = []
         for start in range(0, 23, 4):

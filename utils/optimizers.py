@@ -30,7 +30,8 @@ SCHEDULES = ("none", "multistep", "cosine", "onecycle")
 
 def build_schedule(optimizer: torch.optim.Optimizer, schedule: str, steps_per_epoch: int, n_epochs: int,
                    milestones: list[float], warmup: float, gamma: float = 0.1) -> torch.optim.lr_scheduler.LambdaLR:
-    """A learning-rate factor per optimizer step (call `.step()` after every optimizer step).
+    """A learning-rate factor per optimizer step (call `.step()` after every optimizer step; its `constant`
+    is True where the factor is 1 at every step, and stepping it changes nothing).
 
     The first `warmup` fraction of all steps rises linearly to the full rate; then `none` keeps it,
     `multistep` multiplies it by `gamma` at each milestone (a fraction of the epochs, applied from
@@ -55,4 +56,6 @@ def build_schedule(optimizer: torch.optim.Optimizer, schedule: str, steps_per_ep
 
     import torch
 
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    scheduler.constant = warm == 0 and schedule not in ("multistep", "cosine", "onecycle")
+    return scheduler
