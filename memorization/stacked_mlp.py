@@ -22,6 +22,7 @@ of one pass each, at the end of this file.
 from __future__ import annotations
 
 import argparse
+from typing import NamedTuple
 
 import numba
 import numpy as np
@@ -30,6 +31,15 @@ from torch import nn
 from torch.nn import functional as F
 
 from utils.optimizers import build_optimizer
+
+
+class Kept(NamedTuple):
+    """A tensor a step writes, kept from one step to the next, with its views: [K, B, features] for an
+    activation kept as [K, features, B], and numpy's on the CPU."""
+
+    tensor: torch.Tensor
+    transposed: torch.Tensor
+    array: np.ndarray | None
 
 
 class StackedMLP:
@@ -59,15 +69,25 @@ class StackedMLP:
                 parameter.grad = torch.zeros_like(parameter)
         self.smoothing = float(training.label_smoothing)
         self._target = torch.full((1, 1, 1), -(1 - self.smoothing), device=self.weights[0].device)
-        self._kept: dict[tuple, torch.Tensor] = {}
+        self._kept: dict[tuple, Kept] = {}
         # The passes around the products: numba's kernels below on the CPU, torch's operators elsewhere.
         self.cpu_kernels = self.weights[0].device.type == "cpu"
+        # Views made once: in the training loop, where the products have pushed torch's dispatcher out of the
+        # caches, each `.transpose` or `.numpy()` cost 5-15 µs. The weights transposed; on the CPU numpy's views
+        # of the tensors the kernels read and write: each layer's bias, and where its gradient goes with the
+        # factor on what is there.
+        self._weights_transposed = [weight.transpose(1, 2) for weight in self.weights]
+        if self.cpu_kernels:
+            self._bias_arrays = [bias.numpy() for bias in self.biases]
+            self._bias_targets = [(target.numpy(), beta) for target, beta in map(self._bias_gradient, range(len(self.biases)))]
+            self._no_correct = np.empty((0, 0), dtype=np.bool_)  # where the kernel writes no correctness
 
-    def _kept_tensor(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
-        """A float32 tensor of this name and shape, the same from one step to the next."""
+    def _kept_tensor(self, name: str, shape: tuple[int, ...]) -> Kept:
+        """A float32 tensor of this name and shape, the same from one step to the next, with its views."""
         key = (name, *shape)
         if key not in self._kept:
-            self._kept[key] = torch.empty(shape, device=self.weights[0].device)
+            tensor = torch.empty(shape, device=self.weights[0].device)
+            self._kept[key] = Kept(tensor, tensor.transpose(1, 2), tensor.numpy() if self.cpu_kernels else None)
         return self._kept[key]
 
     def train(self, mode: bool = True) -> None:
@@ -79,14 +99,14 @@ class StackedMLP:
         outputs = [inputs]
         for i, (weight, bias) in enumerate(zip(self.weights, self.biases)):
             shape = (self.size, weight.shape[1], inputs.shape[2])
-            out = self._kept_tensor(f"output {i}", shape) if kept else None
+            out, _, array = self._kept_tensor(f"output {i}", shape) if kept else (None, None, None)
             if i == len(self.weights) - 1:
                 outputs.append(torch.baddbmm(bias, weight, outputs[-1], out=out))  # the bias in the product
             elif not self.cpu_kernels:
                 outputs.append(torch.baddbmm(bias, weight, outputs[-1], out=out).relu_())
             else:  # the bias and the ReLU in one pass: baddbmm first copies the bias into its output
                 out = torch.bmm(weight, outputs[-1], out=out)
-                _add_bias_relu(out.numpy(), bias.numpy())
+                _add_bias_relu(out.numpy() if array is None else array, self._bias_arrays[i])
                 outputs.append(out)
         return outputs
 
@@ -96,39 +116,44 @@ class StackedMLP:
         with torch.autocast(x.device.type, enabled=False):
             return self._forward(inputs.float())[-1].transpose(1, 2)
 
-    def train_step(self, x: torch.Tensor, y: torch.Tensor, with_loss: bool = True
-                   ) -> tuple[torch.Tensor | None, torch.Tensor]:
+    def train_step(self, x: torch.Tensor, y: torch.Tensor, with_loss: bool = True,
+                   correct: torch.Tensor | None = None) -> tuple[torch.Tensor | None, torch.Tensor]:
         """One step on model k's batch x[k] with labels y[k] ([K, B]): the loss (sum over models of each
         model's mean cross-entropy, with the recipe's label smoothing; None unless `with_loss`) and the logits
-        of the forward pass, [K, B, classes], a view of a tensor the next step overwrites. Each model's
+        of the forward pass, [K, B, classes], a view of a tensor the next step overwrites; `correct` [K, B]
+        (bool), when given, receives whether each example's prediction (the first of equal maxima, as argmax's)
+        is its label: on the CPU the loss gradient's kernel finds it with the softmax's maximum. Each model's
         gradient is that of its own mean loss, as autograd would give it. No tensor here requires a gradient,
         so autograd records nothing without a no_grad context; an autocast context is only left when one is on
         (entering each cost 3-5 µs a step)."""
         if torch.is_autocast_enabled(x.device.type):
             with torch.autocast(x.device.type, enabled=False):
-                return self.train_step(x, y, with_loss)
-        inputs = x.flatten(2).transpose(1, 2)  # [K, in, B]
-        outputs = self._forward(inputs if inputs.dtype == torch.float32 else inputs.float(), kept=True)
+                return self.train_step(x, y, with_loss, correct)
+        flat = x.flatten(2)  # [K, B, in]
+        flat = flat if flat.dtype == torch.float32 else flat.float()
+        outputs = self._forward(flat.transpose(1, 2), kept=True)
         logits = outputs.pop()  # [K, classes, B]
+        transposed = [flat] + [self._kept_tensor(f"output {i}", output.shape).transposed  # [K, B, features]
+                               for i, output in enumerate(outputs[1:])]
         # torch's cross-entropy reads [K, classes, B] as [N, C, d1]: each model's mean over its batch, summed
         loss = (F.cross_entropy(logits, y, reduction="none", label_smoothing=self.smoothing).mean(1).sum()
                 if with_loss else None)
         scale = 1 / logits.shape[2]  # applied in every gradient's own kernel (exact for a batch that is a power of 2)
-        grad = self._loss_gradient(logits, y, scale)
+        grad = self._loss_gradient(logits, y, scale, correct)
         for i in reversed(range(len(self.weights))):
-            weight, inputs = self.weights[i], outputs[i]
             if self.sgd_in_products:  # momentum buffer = momentum · buffer + gradient, in the product
-                self.momentum_buffers[i].baddbmm_(grad, inputs.transpose(1, 2), beta=self.momentum, alpha=scale)
+                self.momentum_buffers[i].baddbmm_(grad, transposed[i], beta=self.momentum, alpha=scale)
             else:
-                weight.grad.baddbmm_(grad, inputs.transpose(1, 2), beta=0, alpha=scale)
+                self.weights[i].grad.baddbmm_(grad, transposed[i], beta=0, alpha=scale)
             if i > 0:  # through the product, then the ReLU: zero where its output was zero
-                grad = torch.bmm(weight.transpose(1, 2), grad, out=self._kept_tensor(f"grad {i}", inputs.shape))
+                inputs = outputs[i]
+                grad = torch.bmm(self._weights_transposed[i], grad, out=self._kept_tensor(f"grad {i}", inputs.shape)[0])
                 self._relu_backward(grad, inputs, i - 1, scale)
         if self.sgd_in_products:
             self._sgd_step()
         else:
             self.optimizer.step()
-        return loss, logits.transpose(1, 2)
+        return loss, self._kept_tensor(f"output {len(self.weights) - 1}", logits.shape).transposed
 
     def _bias_gradient(self, layer: int) -> tuple[torch.Tensor, float]:
         """Where `layer`'s bias gradient goes, and the factor on what is there already: its momentum buffer
@@ -147,15 +172,19 @@ class StackedMLP:
         else:
             torch.mul(grad.sum(2, keepdim=True), scale, out=target)
 
-    def _loss_gradient(self, logits: torch.Tensor, y: torch.Tensor, scale: float) -> torch.Tensor:
+    def _loss_gradient(self, logits: torch.Tensor, y: torch.Tensor, scale: float, correct: torch.Tensor | None
+                       ) -> torch.Tensor:
         """B · d loss / d logits = softmax - the smoothed one-hot label, [K, classes, B]; the last bias's
-        gradient (scale · its sum over the batch) goes to its place."""
-        grad = torch.softmax(logits, 1)
+        gradient (scale · its sum over the batch) goes to its place, and the correctness to `correct`."""
         layer = len(self.weights) - 1
         if self.cpu_kernels:
-            target, beta = self._bias_gradient(layer)
-            _subtract_target_and_sum(grad.numpy(), y.numpy(), self.smoothing, target.numpy(), beta, scale)
+            grad, _, array = self._kept_tensor("grad logits", logits.shape)
+            _softmax_gradient(self._kept_tensor(f"output {layer}", logits.shape).array, y.numpy(), self.smoothing, array,
+                              *self._bias_targets[layer], scale, self._no_correct if correct is None else correct.numpy())
             return grad
+        if correct is not None:
+            torch.eq(logits.argmax(1), y, out=correct)
+        grad = torch.softmax(logits, 1)
         labels = y.unsqueeze(1)
         grad.scatter_add_(1, labels, self._target.expand_as(labels))
         if self.smoothing:
@@ -166,9 +195,10 @@ class StackedMLP:
     def _relu_backward(self, grad: torch.Tensor, output: torch.Tensor, layer: int, scale: float) -> None:
         """`grad` through the ReLU of `layer`, whose output was `output` (zero where that was zero), in place;
         that layer's bias gradient (scale · its sum over the batch) goes to its place."""
-        if self.cpu_kernels:
-            target, beta = self._bias_gradient(layer)
-            _relu_backward_and_sum(grad.numpy(), output.numpy(), target.numpy(), beta, scale)
+        if self.cpu_kernels:  # both kept tensors of the step
+            _relu_backward_and_sum(self._kept_tensor(f"grad {layer + 1}", grad.shape).array,
+                                   self._kept_tensor(f"output {layer}", output.shape).array, *self._bias_targets[layer],
+                                   scale)
             return
         torch.ops.aten.threshold_backward.grad_input(grad, output, 0, grad_input=grad)
         self._add_bias_gradient(layer, grad, scale)
@@ -223,10 +253,11 @@ def _relu_backward_and_sum(grad: np.ndarray, output: np.ndarray, target: np.ndar
 
 
 @numba.njit(cache=True, fastmath={"reassoc"})
-def _subtract_target_and_sum(grad: np.ndarray, labels: np.ndarray, smoothing: float, target: np.ndarray,
-                             beta: float, alpha: float) -> None:
-    """grad [K, C, B] (softmax) -= the smoothed one-hot labels [K, B], in place; its sum over B goes to `target`
-    [K, C, 1] as in `_accumulate`."""
+def _softmax_gradient(logits: np.ndarray, labels: np.ndarray, smoothing: float, grad: np.ndarray,
+                      target: np.ndarray, beta: float, alpha: float, correct: np.ndarray) -> None:
+    """grad [K, C, B] = softmax of the logits [K, C, B] over the classes (exp(x - max) / sum, as torch's) minus
+    the smoothed one-hot labels [K, B]; its sum over B goes to `target` [K, C, 1] as in `_accumulate`;
+    correct[k, b] = whether the first of the largest logits is the label (unless `correct` is empty)."""
     n_classes = grad.shape[1]
     hit, spread = np.float32(1 - smoothing), np.float32(smoothing / n_classes)
     for k in range(grad.shape[0]):
@@ -234,11 +265,22 @@ def _subtract_target_and_sum(grad: np.ndarray, labels: np.ndarray, smoothing: fl
             label = labels[k, b]
             if label < 0 or label >= n_classes:
                 raise IndexError("a label is outside the model's classes")
+            top, best = logits[k, 0, b], 0
+            for c in range(1, n_classes):  # a NaN never wins here, and it still makes every exp below a NaN
+                if logits[k, c, b] > top:
+                    top, best = logits[k, c, b], c
+            if correct.size:
+                correct[k, b] = best == label
+            total = np.float32(0)
+            for c in range(n_classes):
+                value = np.exp(logits[k, c, b] - top)
+                grad[k, c, b] = value
+                total += value
+            for c in range(n_classes):
+                grad[k, c, b] = grad[k, c, b] / total - spread
             grad[k, label, b] -= hit
         for c in range(n_classes):
             total = np.float32(0)
             for b in range(grad.shape[2]):
-                value = grad[k, c, b] - spread
-                grad[k, c, b] = value
-                total += value
+                total += grad[k, c, b]
             _accumulate(target, k, c, beta, alpha, total)

@@ -14,6 +14,7 @@ import math
 import time
 from dataclasses import dataclass
 
+import numba
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -31,7 +32,6 @@ from utils.errors import ConfigError
 from utils.optimizers import build_optimizer, build_schedule
 
 EVAL_BATCH = 1024
-KEPT_LOGITS = 1 << 22  # training logits kept at most (16 MB in float32) before their correctness is computed
 
 
 @dataclass
@@ -140,12 +140,17 @@ class Ensemble:
         forward = self._forward_shared if shared_input else self._forward
         return forward(self.params, self.buffers, x)
 
-    def train_step(self, x: torch.Tensor, y: torch.Tensor, with_loss: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    def train_step(self, x: torch.Tensor, y: torch.Tensor, with_loss: bool = True,
+                   correct: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """One step on model k's batch x[k] with labels y[k] ([K, B]): the loss and the logits of the forward
-        pass, [K, B, classes]. The loss is the sum of per-model mean losses, so each model's gradient is
-        that of its own mean loss (it is returned whatever `with_loss`: the backward pass needs it)."""
+        pass, [K, B, classes]; `correct` [K, B] (bool), when given, receives whether each example's prediction
+        (the first of equal maxima, as argmax's) is its label. The loss is the sum of per-model mean losses, so
+        each model's gradient is that of its own mean loss (it is returned whatever `with_loss`: the backward
+        pass needs it)."""
         with autocast(x.device):
             logits = self(x).float()
+        if correct is not None:
+            torch.eq(logits.detach().argmax(-1), y, out=correct)
         loss = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none",
                                label_smoothing=self.smoothing).view_as(y).mean(1).sum()
         self.optimizer.zero_grad(set_to_none=True)
@@ -199,54 +204,67 @@ def recipe(training: dict) -> argparse.Namespace:
 
 
 class TrainingInputs:
-    """The models' training inputs [K, B, ...] at each step of an epoch: the dataset's training transform, model
-    k's random draws from its own generator, so that a model's augmentation does not depend on the other models
-    of its group. Without random augmentation the transform is applied once to every training image (the same
-    numbers: the conversion is elementwise), and a step only gathers its rows: converting each step's images
-    took 48 µs against 14 µs for gathering them converted (digits, K=16). Gathering many steps' rows at once
-    was no faster on digits and 6% slower on MNIST-sized images, whose steps then came from memory instead of
-    the cache.
+    """The models' training inputs [K, B, ...] and labels [K, B] at each step of an epoch: the dataset's training
+    transform, model k's random draws from its own generator, so that a model's augmentation does not depend on
+    the other models of its group. Without random augmentation the transform is applied once to every training
+    image (the same numbers: the conversion is elementwise), and a step only gathers its rows: converting each
+    step's images took 48 µs against 14 µs for gathering them converted (digits, K=16). On the CPU one numba
+    kernel gathers a step's images and labels into tensors kept from step to step: in the training loop, where
+    the products before it have pushed torch's dispatcher out of the caches, the five operators it replaces
+    (the rows' copy, the gather, the views, the labels' slice) took 150-180 µs a step on digits at K=16.
+    Gathering many steps' rows at once was no faster on digits and 6% slower on MNIST-sized images, whose steps
+    then came from memory instead of the cache. A step's tensors are valid until the next step.
     """
 
     def __init__(self, data: PlanData, generators: list[torch.Generator]):
         self.data, self.generators = data, generators
         dataset = data.dataset
         self.fixed = None if dataset.CROP_PADDING or dataset.FLIP else dataset.train_transform(data.train_images)
+        self.kernel = self.fixed is not None and self.fixed.device.type == "cpu"
+        if self.kernel:
+            self.fixed = self.fixed.contiguous()
+            self._sources = (self.fixed.numpy().reshape(len(self.fixed), -1), data.train_labels.numpy())
+            self._kept: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor, np.ndarray, np.ndarray]] = {}
 
     def epoch(self, rows: torch.Tensor, batch: int):
-        """Each step's inputs, in order, for an epoch whose rows are `rows` [K, m] (steps of `batch` rows)."""
+        """Each step's (inputs, labels), in order, for an epoch whose rows are `rows` [K, m] (steps of `batch`)."""
+        if self.kernel:
+            yield from self._gathered(rows, batch)
+            return
         images = self.data.train_images if self.fixed is None else self.fixed
         for start in range(0, rows.shape[1], batch):
-            step = images.index_select(0, rows[:, start:start + batch].reshape(-1))
+            step_rows = rows[:, start:start + batch]
+            step = images.index_select(0, step_rows.reshape(-1))
             per_model = step.view(rows.shape[0], -1, *images.shape[1:])
             if self.fixed is None:
                 transformed = [self.data.dataset.train_transform(x, g) for x, g in zip(per_model, self.generators)]
                 per_model = torch.stack(transformed)
-            yield per_model
+            yield per_model, self.data.train_labels[step_rows]
+
+    def _gathered(self, rows: torch.Tensor, batch: int):
+        """The CPU's path without augmentation: each step gathered by `_gather_rows` into kept tensors."""
+        rows_array = rows.numpy()
+        for start in range(0, rows.shape[1], batch):
+            shape = (rows.shape[0], min(batch, rows.shape[1] - start))
+            if shape not in self._kept:
+                x = self.fixed.new_empty(*shape, *self.fixed.shape[1:])
+                y = self.data.train_labels.new_empty(shape)
+                self._kept[shape] = x, y, x.numpy().reshape(*shape, -1), y.numpy()
+            x, y, x_array, y_array = self._kept[shape]
+            _gather_rows(*self._sources, rows_array, start, x_array, y_array)
+            yield x, y
 
 
-class EpochCorrectness:
-    """Each model's correctness at every step of an epoch, `correct` [K, m], from the logits of the steps' training
-    forward passes. The logits are kept (up to KEPT_LOGITS numbers) and their maxima taken many steps at once:
-    on the CPU one step's max over the classes cost what a whole epoch's does, 40 µs a step on digits at K=16.
-    A prediction is the first of equal maxima, as argmax's."""
-
-    def __init__(self, models: int, size: int, device: torch.device):
-        self.correct = torch.empty(models, size, dtype=torch.bool, device=device)
-        self.kept = None  # [K, classes, span]: logits of steps not yet reduced, a whole number of steps
-
-    def add(self, start: int, logits: torch.Tensor, labels: torch.Tensor) -> None:
-        """The step beginning at column `start` of the epoch gave these logits [K, B, classes]; `labels`: the
-        epoch's [K, m]; every step but an epoch's last has the batch of the first."""
-        size, n = self.correct.shape[1], logits.shape[1]
-        if self.kept is None:
-            steps = min(max(1, KEPT_LOGITS // logits.numel()), math.ceil(size / n))
-            self.kept = logits.new_empty(logits.shape[0], logits.shape[2], steps * n)
-        offset = start % self.kept.shape[2]  # steps begin at multiples of the batch, and so does the span
-        self.kept[:, :, offset:offset + n].copy_(logits.transpose(1, 2))
-        if offset + n == self.kept.shape[2] or start + n == size:
-            first = start - offset
-            self.correct[:, first:start + n] = self.kept[:, :, :offset + n].max(1).indices == labels[:, first:start + n]
+@numba.njit(cache=True)
+def _gather_rows(images: np.ndarray, labels: np.ndarray, rows: np.ndarray, start: int, x: np.ndarray,
+                 y: np.ndarray) -> None:
+    """x[k, b] = images[rows[k, start + b]] and y[k, b] = labels[rows[k, start + b]]; images [n, F], x [K, B, F]."""
+    for k in range(x.shape[0]):
+        for b in range(x.shape[1]):
+            row = rows[k, start + b]
+            y[k, b] = labels[row]
+            for f in range(images.shape[1]):  # a loop: the slice assignment x[k, b, :] = ... took 2.7 times as long
+                x[k, b, f] = images[row, f]
 
 
 def epoch_rows(masks: torch.Tensor, subset: torch.Tensor, orders: list[torch.Generator], paired: bool) -> torch.Tensor:
@@ -286,19 +304,17 @@ def train_group(plan: Plan, model_ids: list[int], data: PlanData, device: str,
                 for s in ("train", "test")}
     # Each model's correctness at every presentation of its subset's examples, from its training forward pass.
     forgetting = ForgettingEvents(len(data.train_labels), device, rows=ensemble.size)
-    correctness = EpochCorrectness(ensemble.size, size, device)
+    correct = torch.empty(ensemble.size, size, dtype=torch.bool, device=device)  # an epoch's, written by each step
     ensemble.train(True)
     inputs = TrainingInputs(data, augmentations)
     for epoch in range(1, training.n_epochs + 1):
         rows = epoch_rows(masks, subset, orders, paired)
-        labels = data.train_labels[rows]
-        for start, x in zip(range(0, size, batch), inputs.epoch(rows, batch)):
+        for start, (x, y) in zip(range(0, size, batch), inputs.epoch(rows, batch)):
             # the loss is only read at an epoch's end (below): computing it at every step cost 3% of a step
-            loss, logits = ensemble.train_step(x, labels[:, start:start + batch], with_loss=start + batch >= size)
-            correctness.add(start, logits, labels)
+            loss, _ = ensemble.train_step(x, y, with_loss=start + batch >= size, correct=correct[:, start:start + batch])
             if not schedule.constant:  # a constant rate needs no step (10 µs)
                 schedule.step()
-        forgetting.count_once(rows, correctness.correct)  # an epoch presents each example of a model's subset once
+        forgetting.count_once(rows, correct)  # an epoch presents each example of a model's subset once
         if not math.isfinite(loss.item()):
             raise ConfigError(f"the training loss of models {model_ids[0]}..{model_ids[-1]} became {loss.item()} in "
                               f"epoch {epoch}; lower --lr (now {training.lr})")

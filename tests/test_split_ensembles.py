@@ -226,34 +226,22 @@ def test_the_stacked_mlp_path_matches_the_vmapped_one(cifar_path, tmp_path, monk
 @pytest.mark.parametrize("dataset", ["seq-digits", "seq-cifar10"])
 def test_each_step_gets_its_rows_transformed_as_alone(cifar_path, tmp_path, dataset):
     """A step's inputs are model k's rows through the training transform, with k's own random draws (CIFAR's
-    crop and flip), or gathered from the images transformed once (digits); the last step has 1 row."""
+    crop and flip), or gathered from the images transformed once (digits, by the CPU's kernel into tensors kept
+    from step to step); its labels are those rows' labels; the last step has 1 row."""
     plan = make_plan(train_splits.parse_args(["--dataset", dataset, "--data_path", str(cifar_path), "--n_models", "3",
                                               "--lr", "0.1", "--out", str(tmp_path), "--non_verbose"]))
     data = load_plan_data(plan, str(cifar_path), "cpu")
     rows = torch.stack([torch.randperm(len(data.train_labels), generator=torch.Generator().manual_seed(k))[:41]
                         for k in range(3)])
     seeds = [torch.Generator().manual_seed(k) for k in range(3)]
-    steps = list(TrainingInputs(data, [torch.Generator().manual_seed(k) for k in range(3)]).epoch(rows, 4))
-    assert [tuple(x.shape[:2]) for x in steps] == [(3, 4)] * 10 + [(3, 1)]
-    for i, x in enumerate(steps):
-        for k in range(3):
-            expected = data.dataset.train_transform(data.train_images[rows[k, 4 * i:4 * i + 4]], seeds[k])
-            assert torch.equal(x[k], expected)
-
-
-@pytest.mark.parametrize("kept", [1, 3 * 4 * 5 * 2, 10**6])  # one step's logits at a time, two steps', all
-def test_an_epochs_correctness_is_each_steps_argmax_whatever_logits_are_kept(monkeypatch, kept):
-    """Correctness computed many steps at once equals each step's own argmax against its labels, ties included
-    (the first of equal maxima is the prediction), on an epoch of 23 rows in steps of 4 (the last of 3)."""
-    monkeypatch.setattr(split_training, "KEPT_LOGITS", kept)
-    generator = torch.Generator().manual_seed(0)
-    labels = torch.randint(0, 5, (3, 23), generator=generator)
-    correctness = split_training.EpochCorrectness(3, 23, torch.device("cpu"))
-    for epoch in range(2):
-        expected = []
-        for start in range(0, 23, 4):
-            logits = torch.randint(0, 3, (3, min(4, 23 - start), 5), generator=generator).float()  # many ties
-            expected.append(logits.argmax(-1) == labels[:, start:start + 4])
-            correctness.add(start, logits, labels)
-        assert torch.equal(correctness.correct, torch.cat(expected, 1))
-    assert correctness.kept.shape[2] == {1: 4, 120: 8, 10**6: 24}[kept]
+    inputs = TrainingInputs(data, [torch.Generator().manual_seed(k) for k in range(3)])
+    assert inputs.kernel == (dataset == "seq-digits")
+    shapes = []
+    for _ in range(2):  # a second epoch reuses the kept tensors
+        for i, (x, y) in enumerate(inputs.epoch(rows, 4)):  # each step checked before the next overwrites it
+            shapes.append(tuple(x.shape[:2]))
+            assert torch.equal(y, data.train_labels[rows[:, 4 * i:4 * i + 4]])
+            for k in range(3):
+                expected = data.dataset.train_transform(data.train_images[rows[k, 4 * i:4 * i + 4]], seeds[k])
+                assert torch.equal(x[k], expected)
+    assert shapes == ([(3, 4)] * 10 + [(3, 1)]) * 2

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from backbones.mlp import MLP
 from memorization.stacked_mlp import StackedMLP
+from memorization.training import Ensemble
 from utils.optimizers import build_optimizer
 
 SHAPE, N_CLASSES, K, BATCH = (1, 4, 3), 5, 3, 7
@@ -131,3 +132,30 @@ def test_a_label_outside_the_classes_is_refused_by_the_cpu_kernel():
     y[2, 3] = N_CLASSES
     with pytest.raises(IndexError, match="a label is outside the model's classes"):
         stacked.train_step(x, y, with_loss=False)  # the loss, when asked for, refuses it first
+
+
+@pytest.mark.parametrize("way", ["stacked, CPU kernels", "stacked, torch's operators", "vmapped Ensemble"])
+def test_a_steps_correctness_is_its_forward_passs_argmax_ties_included(way):
+    """`correct` receives, for each model and example, whether the argmax of that step's logits is the label; with
+    equal logits the first class is the prediction, as argmax's. Written into columns of a wider tensor, as
+    train_group writes an epoch's."""
+    group = nets("8")
+    if way == "vmapped Ensemble":
+        ensemble = Ensemble(group, training())
+    else:
+        ensemble = StackedMLP(group, training())
+        ensemble.cpu_kernels = way == "stacked, CPU kernels"
+    (x, y), (x_tied, _) = batches(2)
+    epoch = torch.zeros(K, 3 * BATCH, dtype=torch.bool)
+    _, logits = ensemble.train_step(x, y, correct=epoch[:, BATCH:2 * BATCH])
+    assert torch.equal(epoch[:, BATCH:2 * BATCH], logits.argmax(-1) == y)
+    assert 0 < epoch.sum() < K * BATCH and not epoch[:, :BATCH].any() and not epoch[:, 2 * BATCH:].any()
+    with torch.no_grad():  # every logit equal: class 0 is every prediction
+        for weight in ensemble.weights[-1:] if way != "vmapped Ensemble" else [ensemble.params["head.weight"]]:
+            weight.zero_()
+        for bias in ensemble.biases[-1:] if way != "vmapped Ensemble" else [ensemble.params["head.bias"]]:
+            bias.fill_(0.5)
+    y_tied = torch.arange(K * BATCH).view(K, BATCH) % N_CLASSES
+    _, logits = ensemble.train_step(x_tied, y_tied, correct=epoch[:, :BATCH])
+    assert (logits == 0.5).all()
+    assert torch.equal(epoch[:, :BATCH], y_tied == 0)
