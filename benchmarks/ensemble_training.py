@@ -2,7 +2,8 @@
 
 Every way runs the engine's `train_group` on a plan built exactly as train_splits.py builds it
 (`parse_args`, `make_plan`, `load_plan_data`), in one process: one at a time is K calls with one id
-each (the `--ensemble 1` path, the straightforward loop); an ensemble is one call with K model ids,
+each, two ways: the `--ensemble 1` path (the engine with K = 1) and the textbook loop (`TextbookModel`: the
+`nn.Module`'s forward, autograd's backward, torch's SGD); an ensemble is one call with K model ids,
 timed three ways: the engine's own (`build_ensemble` picks `StackedMLP` for the mlp backbone: weights
 [K, out, in], one `baddbmm` per layer, the backward pass written out), the same stacked weights with
 autograd's backward (the straightforward way), and the vmapped `Ensemble` forced onto the same MLP
@@ -24,7 +25,7 @@ range. It also counts the models whose stored predictions are the same bits as o
 per way (--compile adds each step through torch.compile).
 A benchmark, not a test: it prints tables and never fails on a slow machine.
 
-    .venv/bin/python benchmarks/ensemble_training.py       # about 8 minutes on 2 cores shared with another job
+    .venv/bin/python benchmarks/ensemble_training.py       # about 14 minutes on 2 cores shared with another job
     .venv/bin/python benchmarks/ensemble_training.py --step_costs [--compile]
 """
 from __future__ import annotations
@@ -50,7 +51,7 @@ from benchmarks._timing import (benchmark_parser, describe_device, end_load_line
 from benchmarks.engine_throughput import synchronize, write_idx  # noqa: E402
 from benchmarks.ensemble_training_floor import (ensemble_flops_per_model, flops, layer_widths,  # noqa: E402
                                                 matmul_rate, step_matmuls)
-from benchmarks.ensemble_training_models import LABELS, WAYS, train_step  # noqa: E402
+from benchmarks.ensemble_training_models import LABELS, WAYS, TextbookModel, built_as, train_step  # noqa: E402
 from datasets.mnist import FILES as MNIST_FILES  # noqa: E402
 from memorization.driver import make_plan  # noqa: E402
 from memorization.plan import Plan  # noqa: E402
@@ -124,10 +125,11 @@ def digest(arrays: dict[str, np.ndarray]) -> str:
 
 
 def train_models(plan: Plan, data: PlanData, model_ids: list[int], device: str, way: str | None = None) -> Trained:
-    """train_group on these models, the engine's way or, with `way`, inside that way's context."""
+    """train_group on these models, the engine's way or, with `way`, inside that way's context ("textbook": one
+    `TextbookModel` at a time)."""
     synchronize(device)
     start, cpu_start = time.perf_counter(), time.process_time()
-    with WAYS[way].context() if way else contextlib.nullcontext():
+    with (built_as(TextbookModel) if way == "textbook" else WAYS[way].context()) if way else contextlib.nullcontext():
         results = train_group(plan, model_ids, data, device)
     synchronize(device)
     seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
@@ -141,7 +143,8 @@ class Row:
     case: str
     way: str
     size: int
-    alone: list[float]  # seconds per model one at a time, each repeat
+    alone: list[float]  # seconds per model one at a time (the engine with K = 1), each repeat
+    textbook: list[float]  # seconds per model one at a time in the textbook loop, each repeat
     together: list[float]  # seconds per model in the ensemble, each repeat
     cpu_speedups: list[float]  # the speed-up in CPU seconds, each repeat
     floor: list[float]  # floor seconds per model, each repeat
@@ -152,6 +155,10 @@ class Row:
     @property
     def speedups(self) -> list[float]:
         return [a / t for a, t in zip(self.alone, self.together)]
+
+    @property
+    def textbook_speedups(self) -> list[float]:
+        return [a / t for a, t in zip(self.textbook, self.together)]
 
 
 def plan_and_data(case: Case, cli: argparse.Namespace, scratch: Path, epochs: int) -> tuple[Plan, PlanData]:
@@ -180,14 +187,16 @@ def measure(case: Case, cli: argparse.Namespace, scratch: Path) -> list[Row]:
     flops_per_model = ensemble_flops_per_model(plan, widths)
     on_cpu = torch.device(cli.device).type == "cpu"
     clock = time.process_time if on_cpu else time.perf_counter  # the floor's, as the ratio's run time
-    alone_runs, together_runs, floors = [], {}, {}
+    alone_runs, textbook_runs, together_runs, floors = [], [], {}, {}
     for repeat in range(cli.repeats):
-        steps = ["alone"] + [(way, size) for size in cli.sizes for way in ways(cli)]
+        steps = ["alone", "textbook"] + [(way, size) for size in cli.sizes for way in ways(cli)]
         for step in (steps if repeat % 2 == 0 else steps[::-1]):
-            if step == "alone":
-                alone_runs.append([train_models(plan, data, [i], cli.device) for i in range(n_models)])
-                print(f"  {case.name} repeat {repeat}: one at a time "
-                      f"{statistics.mean(r.seconds for r in alone_runs[-1]):.2f} s/model", flush=True)
+            if step in ("alone", "textbook"):
+                runs = alone_runs if step == "alone" else textbook_runs
+                runs.append([train_models(plan, data, [i], cli.device, None if step == "alone" else step)
+                             for i in range(n_models)])
+                print(f"  {case.name} repeat {repeat}: one at a time{', textbook loop' * (step == 'textbook')} "
+                      f"{statistics.mean(r.seconds for r in runs[-1]):.2f} s/model", flush=True)
             else:
                 way, size = step
                 rate = matmul_rate(widths, BATCH, size, cli.device, clock=clock)
@@ -199,49 +208,57 @@ def measure(case: Case, cli: argparse.Namespace, scratch: Path) -> list[Row]:
     rows = []
     for way, size in [(w, s) for s in cli.sizes for w in ways(cli)]:
         alone = [statistics.mean(r.seconds for r in run[:size]) for run in alone_runs]
+        textbook = [statistics.mean(r.seconds for r in run[:size]) for run in textbook_runs]
         runs = together_runs[(way, size)]
         cpu_speedups = [sum(r.cpu_seconds for r in run[:size]) / together.cpu_seconds
                         for run, together in zip(alone_runs, runs)]
         accuracy = {"alone": (statistics.mean(a for r in alone_runs[0][:size] for a in r.train_accuracy),
                               statistics.mean(a for r in alone_runs[0][:size] for a in r.test_accuracy)),
+                    "textbook": (statistics.mean(a for r in textbook_runs[0][:size] for a in r.train_accuracy),
+                                 statistics.mean(a for r in textbook_runs[0][:size] for a in r.test_accuracy)),
                     "together": (statistics.mean(runs[0].train_accuracy), statistics.mean(runs[0].test_accuracy))}
         identical = sum(r.digests[0] == d for r, d in zip(alone_runs[0][:size], runs[0].digests))
         ratios = [(r.cpu_seconds if on_cpu else r.seconds) / size / floor
                   for r, floor in zip(runs, floors[(way, size)])]
-        rows.append(Row(case.name, LABELS[way], size, alone, [r.seconds / size for r in runs], cpu_speedups,
+        rows.append(Row(case.name, LABELS[way], size, alone, textbook, [r.seconds / size for r in runs], cpu_speedups,
                         floors[(way, size)], ratios, accuracy, identical))
     return rows
 
 
 # -- report --------------------------------------------------------------------------------------------
 HEADER = ("| case | ensemble | K | one at a time s/model | ensemble s/model | speed-up (range) | speed-up in CPU time "
-          "| models/h one at a time | models/h ensemble | train acc % one / ens | test acc % one / ens "
-          "| same bits as one at a time | floor s/model | ensemble/floor (range) |")
+          "| textbook loop s/model | speed-up on the textbook loop (range) "
+          "| models/h one at a time | models/h ensemble | train acc % one / textbook / ens "
+          "| test acc % one / textbook / ens | same bits as one at a time | floor s/model | ensemble/floor (range) |")
 
 
 def table(rows: list[Row]) -> str:
     lines = [HEADER, "|" + "---|" * (HEADER.count("|") - 1)]
     for r in rows:
-        alone, together, floor = (statistics.median(v) for v in (r.alone, r.together, r.floor))
-        speedup = statistics.median(r.speedups)
-        (train_a, test_a), (train_t, test_t) = r.accuracy["alone"], r.accuracy["together"]
+        alone, textbook, together, floor = (statistics.median(v) for v in (r.alone, r.textbook, r.together, r.floor))
+        speedup, textbook_speedup = statistics.median(r.speedups), statistics.median(r.textbook_speedups)
+        accuracy = [" / ".join(f"{100 * r.accuracy[way][split]:.1f}" for way in ("alone", "textbook", "together"))
+                    for split in (0, 1)]
         lines.append(f"| {r.case} | {r.way} | {r.size} | {alone:.3f} | {together:.3f} | {speedup:.2f}x "
                      f"({min(r.speedups):.2f}-{max(r.speedups):.2f}) | {statistics.median(r.cpu_speedups):.2f}x "
-                     f"| {3600 / alone:,.0f} | {3600 / together:,.0f} "
-                     f"| {100 * train_a:.1f} / {100 * train_t:.1f} | {100 * test_a:.1f} / {100 * test_t:.1f} "
+                     f"| {textbook:.3f} | {textbook_speedup:.2f}x ({min(r.textbook_speedups):.2f}-"
+                     f"{max(r.textbook_speedups):.2f}) | {3600 / alone:,.0f} | {3600 / together:,.0f} "
+                     f"| {accuracy[0]} | {accuracy[1]} "
                      f"| {r.identical} of {r.size} | {floor:.3f} | {statistics.median(r.floor_ratios):.2f} "
                      f"({min(r.floor_ratios):.2f}-{max(r.floor_ratios):.2f}) |")
     return "\n".join(lines)
 
 
 def accuracy_check(rows: list[Row]) -> list[str]:
-    """A sentence per row whose mean accuracy differs by more than one point between one at a time and it."""
+    """A sentence per row whose mean accuracy differs by more than one point between a way one at a time (the
+    engine's or the textbook loop) and the ensemble."""
     problems = []
     for r in rows:
-        for split, a, t in zip(("train", "test"), r.accuracy["alone"], r.accuracy["together"]):
-            if abs(a - t) > 0.01:
-                problems.append(f"{r.case}, {r.way} K={r.size}: mean {split} accuracy {100 * a:.1f}% one at a "
-                                f"time, {100 * t:.1f}% in the ensemble")
+        for alone, name in (("alone", "one at a time"), ("textbook", "in the textbook loop")):
+            for split, a, t in zip(("train", "test"), r.accuracy[alone], r.accuracy["together"]):
+                if abs(a - t) > 0.01:
+                    problems.append(f"{r.case}, {r.way} K={r.size}: mean {split} accuracy {100 * a:.1f}% {name}, "
+                                    f"{100 * t:.1f}% in the ensemble")
     return problems
 
 

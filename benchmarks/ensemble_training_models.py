@@ -4,7 +4,8 @@ The engine trains the `mlp` backbone through `StackedMLP` (weights [K, out, in],
 layer, the backward pass written out; chosen by `memorization.training.build_ensemble`) and every other
 backbone through the vmapped `Ensemble`. `built_as` makes train_group build another way inside a block
 only: the vmapped `Ensemble` forced onto the MLP, or `AutogradStackedMLP` (stacked weights with autograd's
-backward, the straightforward way), so that the benchmark times every way on the same models; `WAYS`
+backward, the straightforward way), or `TextbookModel` (one `nn.Module` at a time, autograd and torch's optimizer,
+the textbook loop), so that the benchmark times every way on the same models; `WAYS`
 names each vectorised way with its builder and the context train_group builds it in, and `train_step` is
 one step of train_group on fixed inputs, optionally through torch.compile.
 """
@@ -14,6 +15,7 @@ import contextlib
 from typing import Callable, NamedTuple
 
 import torch
+import torch.nn.functional as F
 
 from memorization import training as split_training
 from utils.optimizers import build_optimizer
@@ -45,6 +47,34 @@ class AutogradStackedMLP:
         return h
 
     train_step = split_training.Ensemble.train_step  # forward, loss, autograd's backward, optimizer step
+
+
+class TextbookModel:
+    """One model trained the textbook way: the `nn.Module`'s own forward, autograd's backward and torch's default
+    optimizer, one model at a time (the loop a researcher writes by hand, and what `--ensemble 1` ran before the
+    stacked MLP). The ensembles' contract with K = 1: inputs [1, B, ...], logits [1, B, classes]."""
+
+    def __init__(self, nets, training):
+        (self.net,) = nets
+        self.size = 1
+        self.optimizer = build_optimizer(self.net.parameters(), training)
+        self.smoothing = training.label_smoothing
+
+    def train(self, mode: bool = True) -> None:
+        self.net.train(mode)
+
+    def __call__(self, x: torch.Tensor, shared_input: bool = False) -> torch.Tensor:
+        return self.net(x if shared_input else x[0])[None]
+
+    def train_step(self, x: torch.Tensor, y: torch.Tensor, with_loss: bool = True, correct: torch.Tensor | None = None):
+        logits = self.net(x[0])
+        loss = F.cross_entropy(logits, y[0], label_smoothing=self.smoothing)
+        self.optimizer.zero_grad()
+        loss.backward()
+        self.optimizer.step()
+        if correct is not None:
+            correct[0] = logits.detach().argmax(-1) == y[0]
+        return loss.detach(), logits.detach()[None]
 
 
 @contextlib.contextmanager

@@ -211,7 +211,7 @@ class TrainingInputs:
     step's images took 48 µs against 14 µs for gathering them converted (digits, K=16). On the CPU one numba
     kernel gathers a step's images and labels into tensors kept from step to step: in the training loop, where
     the products before it have pushed torch's dispatcher out of the caches, the five operators it replaces
-    (the rows' copy, the gather, the views, the labels' slice) took 150-180 µs a step on digits at K=16.
+    (the rows' copy, the gather, the view, the labels' slice) took about 140 µs a step on digits at K=16.
     Gathering many steps' rows at once was no faster on digits and 6% slower on MNIST-sized images, whose steps
     then came from memory instead of the cache. A step's tensors are valid until the next step.
     """

@@ -18,7 +18,6 @@ import torch.nn.functional as F
 import train_splits
 from memorization.driver import make_plan, run_plan
 from memorization.store import SubsetStore
-from memorization import training as split_training
 from memorization.training import TrainingInputs, build_backbones, load_plan_data, recipe, train_group
 from tests.conftest import REPO_ROOT
 from utils.optimizers import build_optimizer, build_schedule
