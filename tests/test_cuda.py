@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 import torch
 
-import train_splits
 from memorization.driver import make_plan, run_plan
 from memorization.store import SubsetStore
 from memorization.training import load_plan_data, train_group

@@ -76,6 +76,7 @@ def test_each_policy_keeps_exactly_the_expected_dataset_indices_after_every_task
     n_train = 1438
     scores = np.random.default_rng(1).permutation(n_train).astype(np.float32)  # distinct, known values
     model, dataset = build(policy, 40, scores, "--n_epochs", "1")
+    kept_before = {}  # the buffer after the task before (task 0 has no earlier class to read it)
     for task in range(3):
         stream_task(model, dataset, task)
         quota = quotas(40, task + 1, [dataset.task_classes(t) for t in range(task + 1)])
