@@ -210,7 +210,7 @@ class TrainingInputs:
     image (the same numbers: the conversion is elementwise), and a step only gathers its rows: converting each
     step's images took 48 µs against 14 µs for gathering them converted (digits, K=16). On the CPU one numba
     kernel gathers a step's images and labels into tensors kept from step to step: in the training loop, where
-    the products before it have pushed torch's dispatcher out of the caches, the five operators it replaces
+    the products before it have pushed torch's dispatcher out of the caches, the operators it replaces
     (the rows' copy, the gather, the view, the labels' slice) took about 140 µs a step on digits at K=16.
     Gathering many steps' rows at once was no faster on digits and 6% slower on MNIST-sized images, whose steps
     then came from memory instead of the cache. A step's tensors are valid until the next step.
@@ -305,13 +305,14 @@ def train_group(plan: Plan, model_ids: list[int], data: PlanData, device: str,
     # Each model's correctness at every presentation of its subset's examples, from its training forward pass.
     forgetting = ForgettingEvents(len(data.train_labels), device, rows=ensemble.size)
     correct = torch.empty(ensemble.size, size, dtype=torch.bool, device=device)  # an epoch's, written by each step
+    columns = [correct[:, start:start + batch] for start in range(0, size, batch)]  # each step's, made once
     ensemble.train(True)
     inputs = TrainingInputs(data, augmentations)
     for epoch in range(1, training.n_epochs + 1):
         rows = epoch_rows(masks, subset, orders, paired)
-        for start, (x, y) in zip(range(0, size, batch), inputs.epoch(rows, batch)):
+        for step, (x, y) in enumerate(inputs.epoch(rows, batch)):
             # the loss is only read at an epoch's end (below): computing it at every step cost 3% of a step
-            loss, _ = ensemble.train_step(x, y, with_loss=start + batch >= size, correct=correct[:, start:start + batch])
+            loss, _ = ensemble.train_step(x, y, with_loss=step == len(columns) - 1, correct=columns[step])
             if not schedule.constant:  # a constant rate needs no step (10 µs)
                 schedule.step()
         forgetting.count_once(rows, correct)  # an epoch presents each example of a model's subset once
