@@ -124,12 +124,17 @@ def digest(arrays: dict[str, np.ndarray]) -> str:
     return hasher.hexdigest()
 
 
+# where train_group builds each way (None: the engine's own choice)
+CONTEXTS = {None: contextlib.nullcontext, "textbook": lambda: built_as(TextbookModel),
+            **{name: way.context for name, way in WAYS.items()}}
+
+
 def train_models(plan: Plan, data: PlanData, model_ids: list[int], device: str, way: str | None = None) -> Trained:
     """train_group on these models, the engine's way or, with `way`, inside that way's context ("textbook": one
     `TextbookModel` at a time)."""
     synchronize(device)
     start, cpu_start = time.perf_counter(), time.process_time()
-    with (built_as(TextbookModel) if way == "textbook" else WAYS[way].context()) if way else contextlib.nullcontext():
+    with CONTEXTS[way]():
         results = train_group(plan, model_ids, data, device)
     synchronize(device)
     seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start

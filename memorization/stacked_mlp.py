@@ -69,7 +69,7 @@ class StackedMLP:
                 parameter.grad = torch.zeros_like(parameter)
         self.smoothing = float(training.label_smoothing)
         self._target = torch.full((1, 1, 1), -(1 - self.smoothing), device=self.weights[0].device)
-        self._kept: dict[tuple, Kept] = {}
+        self._kept: dict[int, tuple[list[Kept], list[Kept]]] = {}  # by batch size: see `_step_tensors`
         # The passes around the products: numba's kernels below on the CPU, torch's operators elsewhere.
         self.cpu_kernels = self.weights[0].device.type == "cpu"
         # Views made once: in the training loop, where the products have pushed torch's dispatcher out of the
@@ -82,24 +82,26 @@ class StackedMLP:
             self._bias_targets = [(target.numpy(), beta) for target, beta in map(self._bias_gradient, range(len(self.biases)))]
             self._no_correct = np.empty((0, 0), dtype=np.bool_)  # where the kernel writes no correctness
 
-    def _kept_tensor(self, name: str, shape: tuple[int, ...]) -> Kept:
-        """A float32 tensor of this name and shape, the same from one step to the next, with its views."""
-        key = (name, *shape)
-        if key not in self._kept:
-            tensor = torch.empty(shape, device=self.weights[0].device)
-            self._kept[key] = Kept(tensor, tensor.transpose(1, 2), tensor.numpy() if self.cpu_kernels else None)
-        return self._kept[key]
+    def _step_tensors(self, batch: int) -> tuple[list[Kept], list[Kept]]:
+        """The float32 tensors a step of this batch size writes, the same from one step to the next: every
+        layer's output [K, out, B], and the gradient of every layer's input but the first's [K, in, B]."""
+        if batch not in self._kept:
+            def kept(features: int) -> Kept:
+                tensor = torch.empty(self.size, features, batch, device=self.weights[0].device)
+                return Kept(tensor, tensor.transpose(1, 2), tensor.numpy() if self.cpu_kernels else None)
+            self._kept[batch] = ([kept(weight.shape[1]) for weight in self.weights],
+                                 [kept(weight.shape[2]) for weight in self.weights[1:]])
+        return self._kept[batch]
 
     def train(self, mode: bool = True) -> None:
         """No dropout or BatchNorm in the mlp: training and evaluation compute the same function."""
 
-    def _forward(self, inputs: torch.Tensor, kept: bool = False) -> list[torch.Tensor]:
+    def _forward(self, inputs: torch.Tensor, kept: list[Kept] | None = None) -> list[torch.Tensor]:
         """Every layer's output, [K, features, B], from the [K, in, B] inputs (first entry: the inputs);
-        `kept`: written into the kept tensors."""
+        written into `kept` (a step's outputs, `_step_tensors`) when given."""
         outputs = [inputs]
         for i, (weight, bias) in enumerate(zip(self.weights, self.biases)):
-            shape = (self.size, weight.shape[1], inputs.shape[2])
-            out, _, array = self._kept_tensor(f"output {i}", shape) if kept else (None, None, None)
+            out, _, array = kept[i] if kept else (None, None, None)
             if i == len(self.weights) - 1:
                 outputs.append(torch.baddbmm(bias, weight, outputs[-1], out=out))  # the bias in the product
             elif not self.cpu_kernels:
@@ -131,29 +133,27 @@ class StackedMLP:
                 return self.train_step(x, y, with_loss, correct)
         flat = x.flatten(2)  # [K, B, in]
         flat = flat if flat.dtype == torch.float32 else flat.float()
-        outputs = self._forward(flat.transpose(1, 2), kept=True)
-        logits = outputs.pop()  # [K, classes, B]
-        transposed = [flat] + [self._kept_tensor(f"output {i}", output.shape).transposed  # [K, B, features]
-                               for i, output in enumerate(outputs[1:])]
+        kept_outputs, kept_grads = self._step_tensors(flat.shape[1])
+        logits = self._forward(flat.transpose(1, 2), kept_outputs)[-1]  # [K, classes, B]
+        transposed = [flat] + [output.transposed for output in kept_outputs[:-1]]  # each layer's input, [K, B, in]
         # torch's cross-entropy reads [K, classes, B] as [N, C, d1]: each model's mean over its batch, summed
         loss = (F.cross_entropy(logits, y, reduction="none", label_smoothing=self.smoothing).mean(1).sum()
                 if with_loss else None)
         scale = 1 / logits.shape[2]  # applied in every gradient's own kernel (exact for a batch that is a power of 2)
-        grad = self._loss_gradient(logits, y, scale, correct)
+        grad = self._loss_gradient(kept_outputs[-1], y, scale, correct)
         for i in reversed(range(len(self.weights))):
             if self.sgd_in_products:  # momentum buffer = momentum · buffer + gradient, in the product
                 self.momentum_buffers[i].baddbmm_(grad, transposed[i], beta=self.momentum, alpha=scale)
             else:
                 self.weights[i].grad.baddbmm_(grad, transposed[i], beta=0, alpha=scale)
             if i > 0:  # through the product, then the ReLU: zero where its output was zero
-                inputs = outputs[i]
-                grad = torch.bmm(self._weights_transposed[i], grad, out=self._kept_tensor(f"grad {i}", inputs.shape)[0])
-                self._relu_backward(grad, inputs, i - 1, scale)
+                grad = torch.bmm(self._weights_transposed[i], grad, out=kept_grads[i - 1].tensor)
+                self._relu_backward(kept_grads[i - 1], kept_outputs[i - 1], i - 1, scale)
         if self.sgd_in_products:
             self._sgd_step()
         else:
             self.optimizer.step()
-        return loss, self._kept_tensor(f"output {len(self.weights) - 1}", logits.shape).transposed
+        return loss, kept_outputs[-1].transposed
 
     def _bias_gradient(self, layer: int) -> tuple[torch.Tensor, float]:
         """Where `layer`'s bias gradient goes, and the factor on what is there already: its momentum buffer
@@ -172,37 +172,33 @@ class StackedMLP:
         else:
             torch.mul(grad.sum(2, keepdim=True), scale, out=target)
 
-    def _loss_gradient(self, logits: torch.Tensor, y: torch.Tensor, scale: float, correct: torch.Tensor | None
+    def _loss_gradient(self, logits: Kept, y: torch.Tensor, scale: float, correct: torch.Tensor | None
                        ) -> torch.Tensor:
         """B · d loss / d logits = softmax - the smoothed one-hot label, [K, classes, B]; the last bias's
         gradient (scale · its sum over the batch) goes to its place, and the correctness to `correct`."""
         layer = len(self.weights) - 1
+        grad = torch.softmax(logits.tensor, 1)  # torch's: its exp is vectorised, numba's took 2.5 times as long here
         if self.cpu_kernels:
-            grad = torch.softmax(logits, 1)  # torch's: its exp is vectorised, numba's took 2.5 times as long here
-            _subtract_target_and_sum(grad.numpy(), self._kept_tensor(f"output {layer}", logits.shape).array, y.numpy(),
-                                     self.smoothing, *self._bias_targets[layer], scale,
-                                     self._no_correct if correct is None else correct.numpy())
+            _subtract_target_and_sum(grad.numpy(), logits.array, y.numpy(), self.smoothing, *self._bias_targets[layer],
+                                     scale, self._no_correct if correct is None else correct.numpy())
             return grad
         if correct is not None:
-            torch.eq(logits.argmax(1), y, out=correct)
-        grad = torch.softmax(logits, 1)
+            torch.eq(logits.tensor.argmax(1), y, out=correct)
         labels = y.unsqueeze(1)
         grad.scatter_add_(1, labels, self._target.expand_as(labels))
         if self.smoothing:
-            grad -= self.smoothing / logits.shape[1]
+            grad -= self.smoothing / grad.shape[1]
         self._add_bias_gradient(layer, grad, scale)
         return grad
 
-    def _relu_backward(self, grad: torch.Tensor, output: torch.Tensor, layer: int, scale: float) -> None:
+    def _relu_backward(self, grad: Kept, output: Kept, layer: int, scale: float) -> None:
         """`grad` through the ReLU of `layer`, whose output was `output` (zero where that was zero), in place;
         that layer's bias gradient (scale · its sum over the batch) goes to its place."""
-        if self.cpu_kernels:  # both kept tensors of the step
-            _relu_backward_and_sum(self._kept_tensor(f"grad {layer + 1}", grad.shape).array,
-                                   self._kept_tensor(f"output {layer}", output.shape).array, *self._bias_targets[layer],
-                                   scale)
+        if self.cpu_kernels:
+            _relu_backward_and_sum(grad.array, output.array, *self._bias_targets[layer], scale)
             return
-        torch.ops.aten.threshold_backward.grad_input(grad, output, 0, grad_input=grad)
-        self._add_bias_gradient(layer, grad, scale)
+        torch.ops.aten.threshold_backward.grad_input(grad.tensor, output.tensor, 0, grad_input=grad.tensor)
+        self._add_bias_gradient(layer, grad.tensor, scale)
 
     def _sgd_step(self) -> None:
         """p -= lr · buffer for every parameter, weight decay added to the buffer first (torch's SGD,
