@@ -157,8 +157,8 @@ def selection_seconds(bench: Bench, repeats: int) -> tuple[float, float]:
     """Median seconds of begin_task and of end_task of the timed task (alternating, as in a run)."""
     begin, end = [], []
     for _ in range(repeats):
-        begin.append(timed(lambda: bench.model.begin_task(TASK), bench.args.device))
-        end.append(timed(lambda: bench.model.end_task(TASK), bench.args.device))
+        begin.append(timed(lambda: bench.model.lifecycle.begin_task(TASK), bench.args.device))
+        end.append(timed(lambda: bench.model.lifecycle.end_task(TASK), bench.args.device))
     return statistics.median(begin), statistics.median(end)
 
 

@@ -19,7 +19,6 @@ from backbones import BACKBONES
 from benchmarks._timing import timed
 from continual.args import parse_args
 from continual.run import set_seed
-from continual.training import optimizer_step
 from models import MODELS
 from plasticity import PLASTICITY
 from plasticity._hidden_units import UnitMonitor
@@ -101,8 +100,8 @@ class Bench:
         """`steps` steps of task 0 as the task loop takes them: the loss from `observe`, then the optimizer step."""
         for _ in range(steps):
             inputs, raw, labels, indices = batches[self.step % len(batches)]
-            loss = self.model.observe(inputs, labels, raw, indices, 0)
-            optimizer_step(self.model, loss, 0)
+            loss = self.model.lifecycle.observe(inputs, labels, raw, indices, 0)
+            self.model.lifecycle.step(loss)
             self.step += 1
 
     def take_resets(self) -> int:

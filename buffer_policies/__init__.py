@@ -5,6 +5,12 @@ indices on the training device, and a `BufferPolicy` chooses the slots each inco
 overwrites. A new policy is one file: subclass `BufferPolicy`, implement `insert`, and decorate it
 with `@register_policy("name")`; a policy that re-selects the whole buffer (as the memorization
 policies do at the end of a task) rewrites it through `Buffer.write_rows` and `Buffer.keep_first`.
+
+A policy is a `Hooks` component: it receives the run's events (`begin_task`, `after_step` with the
+stream batch, `end_task`, ...) like the model and the plasticity methods, and `insert` sees the rows
+offered with their dataset indices and, on demand, the network's logits and per-example loss on them.
+Whatever a policy keeps in its attributes is saved in checkpoints without code of its own
+(`utils/state.py`); `self.buffer` is the buffer it serves.
 """
 from __future__ import annotations
 
@@ -13,18 +19,21 @@ from typing import Callable
 
 import torch
 
+from utils.lifecycle import Hooks, Offered
 from utils.registry import Registry
+from utils.state import capture, restore
 
 
-class BufferPolicy:
+class BufferPolicy(Hooks):
     """Chooses the buffer slots that incoming stream examples overwrite.
 
-    `insert` returns (slots, rows): buffer slot slots[k] receives batch row rows[k]; slots are
+    `insert` returns (slots, rows): buffer slot slots[k] receives offered row rows[k]; slots are
     unique. Slots fill front to back (0, 1, 2, ...) until the buffer is full.
     """
 
     NAME: str
     NEEDS_MEMORIZATION_VALUES = False  # True: selects by the model's memorization_values()
+    REFERENCES = ("args", "buffer")  # rebuilt by the framework, not checkpointed
 
     @staticmethod
     def add_args(parser: argparse._ArgumentGroup) -> None:
@@ -36,16 +45,18 @@ class BufferPolicy:
 
     def __init__(self, args: argparse.Namespace):
         self.args = args
+        self.buffer: Buffer | None = None  # set by the buffer this policy serves
 
     def state_dict(self) -> dict:
-        """Bookkeeping a checkpoint must restore (plain ints, lists, tensors); none by default."""
-        return {}
+        """Everything the policy holds (its attributes, see utils/state.py)."""
+        return capture(self)
 
     def load_state_dict(self, state: dict) -> None:
-        """Restore what state_dict returned."""
+        restore(self, state, self.buffer.device if self.buffer is not None else "cpu")
 
-    def insert(self, buffer: "Buffer", labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Slots for an incoming batch with these labels (the buffer's fields are readable, not yet updated)."""
+    def insert(self, buffer: "Buffer", offered: Offered) -> tuple[torch.Tensor, torch.Tensor]:
+        """Slots for the offered rows (`offered.labels`, `.indices`, `.examples`, and on demand `.logits`,
+        `.loss`); the buffer's fields are readable, not yet updated."""
         raise NotImplementedError
 
 
@@ -55,10 +66,13 @@ FIELDS = ("examples", "labels", "logits", "task_labels", "indices")
 class Buffer:
     """Fixed-size store whose slots are chosen by a `BufferPolicy`; tensors are allocated on first insert."""
 
-    def __init__(self, capacity: int, device: torch.device | str, policy: BufferPolicy):
+    def __init__(self, capacity: int, device: torch.device | str, policy: BufferPolicy,
+                 scorer: Callable[[torch.Tensor], torch.Tensor] | None = None):
         self.capacity = capacity
         self.device = torch.device(device)
         self.policy = policy
+        policy.buffer = self
+        self.scorer = scorer  # logits of the network on uint8 examples, for policies that rank by them
         self.n_seen = 0  # stream examples offered to the buffer so far
         self.examples = self.labels = self.logits = self.task_labels = self.indices = None
 
@@ -76,7 +90,10 @@ class Buffer:
                  "task_labels": task_labels, "indices": indices}
         if self.examples is None:
             self.allocate(batch)
-        slots, rows = self.policy.insert(self, labels)
+        slots, rows = self.policy.insert(self, Offered(examples, labels, indices, self.scorer))
+        if len(slots) > self.capacity or (len(slots) and int(slots.max()) >= self.capacity):
+            raise RuntimeError(f"buffer policy {self.policy.NAME} chose slots beyond the buffer's {self.capacity}; "
+                               f"insert must return slots in [0, capacity)")
         for name, value in batch.items():
             store = getattr(self, name)
             if store is not None and value is not None:

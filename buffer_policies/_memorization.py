@@ -63,7 +63,8 @@ class MemorizationPolicy(BufferPolicy):
         """Positions of the k examples the policy keeps among `values` (all finite)."""
         raise NotImplementedError
 
-    def insert(self, buffer, labels):
+    def insert(self, buffer, offered):
+        labels = offered.labels
         slots, rows = reservoir_slots(buffer.n_seen - self.start, buffer.capacity - self.start, len(labels),
                                       labels.device)
         return slots + self.start, rows
@@ -82,7 +83,7 @@ class MemorizationPolicy(BufferPolicy):
             chosen = np.concatenate([chosen, self.generator.permutation(undefined)[: k - len(chosen)]])
         return chosen
 
-    def begin_task(self, buffer, task: int, classes_of_task: list[range], values: np.ndarray) -> None:
+    def shrink(self, buffer, task: int, classes_of_task: list[range], values: np.ndarray) -> None:
         """Shrink the earlier classes to their quotas with `task` + 1 tasks; the rest becomes the task's share."""
         if task == 0 or buffer.labels is None:
             self.start = 0
@@ -98,7 +99,7 @@ class MemorizationPolicy(BufferPolicy):
         self.start = buffer.write_rows(0, stored, np.concatenate(keep))
         buffer.keep_first(self.start)
 
-    def end_task(self, buffer, task: int, classes_of_task: list[range], candidates: dict[str, torch.Tensor],
+    def reselect(self, buffer, task: int, classes_of_task: list[range], candidates: dict[str, torch.Tensor],
                  values: np.ndarray) -> None:
         """Fill the task's share with the policy's choice among all the task's examples, class by class."""
         if buffer.labels is None:  # a model that offers no stream batches (agem) fills the buffer only here
@@ -112,9 +113,3 @@ class MemorizationPolicy(BufferPolicy):
             rows.append(members[self.rank(values[indices[members]], min(k, len(members)))])
         buffer.keep_first(buffer.write_rows(self.start, candidates, np.concatenate(rows)))
 
-    def state_dict(self) -> dict:
-        return {"start": self.start, "generator": self.generator.bit_generator.state}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.start = int(state["start"])
-        self.generator.bit_generator.state = state["generator"]

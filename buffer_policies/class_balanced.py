@@ -58,7 +58,8 @@ class ClassBalanced(BufferPolicy):
 
     # ---------------------------------------------------------------- insertion
 
-    def insert(self, buffer, labels):
+    def insert(self, buffer, offered):
+        labels = offered.labels
         if buffer.capacity == 0:
             empty = torch.zeros(0, dtype=torch.long, device=labels.device)
             return empty, empty.clone()

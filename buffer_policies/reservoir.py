@@ -27,5 +27,6 @@ def reservoir_slots(n_seen: int, capacity: int, batch: int, device: torch.device
 class Reservoir(BufferPolicy):
     """Reservoir sampling (Vitter's algorithm R) for a whole batch at once."""
 
-    def insert(self, buffer, labels):
+    def insert(self, buffer, offered):
+        labels = offered.labels
         return reservoir_slots(buffer.n_seen, buffer.capacity, len(labels), labels.device)

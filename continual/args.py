@@ -6,7 +6,6 @@ torch import; the components themselves are imported only for their own `check_a
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 from pathlib import Path
 
@@ -17,7 +16,7 @@ from utils.config_files import load_config
 from utils.errors import ConfigError
 from utils.help import HelpFormatter
 from utils.optimizers import OPTIMIZERS
-from utils.registry import flags_of, method_names
+from utils.registry import check_bounds, flags_of, method_names
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = REPO_ROOT / "configs" / "best"
@@ -61,8 +60,7 @@ def common_parser(first_pass: bool = False) -> argparse.ArgumentParser:
     train.add_argument("--optim_mom", type=float, default=0.0, help="SGD momentum")
     train.add_argument("--optim_eps", type=float, default=1e-8, help="Adam/AdamW epsilon")
     train.add_argument("--reset_head", action="store_true",
-                       help="set the output layer to 0 at the start of every task after the first (Dohare's "
-                            "continual-ImageNet protocol)")
+                       help="deprecated: the same as adding head_reset to --plasticity, which it now does")
     train.add_argument("--seed", type=int, default=None, help="random seed (default: drawn and logged)")
     train.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     train.add_argument("--num_threads", type=int, default=0, metavar="N",
@@ -203,6 +201,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Parse in two passes: first the component names, then every flag those components declare."""
     argv = sys.argv[1:] if argv is None else argv
     args = full_parser(argv).parse_args(argv)
+    for flag, method in DEPRECATED_FLAGS.items():
+        if getattr(args, flag):
+            print(f"--{flag} is deprecated: it now adds the plasticity method {method} (--plasticity {method}, which "
+                  f"composes with the others); the run is the same", file=sys.stderr)
+            if method not in method_names(args.plasticity):
+                args.plasticity = ",".join([*method_names(args.plasticity), method])
+            setattr(args, flag, False)
     _check_plasticity_flags(args, argv)
     return resolve(args)
 
@@ -239,24 +244,9 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
 
     if args.lr is None:
         raise ConfigError("--lr is required (or --model_config best for the published value)")
-    checks = [
-        (0 < args.lr < math.inf, f"--lr must be a positive number, got {args.lr}"),
-        (0 <= args.optim_mom < math.inf, f"--optim_mom must be a finite number ≥ 0, got {args.optim_mom}"),
-        (0 < args.optim_eps < math.inf, f"--optim_eps must be positive, got {args.optim_eps}"),
-        (args.batch_size >= 1, f"--batch_size must be at least 1, got {args.batch_size}"),
-        (args.minibatch_size >= 1, f"--minibatch_size must be at least 1, got {args.minibatch_size}"),
-        (args.n_epochs >= 1, f"--n_epochs must be at least 1, got {args.n_epochs}"),
-        (args.buffer_size >= 0, f"--buffer_size cannot be negative, got {args.buffer_size}"),
-        (0 <= args.optim_wd < math.inf, f"--optim_wd must be a finite number ≥ 0, got {args.optim_wd}"),
-        (args.log_every >= 0, f"--log_every cannot be negative, got {args.log_every}"),
-        (args.num_threads >= 0, f"--num_threads cannot be negative, got {args.num_threads} (0 chooses)"),
-        (args.log_every == 0 or args.covariates, "--log_every N logs covariates every N steps; add --covariates"),
-        (args.probe_size >= 1, f"--probe_size must be at least 1, got {args.probe_size}"),
-        (args.dormant_tau >= 0, f"--dormant_tau cannot be negative, got {args.dormant_tau}"),
-    ]
-    for ok, sentence in checks:
-        if not ok:
-            raise ConfigError(sentence)
+    check_bounds(args, BOUNDS)
+    if args.log_every and not args.covariates:
+        raise ConfigError("--log_every N logs covariates every N steps; add --covariates")
     args.bucket_thresholds = _thresholds(args.bucket_thresholds)
     args.last_k = _last_k(args.last_k)
     # The components themselves (and torch) from here on: each chosen one checks its own flags.
@@ -268,15 +258,27 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
     from models import MODELS
     from plasticity import PLASTICITY
 
-    for name in method_names(args.plasticity):
-        PLASTICITY.get(name).check_args(args)
-    for registry, name in ((DATASETS, args.dataset), (BACKBONES, args.backbone), (MODELS, args.model),
-                           (BUFFER_POLICIES, args.buffer_policy)):
-        registry.get(name).check_args(args)
+    chosen = [(PLASTICITY, name) for name in method_names(args.plasticity)]
+    chosen += [(DATASETS, args.dataset), (BACKBONES, args.backbone), (MODELS, args.model),
+               (BUFFER_POLICIES, args.buffer_policy)]
+    for registry, name in chosen:  # every component's declared ranges, then its own checks
+        component = registry.get(name)
+        check_bounds(args, getattr(component, "BOUNDS", {}), f"the {registry.kind} {component.NAME}")
+        if registry is MODELS:
+            component.check_framework_args(args)  # what the framework needs of any model, override or not
+        component.check_args(args)
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"--device {args.device} asked for CUDA but no GPU is visible; pass --device cpu")
     return args
+
+
+# Flags that became plasticity methods: flag → the method it adds to --plasticity.
+DEPRECATED_FLAGS = {"reset_head": "head_reset"}
+# Ranges of main.py's own flags (components declare theirs in their BOUNDS): see utils/registry.check_bounds.
+BOUNDS = {"lr": "(0, inf)", "optim_mom": "[0, inf)", "optim_eps": "(0, inf)", "batch_size": "[1, inf)",
+          "minibatch_size": "[1, inf)", "n_epochs": "[1, inf)", "buffer_size": "[0, inf)", "optim_wd": "[0, inf)",
+          "log_every": "[0, inf)", "num_threads": "[0, inf)", "probe_size": "[1, inf)", "dormant_tau": "[0, inf)"}
 
 
 def _thresholds(text: str) -> tuple[float, float]:

@@ -4,16 +4,22 @@
 (and a dataset's default backbone, batch size and epochs), not the component. Reading them means
 importing every family, which imports torch, timm and scipy: seconds before a single flag is read.
 The catalogue records them once, keyed by a hash of the source files they come from, and keeps the
-record under the user's cache folder; while no source changed, the parse reads the record instead
-(a few milliseconds). A changed file, a different Python or a damaged record rebuilds it, so it
-can never disagree with the code.
+record under the user's cache folder as JSON (data only: reading it runs no code); while no source
+changed, the parse reads the record instead (a few milliseconds). A changed file, a different
+Python or a damaged record rebuilds it, so it can never disagree with the code.
+
+Because flags are recorded, a component declares them as data: `type` is int, float or str,
+defaults and choices are numbers, strings, booleans or lists of them. Anything else (a lambda as
+`type`, say) is refused with one sentence naming the component and the flag. Value ranges are data
+too: a component's `BOUNDS` maps a flag to an interval ("[0, 1]", "(0, inf)"), checked in one place
+(continual/args.py).
 """
 from __future__ import annotations
 
 import hashlib
 import importlib
 import os
-import pickle
+import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,10 +38,12 @@ FAMILIES = {
 }
 # Plain class attributes the parse reads (a dataset's defaults, whether a model replays).
 ATTRIBUTES = ("DEFAULT_BACKBONE", "DEFAULT_BATCH_SIZE", "DEFAULT_N_EPOCHS", "LONG_STREAM", "USES_BUFFER",
-              "MEMORIZATION_VALUES", "NEEDS_MEMORIZATION_VALUES")
+              "MEMORIZATION_VALUES", "NEEDS_MEMORIZATION_VALUES", "BOUNDS")
 # Whatever a component's add_args may read: its family, the shared tools, and this file.
 SOURCES = (*(package for package, _ in FAMILIES.values()), "utils", "continual/catalogue.py")
-FORMAT = 1
+FORMAT = 2
+TYPES = {"int": int, "float": float, "str": str}
+_PLAIN = (type(None), bool, int, float, str)
 
 
 @dataclass
@@ -53,6 +61,10 @@ class Component:
     def add_args(self, group) -> None:
         """Declare this component's flags on an argument group, as its own add_args does."""
         for names, options in self.flags:
+            if "type" in options:
+                options = {**options, "type": TYPES[options["type"]]}
+            if isinstance(options.get("choices"), list):
+                options = {**options, "choices": tuple(options["choices"])}
             group.add_argument(*names, **options)
 
     def __getattr__(self, attribute: str):
@@ -62,13 +74,29 @@ class Component:
             raise AttributeError(attribute) from None
 
 
-class _Recorder:
-    """Stands in for an argument group: records each add_argument call."""
+def _plain(value) -> bool:
+    return isinstance(value, _PLAIN) or (isinstance(value, (list, tuple)) and all(isinstance(v, _PLAIN) for v in value))
 
-    def __init__(self):
+
+class _Recorder:
+    """Stands in for an argument group: records each add_argument call, refusing options that are not data."""
+
+    def __init__(self, owner: str):
+        self.owner = owner
         self.calls: list[tuple[tuple[str, ...], dict]] = []
 
     def add_argument(self, *names, **options):
+        flag = names[0] if names else "?"
+        for key, value in options.items():
+            if key == "type":
+                if value not in TYPES.values():
+                    raise ConfigError(f"{self.owner} declares {flag} with type={getattr(value, '__name__', value)}, "
+                                      f"but flags are recorded as data; use type=int, float or str and check the "
+                                      f"value in check_args or BOUNDS")
+                options = {**options, "type": value.__name__}
+            elif not _plain(value):
+                raise ConfigError(f"{self.owner} declares {flag} with {key}={value!r}, which is not plain data; use "
+                                  f"numbers, strings, booleans or lists of them")
         self.calls.append((names, options))
 
 
@@ -109,7 +137,7 @@ def build() -> dict[str, Family]:
         registry = getattr(importlib.import_module(package), registry_name)
         components = {}
         for cls in registry.classes():
-            recorder = _Recorder()
+            recorder = _Recorder(f"the {registry.kind} {cls.NAME}")
             cls.add_args(recorder)
             components[cls.NAME] = Component(cls.NAME, recorder.calls,
                                              {a: getattr(cls, a) for a in ATTRIBUTES if hasattr(cls, a)})
@@ -127,13 +155,12 @@ def catalogue() -> dict[str, Family]:
     if _loaded is not None:
         return _loaded
     # One record per checkout, holding the digest of the sources it was built from.
-    path = cache_dir() / f"catalogue-{hashlib.sha256(str(REPO_ROOT).encode()).hexdigest()[:16]}.pickle"
+    path = cache_dir() / f"catalogue-{hashlib.sha256(str(REPO_ROOT).encode()).hexdigest()[:16]}.json"
     digest = source_digest()
     try:
-        with open(path, "rb") as f:
-            recorded_digest, families = pickle.load(f)
-        if recorded_digest == digest:
-            _loaded = families
+        record = json.loads(path.read_text())
+        if record["digest"] == digest:
+            _loaded = _from_json(record["families"])
             return _loaded
     except Exception:  # absent, damaged, or written by other code: rebuild
         pass
@@ -141,11 +168,25 @@ def catalogue() -> dict[str, Family]:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         temporary = path.with_suffix(f".{os.getpid()}.tmp")
-        temporary.write_bytes(pickle.dumps((digest, _loaded)))
+        temporary.write_text(json.dumps({"digest": digest, "families": _to_json(_loaded)}))
         os.replace(temporary, path)
     except OSError:  # an unwritable cache only costs the next start the same build
         pass
     return _loaded
+
+
+def _to_json(families: dict[str, Family]) -> dict:
+    return {kind: {"kind": f.kind, "plural": f.plural, "aliases": f.aliases,
+                   "components": {name: {"flags": [[list(names), options] for names, options in c.flags],
+                                         "attributes": c.attributes} for name, c in f.components.items()}}
+            for kind, f in families.items()}
+
+
+def _from_json(record: dict) -> dict[str, Family]:
+    return {kind: Family(f["kind"], f["plural"], f["aliases"],
+                         {name: Component(name, [(tuple(names), options) for names, options in c["flags"]],
+                                          c["attributes"]) for name, c in f["components"].items()})
+            for kind, f in record.items()}
 
 
 def family(kind: str) -> Family:

@@ -43,16 +43,17 @@ class StreamRecorder:
         self.extra_forwards = 0  # batches that needed a forward pass of their own
         self._pending = None
 
-    def observe(self, model, inputs: torch.Tensor, labels: torch.Tensor, not_aug_inputs: torch.Tensor,
-                indices: torch.Tensor, task: int):
-        """`model.observe(...)`, recording the batch's predictions from the forward passes it makes."""
-        if self.net is not model.net:
+    def observe(self, net: nn.Module, observe, inputs: torch.Tensor, labels: torch.Tensor,
+                not_aug_inputs: torch.Tensor, indices: torch.Tensor, task: int):
+        """`observe(...)` (the model's, through its lifecycle), recording the batch's predictions from the forward
+        passes it makes on `net`."""
+        if self.net is not net:
             self.detach()
-            self.net, self._handle = model.net, model.net.register_forward_hook(self._hook)
+            self.net, self._handle = net, net.register_forward_hook(self._hook)
         self._pending = (inputs, labels, indices)
         self.offered += inputs.shape[0]
         try:
-            loss = model.observe(inputs, labels, not_aug_inputs, indices, task)
+            loss = observe(inputs, labels, not_aug_inputs, indices, task)
         except BaseException:
             self._pending = None
             raise

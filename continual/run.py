@@ -130,9 +130,7 @@ def run(args: argparse.Namespace, logger: RunLogger | RecordingLogger | None = N
     print(f"{args.num_threads} CPU thread{'s' if args.num_threads > 1 else ''}: {threads_reason}", flush=True)
     state = RunState.fresh(dataset)
     if checkpoint is not None:
-        model.net.load_state_dict(checkpoint["net"])
-        model.opt.load_state_dict(checkpoint["optimizer"])
-        model.load_extra_state(checkpoint["extra"])
+        model.load_checkpoint_state(checkpoint["model"])
         state = RunState({k: v.numpy() for k, v in checkpoint["matrices"].items()}, checkpoint["next_task"],
                          list(checkpoint["epoch_losses"]), {k: list(v) for k, v in checkpoint["history"].items()})
         set_rng_state(checkpoint["rng"])
@@ -163,7 +161,7 @@ def run(args: argparse.Namespace, logger: RunLogger | RecordingLogger | None = N
             "mlflow_run_id": logger.run_id, "logger": logger.state_dict(), "next_task": state.next_task,
             "epoch_losses": state.epoch_losses, "history": state.history,
             "matrices": {k: torch.from_numpy(v) for k, v in state.matrices.items()},
-            "net": model.net.state_dict(), "optimizer": model.opt.state_dict(), "extra": model.extra_state(),
+            "model": model.checkpoint_state(),
             "rng": rng_state(),
             **({"forgetting": state.forgetting.state_dict()} if state.forgetting is not None else {}),
         })

@@ -1,8 +1,9 @@
 """The task loop: train each task, evaluate every seen task, log, checkpoint.
 
-The loop owns the optimizer step: a model's `observe` returns the loss of a batch, and
-`optimizer_step` runs backward, the model's `edit_gradients`, the plasticity hooks and the step,
-so no model can leave them out.
+The loop owns the optimizer step and the events: a model's `observe` returns the loss of a batch,
+and the model's `Lifecycle` (models/__init__.py) runs backward, every component's `after_backward`,
+the step and every `after_step`, and sends `begin_task`, `end_task` and `end_run`, so no component
+can be left out.
 """
 from __future__ import annotations
 
@@ -31,8 +32,7 @@ from continual.evaluation import (
 from continual.forgetting import StreamRecorder
 from datasets import ContinualDataset
 from models import ContinualModel
-from plasticity._hidden_units import zero_head
-from utils.errors import ConfigError, TrainingDiverged
+from utils.errors import TrainingDiverged
 from utils.mlflow_logger import RunLogger
 from utils.plots import (
     accuracy_heatmap,
@@ -78,34 +78,17 @@ def matrix_csv(matrix: np.ndarray) -> str:
     return out.getvalue()
 
 
-def optimizer_step(model: ContinualModel, loss: torch.Tensor, task: int) -> None:
-    """Backward, the model's gradient edits, regularizer gradients, the optimizer step, then resets
-    and hidden-unit statistics."""
-    if not isinstance(loss, torch.Tensor) or not loss.requires_grad:
-        raise ConfigError(f"{model.NAME}.observe returned a {type(loss).__name__} without a gradient; return the loss "
-                          f"tensor itself, not loss.detach() or loss.item() (the task loop runs backward and the "
-                          f"optimizer step), or None for a batch that makes no step")
-    model.opt.zero_grad(set_to_none=True)
-    loss.backward()
-    model.edit_gradients(task)
-    model.plasticity.before_step()
-    model.opt.step()
-    model.plasticity.after_step()
-
-
 def train_task(model: ContinualModel, dataset: ContinualDataset, task: int, args: argparse.Namespace,
                logger: RunLogger, state: RunState) -> None:
     """All epochs of one task; the per-epoch mean loss is logged and checked for NaN."""
     model.train()
-    if args.reset_head and task > 0:
-        zero_head(model.net, model.opt)
-    model.begin_task(task)
-    model.plasticity.begin_task()
+    lifecycle = model.lifecycle
+    lifecycle.begin_task(task)
     data = model.training_data(task)
     probe = data.images[: args.probe_size]
     n, batch_size = len(data), args.batch_size
     steps = math.ceil(n / batch_size)
-    observe = model.observe if state.forgetting is None else functools.partial(state.forgetting.observe, model)
+    observe = lifecycle.observe if state.forgetting is None else functools.partial(state.forgetting.observe, model.net, lifecycle.observe)
     for epoch in range(args.n_epochs):
         order = torch.randperm(n, device=data.labels.device)
         loss_sum = torch.zeros((), device=data.labels.device)
@@ -117,7 +100,7 @@ def train_task(model: ContinualModel, dataset: ContinualDataset, task: int, args
             raw = data.images[rows]
             loss = observe(dataset.train_transform(raw), data.labels[rows], raw, data.indices[rows], task)
             if loss is not None:  # None: the batch only fed the model's memory
-                optimizer_step(model, loss, task)
+                lifecycle.step(loss)
                 loss_sum += loss.detach() * len(rows)
                 n_stepped += len(rows)
                 if args.log_every and model.plasticity.step % args.log_every == 0:
@@ -134,10 +117,9 @@ def train_task(model: ContinualModel, dataset: ContinualDataset, task: int, args
         state.epoch_losses.append(loss_sum.item() / n_stepped if n_stepped else math.nan)
     # One write per task: a store write costs more than an epoch of a small network.
     logger.log_series("train_loss", state.epoch_losses[-args.n_epochs:], first_step=task * args.n_epochs)
-    model.plasticity.check_stepped(task, model.NAME)
     if state.forgetting is not None:
         state.forgetting.detach()  # before end_task, where methods copy the network
-    model.end_task(task)
+    lifecycle.end_task(task)
 
 
 def measure_covariates(model: ContinualModel, images: torch.Tensor, args: argparse.Namespace) -> dict[str, float]:
@@ -260,4 +242,6 @@ def train(model: ContinualModel, dataset: ContinualDataset, args: argparse.Names
         tqdm.write(f"task {task + 1}/{dataset.n_tasks} [{_clock(elapsed)} elapsed, {_clock(eta)} left]: {summary}")
         if after_task is not None:
             after_task(state)
+    if state.next_task == dataset.n_tasks:
+        model.lifecycle.end_run()
     return state

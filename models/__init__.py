@@ -1,21 +1,26 @@
 """Continual-learning methods, one file each, registered by their CLI name (`sgd`, `er`, `derpp`, ...).
 
 The contract every method fulfils lives here. A method is a `ContinualModel` subclass whose
-`observe` returns the loss of one stream batch; the task loop (`continual/training.py`) runs the
-backward pass, the model's `edit_gradients`, the plasticity hooks and the optimizer step, so no
-method can skip them. A new method is one file: subclass `ContinualModel`, implement `observe`
-(and `begin_task` / `end_task` / `edit_gradients` if it needs them), declare its flags in
-`add_args`, and decorate it with `@register_model("name")`.
+`observe` returns the loss of one stream batch; the task loop runs the backward pass, the events of
+every component (utils/lifecycle.py: `begin_task`, `after_backward`, `after_step`, `end_task`,
+`end_run`) and the optimizer step, through the `Lifecycle` dispatcher below, so no method can skip
+them. A new method is one file: subclass `ContinualModel`, implement `observe`, override the events
+it needs, declare its flags in `add_args`, and decorate it with `@register_model("name")`.
 
-A replay method that fills `self.buffer` through `Buffer.add_data` gets the memorization buffer
-policies (--buffer_policy min, max, ...) from this contract: `begin_task` shrinks the earlier classes,
-`end_task` re-selects the task's share from all of its training examples by `memorization_values()`
-(the --mem_scores) and computes, in eval mode, the logits a DER-style buffer stores for the examples
-it now keeps. An override of `begin_task` or `end_task` therefore calls the base's.
+The framework's bookkeeping runs in the dispatcher, around the components' events, so an override
+never calls `super()` for correctness: a replay method that fills `self.buffer` through
+`Buffer.add_data` gets the memorization buffer policies (--buffer_policy min, max, ...): at the
+start of a task the earlier classes shrink to their new quotas, and after the model's `end_task` the
+task's share is re-selected from all of its training examples by `memorization_values()`.
+
+Checkpoints hold everything a model owns (its networks, including copies made during the run, its
+optimizers, tensors, numbers, generators, the buffer and its policy, the plasticity methods) without
+code of its own: see utils/state.py for what an attribute may hold.
 """
 from __future__ import annotations
 
 import argparse
+import copy
 
 import numpy as np
 import torch
@@ -26,11 +31,13 @@ from buffer_policies import BUFFER_POLICIES, Buffer
 from datasets import ContinualDataset, Split
 from plasticity import Plasticity
 from utils.errors import ConfigError
+from utils.lifecycle import Hooks, StepBatch
 from utils.optimizers import build_optimizer
 from utils.registry import Registry
+from utils.state import capture, restore
 
 
-class ContinualModel(nn.Module):
+class ContinualModel(nn.Module, Hooks):
     """Base of every method: `observe` one batch; optional `begin_task` / `end_task` / `training_data`.
 
     A subclass with USES_BUFFER = True gets `self.buffer`, filled through the --buffer_policy; with a
@@ -42,6 +49,8 @@ class ContinualModel(nn.Module):
     NAME: str
     USES_BUFFER = False
     MEMORIZATION_VALUES = False
+    # The framework's objects, rebuilt when a run resumes rather than read from the checkpoint.
+    REFERENCES = ("dataset", "args", "lifecycle")
 
     @staticmethod
     def add_args(parser: argparse._ArgumentGroup) -> None:
@@ -49,7 +58,12 @@ class ContinualModel(nn.Module):
 
     @classmethod
     def check_args(cls, args: argparse.Namespace) -> None:
-        """Refuse, with one sentence, flags this method cannot run with (called before anything is built)."""
+        """Refuse, with one sentence, flags this method cannot run with (called before anything is built, after
+        `check_framework_args` and the ranges in BOUNDS, so an override need not call the base's)."""
+
+    @classmethod
+    def check_framework_args(cls, args: argparse.Namespace) -> None:
+        """What the framework needs of every model, checked whatever `check_args` a method defines."""
         if cls.USES_BUFFER and args.buffer_size <= 0:
             raise ConfigError(f"{cls.NAME} replays from a buffer: pass --buffer_size greater than 0")
         if not cls.USES_BUFFER and args.buffer_policy != "reservoir":
@@ -78,8 +92,9 @@ class ContinualModel(nn.Module):
         self.buffer = None
         if self.USES_BUFFER:
             policy = BUFFER_POLICIES.get(args.buffer_policy)(args)
-            self.buffer = Buffer(args.buffer_size, self.device, policy)
+            self.buffer = Buffer(args.buffer_size, self.device, policy, scorer=self.eval_logits)
         self.selection: dict = {}  # the last end-of-task re-selection of the buffer, for task_record
+        self.lifecycle = Lifecycle(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
@@ -94,20 +109,12 @@ class ContinualModel(nn.Module):
         """
         raise NotImplementedError
 
-    def edit_gradients(self, task: int) -> None:
-        """Called between the backward pass and the optimizer step (e.g. A-GEM projects the gradient)."""
-
-    def begin_task(self, task: int) -> None:
-        """Called before the first batch of a task; a memorization buffer policy shrinks the earlier classes
-        to their new quotas here (an override calls super().begin_task(task))."""
-        if self.reselects_buffer():
-            self.buffer.policy.begin_task(self.buffer, task, self.classes_of_tasks(task), self.memorization_values())
-
-    def end_task(self, task: int) -> None:
-        """Called after the last batch of a task, before evaluation; a memorization buffer policy re-selects
-        the task's share of the buffer here (an override calls super().end_task(task))."""
-        if self.reselects_buffer():
-            self.select_buffer(task)
+    def optimizer_step(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer | None = None,
+                       batch: StepBatch | None = None) -> None:
+        """One optimizer step on `loss` with every component's events around it. The task loop steps the
+        stream batches; a method that trains more (a warm-up in begin_task) steps through here too, with
+        its own optimizer, so the plasticity methods and the model's own events see those steps."""
+        self.lifecycle.step(loss, optimizer or self.opt, batch)
 
     def reselects_buffer(self) -> bool:
         """Whether the buffer's policy re-selects it by memorization values at task boundaries."""
@@ -141,7 +148,7 @@ class ContinualModel(nn.Module):
         if self.buffer.logits is not None:  # DER targets for newly chosen examples: the logits now
             candidates["logits"] = self.eval_logits(split.images)
         values = self.memorization_values()
-        self.buffer.policy.end_task(self.buffer, task, self.classes_of_tasks(task), candidates, values)
+        self.buffer.policy.reselect(self.buffer, task, self.classes_of_tasks(task), candidates, values)
         kept = {k: v.cpu().numpy() for k, v in self.buffer.get_all().items() if k in ("indices", "labels")}
         task_values = values[split.indices.cpu().numpy()]
         self.selection = {"task": task, "kept": kept, "task_values": task_values,
@@ -177,17 +184,153 @@ class ContinualModel(nn.Module):
         replay = self.buffer.get_data(self.args.minibatch_size, transform=self.transform)
         return self.loss(self.net(replay["examples"]), replay["labels"])
 
-    def extra_state(self) -> dict:
-        """Everything besides the network and optimizer that a checkpoint must restore."""
-        state = {"plasticity": self.plasticity.state_dict()}
-        if self.buffer is not None:
-            state["buffer"] = self.buffer.state_dict()
-        return state
+    def checkpoint_state(self) -> dict:
+        """Everything the model owns: its networks (and copies made during the run), optimizers, buffer,
+        policy, plasticity methods and every other attribute (utils/state.py)."""
+        return capture(self)
 
-    def load_extra_state(self, state: dict) -> None:
-        self.plasticity.load_state_dict(state["plasticity"])
-        if self.buffer is not None:
-            self.buffer.load_state_dict(state["buffer"])
+    def load_checkpoint_state(self, state: dict) -> None:
+        """Restore `checkpoint_state`'s data into this freshly built model. A network the run made later (a
+        teacher, the previous task's network) is rebuilt as a copy of `self.net` when its weights fit."""
+        net_keys = set(self.net.state_dict())
+
+        def rebuild(name: str) -> nn.Module | None:
+            saved = state["modules"][name]["state"]
+            return copy.deepcopy(self.net) if set(saved) == net_keys else None
+
+        restore(self, state, self.device, rebuild)
+
+
+class Lifecycle:
+    """Sends the run's events to the model, each plasticity method and the buffer's policy, with the
+    framework's bookkeeping around them, and counts what each component received.
+
+    Order within an event: at the start of a task the framework shrinks a memorization buffer, then the
+    plasticity methods, the policy and the model act (so a head reset precedes a model's warm-up); after
+    the backward pass the model edits gradients before the regularizers add theirs; after a step the
+    model, then the hidden-unit statistics, the plasticity methods (resets) and the policy; at the end of
+    a task the model, plasticity methods and policy, then the framework re-selects a memorization buffer.
+    """
+
+    def __init__(self, model: "ContinualModel"):
+        self.model = model
+        self.counts: dict[tuple[str, str], int] = {}
+        self.batch: StepBatch | None = None  # the stream batch under way (set by observe)
+
+    def components(self) -> list[tuple[str, Hooks]]:
+        model = self.model
+        listed = [(f"plasticity:{m.NAME}", m) for m in model.plasticity.methods]
+        if model.buffer is not None:
+            listed.append((f"policy:{model.buffer.policy.NAME}", model.buffer.policy))
+        return listed
+
+    def needs_outputs(self) -> bool:
+        return any(c.NEEDS_OUTPUTS for _, c in [("model", self.model), *self.components()])
+
+    def _send(self, event: str, argument, model_first: bool) -> None:
+        others = self.components()
+        ordered = [("model", self.model), *others] if model_first else [*others, ("model", self.model)]
+        for label, component in ordered:
+            getattr(component, event)(*(() if event == "end_run" else (argument,)))
+            self.counts[label, event] = self.counts.get((label, event), 0) + 1
+
+    def begin_task(self, task: int) -> None:
+        model = self.model
+        model.plasticity.mark_task_start()
+        if model.reselects_buffer():
+            model.buffer.policy.shrink(model.buffer, task, model.classes_of_tasks(task), model.memorization_values())
+        self._send("begin_task", task, model_first=False)
+
+    def observe(self, inputs: torch.Tensor, labels: torch.Tensor, not_aug_inputs: torch.Tensor,
+                indices: torch.Tensor, task: int) -> torch.Tensor | None:
+        """The model's `observe`, recording the stream batch (and its logits, when a component asks)."""
+        model = self.model
+        batch = StepBatch(inputs, labels, not_aug_inputs, indices, task, model.plasticity.step)
+        self.batch = batch
+        if not self.needs_outputs():
+            return model.observe(inputs, labels, not_aug_inputs, indices, task)
+        batch._outputs_requested = True
+        capture = _OutputCapture(model.net, batch)
+        try:
+            loss = model.observe(inputs, labels, not_aug_inputs, indices, task)
+        finally:
+            capture.remove()
+        if batch._logits is None:  # the model made no forward pass on the stream batch
+            was_training = model.net.training
+            model.net.eval()
+            with torch.no_grad():
+                batch._logits = model.net(inputs)
+            model.net.train(was_training)
+        return loss
+
+    def step(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer | None = None,
+             batch: StepBatch | None = None) -> None:
+        """Backward, the after_backward events, the optimizer step (the model's optimizer by default), the
+        after_step events. `batch` defaults to the stream batch of the last `observe`."""
+        model = self.model
+        optimizer = optimizer or model.opt
+        if not isinstance(loss, torch.Tensor) or not loss.requires_grad:
+            raise ConfigError(f"{model.NAME}.observe returned a {type(loss).__name__} without a gradient; return "
+                              f"the loss tensor itself, not loss.detach() or loss.item() (the task loop runs backward "
+                              f"and the optimizer step), or None for a batch that makes no step")
+        if batch is None:
+            batch = self.batch
+        if batch is None:
+            raise RuntimeError("a step was taken before any batch was observed; call the model through "
+                               "model.lifecycle.observe so the step knows its batch")
+        if not batch._outputs_requested and self.needs_outputs():  # a step the method makes itself
+            batch._outputs_requested = True
+            was_training = model.net.training
+            model.net.eval()
+            with torch.no_grad():
+                batch._logits = model.net(batch.inputs)
+            model.net.train(was_training)
+        batch.loss = loss.detach()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self._send("after_backward", batch.task, model_first=True)
+        optimizer.step()
+        model.after_step(batch)
+        self.counts["model", "after_step"] = self.counts.get(("model", "after_step"), 0) + 1
+        model.plasticity.end_step()
+        for label, component in self.components():
+            component.after_step(batch)
+            self.counts[label, "after_step"] = self.counts.get((label, "after_step"), 0) + 1
+        model.plasticity.step += 1
+
+    def end_task(self, task: int) -> None:
+        model = self.model
+        model.plasticity.check_stepped(task, model.NAME)
+        self._send("end_task", task, model_first=True)
+        if model.reselects_buffer():
+            model.select_buffer(task)
+
+    def end_run(self) -> None:
+        self._send("end_run", None, model_first=True)
+
+
+class _OutputCapture:
+    """A forward hook that keeps the logits of the first forward pass of `net` whose input begins with the
+    stream batch (the batch itself, or the batch with replay examples appended, as ER concatenates them):
+    its first B output rows."""
+
+    def __init__(self, net: nn.Module, batch: StepBatch):
+        self.net, self.batch = net, batch
+        self.handle = net.register_forward_hook(self.hook)
+
+    def hook(self, module: nn.Module, args: tuple, output) -> None:
+        batch = self.batch
+        if batch._logits is not None or module is not self.net or not args:
+            return
+        x, size = args[0], batch.inputs.shape[0]
+        if not (isinstance(x, torch.Tensor) and isinstance(output, torch.Tensor) and output.dim() == 2
+                and x.shape[0] >= size and x.shape[1:] == batch.inputs.shape[1:]):
+            return
+        if x is batch.inputs or torch.equal(x[:size], batch.inputs):
+            batch._logits = output[:size].detach()
+
+    def remove(self) -> None:
+        self.handle.remove()
 
 
 MODELS: Registry[ContinualModel] = Registry("model", "models")

@@ -98,14 +98,6 @@ def frozen_copy(net: nn.Module) -> nn.Module:
     return old
 
 
-def restored_copy(net: nn.Module, saved: dict | None) -> nn.Module | None:
-    """The previous model a checkpoint saved (its state dict, or None before the first task), rebuilt."""
-    if saved is None:
-        return None
-    old = frozen_copy(net)
-    old.load_state_dict(saved)
-    return old
-
 
 def in_batches(function: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor,
                batch_size: int) -> torch.Tensor:

@@ -5,7 +5,7 @@ A. Chaudhry, M. Ranzato, M. Rohrbach, M. Elhoseiny, "Efficient Lifelong Learning
 The step follows the stream batch's gradient g unless it would increase the loss on the episodic
 memory to first order: with g_ref the gradient of the loss on a batch drawn from the memory, a g with
 g·g_ref < 0 is replaced by its projection g − (g·g_ref / g_ref·g_ref) g_ref, which has g·g_ref = 0.
-The projection runs in `edit_gradients`, between the task loop's backward pass and its optimizer step.
+The projection runs in `after_backward`, between the task loop's backward pass and its optimizer step.
 
 The memory is filled as in Mammoth's agem (the version its DER-paper hyperparameters were tuned with):
 at the end of each task, --buffer_size // n_tasks examples drawn at random from the task's training
@@ -48,7 +48,7 @@ def write_gradients(params: list[torch.nn.Parameter], flat: torch.Tensor) -> Non
 
 @register_model("agem")
 class AGem(ContinualModel):
-    """Stream cross-entropy; the gradient is projected against the memory's in `edit_gradients`."""
+    """Stream cross-entropy; the gradient is projected against the memory's in `after_backward`."""
 
     USES_BUFFER = True
 
@@ -70,7 +70,7 @@ class AGem(ContinualModel):
         grads = torch.autograd.grad(loss, params, allow_unused=True)
         return torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(grads, params)])
 
-    def edit_gradients(self, task):
+    def after_backward(self, task):
         if self.buffer.is_empty():
             return
         params = [p for p in self.net.parameters() if p.requires_grad]
@@ -80,8 +80,7 @@ class AGem(ContinualModel):
     @torch.no_grad()
     def end_task(self, task):
         if self.reselects_buffer():
-            super().end_task(task)
-            return
+            return  # the --buffer_policy chooses the task's share after this
         data = self.training_data(task)
         per_task = self.args.buffer_size // self.dataset.n_tasks
         rows = torch.randperm(len(data), device=data.labels.device)[:per_task]

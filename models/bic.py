@@ -31,7 +31,6 @@ from models._exemplars import (
     concat_rows,
     first_per_group,
     frozen_copy,
-    restored_copy,
     in_batches,
     rewrite_buffer,
     stored_rows,
@@ -208,16 +207,3 @@ class Bic(ContinualModel):
 
     def task_record(self, task):
         return {"metrics": dict(self.bias_record)} if self.bias_record else {}
-
-    def extra_state(self):
-        state = super().extra_state()
-        state.update({"old_net": None if self.old_net is None else self.old_net.state_dict(),
-                      "bias": self.bias, "bias_task": self.bias_task, "old_bias": self.old_bias})
-        return state
-
-    def load_extra_state(self, state):
-        super().load_extra_state(state)
-        self.old_net = restored_copy(self.net, state["old_net"])
-        self.bias_task = int(state["bias_task"])
-        self.bias = None if state["bias"] is None else state["bias"].to(self.device)
-        self.old_bias = None if state["old_bias"] is None else state["old_bias"].to(self.device)

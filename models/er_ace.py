@@ -93,10 +93,3 @@ class ErAce(ContinualModel):
             loss = loss + self.loss(self.net(replay["examples"]), replay["labels"])
         self.buffer.add_data(not_aug_inputs, labels, indices=indices, task_labels=torch.full_like(indices, task))
         return loss
-
-    def extra_state(self):
-        return {**super().extra_state(), "seen_classes": self.seen.clone()}
-
-    def load_extra_state(self, state):
-        super().load_extra_state(state)
-        self.seen = state["seen_classes"].to(self.device)

@@ -8,7 +8,7 @@ At the end of each task, as in Mammoth's ewc_on, the diagonal Fisher information
 task's training data (with the training augmentation): the mean over the examples of
 p(y|x) · (∂ log p(y|x) / ∂θ)², y the example's label. The running Fisher becomes F ← γ F + F_task and
 the anchor θ* the parameters now. Later steps add the gradient of the penalty λ Σ F (θ − θ*)²,
-2 λ F (θ − θ*), to the loss's gradient in `edit_gradients` (the scale of Mammoth's penalty, which its
+2 λ F (θ − θ*), to the loss's gradient in `after_backward` (the scale of Mammoth's penalty, which its
 published λ values assume); the returned loss is the stream cross-entropy alone, as in Mammoth.
 
 The per-example gradients are computed in batches (torch.func) with the network in evaluation mode, so
@@ -62,7 +62,7 @@ def fisher_diagonal(net: torch.nn.Module, images: torch.Tensor, labels: torch.Te
 
 @register_model("ewc_on")
 class EwcOn(ContinualModel):
-    """Stream cross-entropy; the online-EWC penalty's gradient is added in `edit_gradients`."""
+    """Stream cross-entropy; the online-EWC penalty's gradient is added in `after_backward`."""
 
     @staticmethod
     def add_args(parser):
@@ -93,7 +93,7 @@ class EwcOn(ContinualModel):
         return [2 * self.args.e_lambda * f * (p.detach() - a)
                 for p, f, a in zip(self.net.parameters(), self.fisher, self.anchor)]
 
-    def edit_gradients(self, task):
+    def after_backward(self, task):
         if self.fisher is None:
             return
         for p, extra in zip(self.net.parameters(), self.penalty_gradients()):
@@ -110,12 +110,3 @@ class EwcOn(ContinualModel):
         else:
             self.fisher = [self.args.gamma * old + new for old, new in zip(self.fisher, fisher)]
         self.anchor = [p.detach().clone() for p in self.net.parameters()]
-
-    def extra_state(self):
-        return {**super().extra_state(), "ewc": {"fisher": self.fisher, "anchor": self.anchor}}
-
-    def load_extra_state(self, state):
-        super().load_extra_state(state)
-        saved = state["ewc"]
-        self.fisher = None if saved["fisher"] is None else [t.to(self.device) for t in saved["fisher"]]
-        self.anchor = None if saved["anchor"] is None else [t.to(self.device) for t in saved["anchor"]]

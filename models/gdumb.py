@@ -44,9 +44,9 @@ class GreedyClassBalanced(BufferPolicy):
         self.members: list[list[int]] = []  # per class: its slots
         self.seen: list[bool] = []  # per class: has it appeared in the stream
 
-    def insert(self, buffer, labels):
+    def insert(self, buffer, offered):
         self.capacity = buffer.capacity
-        host = labels.detach().to("cpu", torch.long).tolist()
+        host = offered.labels.detach().to("cpu", torch.long).tolist()
         if host and min(host) < 0:
             raise ValueError(f"the GDumb sampler needs non-negative class labels, got {min(host)}")
         extra = max(host, default=-1) + 1 - len(self.members)
@@ -70,7 +70,7 @@ class GreedyClassBalanced(BufferPolicy):
             self.members[c].append(slot)
             owner[slot] = row
         slots = sorted(owner)
-        device = labels.device
+        device = offered.labels.device
         return (torch.tensor(slots, dtype=torch.long, device=device),
                 torch.tensor([owner[s] for s in slots], dtype=torch.long, device=device))
 
@@ -160,7 +160,7 @@ class GDumb(ContinualModel):
 
     def __init__(self, backbone, dataset, args):
         super().__init__(backbone, dataset, args)
-        self.buffer = Buffer(args.buffer_size, self.device, GreedyClassBalanced(args))
+        self.buffer = Buffer(args.buffer_size, self.device, GreedyClassBalanced(args), scorer=self.eval_logits)
 
     def observe(self, inputs, labels, not_aug_inputs, indices, task):
         self.buffer.add_data(not_aug_inputs, labels, indices=indices, task_labels=torch.full_like(indices, task))

@@ -32,7 +32,6 @@ from models._exemplars import (
     concat_rows,
     first_per_group,
     frozen_copy,
-    restored_copy,
     herding,
     in_batches,
     rewrite_buffer,
@@ -143,15 +142,3 @@ class Icarl(ContinualModel):
         features = F.normalize(self.net.features(x).flatten(1), dim=1)
         distances = (features[:, None, :] - self.class_means[None, :, :]).pow(2).sum(2)
         return torch.where(distances.isnan(), -math.inf, -distances)
-
-    # ------------------------------------------------------------------ checkpoints
-
-    def extra_state(self):
-        state = super().extra_state()
-        state["old_net"] = None if self.old_net is None else self.old_net.state_dict()
-        return state
-
-    def load_extra_state(self, state):
-        super().load_extra_state(state)
-        self.old_net = restored_copy(self.net, state["old_net"])
-        self.class_means = None

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from models import ContinualModel, register_model
+from utils.lifecycle import StepBatch
 from utils.errors import ConfigError
 
 LOGIT_BATCH = 512  # examples per forward pass when recording the logits
@@ -65,7 +66,7 @@ class Lwf(ContinualModel):
         was_training = self.net.training
         self.net.eval()
         if self.n_seen > self.n_past:
-            self.warm_up_head(data)
+            self.warm_up_head(data, task)
         with torch.no_grad():
             self.old_logits = torch.cat([self.net(self.dataset.test_transform(data.images[i:i + LOGIT_BATCH]))
                                          for i in range(0, len(data), LOGIT_BATCH)])
@@ -73,21 +74,23 @@ class Lwf(ContinualModel):
         self.row_of[data.indices] = torch.arange(len(data), device=data.indices.device)
         self.net.train(was_training)
 
-    def warm_up_head(self, data) -> None:
-        """Train the head alone on the new classes' logits, the features fixed (Mammoth's lwf warm-up)."""
+    def warm_up_head(self, data, task: int) -> None:
+        """Train the head alone on the new classes' logits, the features fixed (Mammoth's lwf warm-up). Its
+        steps go through `optimizer_step`, so the plasticity methods and their step counts see them."""
         opt = torch.optim.SGD(self.net.head.parameters(), lr=self.args.lr)
         batch_size = self.args.batch_size
         for _ in range(self.args.n_epochs):
             order = torch.randperm(len(data), device=data.labels.device)
             for start in range(0, len(data), batch_size):
                 rows = order[start:start + batch_size]
+                images = data.images[rows]
+                inputs = self.transform(images)
                 with torch.no_grad():
-                    features = self.net.features(self.transform(data.images[rows]))
+                    features = self.net.features(inputs)
                 outputs = self.net.head(features)[:, self.n_past:self.n_seen]
                 loss = F.cross_entropy(outputs, data.labels[rows] - self.n_past)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
+                self.optimizer_step(loss, opt, StepBatch(inputs, data.labels[rows], images, data.indices[rows],
+                                                         task, self.plasticity.step))
 
     def distillation(self, outputs: torch.Tensor, old_logits: torch.Tensor) -> torch.Tensor:
         """Batch mean of KL(softmax(old / T) ‖ softmax(new / T)) over the classes of earlier tasks."""

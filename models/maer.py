@@ -77,14 +77,3 @@ class Maer(ContinualModel):
                 record["metrics"][f"spearman_{self.proxy.kind}_vs_scores"] = float(
                     spearmanr(proxy[both], scores[both]).statistic)
         return record
-
-    def extra_state(self):
-        state = super().extra_state()
-        if self.proxy is not None:
-            state["proxy"] = self.proxy.state_dict()
-        return state
-
-    def load_extra_state(self, state):
-        super().load_extra_state(state)
-        if self.proxy is not None:
-            self.proxy.load_state_dict(state["proxy"])

@@ -10,9 +10,9 @@ the gradient of the surrogate loss c Σ Ω (θ − θ*)², 2 c Ω (θ − θ*), 
 Mammoth's si, every gradient entry is then clipped to [−1, 1]; the returned loss is the stream
 cross-entropy alone, as in Mammoth.
 
-The task loop owns the step, so the path integral is taken around it: `edit_gradients` (after the
-backward pass) records g and θ_before, and a hook the optimizer runs right after its step adds
-g · (θ_before − θ_after), before anything else (a plasticity reset, say) moves the parameters.
+The task loop owns the step, so the path integral is taken around it: `after_backward` (after the
+backward pass) records g and θ_before, and `after_step`, which the task loop sends right after the
+optimizer step and before the plasticity methods act, adds g · (θ_before − θ_after).
 """
 from __future__ import annotations
 
@@ -55,8 +55,7 @@ class SI(ContinualModel):
         self.anchor = self.flat_params().clone()  # θ at the start of the task (θ*)
         self.path = torch.zeros_like(self.anchor)  # ω of the current task
         self.importance: torch.Tensor | None = None  # Ω, from the first end_task on
-        self._pending: tuple[torch.Tensor, torch.Tensor] | None = None  # (g, θ_before) of the step under way
-        self.opt.register_step_post_hook(self._after_step)
+        self.pending: tuple[torch.Tensor, torch.Tensor] | None = None  # (g, θ_before) of the step under way
 
     def flat_params(self) -> torch.Tensor:
         return parameters_to_vector(p.detach() for p in self.params)
@@ -68,9 +67,9 @@ class SI(ContinualModel):
         """2 c Ω (θ − θ*), as one vector."""
         return 2 * self.args.c * self.importance * (self.flat_params() - self.anchor)
 
-    def edit_gradients(self, task):
+    def after_backward(self, task):
         grads = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in self.params])
-        self._pending = (grads.clone(), self.flat_params().clone())
+        self.pending = (grads.clone(), self.flat_params().clone())
         if self.importance is not None:
             total = grads + self.penalty_gradient()
             offset = 0
@@ -83,12 +82,12 @@ class SI(ContinualModel):
                     p.grad.copy_(chunk)
         clip_grad_value_(self.params, CLIP_VALUE)
 
-    def _after_step(self, optimizer, args, kwargs) -> None:
-        """Optimizer step post-hook: ω += g · (θ_before − θ_after)."""
-        if self._pending is None:  # a step not prepared by edit_gradients (none in the task loop)
+    def after_step(self, batch):
+        """ω += g · (θ_before − θ_after)."""
+        if self.pending is None:  # a step not prepared by after_backward (none in the task loop)
             return
-        grads, before = self._pending
-        self._pending = None
+        grads, before = self.pending
+        self.pending = None
         self.path += grads * (before - self.flat_params())
 
     @torch.no_grad()
@@ -98,13 +97,3 @@ class SI(ContinualModel):
         self.importance = gained if self.importance is None else self.importance + gained
         self.anchor = theta.clone()
         self.path = torch.zeros_like(theta)
-
-    def extra_state(self):
-        return {**super().extra_state(),
-                "si": {"anchor": self.anchor, "path": self.path, "importance": self.importance}}
-
-    def load_extra_state(self, state):
-        super().load_extra_state(state)
-        saved = state["si"]
-        self.anchor, self.path = saved["anchor"].to(self.device), saved["path"].to(self.device)
-        self.importance = None if saved["importance"] is None else saved["importance"].to(self.device)

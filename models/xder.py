@@ -262,14 +262,3 @@ class Xder(ContinualModel):
         self.buffer.logits[slots] = self.update_logits(stored["logits"][slots], outputs, stored["labels"][slots],
                                                        task, self.n_tasks - task)
         self.buffer.task_labels[slots] = task
-
-    # ------------------------------------------------------------------ checkpoints
-
-    def extra_state(self):
-        state = super().extra_state()
-        state["update_counter"] = self.update_counter
-        return state
-
-    def load_extra_state(self, state):
-        super().load_extra_state(state)
-        self.update_counter = state["update_counter"].to(self.device)

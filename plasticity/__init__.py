@@ -4,8 +4,10 @@
 penalty before the optimizer step; reset methods act after each optimizer step through the network's
 hidden-unit groups (`plasticity/_hidden_units.py`), so one reset serves MLP units, conv channels and
 ViT MLP units. The contract lives here: a new method is one file that subclasses `PlasticityMethod`,
-overrides `before_step` and/or `after_step`, and is decorated with `@register_plasticity("name")`.
-The task loop calls `Plasticity.before_step` / `after_step` around every optimizer step itself.
+overrides the events it acts on (`after_backward` for gradient terms, `after_step` for resets,
+`begin_task` / `end_task` at task boundaries; see utils/lifecycle.py) and is decorated with
+`@register_plasticity("name")`. The task loop sends every event to every method itself, and a
+method's attributes are saved in checkpoints without code of its own (utils/state.py).
 """
 from __future__ import annotations
 
@@ -16,15 +18,21 @@ import torch
 from backbones import Backbone
 from plasticity._hidden_units import HiddenUnits
 from utils.errors import ConfigError
+from utils.lifecycle import Hooks, StepBatch
 from utils.registry import Registry, method_names  # noqa: F401 (method_names: part of this family's interface)
+from utils.state import capture, restore
 
 
-class PlasticityMethod:
-    """Base of every method; its flags are declared in `add_args` and checked in `check_args`."""
+class PlasticityMethod(Hooks):
+    """Base of every method; its flags are declared in `add_args` and checked in `check_args`.
+
+    `self.net`, `self.optimizer`, `self.units` (the hidden units, for methods with NEEDS_UNITS) and
+    `self.args` are the framework's; every other attribute is the method's state and is checkpointed.
+    """
 
     NAME: str
     NEEDS_UNITS = False  # True for methods that act on hidden units (resets)
-    STATE: tuple[str, ...] = ()  # attributes holding lists of tensors that a checkpoint keeps
+    REFERENCES = ("net", "optimizer", "units", "args")  # the framework's objects, rebuilt on resume
 
     @staticmethod
     def add_args(parser: argparse._ArgumentGroup) -> None:
@@ -41,22 +49,21 @@ class PlasticityMethod:
         self.units = units
         self.args = args
 
-    def before_step(self) -> None:
-        """Called between the backward pass and the optimizer step: regularizers add their gradient."""
+    def after_backward(self, task: int) -> None:
+        """Between the backward pass and the optimizer step: regularizers add their gradient."""
 
-    def after_step(self, step: int) -> None:
-        """Called after every optimizer step, once the step's unit statistics are in."""
+    def after_step(self, batch: StepBatch) -> None:
+        """After every optimizer step, once the step's unit statistics are in (`batch.step` counts steps)."""
 
     def task_metrics(self, task: int) -> dict[str, float]:
         """Method-specific numbers logged after each task."""
         return {}
 
     def state_dict(self) -> dict:
-        return {key: [t.cpu() for t in getattr(self, key)] for key in self.STATE}
+        return capture(self)
 
     def load_state_dict(self, state: dict) -> None:
-        for key in self.STATE:
-            setattr(self, key, [t.to(old.device) for t, old in zip(state[key], getattr(self, key))])
+        restore(self, state, next(self.net.parameters()).device)
 
 
 PLASTICITY: Registry[PlasticityMethod] = Registry("plasticity method", "plasticity")
@@ -80,7 +87,7 @@ class Plasticity:
         self.step = 0
         self._step_at_task_start = 0
 
-    def begin_task(self) -> None:
+    def mark_task_start(self) -> None:
         self._step_at_task_start = self.step
 
     def check_stepped(self, task: int, model: str) -> None:
@@ -90,15 +97,23 @@ class Plasticity:
                               f"step in task {task + 1}: {model} trains outside the task loop's step; run it "
                               f"without --plasticity")
 
-    def before_step(self) -> None:
-        for method in self.methods:
-            method.before_step()
-
-    def after_step(self) -> None:
+    def end_step(self) -> None:
+        """The framework's part of a step's end, before the methods' after_step: the step's unit statistics."""
         if self.units is not None:
             self.units.monitor.end_step()
+
+    def after_backward(self, task: int = 0) -> None:
+        """The methods' after_backward, for a network trained without a model (models step through their
+        Lifecycle, which sends the events to every component)."""
         for method in self.methods:
-            method.after_step(self.step)
+            method.after_backward(task)
+
+    def after_step(self, batch: StepBatch | None = None) -> None:
+        """The end of a step for a network trained without a model: statistics, the methods' after_step."""
+        self.end_step()
+        batch = batch if batch is not None else StepBatch(None, None, None, None, 0, self.step)
+        for method in self.methods:
+            method.after_step(batch)
         self.step += 1
 
     def task_metrics(self, task: int) -> dict[str, float]:

@@ -34,6 +34,7 @@ class UnitMonitor:
         self._inputs: list[torch.Tensor] = []
         self.step_inputs: list[torch.Tensor] = []
         self._keeping_inputs = False
+        self._net: nn.Module | None = None  # the network whose inputs are kept
         self.abs_sum = [torch.zeros(g.n_units, device=_device(g)) for g in groups]
         self.positive = [torch.zeros(g.n_units, device=_device(g)) for g in groups]
         self.positions = [0] * len(groups)
@@ -52,19 +53,22 @@ class UnitMonitor:
         outside the task loop's steps (gdumb at the end of a task) would pile up every batch of that
         training until the next step ended."""
         if not self._keeping_inputs:
+            self._net = net
             net.register_forward_pre_hook(self._keep_input)
             self._keeping_inputs = True
 
     def _keep_input(self, module: nn.Module, inputs) -> None:
-        if module.training and inputs:
+        if module.training and inputs and module is self._net:
             self._inputs.append(inputs[0].detach())
 
     def _hook(self, index: int):
         group = self.groups[index]
 
         def hook(module: nn.Module, inputs, output: torch.Tensor) -> None:
-            if not module.training:
-                return  # evaluation and probes do not count as training steps
+            # Evaluation and probes do not count as training steps; nor does a copy of the network (a
+            # teacher, an EMA model), which deepcopy gives this hook too.
+            if not module.training or module is not group.activation:
+                return
             h = output.detach()
             axis = group.activation_axis % h.dim()
             dims = [d for d in range(h.dim()) if d != axis]
@@ -259,13 +263,3 @@ class HiddenUnits:
             dims = [d for d in range(param.dim()) if d != axis]
             total = total + param.detach().abs().sum(dim=dims)
         return total
-
-
-@torch.no_grad()
-def zero_head(net: Backbone, optimizer: torch.optim.Optimizer) -> None:
-    """Set the output layer to 0 and clear its optimizer state (Dohare's new-task head reset)."""
-    for param in net.head.parameters():
-        param.zero_()
-        for value in optimizer.state.get(param, {}).values():
-            if torch.is_tensor(value) and value.shape == param.shape:
-                value.zero_()

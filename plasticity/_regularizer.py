@@ -24,7 +24,7 @@ class L2Penalty(PlasticityMethod):
         self.reference: list[torch.Tensor] | None = None
 
     @torch.no_grad()
-    def before_step(self):
+    def after_backward(self, task):
         """grad += 2·λ·(θ − reference) for every parameter."""
         strength = getattr(self.args, self.LAMBDA_FLAG)
         if strength == 0 or not self.params:

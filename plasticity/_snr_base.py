@@ -17,7 +17,6 @@ class SelfNormalizedResets(PlasticityMethod):
     NEEDS_UNITS = True
     P_FLAG: str
     UPDATE_FLAG: str
-    STATE: tuple[str, ...] = ("tau",)
 
     @classmethod
     def check_args(cls, args):
@@ -44,7 +43,7 @@ class SelfNormalizedResets(PlasticityMethod):
         """New thresholds of group `index` from the counts since the last estimate, which restart."""
         raise NotImplementedError
 
-    def after_step(self, step):
+    def after_step(self, batch):
         for i in range(len(self.units.groups)):
             self.observe_step(i)
             self.units.reset(i, self.ages(i) >= self.tau[i])

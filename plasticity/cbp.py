@@ -18,7 +18,6 @@ from utils.errors import ConfigError
 @register_plasticity("cbp")
 class ContinualBackprop(PlasticityMethod):
     NEEDS_UNITS = True
-    STATE = ("utility",)
 
     @staticmethod
     def add_args(parser):
@@ -45,7 +44,7 @@ class ContinualBackprop(PlasticityMethod):
         self.count = [0.0] * len(groups)
         self.expected = 0.0
 
-    def after_step(self, step):
+    def after_step(self, batch):
         eta, rho = self.args.cbp_decay, self.args.cbp_rho
         for i in range(len(self.units.groups)):
             contribution = self.units.monitor.mean_abs[i] * self.units.outgoing_weight_sum(i)

@@ -9,7 +9,6 @@ from plasticity._regularizer import L2Penalty
 @register_plasticity("l2init")
 class L2Init(L2Penalty):
     LAMBDA_FLAG = "l2init_lambda"
-    STATE = ("reference",)
 
     @staticmethod
     def add_args(parser):

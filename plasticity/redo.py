@@ -56,7 +56,8 @@ class ReDO(PlasticityMethod):
         units.monitor.keep_step_inputs(net)  # the check re-reads the step's inputs in eval mode
         self.checks = 0  # dormancy checks since the last task_metrics
 
-    def after_step(self, step):
+    def after_step(self, batch):
+        step = batch.step
         if self.args.redo_prob is not None:
             due = float(torch.rand(())) < self.args.redo_prob
         else:

@@ -15,6 +15,8 @@ from utils.errors import ConfigError
 
 @register_plasticity("shrink_perturb")
 class ShrinkPerturb(PlasticityMethod):
+    # the scratch network fresh draws come from holds no state: every use re-draws it from the RNG
+    REFERENCES = (*PlasticityMethod.REFERENCES, "reinitializer")
 
     @staticmethod
     def add_args(parser):
@@ -36,7 +38,7 @@ class ShrinkPerturb(PlasticityMethod):
         self.reinitializer = Reinitializer(net) if args.sp_noise == "init" else None
 
     @torch.no_grad()
-    def after_step(self, step):
+    def after_step(self, batch):
         params = list(self.params)
         torch._foreach_mul_(params, self.args.sp_shrink)
         if self.args.sp_sigma == 0:

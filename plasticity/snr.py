@@ -21,7 +21,6 @@ EXPANSION = 2.0  # the ViT code's threshold_expansion_factor
 @register_plasticity("snr")
 class SNR(SelfNormalizedResets):
     P_FLAG, UPDATE_FLAG = "snr_p", "snr_update_prob"
-    STATE = ("tau", "arrival_sum", "arrival_count")
 
     @staticmethod
     def add_args(parser):

@@ -18,7 +18,6 @@ from plasticity._snr_base import SelfNormalizedResets
 @register_plasticity("snr_v2")
 class SNRV2(SelfNormalizedResets):
     P_FLAG, UPDATE_FLAG = "snr2_p", "snr2_update_prob"
-    STATE = ("tau", "positive_tokens", "tokens")
 
     @staticmethod
     def add_args(parser):

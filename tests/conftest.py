@@ -123,17 +123,15 @@ def build_model(*flags: str, model: str = "sgd"):
 
 
 def train_steps(model, dataset, steps: int, task: int = 0, batch_size: int = 32) -> None:
-    """Optimizer steps on a task's training split, as the task loop takes them (observe, then optimizer_step)."""
+    """Optimizer steps on a task's training split, as the task loop takes them (observe, then the step)."""
     import torch
-
-    from continual.training import optimizer_step
 
     split = dataset.train_split(task)
     for step in range(steps):
         rows = torch.arange(step * batch_size, (step + 1) * batch_size) % len(split)
         raw = split.images[rows]
-        loss = model.observe(dataset.test_transform(raw), split.labels[rows], raw, split.indices[rows], task)
-        optimizer_step(model, loss, task)
+        loss = model.lifecycle.observe(dataset.test_transform(raw), split.labels[rows], raw, split.indices[rows], task)
+        model.lifecycle.step(loss)
 
 
 def pytest_sessionfinish(session, exitstatus):

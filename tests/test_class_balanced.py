@@ -8,6 +8,7 @@ import torch
 
 from buffer_policies import BUFFER_POLICIES
 from buffer_policies import Buffer
+from utils.lifecycle import Offered
 
 
 def make_buffer(capacity: int, policy: str = "class_balanced") -> Buffer:
@@ -90,7 +91,7 @@ def test_slots_fill_front_to_back_and_rows_stay_together():
     assert len(buffer) == 5 and buffer.indices[:5].tolist() == [0, 1, 2, 3, 4]
     for first in range(5, 200, 13):
         rows = torch.arange(first, min(first + 13, 200))
-        slots, owners = buffer.policy.insert(buffer, labels[rows])
+        slots, owners = buffer.policy.insert(buffer, Offered(labels[rows], labels[rows], None))
         assert len(set(slots.tolist())) == len(slots)  # unique slots
         assert slots.dtype == owners.dtype == torch.long and ((0 <= owners) & (owners < len(rows))).all()
         if buffer.n_seen < 16:  # filling: the next free slots, and none beyond them
@@ -161,8 +162,8 @@ def test_state_dict_round_trip_continues_exactly():
 def record_inserts(buffer: Buffer) -> list:
     calls, insert = [], buffer.policy.insert
 
-    def recording(target, labels):
-        calls.append(insert(target, labels))
+    def recording(target, offered):
+        calls.append(insert(target, offered))
         return calls[-1]
 
     buffer.policy.insert = recording

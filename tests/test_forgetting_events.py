@@ -135,7 +135,7 @@ def test_the_recorder_reads_the_stream_rows_and_falls_back_to_one_forward_pass()
     correct = net(inputs).argmax(1) == labels
     for model in (_Concatenating(net, torch.randn(3, 4)), _MemoryOnly(net, None)):
         recorder = StreamRecorder(10, "cpu")
-        recorder.observe(model, inputs, labels, inputs, indices, 0)
+        recorder.observe(model.net, model.observe, inputs, labels, inputs, indices, 0)
         arrays = recorder.events.arrays()
         assert arrays["presentations"][0][indices].tolist() == [1] * 5 and arrays["presentations"].sum() == 5
         assert arrays["never_learned"][0][indices].tolist() == (~correct).tolist()

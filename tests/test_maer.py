@@ -18,7 +18,6 @@ from buffer_policies._memorization import quotas
 from datasets import DATASETS
 from models import MODELS
 from continual.args import parse_args
-from continual.training import optimizer_step
 from memorization.plan import fingerprint
 from memorization.scores import load_scores, original_train_labels
 from models._memorization_proxy import MemorizationProxy
@@ -40,14 +39,14 @@ def build(policy: str, buffer_size: int, scores: np.ndarray | None, *extra: str)
 
 
 def stream_task(model, dataset, task: int) -> None:
-    model.begin_task(task)
+    model.lifecycle.begin_task(task)
     split = dataset.train_split(task)
     for start in range(0, len(split), 32):
         raw = split.images[start:start + 32]
-        loss = model.observe(dataset.train_transform(raw), split.labels[start:start + 32], raw,
+        loss = model.lifecycle.observe(dataset.train_transform(raw), split.labels[start:start + 32], raw,
                              split.indices[start:start + 32], task)
-        optimizer_step(model, loss, task)
-    model.end_task(task)
+        model.lifecycle.step(loss)
+    model.lifecycle.end_task(task)
 
 
 def test_quotas_split_the_buffer_by_task_then_by_class():

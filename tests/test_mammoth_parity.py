@@ -20,7 +20,6 @@ from torch import nn
 from backbones import BACKBONES
 from benchmarks.mammoth_parity_lockstep import SCENARIO, scenario_batches, scenario_images, scenario_weights
 from continual.args import parse_args
-from continual.training import optimizer_step
 from datasets import DATASETS
 from models import MODELS
 from tests.test_dataset_files import MNIST_NAMES, write_idx
@@ -120,14 +119,14 @@ def test_derpp_steps_equal_mammoths(derpp_on_seq_mnist):
     for task, images, labels in scenario_batches():
         if task != current:
             if current is not None:
-                model.end_task(current)
-            model.begin_task(task)
+                model.lifecycle.end_task(current)
+            model.lifecycle.begin_task(task)
             current = task
         raw = torch.from_numpy(images)[:, None]
         indices = torch.arange(start, start + len(raw))
         start += len(raw)
-        loss = model.observe(dataset.train_transform(raw), torch.from_numpy(labels), raw, indices, task)
-        optimizer_step(model, loss, task)
+        loss = model.lifecycle.observe(dataset.train_transform(raw), torch.from_numpy(labels), raw, indices, task)
+        model.lifecycle.step(loss)
         losses.append(loss.item())
     assert losses == pytest.approx(MAMMOTH_LOSSES, rel=1e-5)
     for name, expected in MAMMOTH_WEIGHTS.items():
@@ -148,8 +147,8 @@ def test_derpp_replays_two_separate_draws_as_mammoth(derpp_on_seq_mnist):
         inputs = dataset.train_transform(raw)
         draws.clear()
         before = {n: p.detach().clone() for n, p in model.net.named_parameters()}
-        loss = model.observe(inputs, labels, raw, torch.arange(4 * step, 4 * step + 4), task)
-        optimizer_step(model, loss, task)
+        loss = model.lifecycle.observe(inputs, labels, raw, torch.arange(4 * step, 4 * step + 4), task)
+        model.lifecycle.step(loss)
         if step < 2:  # an empty buffer, then 4 stored examples (below the minibatch of 5, replayed whole)
             continue
         assert len(draws) == 2 and not torch.equal(draws[0]["indices"], draws[1]["indices"])

@@ -24,9 +24,9 @@ from utils.errors import ConfigError
 
 
 def stream(model, dataset, task: int, steps: int = 4) -> None:
-    model.begin_task(task)
+    model.lifecycle.begin_task(task)
     train_steps(model, dataset, steps, task=task)
-    model.end_task(task)
+    model.lifecycle.end_task(task)
 
 
 # ---------------------------------------------------------------------------------------------- iCaRL
@@ -93,7 +93,7 @@ def test_icarl_classifies_by_the_nearest_mean_of_exemplars():
 def test_icarl_loss_is_bce_with_the_old_model_as_target_for_old_classes():
     model, dataset = build_model("--buffer_size", "20", "--wd_reg", "1e-3", model="icarl")
     stream(model, dataset, 0)
-    model.begin_task(1)
+    model.lifecycle.begin_task(1)
     train_steps(model, dataset, 2, task=1)  # the network moves away from the copy distilled from
     split = dataset.train_split(1)
     x = dataset.test_transform(split.images[:16])
@@ -137,7 +137,7 @@ def test_bic_loss_weighs_distillation_by_the_share_of_old_classes():
     model, dataset = build_model("--buffer_size", "20", "--temp", "2", model="bic")
     stream(model, dataset, 0)
     stream(model, dataset, 1)
-    model.begin_task(2)
+    model.lifecycle.begin_task(2)
     assert model.old_bias is not None  # the correction fitted after task 1 now corrects the old model
     split = dataset.train_split(2)
     x, labels = dataset.test_transform(split.images[:16]), split.labels[:16]
@@ -153,10 +153,10 @@ def test_bic_loss_weighs_distillation_by_the_share_of_old_classes():
 def test_bic_fitting_the_bias_does_not_raise_the_validation_loss():
     model, dataset = build_model("--buffer_size", "40", "--bic_epochs", "40", "--batch_size", "8", model="bic")
     stream(model, dataset, 0)
-    model.begin_task(1)
+    model.lifecycle.begin_task(1)
     train_steps(model, dataset, 8, task=1)
     val = model.validation_split(1)[1]  # what end_task fits the bias on (the buffer changes after)
-    model.end_task(1)
+    model.lifecycle.end_task(1)
     assert model.bias_task == 1 and not torch.equal(model.bias, torch.tensor([0.0, 1.0]))
     model.eval()
     with torch.no_grad():
@@ -213,7 +213,7 @@ def test_xder_end_of_task_update_writes_the_expected_logits_into_the_buffer():
     model.buffer.logits[:20] = past_logits(20)
     constant_network(model)
     model.update_counter[:] = 3
-    model.end_task(1)
+    model.lifecycle.end_task(1)
     after = model.buffer.get_all()
     assert after["labels"].tolist() == [0] * 5 + [1] * 5 + [2] * 5 + [3] * 5
     assert torch.equal(after["indices"][:5], before["indices"][:5])  # old classes keep their first exemplars
@@ -235,7 +235,7 @@ def test_xder_replay_updates_past_logits_on_their_first_draw():
     stream(model, dataset, 0)
     model.buffer.logits[:20] = past_logits(20)
     constant_network(model)
-    model.begin_task(1)
+    model.lifecycle.begin_task(1)
     split = dataset.train_split(1)
     model.observe(dataset.test_transform(split.images[:8]), split.labels[:8], split.images[:8], split.indices[:8], 1)
     # Every slot was drawn (a replay batch as large as the buffer) for the first time, so every one is updated.
@@ -274,13 +274,11 @@ def test_a_restored_model_continues_exactly(name):
     stream(model, dataset, 0)
     stream(model, dataset, 1)
     saved = io.BytesIO()
-    torch.save({"net": model.net.state_dict(), "opt": model.opt.state_dict(), "extra": model.extra_state()}, saved)
+    torch.save(model.checkpoint_state(), saved)
     saved.seek(0)
     state = torch.load(saved, weights_only=True)  # as a checkpoint is read
     restored, _ = build_model(*flags, "--seed", "1", model=name)
-    restored.net.load_state_dict(state["net"])
-    restored.opt.load_state_dict(state["opt"])
-    restored.load_extra_state(state["extra"])
+    restored.load_checkpoint_state(state)
     images = dataset.test_transform(dataset.test_split(1).images)
     for m in (model, restored):
         m.eval()
@@ -289,7 +287,7 @@ def test_a_restored_model_continues_exactly(name):
     losses = []
     for m in (model, restored):
         m.train()
-        m.begin_task(2)
+        m.lifecycle.begin_task(2)
         torch.manual_seed(5)
         x = dataset.train_transform(split.images[:16])
         losses.append(m.observe(x, split.labels[:16], split.images[:16], split.indices[:16], 2))

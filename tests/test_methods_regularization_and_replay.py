@@ -11,7 +11,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from continual.args import parse_args
-from continual.training import optimizer_step
 from datasets import DATASETS
 from models.agem import project
 from models.ewc_on import fisher_diagonal
@@ -83,7 +82,7 @@ def test_agem_memory_holds_an_equal_share_of_each_finished_task():
     model, dataset = build_model("--buffer_size", "50", model="agem")
     for task in range(2):
         train_steps(model, dataset, 2, task=task)
-        model.end_task(task)
+        model.lifecycle.end_task(task)
     stored = model.buffer.get_all()
     assert len(stored["labels"]) == 2 * (50 // 5)
     assert torch.equal(stored["task_labels"], torch.tensor([0] * 10 + [1] * 10))
@@ -94,7 +93,7 @@ def test_agem_memory_holds_an_equal_share_of_each_finished_task():
 def test_agem_projects_a_conflicting_gradient_onto_the_memory_gradients_half_space():
     model, dataset = build_model("--buffer_size", "50", "--lr", "0.1", model="agem")
     train_steps(model, dataset, 9, task=0)
-    model.end_task(0)
+    model.lifecycle.end_task(0)
     params = list(model.net.parameters())
     projected = kept = 0
     for step in range(9):
@@ -104,7 +103,7 @@ def test_agem_projects_a_conflicting_gradient_onto_the_memory_gradients_half_spa
         loss.backward()
         g = flat_grads(params)
         torch.manual_seed(step)
-        model.edit_gradients(1)
+        model.after_backward(1)
         edited = flat_grads(params)
         torch.manual_seed(step)  # the same memory batch, by hand
         replay = model.buffer.get_data(model.args.minibatch_size, transform=dataset.train_transform)
@@ -157,7 +156,7 @@ def test_gdumb_refits_from_a_fresh_initialisation_on_the_memory_alone():
         for p in other.net.parameters():
             p.add_(torch.randn_like(p) * 5)
     torch.manual_seed(3)
-    model.end_task(1)
+    model.lifecycle.end_task(1)
     torch.manual_seed(3)
     other.end_task(1)
     for a, b in zip(model.net.state_dict().values(), other.net.state_dict().values()):
@@ -180,12 +179,12 @@ def test_lwf_distillation_is_zero_right_after_the_previous_task_and_has_mammoths
         torch.testing.assert_close(model.observe(inputs, labels, raw, indices, 0),
                                    F.cross_entropy(model.net(inputs)[:, :2], labels))  # seen classes only
     train_steps(model, dataset, 9, task=0)
-    model.end_task(0)
+    model.lifecycle.end_task(0)
     inputs, labels, raw, indices = batch(dataset, 1, range(64))
     with torch.no_grad():
         before = model.net(inputs)
     head_before = copy.deepcopy(model.net.head.state_dict())
-    model.begin_task(1)
+    model.lifecycle.begin_task(1)
     with torch.no_grad():
         after = model.net(inputs)
     torch.testing.assert_close(after[:, :2], before[:, :2])  # the warm-up moved the new classes' rows only
@@ -222,7 +221,7 @@ def test_ewc_on_fisher_and_penalty_gradient_match_a_hand_computation():
     model, dataset = build_model("--e_lambda", "3", "--gamma", "0.5", model="ewc_on")
     params = list(model.net.parameters())
     train_steps(model, dataset, 5, task=0)
-    model.end_task(0)
+    model.lifecycle.end_task(0)
     split = dataset.train_split(0)
     by_hand = [torch.zeros_like(p) for p in params]
     model.net.eval()
@@ -242,7 +241,7 @@ def test_ewc_on_fisher_and_penalty_gradient_match_a_hand_computation():
     model.opt.zero_grad(set_to_none=True)
     loss.backward()
     g = [p.grad.clone() for p in params]
-    model.edit_gradients(1)
+    model.after_backward(1)
     moved = 0.0
     # The loss's gradient plus 2 λ F (θ − θ*), the gradient of Mammoth's penalty λ Σ F (θ − θ*)².
     for p, grad, f, a in zip(params, g, first_fisher, anchor):
@@ -250,7 +249,7 @@ def test_ewc_on_fisher_and_penalty_gradient_match_a_hand_computation():
         moved += (p.detach() - a).abs().sum().item()
     assert moved > 0
     model.opt.zero_grad(set_to_none=True)
-    model.end_task(1)  # online: F ← γ F + F_task
+    model.lifecycle.end_task(1)  # online: F ← γ F + F_task
     split = dataset.train_split(1)
     second = fisher_diagonal(model.net, split.images, split.labels, dataset.train_transform)
     for f, old, new in zip(model.fisher, first_fisher, second):
@@ -289,13 +288,13 @@ def test_si_importance_is_the_path_integral_by_hand_on_a_two_parameter_network()
             target = F.one_hot(labels, 10)[:, :2].double()
             g = ((p - target) * s[:, None]).mean(0)  # ∂ mean CE / ∂w, by hand
             penalty = 0 if omega_total is None else 2 * c * omega_total * (theta - anchor)
-            optimizer_step(model, model.observe(inputs, labels, raw, indices, task), task)
+            model.lifecycle.step(model.lifecycle.observe(inputs, labels, raw, indices, task))
             torch.testing.assert_close(w.detach(), theta - lr * torch.clamp(g + penalty, -1, 1))
             path += g * (theta - w.detach())
         gained = path / ((w.detach() - anchor) ** 2 + xi)
         omega_total = gained if omega_total is None else omega_total + gained
         anchor = w.detach().clone()
-        model.end_task(task)
+        model.lifecycle.end_task(task)
         torch.testing.assert_close(model.importance, omega_total)
         torch.testing.assert_close(model.anchor, anchor)
         assert (model.importance > 0).all() and model.path.abs().sum() == 0

@@ -11,7 +11,6 @@ from backbones import BACKBONES
 from datasets import DATASETS
 from models import MODELS
 from continual.args import CONFIG_DIR, parse_args
-from continual.training import optimizer_step
 
 
 def build(model_name: str, *extra: str):
@@ -26,9 +25,9 @@ def stream_task(model, dataset, task: int, batch_size: int = 32) -> None:
     split = dataset.train_split(task)
     for start in range(0, len(split), batch_size):
         raw = split.images[start:start + batch_size]
-        loss = model.observe(dataset.train_transform(raw), split.labels[start:start + batch_size], raw,
+        loss = model.lifecycle.observe(dataset.train_transform(raw), split.labels[start:start + batch_size], raw,
                              split.indices[start:start + batch_size], task)
-        optimizer_step(model, loss, task)
+        model.lifecycle.step(loss)
 
 
 @pytest.mark.parametrize("name", ["er", "der", "derpp"])
@@ -52,7 +51,7 @@ def test_der_stores_the_logits_computed_before_the_step():
     raw, labels = split.images[:32], split.labels[:32]
     inputs = dataset.train_transform(raw)
     before = copy.deepcopy(model.net)
-    optimizer_step(model, model.observe(inputs, labels, raw, split.indices[:32], 0), 0)
+    model.lifecycle.step(model.lifecycle.observe(inputs, labels, raw, split.indices[:32], 0))
     with torch.no_grad():
         expected = before(inputs)
     assert torch.allclose(model.buffer.logits[:32], expected)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import math
 
 import numpy as np
 import pytest
@@ -50,7 +51,7 @@ def test_a_reset_method_on_a_backbone_without_hidden_units_is_refused():
 
 
 @pytest.mark.parametrize("flags,sentence", [
-    (["--plasticity", "dropout"], "unknown plasticity method 'dropout'; known plasticity methods: cbp, l2"),
+    (["--plasticity", "dropout"], "unknown plasticity method 'dropout'; known plasticity methods: "),
     (["--cbp_rho", "0.1"], "--cbp_rho belongs to the plasticity method cbp, which is not in --plasticity"),
     (["--plasticity", "l2", "--snr2_p", "0.5"], "--snr2_p belongs to the plasticity method snr_v2"),
     (["--plasticity", "snr", "--snr_p", "1.5"], "--snr_p is a percentile in (0, 1), got 1.5"),
@@ -72,12 +73,15 @@ def test_bad_plasticity_input_ends_with_one_sentence(flags, sentence, tmp_path, 
     assert err.startswith("error: ") and sentence in err and len(err.splitlines()) == 1
 
 
-def test_reset_head_zeroes_the_output_layer_at_each_new_task(tmp_path):
+@pytest.mark.parametrize("flags", [["--plasticity", "head_reset"], ["--reset_head"]], ids=["head_reset", "deprecated"])
+def test_head_reset_zeroes_the_output_layer_at_each_new_task_before_the_model_acts(tmp_path, flags, capsys):
     state = main.run(parse_args(["--model", "sgd", "--lr", "0.05", "--seed", "0", "--device", "cpu",
-                                 "--n_epochs", "1", "--n_tasks", "2", "--dataset", "perm-digits", "--reset_head",
+                                 "--n_epochs", "1", "--n_tasks", "2", "--dataset", "perm-digits", *flags,
                                  "--non_verbose", "--tracking_uri", f"sqlite:///{tmp_path / 'm.db'}"]))
     assert len(state.history["terminal_test_acc"]) == 2
-    model, dataset = build("--reset_head", "--dataset", "perm-digits", "--n_tasks", "2")
+    assert state.history["head_resets"] == [0.0, 1.0]
+    model, dataset = build(*flags, "--dataset", "perm-digits", "--n_tasks", "2", "--optimizer", "adam")
+    assert model.args.plasticity == "head_reset"
     from benchmarks.engine_throughput import SilentLogger as Silent
     from continual.training import RunState, train_task
 
@@ -86,9 +90,28 @@ def test_reset_head_zeroes_the_output_layer_at_each_new_task(tmp_path):
     assert head.weight.abs().sum() > 0
     model.args.n_epochs = 1
     seen = []
-    model.begin_task = lambda task: seen.append(model.net.head.weight.abs().sum().item())
+    model.begin_task = lambda task: seen.append(  # the model's own begin_task sees the reset head
+        (model.net.head.weight.abs().sum().item(), model.opt.state[model.net.head.weight]["exp_avg"].abs().sum().item()))
     train_task(model, dataset, 1, model.args, Silent(), RunState.fresh(dataset))
-    assert seen == [0.0]
+    assert seen == [(0.0, 0.0)]
+    if flags == ["--reset_head"]:
+        assert "--reset_head is deprecated" in capsys.readouterr().err
+
+
+def test_head_reset_redraw_draws_a_new_head_from_the_initialisation():
+    model, dataset = build("--plasticity", "head_reset", "--head_reset_mode", "redraw")
+    (method,) = model.plasticity.methods
+    before = copy.deepcopy(model.net.head)
+    method.begin_task(0)  # the first task keeps its head
+    assert torch.equal(before.weight, model.net.head.weight)
+    draws = []
+    for task in (1, 2):
+        method.begin_task(task)
+        draws.append(model.net.head.weight.detach().clone())
+    assert not torch.equal(draws[0], before.weight) and not torch.equal(draws[0], draws[1])
+    assert model.net.head.bias.abs().max() > 0 or model.net.init == "xavier"  # PyTorch's init draws biases
+    bound = 1 / math.sqrt(model.net.head.in_features)
+    assert draws[1].abs().max() <= bound * 1.0001 and draws[1].std() > 0.4 * bound
 
 
 @pytest.mark.parametrize("file,depth,width", [("vit_l3.yaml", 3, 48), ("vit_l12.yaml", 12, 192)])

@@ -45,7 +45,7 @@ class ResNetWithReDO:
         self.net.train()
         self.optimizer.zero_grad()
         F.cross_entropy(self.net(self.x), self.y).backward()
-        self.plasticity.before_step()
+        self.plasticity.after_backward()
         self.optimizer.step()
         self.plasticity.after_step()
 

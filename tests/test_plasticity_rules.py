@@ -14,6 +14,7 @@ from backbones import BACKBONES
 from plasticity._hidden_units import HiddenUnits
 from plasticity.redo import redo_scores
 from tests.conftest import build_model as build, train_steps
+from utils.lifecycle import StepBatch
 
 SMALL = {
     "mlp": ((1, 8, 8), ["--mlp_hidden", "16,12"]),
@@ -121,7 +122,7 @@ def gradients_after(model, dataset) -> dict[str, torch.Tensor]:
     split = dataset.train_split(0)
     model.opt.zero_grad()
     model.loss(model.net(dataset.test_transform(split.images[:32])), split.labels[:32]).backward()
-    model.plasticity.before_step()
+    model.plasticity.after_backward()
     return {n: p.grad.clone() for n, p in model.net.named_parameters()}
 
 
@@ -159,20 +160,20 @@ def test_shrink_perturb_shrinks_then_adds_noise_of_the_chosen_kind():
                                "--sp_noise", noise)
         (method,) = model.plasticity.methods
         before = [p.detach().clone() for p in model.net.parameters()]
-        method.after_step(0)
+        method.after_step(StepBatch(None, None, None, None, 0, 0))
         for p, old in zip(model.net.parameters(), before):
             torch.testing.assert_close(p.detach(), 0.5 * old)
     # p = 0, σ = 1 leaves exactly the noise: a fresh initialisation (PyTorch's U(±1/√fan_in)) or N(0, 1).
     model, _ = build("--plasticity", "shrink_perturb", "--sp_shrink", "1e-9", "--sp_sigma", "1", "--sp_noise", "init")
     initial = [p.detach().clone() for p in model.net.parameters()]
-    model.plasticity.methods[0].after_step(0)
+    model.plasticity.methods[0].after_step(StepBatch(None, None, None, None, 0, 0))
     layer = model.net.layers[0]
     bound = 1 / math.sqrt(layer.in_features)
     assert layer.weight.abs().max() <= bound * 1.0001 and layer.weight.std() > 0.4 * bound
     assert not torch.allclose(layer.weight, initial[0])
     model, _ = build("--plasticity", "shrink_perturb", "--sp_shrink", "1e-9", "--sp_sigma", "1",
                      "--sp_noise", "gaussian")
-    model.plasticity.methods[0].after_step(0)
+    model.plasticity.methods[0].after_step(StepBatch(None, None, None, None, 0, 0))
     assert abs(float(model.net.layers[0].weight.detach().std()) - 1) < 0.05
 
 

@@ -3,8 +3,8 @@ always says what the code says; eval_splits.py sets OpenBLAS's idle-thread timeo
 from __future__ import annotations
 
 import gzip
+import json
 import os
-import pickle
 import shutil
 import subprocess
 import sys
@@ -42,7 +42,7 @@ def test_help_and_argument_errors_import_no_heavy_package_once_the_catalogue_is_
     cache = str(tmp_path / "cache")
     heavy, code, _ = probe(["--help"], cache)  # the first start records the catalogue: it imports the families
     assert code == 0 and "torch" in heavy
-    assert list((tmp_path / "cache" / "continual-memorization").glob("catalogue-*.pickle"))
+    assert list((tmp_path / "cache" / "continual-memorization").glob("catalogue-*.json"))
     for argv, expected_code, sentence in (
             (["--help"], 0, ""),
             (["--model", "er", "--lr", "0.1", "--no_such_flag", "1"], 2, "unrecognized arguments: --no_such_flag"),
@@ -93,16 +93,17 @@ def test_a_changed_source_file_or_a_damaged_record_rebuilds_the_catalogue(tmp_pa
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     monkeypatch.setattr(catalogue, "_loaded", None)
     built = catalogue.catalogue()
-    record = next((tmp_path / "cache" / "continual-memorization").glob("catalogue-*.pickle"))
-    digest, families = pickle.loads(record.read_bytes())
-    assert digest == catalogue.source_digest() and families["model"].names() == built["model"].names()
+    record = next((tmp_path / "cache" / "continual-memorization").glob("catalogue-*.json"))
+    recorded = json.loads(record.read_text())
+    families = catalogue._from_json(recorded["families"])
+    assert recorded["digest"] == catalogue.source_digest() and families["model"].names() == built["model"].names()
 
-    record.write_bytes(b"not a pickle")  # damaged: rebuilt and rewritten, never an error
+    record.write_bytes(b"not json")  # damaged: rebuilt and rewritten, never an error
     monkeypatch.setattr(catalogue, "_loaded", None)
     assert catalogue.catalogue()["dataset"].names() == built["dataset"].names()
-    assert pickle.loads(record.read_bytes())[0] == digest
+    assert json.loads(record.read_text())["digest"] == recorded["digest"]
 
-    record.write_bytes(pickle.dumps(("a digest of other sources", {})))  # stale: rebuilt
+    record.write_text(json.dumps({"digest": "a digest of other sources", "families": {}}))  # stale: rebuilt
     monkeypatch.setattr(catalogue, "_loaded", None)
     assert catalogue.catalogue()["backbone"].names() == built["backbone"].names()
 

@@ -10,7 +10,7 @@ import torch
 
 from utils.errors import ConfigError
 
-FORMAT_VERSION = 2  # 2: plasticity state and the per-task history
+FORMAT_VERSION = 3  # 3: the model's whole state (utils/state.py)
 
 
 def rng_state() -> dict:

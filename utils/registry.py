@@ -80,3 +80,26 @@ def method_names(text: str | None) -> list[str]:
     if len(set(names)) != len(names):
         raise ConfigError(f"--plasticity lists a method twice ({text!r}); name each method once")
     return names
+
+
+def parse_interval(text: str) -> tuple[float, float, bool, bool]:
+    """'[0, 1]', '(0, inf)', '[1, inf)' → (low, high, low closed, high closed)."""
+    text = text.strip()
+    if len(text) < 5 or text[0] not in "[(" or text[-1] not in "])" or "," not in text:
+        raise ValueError(f"bounds {text!r} are not an interval such as '[0, 1]' or '(0, inf)'")
+    low, high = (float(part) for part in text[1:-1].split(","))
+    return low, high, text[0] == "[", text[-1] == "]"
+
+
+def check_bounds(args: argparse.Namespace, bounds: dict[str, str], owner: str | None = None) -> None:
+    """Refuse, with one sentence, a flag value outside the interval its component declares in BOUNDS."""
+    for dest, interval in (bounds or {}).items():
+        value = getattr(args, dest, None)
+        if value is None:
+            continue
+        low, high, low_closed, high_closed = parse_interval(interval)
+        above = value >= low if low_closed else value > low
+        below = value <= high if high_closed else value < high
+        if not (above and below):  # NaN fails both
+            whose = f" (declared by {owner})" if owner else ""
+            raise ConfigError(f"--{dest} must be in {interval}{whose}, got {value}; pass a value in that range")

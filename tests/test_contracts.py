@@ -1,0 +1,283 @@
+"""The contract every registered component meets, tested for each one found in the registries.
+
+No test here names a component: a new file in models/, plasticity/, buffer_policies/ or backbones/
+is picked up and held to the same contract (test ids carry its registered name, so
+`pytest -k NAME` runs one component's tests):
+
+- a short run on seq-digits ends with finite accuracies, and every event reached every component:
+  begin_task and end_task once per task, end_run once, after_backward and after_step at every step;
+- a checkpoint written after the second task, resumed, ends bit for bit where the uninterrupted run
+  ends (accuracy matrices, losses, and the whole state of the model, its buffer, policy and
+  plasticity methods);
+- a replay buffer never holds more than --buffer_size examples;
+- `--help` for the component lists each of its flags;
+- a value outside a range the component declares in BOUNDS is refused with one sentence.
+"""
+from __future__ import annotations
+
+import io
+import math
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+import continual.run
+import main
+from backbones import BACKBONES
+from buffer_policies import BUFFER_POLICIES
+from continual.args import parse_args
+from models import MODELS
+from plasticity import PLASTICITY
+from utils.mlflow_logger import RecordingLogger
+from utils.registry import declared_flags, parse_interval
+
+N_TRAIN = 1438  # seq-digits' training examples
+BASE = ["--dataset", "seq-digits", "--lr", "0.05", "--seed", "0", "--device", "cpu", "--non_verbose",
+        "--n_epochs", "1"]
+BUFFER = ["--buffer_size", "40"]
+HOST = "er"  # the replay model that plasticity methods, buffer policies and backbones are tested under
+
+
+def params(registry):
+    return [pytest.param(cls, id=cls.NAME) for cls in registry.classes()]
+
+
+@pytest.fixture(scope="module")
+def score_file(tmp_path_factory):
+    """Memorization scores for seq-digits' training set, all distinct, in an order unrelated to the rows."""
+    path = tmp_path_factory.mktemp("scores") / "scores.npy"
+    np.save(path, ((np.arange(N_TRAIN) * 7919) % N_TRAIN).astype(np.float32))
+    return path
+
+
+def model_flags(cls) -> list[str]:
+    return ["--model", cls.NAME, *(BUFFER if cls.USES_BUFFER else [])]
+
+
+class Recorder:
+    """Runs main's `run` in-process, keeping the model it trained and a copy of each task's checkpoint."""
+
+    def __init__(self, monkeypatch, tmp_path):
+        self.models, self.checkpoints, self.tmp_path = [], {}, tmp_path
+        train, save = continual.run.train, continual.run.save_checkpoint
+
+        def recording_train(model, *args, **kwargs):
+            self.models.append(model)
+            return train(model, *args, **kwargs)
+
+        def recording_save(path, payload):
+            save(path, payload)
+            copy = self.tmp_path / f"after_task_{payload['next_task']}_{len(self.models)}.pt"
+            shutil.copyfile(path, copy)
+            self.checkpoints[len(self.models), payload["next_task"]] = copy
+
+        monkeypatch.setattr(continual.run, "train", recording_train)
+        monkeypatch.setattr(continual.run, "save_checkpoint", recording_save)
+
+    def run(self, argv: list[str]):
+        args = parse_args([*argv, "--savecheck", "--checkpoint_dir", str(self.tmp_path / "ckpt")])
+        return continual.run.run(args, logger=RecordingLogger(run_id=f"run{len(self.models)}"))
+
+
+def assert_same(a, b, where: str = "checkpoint") -> None:
+    """Two checkpoint payloads are equal, tensors bit for bit (NaN equal to NaN)."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.shape == b.shape and a.dtype == b.dtype, where
+        assert torch.equal(a, b) or (a.is_floating_point() and torch.equal(a.nan_to_num(7.5), b.nan_to_num(7.5))), where
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and set(a) == set(b), f"{where}: keys {sorted(set(a) ^ set(b))}"
+        for key in a:
+            assert_same(a[key], b[key], f"{where}.{key}")
+    elif isinstance(a, (list, tuple)):
+        assert isinstance(b, (list, tuple)) and len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same(x, y, f"{where}[{i}]")
+    elif isinstance(a, float) and math.isnan(a):
+        assert isinstance(b, float) and math.isnan(b), where
+    else:
+        assert a == b, f"{where}: {a!r} != {b!r}"
+
+
+def load(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def check_contract(recorder: Recorder, argv: list[str], n_tasks: int = 5, resume_after: int = 2) -> None:
+    """Run uninterrupted, resume from the checkpoint after `resume_after` tasks, and check the contract."""
+    state = recorder.run(argv)
+    model = recorder.models[0]
+    for setting, matrix in state.matrices.items():
+        measured = matrix[np.tril_indices(n_tasks)]
+        assert np.isfinite(measured).all() and ((0 <= measured) & (measured <= 100)).all(), setting
+
+    counts, steps = model.lifecycle.counts, model.plasticity.step
+    for label in ["model", *(label for label, _ in model.lifecycle.components())]:
+        assert counts.get((label, "begin_task")) == n_tasks, label
+        assert counts.get((label, "end_task")) == n_tasks, label
+        assert counts.get((label, "end_run")) == 1, label
+        assert counts.get((label, "after_step"), 0) == steps, label
+        assert counts.get((label, "after_backward"), 0) == steps, label
+
+    if model.buffer is not None:
+        assert 0 < len(model.buffer) <= model.args.buffer_size
+        for name in ("examples", "labels", "logits", "task_labels", "indices"):
+            stored = getattr(model.buffer, name)
+            assert stored is None or len(stored) == model.args.buffer_size, name
+
+    resumed = recorder.run([*argv, "--resume", str(recorder.checkpoints[1, resume_after])])
+    for setting in state.matrices:
+        np.testing.assert_array_equal(resumed.matrices[setting], state.matrices[setting])
+    np.testing.assert_array_equal(resumed.epoch_losses, state.epoch_losses)
+    final, final_resumed = load(recorder.checkpoints[1, n_tasks]), load(recorder.checkpoints[2, n_tasks])
+    for key in ("model", "rng", "matrices", "epoch_losses", "history"):
+        assert_same(final[key], final_resumed[key], key)
+
+
+# -- a run, its events, its buffer, and resuming -----------------------------------------------------------
+@pytest.mark.parametrize("cls", params(MODELS))
+def test_model_contract(cls, monkeypatch, tmp_path):
+    check_contract(Recorder(monkeypatch, tmp_path), [*BASE, *model_flags(cls)])
+
+
+@pytest.mark.parametrize("cls", params(PLASTICITY))
+def test_plasticity_method_contract(cls, monkeypatch, tmp_path):
+    # Three epochs: enough steps for the methods' maturity thresholds and schedules to act before the checkpoint.
+    check_contract(Recorder(monkeypatch, tmp_path), [*BASE, "--n_epochs", "3", "--model", HOST, *BUFFER,
+                                                     "--plasticity", cls.NAME, "--covariates"])
+
+
+@pytest.mark.parametrize("cls", params(BUFFER_POLICIES))
+def test_buffer_policy_contract(cls, monkeypatch, tmp_path, score_file):
+    scores = ["--mem_scores", str(score_file)] if cls.NEEDS_MEMORIZATION_VALUES else []
+    check_contract(Recorder(monkeypatch, tmp_path), [*BASE, "--model", HOST, *BUFFER, "--buffer_policy", cls.NAME,
+                                                     *scores])
+
+
+@pytest.mark.parametrize("cls", params(BACKBONES))
+def test_backbone_contract(cls, monkeypatch, tmp_path):
+    # Two tasks of five classes: every backbone once through a task boundary and a resume, at the least cost.
+    check_contract(Recorder(monkeypatch, tmp_path), [*BASE, "--n_tasks", "2", "--model", HOST, *BUFFER,
+                                                     "--backbone", cls.NAME], n_tasks=2, resume_after=1)
+
+
+# -- flags: shown by --help, ranges refused in one sentence --------------------------------------------------
+def selection(kind: str, cls) -> list[str]:
+    """The flags that choose `cls` on main.py's command line."""
+    return {"model": model_flags(cls), "plasticity": ["--plasticity", cls.NAME],
+            "policy": ["--model", HOST, *BUFFER, "--buffer_policy", cls.NAME],
+            "backbone": ["--backbone", cls.NAME]}[kind]
+
+
+COMPONENTS = [pytest.param(kind, cls, id=f"{kind}-{cls.NAME}") for kind, registry in
+              (("model", MODELS), ("plasticity", PLASTICITY), ("policy", BUFFER_POLICIES), ("backbone", BACKBONES))
+              for cls in registry.classes()]
+
+
+@pytest.mark.parametrize("kind, cls", COMPONENTS)
+def test_help_lists_each_flag_of_the_component(kind, cls, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main.main([*selection(kind, cls), "--dataset", "seq-digits", "--help"])
+    assert exit_info.value.code == 0
+    shown = capsys.readouterr().out
+    for options in declared_flags(cls).values():
+        assert any(option in shown for option in options), options
+
+
+def outside(interval: str, integer: bool) -> list[str]:
+    """Values just outside an interval, on each finite side."""
+    low, high, low_closed, high_closed = parse_interval(interval)
+    step = 1 if integer else 0.5
+    values = []
+    if math.isfinite(low):
+        values.append(low - step if low_closed else low)
+    if math.isfinite(high):
+        values.append(high + step if high_closed else high)
+    return [str(int(v)) if integer else str(v) for v in values]
+
+
+BOUNDED = [pytest.param(kind, cls, flag, interval, id=f"{kind}-{cls.NAME}-{flag}")
+           for kind, registry in (("model", MODELS), ("plasticity", PLASTICITY), ("policy", BUFFER_POLICIES),
+                                  ("backbone", BACKBONES))
+           for cls in registry.classes() for flag, interval in getattr(cls, "BOUNDS", {}).items()]
+
+
+@pytest.mark.parametrize("kind, cls, flag, interval", BOUNDED)
+def test_a_value_outside_a_declared_range_is_refused_in_one_sentence(kind, cls, flag, interval, capsys, tmp_path):
+    assert flag in declared_flags(cls), f"{cls.NAME} bounds --{flag}, which it does not declare"
+    integer = isinstance(parse_args([*BASE, *selection(kind, cls)]).__dict__[flag], int)
+    for value in outside(interval, integer):
+        code = main.main([*BASE, *selection(kind, cls), f"--{flag}={value}",
+                          "--tracking_uri", f"sqlite:///{tmp_path / 'm.db'}"])
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and len(err.splitlines()) == 1, err
+        assert f"--{flag} must be in {interval}" in err
+
+
+def test_component_flags_must_be_data():
+    from continual.catalogue import _Recorder
+    from utils.errors import ConfigError
+
+    recorder = _Recorder("the model teacher")
+    recorder.add_argument("--ema_decay", type=float, default=0.999, help="decay")
+    with pytest.raises(ConfigError, match=r"the model teacher declares --ratio with type=<lambda>.*type=int, float or str"):
+        recorder.add_argument("--ratio", type=lambda text: float(text) / 100)
+    with pytest.raises(ConfigError, match="--when with default=<object"):
+        recorder.add_argument("--when", default=object())
+
+
+# -- what a component cannot break -------------------------------------------------------------------------
+def test_a_copy_of_the_network_does_not_feed_the_hidden_unit_statistics():
+    """A teacher or EMA copy made with deepcopy carries the network's forward hooks; they must not count."""
+    import copy
+
+    from tests.conftest import build_model
+
+    model, dataset = build_model("--covariates")
+    monitor = model.plasticity.units.monitor
+    x = dataset.test_transform(dataset.train_split(0).images[:16])
+    teacher = copy.deepcopy(model.net).train()
+    teacher(x)
+    assert all(float(s.sum()) == 0 for s in monitor.abs_sum) and all(p == 0 for p in monitor.positions)
+    model.net.train()(x)
+    assert all(p > 0 for p in monitor.positions)
+
+
+def test_state_that_a_checkpoint_cannot_hold_ends_the_save_with_one_sentence():
+    from tests.conftest import build_model
+    from utils.state import StateError
+
+    model, _ = build_model()
+    model.handle = open(__file__)  # an attribute a checkpoint cannot hold
+    try:
+        with pytest.raises(StateError, match=r"sgd.handle holds a TextIOWrapper, which a checkpoint cannot save"):
+            model.checkpoint_state()
+    finally:
+        model.handle.close()
+
+
+def test_every_attribute_round_trips_through_a_checkpoint_file():
+    """Tensors, arrays, numbers, containers, generators and a network made during the run come back."""
+    from tests.conftest import build_model
+
+    model, _ = build_model()
+    model.counts = {"a": [1, 2.5, None], 3: (np.arange(4), torch.ones(2))}
+    model.generator = torch.Generator().manual_seed(4)
+    model.numpy_generator = np.random.default_rng(5)
+    model.teacher = __import__("copy").deepcopy(model.net)
+    with torch.no_grad():
+        model.teacher.head.weight.add_(1)
+    model.shared = [model.net.head.weight]  # a reference to a parameter stays a reference
+    saved = io.BytesIO()
+    torch.save(model.checkpoint_state(), saved)
+    saved.seek(0)
+    restored, _ = build_model("--seed", "1")
+    restored.shared = []
+    restored.load_checkpoint_state(torch.load(saved, weights_only=True))
+    assert restored.counts["a"] == [1, 2.5, None] and np.array_equal(restored.counts[3][0], np.arange(4))
+    assert torch.equal(restored.generator.get_state(), model.generator.get_state())
+    assert restored.numpy_generator.random() == model.numpy_generator.random()
+    assert torch.equal(restored.teacher.head.weight, model.teacher.head.weight)
+    assert torch.equal(restored.net.head.weight, model.net.head.weight)
+    assert restored.shared[0] is restored.net.head.weight
