@@ -1,0 +1,53 @@
+"""Command-line arguments of eval_splits.py: its parser, its flags and the checks of their values. Bad input ends
+with one sentence (ConfigError). It imports nothing heavy, so eval_splits.py's OpenBLAS setting still comes before
+numpy loads.
+"""
+from __future__ import annotations
+
+import argparse
+
+from utils.errors import ConfigError
+from utils.help import HelpFormatter
+
+# The first line of eval_splits.py's docstring, shown by --help.
+DESCRIPTION = "Turn a split-training store into per-example memorization, influence and consistency scores."
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=DESCRIPTION,
+                                     formatter_class=HelpFormatter)
+    parser.add_argument("--run_dir", required=True, help="a train_splits.py --out folder, or a folder of released "
+                                                         "<ratio>/<seed>/aux_arrays.npz runs")
+    parser.add_argument("--out", required=True, help="the memorization scores (.npy); the rest is written beside it")
+    parser.add_argument("--target", choices=("prob", "correct"), default="prob",
+                        help="per-example target: softmax probability of the training label, or 0/1 correctness")
+    parser.add_argument("--influence_topk", type=int, default=10)
+    parser.add_argument("--influence_threshold", type=float, default=0.15)
+    parser.add_argument("--influence_full", action="store_true",
+                        help="also write the full train × test influence matrix as a memory-mappable .npy")
+    parser.add_argument("--datamodels", action="store_true",
+                        help="also fit linear datamodels (Ilyas et al. 2022) of every test example's margin by LASSO "
+                             "and compare them with the influence: NAME_datamodels.npz and a report section")
+    parser.add_argument("--datamodel_val_fraction", type=float, default=0.1,
+                        help="share of the models held out to choose each test example's regularisation")
+    parser.add_argument("--datamodel_alphas", type=int, default=30, help="regularisations on each LASSO path")
+    parser.add_argument("--mem_threshold", type=float, default=0.25, help="'memorized' if the score is at least this")
+    parser.add_argument("--allow_partial", action="store_true", help="use the stored models even if some are missing")
+    parser.add_argument("--compare", default=None, metavar="SCORES.npy",
+                        help="another score file in dataset order (e.g. a released one): report the Spearman "
+                             "correlation with it")
+    parser.add_argument("--data_path", default="./data", help="where the dataset's files are (for the report's images)")
+    parser.add_argument("--tracking_uri", default=None)
+    parser.add_argument("--experiment_name", default="split-training")
+    parser.add_argument("--run_name", default=None)
+    args = parser.parse_args(argv)
+    if not args.out.endswith(".npy"):
+        raise ConfigError(f"--out must name a .npy file, got {args.out!r}")
+    if args.influence_topk < 1:
+        raise ConfigError(f"--influence_topk must be at least 1, got {args.influence_topk}")
+    if not 0 < args.datamodel_val_fraction <= 0.5:
+        raise ConfigError(f"--datamodel_val_fraction must be above 0 and at most 0.5, "
+                          f"got {args.datamodel_val_fraction}")
+    if args.datamodel_alphas < 2:
+        raise ConfigError(f"--datamodel_alphas must be at least 2, got {args.datamodel_alphas}")
+    return args
