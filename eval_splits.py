@@ -25,7 +25,7 @@ import sys
 os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
 
 from memorization.eval_args import parse_args  # noqa: E402
-from memorization.scoring import score_store  # noqa: E402
+from memorization.eval_driver import score_store  # noqa: E402
 from utils.errors import run_command  # noqa: E402
 
 

@@ -47,6 +47,7 @@ from continual.run import set_seed  # noqa: E402
 from models import MODELS  # noqa: E402
 from continual.args import parse_args  # noqa: E402
 from datasets import ContinualDataset, Split  # noqa: E402
+from continual.records import RunRecords  # noqa: E402
 from continual.training import RunState, train_task  # noqa: E402
 
 SEED = 0
@@ -148,7 +149,7 @@ class Ours:
         self.model.training_data = lambda task: data  # the task truncated (or cycled) to `steps` batches
         synchronize(self.args.device)
         start = time.perf_counter()
-        train_task(self.model, self.dataset, 0, self.args, SilentLogger(), self.state)  # ends with a device sync
+        train_task(self.model, self.dataset, 0, self.args, RunRecords(SilentLogger()), self.state)  # ends with a device sync
         return time.perf_counter() - start
 
 

@@ -30,6 +30,7 @@ from benchmarks.engine_throughput import SilentLogger, data_path_for  # noqa: E4
 from continual.args import parse_args  # noqa: E402
 from continual.forgetting import StreamRecorder  # noqa: E402
 from continual.run import set_seed  # noqa: E402
+from continual.records import RunRecords  # noqa: E402
 from continual.training import RunState, train_task  # noqa: E402
 from datasets import DATASETS, Split  # noqa: E402
 from models import MODELS  # noqa: E402
@@ -65,12 +66,12 @@ def measure(case: str, cli) -> tuple[float, float, int]:
     # CPU time of this process on the CPU (other jobs on a shared machine do not count), wall time on CUDA
     clock = time.perf_counter if torch.device(cli.device).type == "cuda" else time.process_time
     for state in (plain, recording):  # warm-up, untimed
-        train_task(model, dataset, 0, args, SilentLogger(), state)
+        train_task(model, dataset, 0, args, RunRecords(SilentLogger()), state)
     seconds = {"plain": [], "recording": []}
     for repeat in range(cli.repeats):
         order = [("plain", plain), ("recording", recording)][:: 1 if repeat % 2 == 0 else -1]
         for name, state in order:
-            seconds[name].append(timed(lambda: train_task(model, dataset, 0, args, SilentLogger(), state),
+            seconds[name].append(timed(lambda: train_task(model, dataset, 0, args, RunRecords(SilentLogger()), state),
                                        cli.device, clock))
     return statistics.median(seconds["plain"]), statistics.median(seconds["recording"]), n
 

@@ -54,8 +54,9 @@ from continual.run import set_seed  # noqa: E402
 from models import MODELS  # noqa: E402
 from continual.args import parse_args  # noqa: E402
 from utils.plots import close, value_histogram  # noqa: E402
-from memorization.scores import load_scores  # noqa: E402
+from memorization.score_format import load_scores  # noqa: E402
 from models._memorization_proxy import MemorizationProxy  # noqa: E402
+from continual.records import RunRecords  # noqa: E402
 from continual.training import RunState, train_task  # noqa: E402
 
 SEED = 0
@@ -122,7 +123,7 @@ class Bench:
         self.model.training_data = lambda t: data
         synchronize(args.device)
         start = time.perf_counter()
-        train_task(self.model, self.dataset, task, args, SilentLogger(), self.state)
+        train_task(self.model, self.dataset, task, args, RunRecords(SilentLogger()), self.state)
         synchronize(args.device)
         return time.perf_counter() - start
 

@@ -22,7 +22,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = REPO_ROOT / "configs" / "best"
 # Flags that say where to log or resume, not what is computed: a checkpoint may differ in these.
 NON_COMPUTATIONAL = {"resume", "savecheck", "checkpoint_dir", "tracking_uri", "experiment_name", "run_name",
-                     "non_verbose", "data_path", "download", "model_config", "config", "log_every", "num_threads",
+                     "non_verbose", "figures", "data_path", "download", "model_config", "config", "log_every", "num_threads",
                      "forgetting_events"}  # recording reads the forward passes training makes; it changes no result
 
 
@@ -90,6 +90,8 @@ def common_parser(first_pass: bool = False) -> argparse.ArgumentParser:
     record.add_argument("--checkpoint_dir", default=str(REPO_ROOT / "checkpoints"))
     record.add_argument("--resume", default=None, metavar="PATH", help="continue the run saved in this checkpoint")
     record.add_argument("--non_verbose", action="store_true", help="no progress bars")
+    record.add_argument("--no_figures", dest="figures", action="store_false",
+                        help="log metrics and CSV tables but draw no figures (they are most of a short run's time)")
     record.add_argument("--eval_scope", choices=("seen", "current"), default=None,
                         help="after each task evaluate every seen task (the accuracy matrix) or only the task "
                              "just trained (its terminal accuracy); default: current for long streams")

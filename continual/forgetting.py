@@ -14,7 +14,7 @@ from torch import nn
 from datasets import ContinualDataset
 from memorization.forgetting import ForgettingEvents, forgetting_values, sidecar, summary
 from memorization.plan import fingerprint
-from memorization.scores import original_train_labels
+from memorization.score_format import original_train_labels
 
 ARTIFACT = "forgetting/events.npy"
 

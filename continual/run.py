@@ -15,10 +15,11 @@ from buffer_policies import BUFFER_POLICIES
 from continual.args import computational_config
 from continual.evaluation import summary_metrics
 from continual.forgetting import StreamRecorder, log_forgetting
+from continual.records import RunRecords
 from continual.training import RunState, train
 from datasets import DATASETS
 from memorization.plan import fingerprint
-from memorization.scores import load_scores
+from memorization.score_format import load_scores
 from models import MODELS
 from plasticity import PLASTICITY, method_names
 from utils.checkpoint import (
@@ -170,7 +171,8 @@ def run(args: argparse.Namespace, logger: RunLogger | RecordingLogger | None = N
     if isinstance(logger, RunLogger):
         print(f"MLflow run {logger.run_id} in {args.tracking_uri}", flush=True)
     try:
-        train(model, dataset, args, logger, state, after_task=save if checkpoint_path else None)
+        train(model, dataset, args, RunRecords(logger, figures=args.figures), state,
+              after_task=save if checkpoint_path else None)
     except TrainingDiverged as error:
         logger.set_tags({"error": str(error)})
         logger.finish("FAILED")

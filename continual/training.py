@@ -1,15 +1,15 @@
-"""The task loop: train each task, evaluate every seen task, log, checkpoint.
+"""The task loop: train each task, evaluate every seen task, tell the records, checkpoint.
 
 The loop owns the optimizer step and the events: a model's `observe` returns the loss of a batch,
 and the model's `Lifecycle` (models/__init__.py) runs backward, every component's `after_backward`,
 the step and every `after_step`, and sends `begin_task`, `end_task` and `end_run`, so no component
-can be left out.
+can be left out. What a run logs (MLflow metrics, artifacts, figures) is not done here: the loop
+tells a `RunRecords` (continual/records.py) what happened, and it writes the record.
 """
 from __future__ import annotations
 
 import argparse
 import functools
-import io
 import math
 import sys
 import time
@@ -30,23 +30,13 @@ from continual.evaluation import (
     training_accuracy,
 )
 from continual.forgetting import StreamRecorder
+from continual.records import RunRecords
 from datasets import ContinualDataset
 from models import ContinualModel
 from utils.errors import TrainingDiverged
-from utils.mlflow_logger import RunLogger
-from utils.plots import (
-    accuracy_heatmap,
-    close,
-    task_accuracy_curves,
-    terminal_accuracy_figure,
-    value_histogram,
-)
 
 LOSS_REFRESH_STEPS = 20  # read the loss back from the device this often (progress bar and NaN check)
 PER_TASK_METRICS_UP_TO = 50  # log each task's accuracy as its own metric for streams up to this long
-# While a run is watched, redraw its figures after a task when this long has passed since the last
-# drawing (and always after the last task): a short run draws them once, a long one keeps them fresh.
-FIGURES_EVERY_S = 60.0
 
 
 @dataclass
@@ -57,7 +47,6 @@ class RunState:
     next_task: int = 0
     epoch_losses: list[float] = field(default_factory=list)
     history: dict[str, list[float]] = field(default_factory=dict)  # per-task scalars, for the figures
-    figures_drawn_at: float = field(default_factory=time.monotonic)  # not checkpointed
     forgetting: StreamRecorder | None = None  # --forgetting_events (checkpointed by continual/run.py)
 
     def terminal_accuracy(self, setting: str) -> np.ndarray:
@@ -69,18 +58,9 @@ class RunState:
         return cls({s: empty_matrix(dataset.n_tasks) for s in settings_of(dataset)})
 
 
-def matrix_csv(matrix: np.ndarray) -> str:
-    """R[t][i] as CSV: one row per trained task t, one column per evaluated task i, empty where unmeasured."""
-    out = io.StringIO()
-    out.write("after_task," + ",".join(f"task_{i}" for i in range(matrix.shape[1])) + "\n")
-    for t, row in enumerate(matrix):
-        out.write(f"{t}," + ",".join("" if np.isnan(v) else f"{v:.4f}" for v in row) + "\n")
-    return out.getvalue()
-
-
 def train_task(model: ContinualModel, dataset: ContinualDataset, task: int, args: argparse.Namespace,
-               logger: RunLogger, state: RunState) -> None:
-    """All epochs of one task; the per-epoch mean loss is logged and checked for NaN."""
+               records: RunRecords, state: RunState) -> None:
+    """All epochs of one task; the per-epoch mean loss is recorded and checked for NaN."""
     model.train()
     lifecycle = model.lifecycle
     lifecycle.begin_task(task)
@@ -105,7 +85,7 @@ def train_task(model: ContinualModel, dataset: ContinualDataset, task: int, args
                 n_stepped += len(rows)
                 if args.log_every and model.plasticity.step % args.log_every == 0:
                     covariates = measure_covariates(model, probe, args)
-                    logger.log_metrics({f"step/{k}": v for k, v in covariates.items()}, step=model.plasticity.step)
+                    records.step_measured(model.plasticity.step, covariates)
             if n_stepped and (step % LOSS_REFRESH_STEPS == LOSS_REFRESH_STEPS - 1 or step == steps - 1):
                 running = loss_sum.item() / n_stepped
                 if not math.isfinite(running):
@@ -115,8 +95,7 @@ def train_task(model: ContinualModel, dataset: ContinualDataset, task: int, args
                         f"this one stay logged")
                 bar.set_postfix(loss=f"{running:.4f}")
         state.epoch_losses.append(loss_sum.item() / n_stepped if n_stepped else math.nan)
-    # One write per task: a store write costs more than an epoch of a small network.
-    logger.log_series("train_loss", state.epoch_losses[-args.n_epochs:], first_step=task * args.n_epochs)
+    records.task_trained(task, state.epoch_losses[-args.n_epochs:])
     if state.forgetting is not None:
         state.forgetting.detach()  # before end_task, where methods copy the network
     lifecycle.end_task(task)
@@ -143,9 +122,10 @@ def append_history(history: dict[str, list[float]], metrics: dict[str, float], t
         values.append(value)
 
 
-def record_task(model: ContinualModel, dataset: ContinualDataset, task: int, logger: RunLogger,
-                state: RunState) -> dict[str, float]:
-    """Evaluate the seen tasks (or only this one), fill the accuracy matrices, and log it all."""
+def evaluate_task(model: ContinualModel, dataset: ContinualDataset, task: int,
+                  state: RunState) -> tuple[dict[str, float], dict]:
+    """Evaluate the seen tasks (or only this one) and fill the accuracy matrices; returns the task's metrics
+    and the model's record (arrays, histograms) for the listeners."""
     args = model.args
     tasks = list(range(task + 1)) if args.eval_scope == "seen" else [task]
     accuracy = evaluate(model, dataset, task, tasks)
@@ -172,54 +152,8 @@ def record_task(model: ContinualModel, dataset: ContinualDataset, task: int, log
         metrics.update(measure_covariates(model, dataset.train_split(task).images[: args.probe_size], args))
     record = model.task_record(task)
     metrics.update(record.get("metrics", {}))
-    logger.log_metrics(metrics, step=task)
     append_history(state.history, metrics, task)
-    for name, array in record.get("arrays", {}).items():
-        logger.log_array(array, name)
-    for name, (everything, kept) in record.get("histograms", {}).items():
-        figure = value_histogram(everything, kept, f"memorization values after task {task + 1}")
-        logger.log_figure(figure, name)
-        close(figure)
-    due = logger.LIVE and time.monotonic() - state.figures_drawn_at >= FIGURES_EVERY_S
-    if task == dataset.n_tasks - 1 or due:
-        log_figures(model, dataset, task, logger, state)
-        state.figures_drawn_at = time.monotonic()
-    return metrics
-
-
-def log_figures(model: ContinualModel, dataset: ContinualDataset, task: int, logger: RunLogger,
-                state: RunState) -> None:
-    """Accuracy matrices (or terminal accuracies), and the covariates against tasks."""
-    if model.args.eval_scope == "seen":
-        for setting, matrix in state.matrices.items():
-            logger.log_text(matrix_csv(matrix), f"accuracy/{setting}.csv")
-            figure = accuracy_heatmap(matrix, f"{setting.replace('_', '-')} accuracy (%)")
-            logger.log_figure(figure, f"accuracy/{setting}.png")
-            close(figure)
-            figure = task_accuracy_curves(matrix, f"{setting.replace('_', '-')} accuracy of each task")
-            logger.log_figure(figure, f"accuracy/{setting}_per_task.png")
-            close(figure)
-    test = state.terminal_accuracy(settings_of(dataset)[0])
-    train = np.array(state.history["terminal_train_acc"])
-    logger.log_text("task,terminal_test_acc,terminal_train_acc\n" + "".join(
-        f"{t},{a:.4f},{b:.4f}\n" for t, (a, b) in enumerate(zip(test, train))), "accuracy/terminal.csv")
-    figure = terminal_accuracy_figure(test, train)
-    logger.log_figure(figure, "accuracy/terminal.png")
-    close(figure)
-    if model.plasticity.units is None:
-        return
-    from utils.covariate_plots import COVARIATE_PLOTS, age_histogram, covariate_figure
-
-    for prefix, title in COVARIATE_PLOTS:
-        if prefix in state.history or any(k.startswith(prefix + "/") for k in state.history):
-            figure = covariate_figure(state.history, prefix, title)
-            logger.log_figure(figure, f"plasticity/{prefix}.png")
-            close(figure)
-    for unit in ("steps", "tokens"):
-        figure = age_histogram({k: v.cpu().numpy() for k, v in model.plasticity.units.monitor.ages(unit).items()},
-                               unit, f"neuron ages ({unit} since firing) after task {task + 1}")
-        logger.log_figure(figure, f"plasticity/ages_{unit}.png")
-        close(figure)
+    return metrics, record
 
 
 def _clock(seconds: float) -> str:
@@ -227,13 +161,15 @@ def _clock(seconds: float) -> str:
     return f"{minutes // 60}:{minutes % 60:02d}:{seconds:02d}" if minutes >= 60 else f"{minutes}:{seconds:02d}"
 
 
-def train(model: ContinualModel, dataset: ContinualDataset, args: argparse.Namespace, logger: RunLogger,
+def train(model: ContinualModel, dataset: ContinualDataset, args: argparse.Namespace, records: RunRecords,
           state: RunState, after_task: Callable[[RunState], None] | None = None) -> RunState:
-    """Run the tasks from `state.next_task` to the end; `after_task` (e.g. a checkpoint) follows each."""
+    """Run the tasks from `state.next_task` to the end; `records` hears each task's results, `after_task`
+    (e.g. a checkpoint) follows each."""
     started, first = time.perf_counter(), state.next_task
     for task in range(state.next_task, dataset.n_tasks):
-        train_task(model, dataset, task, args, logger, state)
-        metrics = record_task(model, dataset, task, logger, state)
+        train_task(model, dataset, task, args, records, state)
+        metrics, record = evaluate_task(model, dataset, task, state)
+        records.task_evaluated(model, dataset, task, metrics, record, state)
         shown = ("acc_", "forgetting_", "terminal_test_acc", "terminal_train_acc", "resets", "dormant_frac")
         summary = "  ".join(f"{k} {v:.2f}" for k, v in metrics.items()
                             if k.startswith(shown) and "/" not in k and "_task_" not in k and "_last_" not in k)

@@ -37,9 +37,9 @@ from scipy.stats import spearmanr  # noqa: E402
 import eval_splits  # noqa: E402
 import train_splits  # noqa: E402
 from memorization.driver import run_plan  # noqa: E402
+from memorization.eval_driver import score_store  # noqa: E402
 from memorization.estimator import memorization  # noqa: E402
 from memorization.loo import loo_memorization, read_loo_store  # noqa: E402
-from memorization.scoring import score_store  # noqa: E402
 from memorization.store import SubsetStore  # noqa: E402
 
 

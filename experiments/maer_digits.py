@@ -5,7 +5,7 @@ memorized (typical) examples are the better choice, and that highly memorized on
 the buffer grows. This script asks the same of seq-digits (5 tasks x 2 classes, 1438 training
 images, an MLP), in one process, through the repository's own entry points:
 
-  a. subset-training memorization scores (memorization.driver.run_plan, memorization.scoring.score_store -> mem.npy, target prob);
+  a. subset-training memorization scores (memorization.driver.run_plan, memorization.eval_driver.score_store -> mem.npy, target prob);
   b. final class-IL accuracy (Acc) and forgetting (FM) of `er` (reservoir) against `maer` with the
      policies min / middle / max, driven by the scores (--mem_proxy none) or by the online proxy
      (--mem_proxy learned_iteration, no scores), for several buffer sizes and seeds (continual.run.run);
@@ -51,7 +51,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import eval_splits  # noqa: E402
-from memorization.scoring import score_store  # noqa: E402
+from memorization.eval_driver import score_store  # noqa: E402
 from continual import run as main_py  # noqa: E402
 import train_splits  # noqa: E402
 from memorization.driver import run_plan  # noqa: E402

@@ -21,7 +21,7 @@ from memorization.datamodels import (
     models_needed,
 )
 from memorization.driver import run_plan
-from memorization.scoring import score_store
+from memorization.eval_driver import score_store
 from memorization.store import SubsetStore
 from memorization.training import load_plan_data
 from utils.errors import ConfigError

@@ -21,9 +21,9 @@ from continual.args import parse_args
 from continual.forgetting import StreamRecorder
 from continual.run import run as run_experiment
 from memorization.driver import run_plan
+from memorization.eval_driver import score_store
 from memorization.forgetting import ForgettingEvents, count_events, forgetting_values, pool_models
-from memorization.scores import load_scores
-from memorization.scoring import score_store
+from memorization.score_format import load_scores
 from memorization.stacked_mlp import StackedMLP
 from memorization.store import SubsetStore
 from memorization.training import load_plan_data

@@ -50,7 +50,7 @@ ARRAYS = hnp.arrays(dtype=st.one_of(hnp.floating_dtypes(), hnp.integer_dtypes(),
 @FUZZ
 @given(array=ARRAYS, sidecar=st.one_of(st.none(), st.binary(max_size=64), JSON.map(json.dumps)))
 def test_score_files_and_sidecars(array, sidecar):
-    from memorization.scores import load_scores
+    from memorization.score_format import load_scores
 
     folder = Path(tempfile.mkdtemp())
     try:

@@ -12,9 +12,9 @@ from scipy.stats import spearmanr
 import eval_splits
 import train_splits
 from memorization.driver import make_plan, run_plan
+from memorization.eval_driver import score_store
 from memorization.loo import loo_memorization, score_loo_store
 from memorization.plan import is_loo, loo_layout
-from memorization.scoring import score_store
 from memorization.store import SubsetStore
 from memorization.training import epoch_rows
 from utils.errors import ConfigError

@@ -19,7 +19,7 @@ from datasets import DATASETS
 from models import MODELS
 from continual.args import parse_args
 from memorization.plan import fingerprint
-from memorization.scores import load_scores, original_train_labels
+from memorization.score_format import load_scores, original_train_labels
 from models._memorization_proxy import MemorizationProxy
 
 

@@ -11,9 +11,10 @@ import main
 from backbones import BACKBONES
 from continual.args import parse_args
 from continual.run import set_seed
+from continual.records import RunRecords
 from continual.training import RunState, train_task
 from datasets import DATASETS
-from memorization.scores import load_scores
+from memorization.score_format import load_scores
 from models import MODELS
 from utils.mlflow_logger import RecordingLogger
 
@@ -72,7 +73,7 @@ def test_the_buffer_holds_exactly_the_policys_choice_after_every_task(name, poli
     state, logger = RunState.fresh(dataset), RecordingLogger(run_id="x")
     logits_at_end = {}  # dataset row → eval-mode logits at the end of the row's task
     for task in range(TASKS):
-        train_task(model, dataset, task, args, logger, state)
+        train_task(model, dataset, task, args, RunRecords(logger), state)
         stored = model.buffer.get_all()
         indices = stored["indices"].numpy()
         assert len(indices) == BUFFER and len(set(indices.tolist())) == BUFFER
@@ -111,7 +112,7 @@ def test_agem_memory_is_the_policys_choice(score_file):
     labels = dataset.train.labels.numpy()
     state = RunState.fresh(dataset)
     for task in range(2):
-        train_task(model, dataset, task, args, RecordingLogger(run_id="x"), state)
+        train_task(model, dataset, task, args, RunRecords(RecordingLogger(run_id="x")), state)
         stored = model.buffer.get_all()
         held = {c: set(stored["indices"][stored["labels"] == c].tolist()) for c in range(2 * (task + 1))}
         assert held == expected_kept("min", dataset.mem_scores, labels, task)

@@ -9,7 +9,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 import continual.run
-import continual.training
+import continual.records
 import main
 from continual.args import parse_args
 from continual.run import run as run_experiment
@@ -34,7 +34,7 @@ def shared_tracking_uri(tmp_path_factory) -> str:
 
 @pytest.fixture
 def no_figures(monkeypatch):
-    monkeypatch.setattr(continual.training, "log_figures", lambda *args, **kwargs: None)
+    monkeypatch.setattr(continual.records, "log_figures", lambda *args, **kwargs: None)
 
 
 @pytest.mark.parametrize("name", METHODS)

@@ -83,16 +83,17 @@ def test_head_reset_zeroes_the_output_layer_at_each_new_task_before_the_model_ac
     model, dataset = build(*flags, "--dataset", "perm-digits", "--n_tasks", "2", "--optimizer", "adam")
     assert model.args.plasticity == "head_reset"
     from benchmarks.engine_throughput import SilentLogger as Silent
+    from continual.records import RunRecords
     from continual.training import RunState, train_task
 
-    train_task(model, dataset, 0, model.args, Silent(), RunState.fresh(dataset))
+    train_task(model, dataset, 0, model.args, RunRecords(Silent()), RunState.fresh(dataset))
     head = copy.deepcopy(model.net.head)
     assert head.weight.abs().sum() > 0
     model.args.n_epochs = 1
     seen = []
     model.begin_task = lambda task: seen.append(  # the model's own begin_task sees the reset head
         (model.net.head.weight.abs().sum().item(), model.opt.state[model.net.head.weight]["exp_avg"].abs().sum().item()))
-    train_task(model, dataset, 1, model.args, Silent(), RunState.fresh(dataset))
+    train_task(model, dataset, 1, model.args, RunRecords(Silent()), RunState.fresh(dataset))
     assert seen == [(0.0, 0.0)]
     if flags == ["--reset_head"]:
         assert "--reset_head is deprecated" in capsys.readouterr().err

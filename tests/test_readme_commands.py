@@ -44,7 +44,7 @@ def test_every_readme_command_is_accepted_and_those_on_embedded_data_run(tmp_pat
     from continual.sweep_spec import load_sweep
     from datasets import DATASETS
     from memorization.driver import run_plan
-    from memorization.scoring import score_store
+    from memorization.eval_driver import score_store
 
     monkeypatch.chdir(tmp_path)  # the README's relative paths (runs/, scores/) land here
     (tmp_path / "configs").symlink_to(REPO_ROOT / "configs")

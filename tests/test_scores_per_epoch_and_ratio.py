@@ -13,10 +13,10 @@ from mlflow.tracking import MlflowClient
 
 import eval_splits
 import train_splits
-from memorization import scoring
+from memorization import eval_driver
 from memorization.driver import make_plan
-from memorization.scores import load_scores
-from memorization.scoring import score_store
+from memorization.eval_driver import score_store
+from memorization.score_format import load_scores
 from memorization.store import SubsetStore
 from memorization.training import load_plan_data
 
@@ -93,7 +93,7 @@ def evaluated(tmp_path_factory):
     built = build_store(folder / "store")
     tracking = f"sqlite:///{folder / 'mlflow.db'}"
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(scoring, "write_report_for", lambda *args: [])
+        patch.setattr(eval_driver, "write_report_for", lambda *args: [])
         result = evaluate(folder / "store", folder / "out" / "digits.npy", tracking)
     dataset = load_plan_data(built["plan"], "./data", "cpu").dataset
     return {**built, "out": folder / "out", "result": result, "tracking": tracking, "dataset": dataset}
@@ -203,7 +203,7 @@ def test_a_single_ratio_writes_no_ratio_file_and_a_second_evaluation_replaces_th
                                                                                         monkeypatch):
     """One ratio: the per-epoch folder, no per-ratio file. Evaluated into the NAME of the two-ratio run, the
     earlier per-ratio files and epochs go, so the folder never mixes two stores."""
-    monkeypatch.setattr(scoring, "write_report_for", lambda *args: [])
+    monkeypatch.setattr(eval_driver, "write_report_for", lambda *args: [])
     built = build_store(tmp_path / "store", ratios=(0.5,), seed=1)
     out = evaluated["out"].parent / "again"
     out.mkdir()

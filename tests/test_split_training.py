@@ -14,7 +14,7 @@ from mlflow.tracking import MlflowClient
 
 import eval_splits
 from memorization.driver import run_plan
-from memorization.scoring import score_store
+from memorization.eval_driver import score_store
 import train_splits
 from tests.conftest import REPO_ROOT
 from memorization.plan import balanced_masks

@@ -10,6 +10,7 @@ import torch
 from backbones import BACKBONES
 from continual.args import parse_args
 from continual.run import set_seed
+from continual.records import RunRecords
 from continual.training import RunState, train_task
 from datasets import DATASETS
 from models import MODELS
@@ -50,7 +51,7 @@ def test_every_model_steps_through_the_plasticity_hooks(name):
     expected = 0
     for task in range(2):
         expected += EPOCHS * math.ceil(len(model.training_data(task)) / BATCH)
-        train_task(model, dataset, task, args, RecordingLogger(run_id="x"), state)
+        train_task(model, dataset, task, args, RunRecords(RecordingLogger(run_id="x")), state)
     # Every stream step, and every step a method takes itself (lwf's head warm-up), reached the method.
     assert model.plasticity.step == model.lifecycle.counts["plasticity:l2", "after_step"]
     assert model.plasticity.step == model.lifecycle.counts["plasticity:l2", "after_backward"]
@@ -70,7 +71,7 @@ class ZeroGradients(Sgd):
 def test_after_backward_runs_between_backward_and_the_step():
     model, dataset, args = build(ZeroGradients)
     before = [p.detach().clone() for p in model.net.parameters()]
-    train_task(model, dataset, 0, args, RecordingLogger(run_id="x"), RunState.fresh(dataset))
+    train_task(model, dataset, 0, args, RunRecords(RecordingLogger(run_id="x")), RunState.fresh(dataset))
     assert sum(model.seen) > 0  # the backward pass had written gradients
     for old, new in zip(before, model.net.parameters()):  # plain SGD on zeroed gradients changes nothing
         torch.testing.assert_close(old, new, rtol=0, atol=0)
@@ -86,7 +87,7 @@ class DetachedLoss(Sgd):
 def test_a_model_returning_a_detached_loss_is_refused():
     model, dataset, args = build(DetachedLoss)
     with pytest.raises(ConfigError, match=r"detached_loss.observe returned a Tensor without a gradient; return the loss"):
-        train_task(model, dataset, 0, args, RecordingLogger(run_id="x"), RunState.fresh(dataset))
+        train_task(model, dataset, 0, args, RunRecords(RecordingLogger(run_id="x")), RunState.fresh(dataset))
 
 
 class MemoryOnly(Sgd):
@@ -103,14 +104,14 @@ def test_a_plasticity_method_that_never_saw_a_step_ends_the_run_in_one_sentence(
     model, dataset, args = build(MemoryOnly, "--plasticity", "redo")
     with pytest.raises(ConfigError, match=r"the plasticity methods redo saw no optimizer step in task 1: memory_only "
                                           r"trains outside the task loop's step; run it without --plasticity"):
-        train_task(model, dataset, 0, args, RecordingLogger(run_id="x"), RunState.fresh(dataset))
+        train_task(model, dataset, 0, args, RunRecords(RecordingLogger(run_id="x")), RunState.fresh(dataset))
 
 
 def test_batches_without_a_step_are_fine_without_plasticity():
     model, dataset, args = build(MemoryOnly)
     before = [p.detach().clone() for p in model.net.parameters()]
     state = RunState.fresh(dataset)
-    train_task(model, dataset, 0, args, RecordingLogger(run_id="x"), state)
+    train_task(model, dataset, 0, args, RunRecords(RecordingLogger(run_id="x")), state)
     assert model.n_seen == EPOCHS * len(dataset.train_split(0))
     assert all(torch.equal(a, b) for a, b in zip(before, model.net.parameters()))
     assert len(state.epoch_losses) == EPOCHS and all(math.isnan(v) for v in state.epoch_losses)
