@@ -35,9 +35,20 @@ class UnitGroup:
 
 
 class Backbone(nn.Module):
-    """Base class: constructor (args, input_shape, n_classes), `hidden_units()`, `add_args`."""
+    """Base class: constructor (args, input_shape, n_classes), `hidden_units()`, `add_args`.
+
+    A backbone initialised otherwise than by PyTorch's `reset_parameters` states its rule in
+    `init_module_`; `reinitialize_` is the base's alone (a subclass that overrides it is refused), so
+    every re-draw covers every parameterised module, head included, and checks that it did.
+    """
 
     NAME: str
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "reinitialize_" in vars(cls):
+            raise TypeError(f"{cls.__name__} overrides reinitialize_; state its initialisation in init_module_ "
+                            f"instead, so that every parameterised module is still re-drawn and checked")
 
     @staticmethod
     def add_args(parser: argparse._ArgumentGroup) -> None:
@@ -58,17 +69,55 @@ class Backbone(nn.Module):
         """The self-attention modules whose attention maps covariates measure (none outside ViTs)."""
         return []
 
+    def init_module_(self, module: nn.Module) -> bool:
+        """Draw `module`'s own parameters (not its children's) by this backbone's rule; True when it did.
+
+        Called (without gradients) by `reinitialize_` for every module holding parameters or buffers of
+        its own. The default has no rule: each module then gets its `reset_parameters` (PyTorch's
+        initialisation). A backbone initialised otherwise (mlp's Xavier, vit's timm scheme) overrides
+        this and returns False for the modules it leaves to `reset_parameters`.
+        """
+        return False
+
     @torch.no_grad()
     def reinitialize_(self, modules: list[nn.Module] | None = None) -> None:
-        """Draw the parameters of `modules` (default: the whole network) afresh from the initialisation.
+        """Draw the parameters of `modules` and of all their submodules (default: the whole network, head
+        included) afresh from the initialisation.
 
-        Resets and Shrink & Perturb call this on a scratch copy of the network and take the values
-        they need from it. The default is each module's `reset_parameters` (PyTorch's initialisation,
-        used by the resnet backbones); a backbone initialised otherwise (mlp, vit) overrides it.
+        Resets and Shrink & Perturb call this on a scratch copy of the network and take the values they
+        need from it. Every module holding parameters or buffers of its own, in `modules()` order, gets
+        `init_module_`'s rule or else its `reset_parameters`: random weights are drawn anew, norm scales
+        and shifts return to 1 and 0, BatchNorm running statistics restart. A module with parameters
+        that neither covers, or a parameter the drawing left unwritten, is refused (RuntimeError naming
+        it): a head swapped in by a model, say, can never silently keep its old values.
         """
-        for module in self.modules() if modules is None else modules:
-            if hasattr(module, "reset_parameters"):
-                module.reset_parameters()
+        roots = [self] if modules is None else modules
+        for module in dict.fromkeys(m for root in roots for m in root.modules()):
+            own = list(module.named_parameters(recurse=False))
+            if not own and next(module.buffers(recurse=False), None) is None:
+                continue
+            versions = [p._version for _, p in own]  # every in-place write to a parameter bumps its version
+            if not self.init_module_(module):
+                reset = getattr(module, "reset_parameters", None)
+                if reset is None:
+                    if own:
+                        raise RuntimeError(
+                            f"{type(self).__name__}.reinitialize_ cannot re-draw {self._path(module)} "
+                            f"({type(module).__name__}): it has parameters but no reset_parameters, and "
+                            f"{type(self).__name__}.init_module_ has no rule for it; add one of the two")
+                    continue
+                reset()
+            missed = [name for (name, p), version in zip(own, versions) if p._version == version]
+            if missed:
+                raise RuntimeError(
+                    f"{type(self).__name__}.reinitialize_ left {', '.join(missed)} of {self._path(module)} "
+                    f"({type(module).__name__}) unwritten; its initialisation must draw every parameter of "
+                    f"the module in place (under no_grad, not through .data)")
+
+    def _path(self, module: nn.Module) -> str:
+        """The module's name within the network, for error messages."""
+        name = next((name for name, m in self.named_modules() if m is module), None)
+        return "the network itself" if name == "" else name or f"a {type(module).__name__} outside the network"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))

@@ -52,17 +52,15 @@ class MLP(Backbone):
             # order, so one seed gives Mammoth's initial weights exactly.
             self.reinitialize_()
 
-    @torch.no_grad()
-    def reinitialize_(self, modules: list[nn.Module] | None = None) -> None:
-        """Fresh draws of the --mlp_init initialisation for `modules` (default: every layer, in order)."""
-        for module in self.modules() if modules is None else modules:
-            if not isinstance(module, nn.Linear):
-                continue
-            if self.init == "xavier":
-                nn.init.xavier_uniform_(module.weight)
-                nn.init.zeros_(module.bias)
-            else:
-                module.reset_parameters()
+    def init_module_(self, module: nn.Module) -> bool:
+        """--mlp_init xavier: Xavier-uniform weights and zero biases for every linear layer, head included
+        (Mammoth's rule); any other module, and every one under --mlp_init torch, keeps PyTorch's."""
+        if self.init != "xavier" or not isinstance(module, nn.Linear):
+            return False
+        nn.init.xavier_uniform_(module.weight)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+        return True
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         x = x.flatten(1)

@@ -52,22 +52,20 @@ class ViT(Backbone):
     def attention_modules(self) -> list[nn.Module]:
         return [block.attn for block in self.net.blocks]
 
-    @torch.no_grad()
-    def reinitialize_(self, modules: list[nn.Module] | None = None) -> None:
+    def init_module_(self, module: nn.Module) -> bool:
         """timm's ViT initialisation: linear weights truncated normal (std 0.02) with zero biases,
         position embedding truncated normal (std 0.02), class token normal (std 1e-6); the
         patch-embedding convolution and the norms keep PyTorch's initialisation."""
-        whole = modules is None
-        for module in self.modules() if whole else modules:
-            if isinstance(module, nn.Linear):
-                nn.init.trunc_normal_(module.weight, std=0.02)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-            elif hasattr(module, "reset_parameters"):
-                module.reset_parameters()
-        if whole:
+        if isinstance(module, nn.Linear):
+            nn.init.trunc_normal_(module.weight, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+            return True
+        if module is self.net:  # the tokens the timm network holds itself
             nn.init.trunc_normal_(self.net.pos_embed, std=0.02)
             nn.init.normal_(self.net.cls_token, std=1e-6)
+            return True
+        return False
 
     def hidden_units(self) -> list[UnitGroup]:
         return [

@@ -1,4 +1,5 @@
-"""Backbones: output shapes, exact parameter counts, hidden-unit groups fit for function-preserving resets."""
+"""Backbones: output shapes, exact parameter counts, hidden-unit groups fit for function-preserving resets
+(the per-backbone checks run over every registered backbone)."""
 from __future__ import annotations
 
 import argparse
@@ -9,15 +10,19 @@ import pytest
 import torch
 
 from backbones import BACKBONES, Backbone, UnitGroup
+from plasticity._hidden_units import HiddenUnits
 from utils.errors import ConfigError
 
-# (name, input shape, flags): small sizes so the reset checks run fast on CPU.
-SMALL = [
-    ("mlp", (1, 8, 8), {}),
-    ("resnet18", (3, 16, 16), {"resnet_width": 8}),
-    ("reduced_resnet18", (3, 16, 16), {}),
-    ("vit", (3, 32, 32), {}),
-]
+# Smaller sizes for some backbones, so the reset checks run fast on CPU; every other registered backbone
+# is checked with its flags' defaults on CIFAR-sized images.
+FAST = {
+    "mlp": ((1, 8, 8), {}),
+    "resnet18": ((3, 16, 16), {"resnet_width": 8}),
+    "reduced_resnet18": ((3, 16, 16), {}),
+    "airbench": ((3, 32, 32), {"airbench_width": 0.25}),
+}
+# (name, input shape, flags) for every registered backbone, with its name as the test id.
+SMALL = [pytest.param(cls.NAME, *FAST.get(cls.NAME, ((3, 32, 32), {})), id=cls.NAME) for cls in BACKBONES.classes()]
 UNITS = torch.tensor([0, 2])  # reset units; below n_classes so a wrong axis 0 on the head still indexes
 
 
@@ -72,6 +77,17 @@ def test_output_shape(name, shape, flags):
     assert model(torch.rand(3, *shape)).shape == (3, 7)
 
 
+@pytest.mark.parametrize("shape", [(1, 8, 8), (1, 28, 28), (3, 32, 32)], ids=["digits", "mnist", "cifar"])
+@pytest.mark.parametrize("name,small_shape,flags", SMALL)
+def test_every_backbone_gives_logits_or_refuses_the_image_size_in_one_sentence(name, small_shape, flags, shape):
+    try:
+        model = make(name, shape, n_classes=7, **flags)
+    except ConfigError as error:  # e.g. airbench, built for 32×32 only
+        assert "\n" not in str(error) and str(error).endswith(".")
+        return
+    assert model(torch.rand(3, *shape)).shape == (3, 7)
+
+
 def test_parameter_counts():
     assert n_params(make("mlp", (1, 8, 8))) == 17_610
     assert resnet18_params(64, 3, 10) == 11_173_962
@@ -99,7 +115,7 @@ def test_activation_hooks_see_the_units(name, shape, flags):
 def test_groups_are_real_parameters_and_never_the_head(name, shape, flags):
     model = make(name, shape, **flags)
     params = {id(p) for p in model.parameters()}
-    head = {id(model.head.weight), id(model.head.bias)}
+    head = {id(p) for p in model.head.parameters()}
     groups = model.hidden_units()
     assert groups and len({g.name for g in groups}) == len(groups)
     for g in groups:
@@ -154,6 +170,28 @@ def test_reset_preserves_function(name, shape, flags, train):
         # The check has teeth: new incoming weights do change the output while the outgoing ones live.
         redrawn = outputs_after_reset(model, x, i, train, incoming=True, outgoing=False)
         assert (redrawn - original).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+@pytest.mark.parametrize("name,shape,flags", SMALL)
+def test_the_plasticity_reset_removes_exactly_the_reset_units(name, shape, flags, train):
+    """HiddenUnits.reset (incoming weights re-drawn from the backbone's initialisation, outgoing zeroed, BN
+    statistics of the channels restarted) gives the function of the network with only those units'
+    outgoing weights zeroed."""
+    model = calibrated(make(name, shape, **flags), shape)
+    x = torch.rand(8, *shape)
+    mask = torch.zeros(max(g.n_units for g in model.hidden_units()), dtype=torch.bool).index_fill_(0, UNITS, True)
+    for i, group in enumerate(model.hidden_units()):
+        silenced = outputs_after_reset(model, x, i, train, incoming=False, outgoing=True)
+        net = copy.deepcopy(model).train(train)
+        units = HiddenUnits(net, torch.optim.SGD(net.parameters(), lr=0.1))
+        weight, axis = units.groups[i].incoming[0]
+        before = weight.detach().clone()
+        units.reset(i, mask[:group.n_units])
+        with torch.no_grad():
+            torch.testing.assert_close(net(x), silenced, rtol=0, atol=1e-5)
+        changed = (weight.detach() != before).transpose(0, axis).flatten(1).any(1)
+        assert torch.equal(changed, mask[:group.n_units]), f"{group.name}: not exactly the reset units re-drawn"
 
 
 @pytest.mark.parametrize("name,shape,flags", SMALL)
