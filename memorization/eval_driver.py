@@ -15,12 +15,8 @@ from memorization.loo import score_loo_store
 from memorization.plan import is_loo
 from memorization.released_runs import find_released_runs, read_released_runs
 from memorization.report import write_report
-from memorization.scores_per_epoch_and_ratio import (
-    compare_with,
-    counts_in_dataset_order,
-    in_dataset_order,
-    write_score_files,
-)
+from memorization.score_format import compare_with, counts_in_dataset_order, in_dataset_order
+from memorization.scores_per_epoch_and_ratio import write_score_files
 from memorization.store import CorruptModelFile, SubsetStore
 from memorization.training import load_plan_data
 from utils.errors import ConfigError

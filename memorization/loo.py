@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from memorization.plan import Plan, loo_layout
-from memorization.scores_per_epoch_and_ratio import compare_with, counts_in_dataset_order, in_dataset_order
+from memorization.score_format import compare_with, counts_in_dataset_order, in_dataset_order
 from memorization.store import CorruptModelFile, SubsetStore
 from utils.errors import ConfigError
 

@@ -1,4 +1,6 @@
-"""Memorization score files: an array in dataset order, checked against the dataset it is used with."""
+"""Memorization score files: a float32 array in dataset order (NaN where undefined) with a JSON sidecar naming
+its dataset. Placing values in dataset order, saving a file with its sidecar, reading one back checked against
+the dataset it is used with, and comparing two."""
 from __future__ import annotations
 
 import json
@@ -9,6 +11,41 @@ import numpy as np
 from datasets import ContinualDataset
 from memorization.plan import fingerprint
 from utils.errors import ConfigError
+
+
+def in_dataset_order(values: np.ndarray, rows: np.ndarray, n_total: int) -> np.ndarray:
+    """Scores of the planned examples placed at their dataset rows; NaN for rows outside the plan."""
+    out = np.full(n_total, np.nan, dtype=np.float32)
+    out[rows] = values
+    return out
+
+
+def counts_in_dataset_order(values: np.ndarray, rows: np.ndarray, n_total: int) -> np.ndarray:
+    """Per-example counts of the planned examples at their dataset rows; 0 for rows outside the plan."""
+    out = np.zeros(n_total, dtype=np.int32)
+    out[rows] = values
+    return out
+
+
+def compare_with(path: str, scores: np.ndarray) -> float:
+    """Spearman correlation with another score file over the examples both define; lengths must agree."""
+    from scipy.stats import spearmanr
+
+    try:
+        other = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as error:
+        raise ConfigError(f"--compare {path} is not a readable .npy file ({type(error).__name__})") from None
+    if other.ndim != 1 or len(other) != len(scores):
+        raise ConfigError(f"--compare {path} holds {other.shape} scores but this dataset has {len(scores)} training "
+                          f"examples; pass a score file of the same dataset, in dataset order")
+    both = np.isfinite(other) & np.isfinite(scores)
+    return float(spearmanr(other[both], scores[both]).statistic)
+
+
+def save_scores(path: Path, scores: np.ndarray, sidecar: dict) -> None:
+    """A score file and its sidecar (the same name, .json)."""
+    np.save(path, scores)
+    path.with_suffix(".json").write_text(json.dumps(sidecar, indent=2))
 
 
 def original_train_labels(dataset: ContinualDataset) -> np.ndarray:

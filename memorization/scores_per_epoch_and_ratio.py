@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from memorization.estimator import influence, memorization
-from utils.errors import ConfigError
+from memorization.score_format import in_dataset_order, save_scores
 
 EPOCH_SCORES, EPOCH_TOPK = "mem.npy", "influence_topk.npz"
 
@@ -36,40 +36,6 @@ def epoch_folder(stem: Path, epoch: int) -> Path:
 def ratio_path(stem: Path, ratio: float) -> Path:
     """NAME_ratio0.5.npy for ratio 0.5: the ratio as %g, as it appears in the plan."""
     return Path(f"{stem}_ratio{ratio:g}.npy")
-
-
-def in_dataset_order(values: np.ndarray, rows: np.ndarray, n_total: int) -> np.ndarray:
-    """Scores of the planned examples placed at their dataset rows; NaN for rows outside the plan."""
-    out = np.full(n_total, np.nan, dtype=np.float32)
-    out[rows] = values
-    return out
-
-
-def counts_in_dataset_order(values: np.ndarray, rows: np.ndarray, n_total: int) -> np.ndarray:
-    """Per-example counts of the planned examples at their dataset rows; 0 for rows outside the plan."""
-    out = np.zeros(n_total, dtype=np.int32)
-    out[rows] = values
-    return out
-
-
-def compare_with(path: str, scores: np.ndarray) -> float:
-    """Spearman correlation with another score file over the examples both define; lengths must agree."""
-    from scipy.stats import spearmanr
-
-    try:
-        other = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as error:
-        raise ConfigError(f"--compare {path} is not a readable .npy file ({type(error).__name__})") from None
-    if other.ndim != 1 or len(other) != len(scores):
-        raise ConfigError(f"--compare {path} holds {other.shape} scores but this dataset has {len(scores)} training "
-                          f"examples; pass a score file of the same dataset, in dataset order")
-    both = np.isfinite(other) & np.isfinite(scores)
-    return float(spearmanr(other[both], scores[both]).statistic)
-
-
-def _write_scores(path: Path, scores: np.ndarray, sidecar: dict) -> None:
-    np.save(path, scores)
-    path.with_suffix(".json").write_text(json.dumps(sidecar, indent=2))
 
 
 def _base(sidecar: dict) -> dict:
@@ -89,7 +55,7 @@ def write_epoch_files(stem: Path, mask: np.ndarray, train: np.ndarray, test: np.
         folder = epoch_folder(stem, epoch)
         folder.mkdir(parents=True, exist_ok=True)
         scores = memorization(mask, train[index])
-        _write_scores(folder / EPOCH_SCORES, in_dataset_order(scores["mem"], rows, n_total),
+        save_scores(folder / EPOCH_SCORES, in_dataset_order(scores["mem"], rows, n_total),
                       {**_base(sidecar), "epoch": int(epoch), "n_undefined": scores["n_undefined"],
                        "files": {"influence_topk": EPOCH_TOPK}})
         if index == len(epochs) - 1 and final_influence is not None:
@@ -118,7 +84,7 @@ def write_ratio_files(stem: Path, mask: np.ndarray, target: np.ndarray, model_ra
         chosen = ratio == value
         scores = memorization(np.asarray(mask)[chosen], target[chosen])
         path = ratio_path(stem, value)
-        _write_scores(path, in_dataset_order(scores["mem"], rows, n_total),
+        save_scores(path, in_dataset_order(scores["mem"], rows, n_total),
                       {**_base(sidecar), "subset_ratio": value, "subset_ratios": [value],
                        "n_models": int(chosen.sum()), "n_models_planned": int((planned == value).sum()),
                        "n_undefined": scores["n_undefined"], "pooled": f"{stem.name}.npy"})
