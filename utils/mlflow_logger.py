@@ -62,17 +62,13 @@ def store_lock(tracking_uri: str):
     if not tracking_uri.startswith("sqlite:///"):
         yield
         return
-    import fcntl
+    from filelock import FileLock
 
     database = Path(tracking_uri[len("sqlite:///"):])
-    with open(database.with_suffix(".lock"), "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            if not database.exists() or database.stat().st_size == 0:
-                _seed_new_store(database)
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+    with FileLock(database.with_suffix(".lock")):
+        if not database.exists() or database.stat().st_size == 0:
+            _seed_new_store(database)
+        yield
 
 
 def _seed_new_store(database: Path) -> None:
