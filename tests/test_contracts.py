@@ -303,3 +303,42 @@ def test_every_attribute_round_trips_through_a_checkpoint_file():
     assert torch.equal(restored.teacher.head.weight, model.teacher.head.weight)
     assert torch.equal(restored.net.head.weight, model.net.head.weight)
     assert restored.shared[0] is restored.net.head.weight
+
+
+# -- a new component is one file ---------------------------------------------------------------------------
+@pytest.mark.slow  # copies the checkout and runs pytest in it
+def test_a_component_copied_under_a_new_name_is_held_to_the_contract_without_test_code(tmp_path):
+    """Copying models/er.py, plasticity/l2.py and buffer_policies/reservoir.py under new registered names, with
+    nothing else changed: the contract tests find the copies, and the tests that enumerate names still pass."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO_ROOT
+
+    checkout = tmp_path / "checkout"
+    shutil.copytree(REPO_ROOT, checkout, ignore=shutil.ignore_patterns(
+        ".git", ".venv", "mlruns", "mlflow.db*", "__pycache__", "data", "runs", "scores", "checkpoints"))
+    for folder, name, decorator in (("models", "er", "register_model"), ("plasticity", "l2", "register_plasticity"),
+                                    ("buffer_policies", "reservoir", "register_policy")):
+        source = (checkout / folder / f"{name}.py").read_text()
+        assert f'@{decorator}("{name}")' in source
+        (checkout / folder / f"{name}_copy.py").write_text(
+            source.replace(f'@{decorator}("{name}")', f'@{decorator}("{name}_copy")'))
+    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "not slow",
+                          "tests/test_contracts.py", "tests/test_plasticity.py", "tests/test_main.py",
+                          "-k", "er_copy or l2_copy or reservoir_copy or bad or unknown"],
+                         cwd=checkout, capture_output=True, text=True, timeout=1200,
+                         env={**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache")})
+    summary = out.stdout.strip().splitlines()[-1]
+    assert out.returncode == 0 and "failed" not in summary, out.stdout[-3000:]
+    collected = out.stdout
+    for name in ("er_copy", "l2_copy", "reservoir_copy"):
+        assert name in collected or int(summary.split()[0]) > 0
+    ids = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
+                          "tests/test_contracts.py", "-k", "er_copy or l2_copy or reservoir_copy"],
+                         cwd=checkout, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache")}).stdout
+    assert "test_model_contract[er_copy]" in ids
+    assert "test_plasticity_method_contract[l2_copy]" in ids
+    assert "test_buffer_policy_contract[reservoir_copy]" in ids

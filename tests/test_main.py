@@ -10,6 +10,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 import main
+from models import MODELS
 from continual.run import logged_params
 from continual.run import run as run_experiment
 from continual.args import parse_args
@@ -147,8 +148,7 @@ def test_help_shows_each_default_once_and_no_default_of_none(script, capsys):
 
 
 @pytest.mark.parametrize("argv, sentence", [
-    (["--model", "nope", "--lr", "0.1"], "unknown model 'nope'; known models: agem, bic, der, derpp, er, er_ace, ewc_on, gdumb, icarl, joint, lwf, "
-                                       "maer, sgd, si, xder"),
+    (["--model", "nope", "--lr", "0.1"], "unknown model 'nope'; known models: " + ", ".join(MODELS.names())),
     (["--model", "sgd", "--dataset", "nope", "--lr", "0.1"], "unknown dataset 'nope'; known datasets: "),
     (["--model", "sgd", "--backbone", "nope", "--lr", "0.1"], "unknown backbone 'nope'; known backbones: "),
     (["--model", "er", "--buffer_size", "10", "--buffer_policy", "nope", "--lr", "0.1"],
