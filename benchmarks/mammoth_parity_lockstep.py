@@ -138,14 +138,6 @@ def ours_model(name: str, hyper: dict, seed: int, data_path: str):
     return MODELS.get(name)(net, dataset, args), dataset
 
 
-def ours_step(model, loss: torch.Tensor, task: int) -> None:
-    """The task loop's `continual.training.optimizer_step`, call for call (that module imports MLflow)."""
-    model.opt.zero_grad(set_to_none=True)
-    loss.backward()
-    model.edit_gradients(task)
-    model.plasticity.before_step()
-    model.opt.step()
-    model.plasticity.after_step()
 
 
 def pairs(mnet, onet):
@@ -223,7 +215,7 @@ def lockstep(mammoth: SimpleNamespace, name: str, seed: int, data_path: str, n_t
     for task in range(n_tasks):
         mdataset.get_data_loaders()  # as Mammoth's training loop: its test loaders, up to this task
         mmodel.meta_begin_task(mdataset)
-        omodel.begin_task(task)
+        omodel.lifecycle.begin_task(task)
         split = odataset.train_split(task)
         order = torch.randperm(len(split), generator=torch.Generator().manual_seed(seed * 100 + task))
         batches = order.split(HYPER["batch_size"])[:steps_per_task]
@@ -234,8 +226,8 @@ def lockstep(mammoth: SimpleNamespace, name: str, seed: int, data_path: str, n_t
             mlabels = torch.tensor([it[1] for it in items])
             inputs = odataset.train_transform(raw)
             inputs_equal &= torch.equal(minputs, inputs) and torch.equal(mlabels, labels)
-            oloss = omodel.observe(inputs, labels, raw, indices, task)
-            ours_step(omodel, oloss, task)
+            oloss = omodel.lifecycle.observe(inputs, labels, raw, indices, task)  # as the task loop calls it
+            omodel.lifecycle.step(oloss)
             mloss = mmodel.meta_observe(minputs, mlabels, torch.stack([it[2] for it in items]), epoch=0)
             diff = differences((float(mloss), oloss.item()), mmodel.net, omodel.net,
                                getattr(mmodel, "buffer", None), omodel.buffer)
@@ -244,7 +236,7 @@ def lockstep(mammoth: SimpleNamespace, name: str, seed: int, data_path: str, n_t
             if first is None and any(v > 0 for v in diff.values()):
                 first = (step, task, {k: v for k, v in diff.items() if v > 0})
             step += 1
-        omodel.end_task(task)
+        omodel.lifecycle.end_task(task)
         mmodel.meta_end_task(mdataset)
         # Each side's own evaluation of the seen tasks (test set), class-IL then task-IL.
         mine = evaluate(omodel, odataset, task)
