@@ -22,6 +22,7 @@ from utils.errors import ConfigError
 class Maer(ContinualModel):
     USES_BUFFER = True
     MEMORIZATION_VALUES = True
+    REFERENCES = (*ContinualModel.REFERENCES, "scores")  # the dataset's --mem_scores, loaded again on resume
 
     @staticmethod
     def add_args(parser):
