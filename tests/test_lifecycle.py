@@ -133,3 +133,21 @@ def test_lwf_warm_up_steps_reach_the_plasticity_methods():
     warm_up_steps = -(-len(dataset.train_split(1)) // model.args.batch_size)
     assert model.plasticity.step == stream_steps + warm_up_steps
     assert model.lifecycle.counts["plasticity:l2", "after_backward"] == model.plasticity.step
+
+
+def test_a_network_made_by_a_method_keeps_its_own_counters_through_a_checkpoint():
+    """An EMA copy's settings and counters (timm's ModelEmaV3 keeps its decay as an attribute) come back."""
+    import io
+
+    from timm.utils import ModelEmaV3
+
+    model, _ = build_model()
+    model.teacher = ModelEmaV3(model.net, decay=0.9)
+    model.teacher.decay, model.teacher.updates = 0.5, 7  # changed during the run
+    saved = io.BytesIO()
+    torch.save(model.checkpoint_state(), saved)
+    saved.seek(0)
+    restored, _ = build_model()
+    restored.teacher = ModelEmaV3(restored.net, decay=0.9)
+    restored.load_checkpoint_state(torch.load(saved, weights_only=True))
+    assert restored.teacher.decay == 0.5 and restored.teacher.updates == 7

@@ -54,7 +54,7 @@ def _tensor_names(modules: dict[str, nn.Module]) -> dict[int, str]:
 
 
 def _encode(value: Any, where: str, refs: dict[int, str]) -> Any:
-    if value is None or isinstance(value, (bool, int, float, str)):
+    if value is None or type(value) in (bool, int, float, str):  # exactly: an Enum of str is not a str here
         return value
     if isinstance(value, torch.Tensor):
         if id(value) in refs:
@@ -147,6 +147,17 @@ def _decode(saved: Any, current: Any, where: str, tensors: dict[str, torch.Tenso
     return saved
 
 
+def _plain(value: Any) -> bool:
+    """Data a module may keep besides its parameters and buffers (a counter, a decay, a setting)."""
+    if value is None or type(value) in (bool, int, float, str, torch.device) or isinstance(value, torch.Tensor):
+        return True
+    if isinstance(value, (list, tuple)):
+        return all(_plain(v) for v in value)
+    if isinstance(value, dict):
+        return all(isinstance(k, (str, int)) and _plain(v) for k, v in value.items())
+    return False
+
+
 def _networks(component: Any) -> dict[str, nn.Module]:
     """The networks whose tensors a component's attributes may refer to: its own (if it is a module) and
     any module it references (a plasticity method's network)."""
@@ -170,6 +181,12 @@ def capture(component: Any) -> dict:
         state["modules"] = {name: {"state": module.state_dict(), "training": module.training,
                                    "frozen": [n for n, p in module.named_parameters() if not p.requires_grad]}
                             for name, module in component._modules.items() if module is not None}
+        # The plain data every submodule keeps of its own (an EMA's decay and update count, say), besides
+        # its weights; its other attributes are what its constructor builds again.
+        state["module_attributes"] = {
+            name: {key: _encode(value, f"{_owner_name(component)}.{name}.{key}", refs)
+                   for key, value in vars(module).items() if key not in _MODULE_INTERNALS and _plain(value)}
+            for name, module in component.named_modules() if name}
     return state
 
 
@@ -198,6 +215,14 @@ def restore(component: Any, state: dict, device: torch.device | str = "cpu",
             frozen = set(saved["frozen"])
             for n, p in module.named_parameters():
                 p.requires_grad_(n not in frozen)
+        for name, attributes in state.get("module_attributes", {}).items():
+            try:
+                module = component.get_submodule(name)
+            except AttributeError:
+                raise StateError(f"{owner}.{name} is a network the checkpoint has and the rebuilt model has not; the "
+                                 f"checkpoint belongs to another configuration") from None
+            for key, saved in attributes.items():
+                setattr(module, key, _decode(saved, getattr(module, key, None), f"{owner}.{name}.{key}", {}, device))
     tensors = {}
     for prefix, module in _networks(component).items():
         for name, tensor in list(module.named_parameters(remove_duplicate=False)) + list(
