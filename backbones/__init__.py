@@ -56,7 +56,8 @@ class Backbone(nn.Module):
 
     @staticmethod
     def check_args(args: argparse.Namespace) -> None:
-        """Refuse out-of-range values of its flags with one sentence (ConfigError); none by default."""
+        """Refuse, with one sentence (ConfigError), values a range cannot express (conditions across flags, limits
+        that depend on the dataset); a flag's own range is declared in BOUNDS and checked before this."""
 
     def hidden_units(self) -> list[UnitGroup]:
         raise NotImplementedError

@@ -63,15 +63,12 @@ class Airbench(Backbone):
     filters and bn1's shift, and the outgoing ones conv2's input channels.
     """
 
+    BOUNDS = {"airbench_width": "(0, inf)"}
+
     @staticmethod
     def add_args(parser):
         parser.add_argument("--airbench_width", type=float, default=1.0,
                             help="multiplier of the airbench group widths 64, 256, 256 (rounded)")
-
-    @staticmethod
-    def check_args(args):
-        if args.airbench_width <= 0:
-            raise ConfigError(f"--airbench_width must be positive, got {args.airbench_width}")
 
     def __init__(self, args, input_shape: tuple[int, ...], n_classes: int):
         super().__init__()

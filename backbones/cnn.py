@@ -12,6 +12,7 @@ from torch import nn
 
 from backbones import Backbone, UnitGroup, register_backbone
 from utils.errors import ConfigError
+from utils.registry import check_bounds
 
 
 def widths(text: str) -> list[int]:
@@ -34,6 +35,8 @@ class CNN(Backbone):
     Hidden units: every block's channels (seen after its ReLU, before the pool) and the dense units.
     """
 
+    BOUNDS = {"cnn_hidden": "[1, inf)"}  # --cnn_channels, a list, is checked in check_args
+
     @staticmethod
     def add_args(parser):
         parser.add_argument("--cnn_channels", type=str, default="32,64",
@@ -50,12 +53,10 @@ class CNN(Backbone):
         if not channels or min(channels) <= 0:
             raise ConfigError(f"--cnn_channels {args.cnn_channels!r} is not a list of positive channel counts; "
                               f"give one positive integer per conv block, such as --cnn_channels 32,64.")
-        if args.cnn_hidden <= 0:
-            raise ConfigError(f"--cnn_hidden must be positive, got {args.cnn_hidden}; give the hidden layer "
-                              f"at least one unit, such as --cnn_hidden 128.")
 
     def __init__(self, args, input_shape: tuple[int, ...], n_classes: int):
         super().__init__()
+        check_bounds(args, self.BOUNDS, f"the backbone {self.NAME}")  # built directly, not through main.py
         self.check_args(args)
         in_channels, height, width = input_shape
         channels = widths(args.cnn_channels)

@@ -41,7 +41,8 @@ class BufferPolicy(Hooks):
 
     @staticmethod
     def check_args(args: argparse.Namespace) -> None:
-        """Refuse out-of-range values with one sentence (ConfigError); called before anything is built."""
+        """Refuse, with one sentence (ConfigError), values a range cannot express (conditions across flags, limits
+        that depend on the dataset); a flag's own range is declared in BOUNDS and checked before this."""
 
     def __init__(self, args: argparse.Namespace):
         self.args = args

@@ -39,6 +39,7 @@ class MemorizationPolicy(BufferPolicy):
     """Base of the policies that select the buffer by memorization value; subclasses define `choose`."""
 
     NEEDS_MEMORIZATION_VALUES = True
+    BOUNDS = {"longtail_fraction": "[0, 1]"}
 
     @staticmethod
     def add_args(parser):
@@ -47,8 +48,6 @@ class MemorizationPolicy(BufferPolicy):
 
     @staticmethod
     def check_args(args):
-        if not 0.0 <= args.longtail_fraction <= 1.0:
-            raise ConfigError(f"--longtail_fraction is a fraction in [0, 1], got {args.longtail_fraction}")
         n_classes = DATASETS.get(args.dataset).N_CLASSES
         if args.buffer_size < n_classes:
             raise ConfigError(f"a buffer of {args.buffer_size} cannot keep one example of each of {args.dataset}'s "

@@ -68,7 +68,8 @@ class ContinualDataset:
 
     @staticmethod
     def check_args(args: argparse.Namespace) -> None:
-        """Refuse out-of-range values of its flags with one sentence (ConfigError); none by default."""
+        """Refuse, with one sentence (ConfigError), values a range cannot express (conditions across flags, limits
+        that depend on the dataset); a flag's own range is declared in BOUNDS and checked before this."""
 
     def load(self, data_path: str, download: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         raise NotImplementedError

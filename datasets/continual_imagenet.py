@@ -122,6 +122,8 @@ class ContinualImageNet(ContinualDataset):
     DEFAULT_BATCH_SIZE = 100
     DEFAULT_N_EPOCHS = 10
     LONG_STREAM = True
+    # at least one image per class; the release's own counts (50 validation images) are checked when loading
+    BOUNDS = {"imagenet_train_per_class": "[1, inf)", "imagenet_test_per_class": "[1, inf)"}
 
     @staticmethod
     def add_args(parser: argparse._ArgumentGroup) -> None:
@@ -136,9 +138,6 @@ class ContinualImageNet(ContinualDataset):
         if args.class_order or args.permute_classes:
             raise ConfigError("--class_order and --permute_classes do not apply to continual-imagenet, whose tasks "
                               "pair classes by --imagenet_protocol and --seed; drop them")
-        for flag in ("imagenet_train_per_class", "imagenet_test_per_class"):
-            if getattr(args, flag) < 1:
-                raise ConfigError(f"--{flag} must be at least 1, got {getattr(args, flag)}")
         super().__init__(args)
         self.class_order = self.task_pairs.flatten()  # logged by main.py: each task's (label 0, label 1) classes
         self._train_classes = torch.from_numpy(self.train_classes).to(self.device)

@@ -33,6 +33,8 @@ class _RandomLabels(ContinualDataset):
     LONG_STREAM = True
     DEFAULT_BATCH_SIZE = 100
     DEFAULT_N_EPOCHS = 20
+    # the upper end, the release's number of training images, is checked when loading
+    BOUNDS = {"random_label_examples": "[1, inf)"}
 
     @staticmethod
     def add_args(parser: argparse._ArgumentGroup) -> None:

@@ -19,8 +19,6 @@ the earlier classes the first ones they stored, the new classes a random sample 
 """
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 
@@ -35,7 +33,6 @@ from models._exemplars import (
     rewrite_buffer,
     stored_rows,
 )
-from utils.errors import ConfigError
 
 BIAS_LR = 1e-3  # Adam learning rate of the bias-correction layer (Mammoth's bic.py and the authors' code)
 FEATURE_BATCH = 512
@@ -50,6 +47,7 @@ def bias_correct(logits: torch.Tensor, bias: torch.Tensor, classes: range) -> to
 @register_model("bic")
 class Bic(ContinualModel):
     USES_BUFFER = True
+    BOUNDS = {"bic_epochs": "[0, inf)", "temp": "(0, inf)", "valset_split": "(0, 1)", "wd_reg": "[0, inf)"}
 
     @staticmethod
     def add_args(parser):
@@ -68,15 +66,6 @@ class Bic(ContinualModel):
     def check_args(cls, args):
         check_class_incremental(cls.NAME, args)
         super().check_args(args)
-        if args.bic_epochs < 0:
-            raise ConfigError(f"--bic_epochs cannot be negative, got {args.bic_epochs}")
-        if not 0 < args.temp < math.inf:
-            raise ConfigError(f"--temp must be a positive number, got {args.temp}")
-        if not 0 < args.valset_split < 1:
-            raise ConfigError(f"--valset_split is the fraction of the buffer held out to fit the bias correction, "
-                              f"strictly between 0 and 1; got {args.valset_split}")
-        if not 0 <= args.wd_reg < math.inf:
-            raise ConfigError(f"--wd_reg must be a finite number ≥ 0, got {args.wd_reg}")
 
     def __init__(self, backbone, dataset, args):
         super().__init__(backbone, dataset, args)

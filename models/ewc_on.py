@@ -18,7 +18,6 @@ sum by the number of batches times the batch size, which exceeds it when the las
 """
 from __future__ import annotations
 
-import math
 from typing import Callable
 
 import torch
@@ -26,7 +25,6 @@ import torch.nn.functional as F
 from torch.func import functional_call, grad_and_value, vmap
 
 from models import ContinualModel, register_model
-from utils.errors import ConfigError
 
 PER_EXAMPLE_FLOATS = 2 ** 27  # budget of per-example gradient entries held at once (512 MiB in float32)
 MAX_CHUNK = 256
@@ -64,6 +62,8 @@ def fisher_diagonal(net: torch.nn.Module, images: torch.Tensor, labels: torch.Te
 class EwcOn(ContinualModel):
     """Stream cross-entropy; the online-EWC penalty's gradient is added in `after_backward`."""
 
+    BOUNDS = {"e_lambda": "[0, inf)", "gamma": "[0, 1]"}  # γ weighs the earlier tasks' Fisher
+
     @staticmethod
     def add_args(parser):
         parser.add_argument("--e_lambda", type=float, default=10.0,
@@ -71,14 +71,6 @@ class EwcOn(ContinualModel):
                                  "seq-cifar10: 10)")
         parser.add_argument("--gamma", type=float, default=1.0,
                             help="decay γ of the running Fisher, F ← γ F + F_task (Mammoth's ewc_on; DER paper: 1)")
-
-    @classmethod
-    def check_args(cls, args):
-        super().check_args(args)
-        if not 0 <= args.e_lambda < math.inf:
-            raise ConfigError(f"--e_lambda must be a finite number ≥ 0, got {args.e_lambda}")
-        if not 0 <= args.gamma <= 1:
-            raise ConfigError(f"--gamma weighs the earlier tasks' Fisher and must lie in [0, 1], got {args.gamma}")
 
     def __init__(self, backbone, dataset, args):
         super().__init__(backbone, dataset, args)

@@ -122,6 +122,8 @@ class GDumb(ContinualModel):
     """A greedy class-balanced memory and a network trained from scratch on it after each task."""
 
     USES_BUFFER = True
+    # --minlr's upper end is --maxlr, checked in check_args
+    BOUNDS = {"maxlr": "(0, inf)", "minlr": "[0, inf)", "fitting_epochs": "[1, inf)", "cutmix_alpha": "[0, inf)"}
 
     @staticmethod
     def add_args(parser):
@@ -148,11 +150,8 @@ class GDumb(ContinualModel):
                                  f"--fitting_epochs, so pass --n_epochs 1 (got {args.n_epochs})"),
             (not method_names(args.plasticity), f"gdumb trains outside the task loop's optimizer step, where "
                                                 f"--plasticity {args.plasticity} would never run; drop it"),
-            (0 < args.maxlr < math.inf, f"--maxlr must be a positive number, got {args.maxlr}"),
-            (0 <= args.minlr <= args.maxlr, f"--minlr must lie in [0, --maxlr], got {args.minlr}"),
-            (args.fitting_epochs >= 1, f"--fitting_epochs must be at least 1, got {args.fitting_epochs}"),
-            (0 <= args.cutmix_alpha < math.inf, f"--cutmix_alpha must be ≥ 0 (0: no CutMix), got "
-                                                f"{args.cutmix_alpha}"),
+            (args.minlr <= args.maxlr, f"--minlr must lie in [0, --maxlr], got {args.minlr} with --maxlr "
+                                       f"{args.maxlr}; pass a --minlr of at most {args.maxlr}"),
         ]
         for ok, sentence in checks:
             if not ok:

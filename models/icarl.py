@@ -45,6 +45,7 @@ FEATURE_BATCH = 512  # examples per forward pass when extracting features outsid
 @register_model("icarl")
 class Icarl(ContinualModel):
     USES_BUFFER = True
+    BOUNDS = {"wd_reg": "[0, inf)"}
 
     @staticmethod
     def add_args(parser):
@@ -56,8 +57,6 @@ class Icarl(ContinualModel):
     def check_args(cls, args):
         check_class_incremental(cls.NAME, args)
         super().check_args(args)
-        if not 0 <= args.wd_reg < math.inf:
-            raise ConfigError(f"--wd_reg must be a finite number ≥ 0, got {args.wd_reg}")
         if args.optim_wd != 0:
             raise ConfigError(f"icarl regularises the weights through --wd_reg, not the optimizer (as Mammoth's "
                               f"icarl ignores --optim_wd); pass --optim_wd 0 and --wd_reg {args.optim_wd} instead")

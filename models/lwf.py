@@ -17,14 +17,11 @@ distillation covers all classes.
 """
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 
 from models import ContinualModel, register_model
 from utils.lifecycle import StepBatch
-from utils.errors import ConfigError
 
 LOGIT_BATCH = 512  # examples per forward pass when recording the logits
 
@@ -33,6 +30,8 @@ LOGIT_BATCH = 512  # examples per forward pass when recording the logits
 class Lwf(ContinualModel):
     """Cross-entropy on the seen classes plus distillation towards the logits recorded before the task."""
 
+    BOUNDS = {"alpha": "[0, inf)", "softmax_temp": "(0, inf)"}
+
     @staticmethod
     def add_args(parser):
         parser.add_argument("--alpha", type=float, default=0.5,
@@ -40,14 +39,6 @@ class Lwf(ContinualModel):
                                  "model's softmax at --softmax_temp; Mammoth's lwf default 0.5)")
         parser.add_argument("--softmax_temp", type=float, default=2.0,
                             help="temperature of the distillation softmax (Mammoth's lwf)")
-
-    @classmethod
-    def check_args(cls, args):
-        super().check_args(args)
-        if not 0 <= args.alpha < math.inf:
-            raise ConfigError(f"--alpha must be a finite number ≥ 0, got {args.alpha}")
-        if not 0 < args.softmax_temp < math.inf:
-            raise ConfigError(f"--softmax_temp must be a positive number, got {args.softmax_temp}")
 
     def __init__(self, backbone, dataset, args):
         super().__init__(backbone, dataset, args)

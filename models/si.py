@@ -16,13 +16,10 @@ optimizer step and before the plasticity methods act, adds g · (θ_before − �
 """
 from __future__ import annotations
 
-import math
-
 import torch
 from torch.nn.utils import clip_grad_value_, parameters_to_vector
 
 from models import ContinualModel, register_model
-from utils.errors import ConfigError
 
 CLIP_VALUE = 1.0  # Mammoth's si clips every gradient entry to [-1, 1] before the step
 
@@ -30,6 +27,8 @@ CLIP_VALUE = 1.0  # Mammoth's si clips every gradient entry to [-1, 1] before th
 @register_model("si")
 class SI(ContinualModel):
     """Stream cross-entropy; the path integral is taken around each step and the surrogate's gradient added."""
+
+    BOUNDS = {"c": "[0, inf)", "xi": "(0, inf)"}  # ξ > 0 keeps Ω finite where a weight did not move
 
     @staticmethod
     def add_args(parser):
@@ -39,15 +38,6 @@ class SI(ContinualModel):
         parser.add_argument("--xi", type=float, default=1.0,
                             help="damping ξ of the importance Ω += ω / (Δθ² + ξ) (Mammoth's si; DER paper, "
                                  "seq-cifar10: 1)")
-
-    @classmethod
-    def check_args(cls, args):
-        super().check_args(args)
-        if not 0 <= args.c < math.inf:
-            raise ConfigError(f"--c must be a finite number ≥ 0, got {args.c}")
-        if not 0 < args.xi < math.inf:
-            raise ConfigError(f"--xi must be a positive number (it keeps Ω finite where a weight did not move), "
-                              f"got {args.xi}")
 
     def __init__(self, backbone, dataset, args):
         super().__init__(backbone, dataset, args)

@@ -29,8 +29,6 @@ batch (Mammoth's BatchNorm alignment).
 """
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 
@@ -46,12 +44,15 @@ from models._exemplars import (
     rewrite_buffer,
     stored_rows,
 )
-from utils.errors import ConfigError
 
 
 @register_model("xder")
 class Xder(ContinualModel):
     USES_BUFFER = True
+    BOUNDS = {"alpha": "[0, inf)", "beta": "[0, inf)", "gamma": "[0, inf)", "lambd": "[0, inf)",
+              "constr_eta": "[0, inf)", "constr_margin": "[0, inf)", "simclr_temp": "(0, inf)",
+              "simclr_batch_size": "[1, inf)",
+              "simclr_num_aug": "[2, inf)"}  # the contrastive loss pairs the views of each example
 
     @staticmethod
     def add_args(parser):
@@ -86,17 +87,6 @@ class Xder(ContinualModel):
     def check_args(cls, args):
         check_class_incremental(cls.NAME, args)
         super().check_args(args)
-        for flag in ("alpha", "beta", "gamma", "lambd", "constr_eta", "constr_margin"):
-            value = getattr(args, flag)
-            if not 0 <= value < math.inf:
-                raise ConfigError(f"--{flag} must be a finite number ≥ 0, got {value}")
-        if not 0 < args.simclr_temp < math.inf:
-            raise ConfigError(f"--simclr_temp must be a positive number, got {args.simclr_temp}")
-        if args.simclr_batch_size < 1:
-            raise ConfigError(f"--simclr_batch_size must be at least 1, got {args.simclr_batch_size}")
-        if args.simclr_num_aug < 2:
-            raise ConfigError(f"--simclr_num_aug must be at least 2 (the contrastive loss pairs the views of "
-                              f"each example), got {args.simclr_num_aug}")
 
     def __init__(self, backbone, dataset, args):
         super().__init__(backbone, dataset, args)

@@ -24,7 +24,8 @@ from utils.state import capture, restore
 
 
 class PlasticityMethod(Hooks):
-    """Base of every method; its flags are declared in `add_args` and checked in `check_args`.
+    """Base of every method; its flags are declared in `add_args`, their ranges in `BOUNDS`, the rest checked in
+    `check_args`.
 
     `self.net`, `self.optimizer`, `self.units` (the hidden units, for methods with NEEDS_UNITS) and
     `self.args` are the framework's; every other attribute is the method's state and is checkpointed.
@@ -40,7 +41,8 @@ class PlasticityMethod(Hooks):
 
     @staticmethod
     def check_args(args: argparse.Namespace) -> None:
-        """Refuse out-of-range values with one sentence (ConfigError)."""
+        """Refuse, with one sentence (ConfigError), values a range cannot express (conditions across flags, limits
+        that depend on the dataset); a flag's own range is declared in BOUNDS and checked before this."""
 
     def __init__(self, net: Backbone, optimizer: torch.optim.Optimizer, units: HiddenUnits | None,
                  args: argparse.Namespace):

@@ -5,18 +5,13 @@ from __future__ import annotations
 import torch
 
 from plasticity import PlasticityMethod
-from utils.errors import ConfigError
 
 
 class L2Penalty(PlasticityMethod):
-    """Subclasses name their λ flag (LAMBDA_FLAG) and set `self.params` and `self.reference` (None: 0)."""
+    """Subclasses name their λ flag (LAMBDA_FLAG), bound it in BOUNDS ("[0, inf)") and set `self.params` and
+    `self.reference` (None: 0)."""
 
     LAMBDA_FLAG: str
-
-    @classmethod
-    def check_args(cls, args):
-        if getattr(args, cls.LAMBDA_FLAG) < 0:
-            raise ConfigError(f"--{cls.LAMBDA_FLAG} cannot be negative, got {getattr(args, cls.LAMBDA_FLAG)}")
 
     def __init__(self, net, optimizer, units, args):
         super().__init__(net, optimizer, units, args)

@@ -7,24 +7,16 @@ import math
 import torch
 
 from plasticity import PlasticityMethod
-from utils.errors import ConfigError
 
 
 class SelfNormalizedResets(PlasticityMethod):
-    """Subclasses name their flags (P_FLAG, UPDATE_FLAG), count arrivals in `observe_step`, return the
-    ages compared with τ from `ages`, and set τ from their counts in `estimate`."""
+    """Subclasses name their flags (P_FLAG, UPDATE_FLAG) and bound them in BOUNDS (the percentile p in
+    (0, 1), the probability in (0, 1]), count arrivals in `observe_step`, return the ages compared with τ
+    from `ages`, and set τ from their counts in `estimate`."""
 
     NEEDS_UNITS = True
     P_FLAG: str
     UPDATE_FLAG: str
-
-    @classmethod
-    def check_args(cls, args):
-        p, update_prob = getattr(args, cls.P_FLAG), getattr(args, cls.UPDATE_FLAG)
-        if not 0 < p < 1:
-            raise ConfigError(f"--{cls.P_FLAG} is a percentile in (0, 1), got {p}")
-        if not 0 < update_prob <= 1:
-            raise ConfigError(f"--{cls.UPDATE_FLAG} is a probability in (0, 1], got {update_prob}")
 
     def __init__(self, net, optimizer, units, args):
         super().__init__(net, optimizer, units, args)

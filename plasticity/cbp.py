@@ -12,12 +12,13 @@ import numpy as np
 import torch
 
 from plasticity import PlasticityMethod, register_plasticity
-from utils.errors import ConfigError
 
 
 @register_plasticity("cbp")
 class ContinualBackprop(PlasticityMethod):
     NEEDS_UNITS = True
+    # ρ a replacement rate, m a number of steps, η a decay strictly inside (0, 1)
+    BOUNDS = {"cbp_rho": "[0, 1]", "cbp_maturity": "[0, inf)", "cbp_decay": "(0, 1)"}
 
     @staticmethod
     def add_args(parser):
@@ -25,15 +26,6 @@ class ContinualBackprop(PlasticityMethod):
                             help="replacement rate ρ per eligible unit and step (CNN: 3e-4; ViT sweep: 1e-2)")
         parser.add_argument("--cbp_maturity", type=int, default=100, help="maturity threshold m in steps")
         parser.add_argument("--cbp_decay", type=float, default=0.99, help="utility decay rate η")
-
-    @staticmethod
-    def check_args(args):
-        if not 0 <= args.cbp_rho <= 1:
-            raise ConfigError(f"--cbp_rho is a replacement rate in [0, 1], got {args.cbp_rho}")
-        if args.cbp_maturity < 0:
-            raise ConfigError(f"--cbp_maturity cannot be negative, got {args.cbp_maturity}")
-        if not 0 < args.cbp_decay < 1:
-            raise ConfigError(f"--cbp_decay must lie in (0, 1), got {args.cbp_decay}")
 
     def __init__(self, net, optimizer, units, args):
         super().__init__(net, optimizer, units, args)

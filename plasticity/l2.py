@@ -9,6 +9,7 @@ from utils.errors import ConfigError
 @register_plasticity("l2")
 class L2(L2Penalty):
     LAMBDA_FLAG = "l2_lambda"
+    BOUNDS = {"l2_lambda": "[0, inf)"}
 
     @staticmethod
     def add_args(parser):

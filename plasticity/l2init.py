@@ -9,6 +9,7 @@ from plasticity._regularizer import L2Penalty
 @register_plasticity("l2init")
 class L2Init(L2Penalty):
     LAMBDA_FLAG = "l2init_lambda"
+    BOUNDS = {"l2init_lambda": "[0, inf)"}
 
     @staticmethod
     def add_args(parser):

@@ -19,7 +19,6 @@ from __future__ import annotations
 import torch
 
 from plasticity import PlasticityMethod, register_plasticity
-from utils.errors import ConfigError
 
 
 def redo_scores(mean_abs: torch.Tensor) -> torch.Tensor:
@@ -31,6 +30,7 @@ def redo_scores(mean_abs: torch.Tensor) -> torch.Tensor:
 @register_plasticity("redo")
 class ReDO(PlasticityMethod):
     NEEDS_UNITS = True
+    BOUNDS = {"redo_tau": "[0, inf)", "redo_every": "[1, inf)", "redo_prob": "(0, 1]"}  # --redo_prob: a probability
 
     @staticmethod
     def add_args(parser):
@@ -41,15 +41,6 @@ class ReDO(PlasticityMethod):
                                  "steps never checks; the redo_checks metric counts the checks of each task)")
         parser.add_argument("--redo_prob", type=float, default=None,
                             help="instead of --redo_every: check at each step with this probability")
-
-    @staticmethod
-    def check_args(args):
-        if args.redo_tau < 0:
-            raise ConfigError(f"--redo_tau cannot be negative, got {args.redo_tau}")
-        if args.redo_every < 1:
-            raise ConfigError(f"--redo_every must be at least 1 step, got {args.redo_every}")
-        if args.redo_prob is not None and not 0 < args.redo_prob <= 1:
-            raise ConfigError(f"--redo_prob is a probability in (0, 1], got {args.redo_prob}")
 
     def __init__(self, net, optimizer, units, args):
         super().__init__(net, optimizer, units, args)

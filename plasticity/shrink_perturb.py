@@ -10,13 +10,13 @@ import torch
 
 from plasticity import PlasticityMethod, register_plasticity
 from plasticity._hidden_units import Reinitializer
-from utils.errors import ConfigError
 
 
 @register_plasticity("shrink_perturb")
 class ShrinkPerturb(PlasticityMethod):
     # the scratch network fresh draws come from holds no state: every use re-draws it from the RNG
     REFERENCES = (*PlasticityMethod.REFERENCES, "reinitializer")
+    BOUNDS = {"sp_shrink": "(0, 1]", "sp_sigma": "[0, inf)"}  # p a shrink factor, σ a scale
 
     @staticmethod
     def add_args(parser):
@@ -24,13 +24,6 @@ class ShrinkPerturb(PlasticityMethod):
         parser.add_argument("--sp_sigma", type=float, default=0.01, help="perturbation scale σ")
         parser.add_argument("--sp_noise", choices=("init", "gaussian"), default="init",
                             help="ε: a fresh draw of the initialisation, or standard Gaussian noise")
-
-    @staticmethod
-    def check_args(args):
-        if not 0 < args.sp_shrink <= 1:
-            raise ConfigError(f"--sp_shrink is a factor in (0, 1], got {args.sp_shrink}")
-        if args.sp_sigma < 0:
-            raise ConfigError(f"--sp_sigma cannot be negative, got {args.sp_sigma}")
 
     def __init__(self, net, optimizer, units, args):
         super().__init__(net, optimizer, units, args)

@@ -21,6 +21,7 @@ EXPANSION = 2.0  # the ViT code's threshold_expansion_factor
 @register_plasticity("snr")
 class SNR(SelfNormalizedResets):
     P_FLAG, UPDATE_FLAG = "snr_p", "snr_update_prob"
+    BOUNDS = {"snr_p": "(0, 1)", "snr_update_prob": "(0, 1]"}  # a percentile, a probability
 
     @staticmethod
     def add_args(parser):

@@ -18,6 +18,7 @@ from plasticity._snr_base import SelfNormalizedResets
 @register_plasticity("snr_v2")
 class SNRV2(SelfNormalizedResets):
     P_FLAG, UPDATE_FLAG = "snr2_p", "snr2_update_prob"
+    BOUNDS = {"snr2_p": "(0, 1)", "snr2_update_prob": "(0, 1]"}  # a percentile, a probability
 
     @staticmethod
     def add_args(parser):

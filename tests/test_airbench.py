@@ -4,12 +4,14 @@ from __future__ import annotations
 import argparse
 import copy
 import math
+import re
 
 import pytest
 import torch
 from torch.func import functional_call, stack_module_state, vmap
 
 from backbones import BACKBONES
+from continual.args import parse_args
 from plasticity._hidden_units import HiddenUnits
 from utils.errors import ConfigError
 
@@ -90,13 +92,15 @@ def test_other_image_sizes_are_refused_with_one_sentence(shape):
 
 
 @pytest.mark.parametrize("width,ok", [(0.0, False), (-1.0, False), (0.01, True), (2.0, True)])
-def test_check_args_refuses_a_non_positive_width(width, ok):
-    args = argparse.Namespace(airbench_width=width)
+def test_a_non_positive_width_is_refused(width, ok):
+    argv = ["--model", "sgd", "--lr", "0.1", "--device", "cpu", "--backbone", "airbench", "--airbench_width", str(width)]
     if ok:
-        BACKBONES.get("airbench").check_args(args)
+        assert parse_args(argv).airbench_width == width
     else:
-        with pytest.raises(ConfigError, match="--airbench_width"):
-            BACKBONES.get("airbench").check_args(args)
+        sentence = (f"--airbench_width must be in (0, inf) (declared by the backbone airbench), got {width}; "
+                    f"pass a value in that range")
+        with pytest.raises(ConfigError, match=re.escape(sentence)):
+            parse_args(argv)
 
 
 def test_hidden_units_are_the_groups_inner_channels_and_hooks_see_them():

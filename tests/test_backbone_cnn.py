@@ -3,11 +3,13 @@ hidden units on every conv block and the dense layer, and a plasticity reset tha
 from __future__ import annotations
 
 import argparse
+import re
 
 import pytest
 import torch
 
 from backbones import BACKBONES
+from continual.args import parse_args
 from plasticity._hidden_units import HiddenUnits
 from utils.errors import ConfigError
 
@@ -62,8 +64,6 @@ def test_the_dense_layer_is_a_linear_layer_on_the_flattened_maps():
     pytest.param(["--cnn_channels", "-4"], "--cnn_channels", id="a-negative-width"),
     pytest.param(["--cnn_channels", ""], "--cnn_channels", id="no-block"),
     pytest.param(["--cnn_channels", "a,b"], "--cnn_channels", id="not-numbers"),
-    pytest.param(["--cnn_hidden", "0"], "--cnn_hidden", id="no-hidden-unit"),
-    pytest.param(["--cnn_hidden", "-3"], "--cnn_hidden", id="negative-hidden"),
 ])
 def test_non_positive_sizes_are_refused_in_one_sentence_naming_the_flag(flags, flag):
     args = cnn_args(*flags)
@@ -74,6 +74,16 @@ def test_non_positive_sizes_are_refused_in_one_sentence_naming_the_flag(flags, f
     with pytest.raises(ConfigError):
         BACKBONES.get("cnn")(args, (1, 8, 8), 10)
     BACKBONES.get("cnn").check_args(cnn_args("--cnn_channels", "4, 8", "--cnn_hidden", "1"))
+
+
+@pytest.mark.parametrize("value", ["0", "-3"], ids=["no-hidden-unit", "negative-hidden"])
+def test_a_hidden_layer_without_units_is_refused_by_its_declared_range(value):
+    """--cnn_hidden's range is declared in BOUNDS: refused by main.py's parse and by the constructor alike."""
+    sentence = f"--cnn_hidden must be in [1, inf) (declared by the backbone cnn), got {value}; pass a value in that range"
+    with pytest.raises(ConfigError, match=re.escape(sentence)):
+        parse_args(["--model", "sgd", "--lr", "0.1", "--device", "cpu", "--backbone", "cnn", "--cnn_hidden", value])
+    with pytest.raises(ConfigError, match=re.escape(sentence)):
+        BACKBONES.get("cnn")(cnn_args("--cnn_hidden", value), (1, 8, 8), 10)
 
 
 @pytest.mark.parametrize("shape", SIZES)

@@ -11,7 +11,7 @@ is picked up and held to the same contract (test ids carry its registered name, 
   plasticity methods);
 - a replay buffer never holds more than --buffer_size examples;
 - `--help` for the component lists each of its flags;
-- a value outside a range the component declares in BOUNDS is refused with one sentence.
+- a value outside a range the component declares in BOUNDS is refused with one sentence (a dataset's too).
 """
 from __future__ import annotations
 
@@ -29,6 +29,7 @@ import main
 from backbones import BACKBONES
 from buffer_policies import BUFFER_POLICIES
 from continual.args import parse_args
+from datasets import DATASETS
 from models import MODELS
 from plasticity import PLASTICITY
 from utils.errors import ConfigError
@@ -182,15 +183,20 @@ def test_backbone_contract(cls, monkeypatch, tmp_path):
 
 
 # -- flags: shown by --help, ranges refused in one sentence --------------------------------------------------
-def selection(kind: str, cls) -> list[str]:
-    """The flags that choose `cls` on main.py's command line."""
+def selection(kind: str, cls, scores=None) -> list[str]:
+    """The flags that choose `cls` on main.py's command line (with the replay model HOST for a plasticity
+    method, buffer policy or backbone, and the score file `scores` for a policy that needs one)."""
     if kind == "model":
         return model_flags(cls)
+    host = ["--model", HOST, *BUFFER]
     if kind == "plasticity":
-        return ["--plasticity", cls.NAME]
+        return [*host, "--plasticity", cls.NAME]
     if kind == "policy":
-        return ["--model", HOST, *BUFFER, "--buffer_policy", cls.NAME]
-    return ["--backbone", cls.NAME]
+        needs = ["--mem_scores", str(scores)] if scores is not None and cls.NEEDS_MEMORIZATION_VALUES else []
+        return [*host, "--buffer_policy", cls.NAME, *needs]
+    if kind == "dataset":
+        return [*host, "--dataset", cls.NAME]
+    return [*host, "--backbone", cls.NAME]
 
 
 COMPONENTS = [pytest.param(kind, cls, id=f"{kind}-{cls.NAME}") for kind, registry in
@@ -222,16 +228,18 @@ def outside(interval: str, integer: bool) -> list[str]:
 
 BOUNDED = [pytest.param(kind, cls, flag, interval, id=f"{kind}-{cls.NAME}-{flag}")
            for kind, registry in (("model", MODELS), ("plasticity", PLASTICITY), ("policy", BUFFER_POLICIES),
-                                  ("backbone", BACKBONES))
+                                  ("backbone", BACKBONES), ("dataset", DATASETS))
            for cls in registry.classes() for flag, interval in getattr(cls, "BOUNDS", {}).items()]
 
 
 @pytest.mark.parametrize("kind, cls, flag, interval", BOUNDED)
-def test_a_value_outside_a_declared_range_is_refused_in_one_sentence(kind, cls, flag, interval, capsys, tmp_path):
+def test_a_value_outside_a_declared_range_is_refused_in_one_sentence(kind, cls, flag, interval, capsys, tmp_path,
+                                                                     score_file):
     assert flag in declared_flags(cls), f"{cls.NAME} bounds --{flag}, which it does not declare"
-    integer = isinstance(parse_args([*BASE, *selection(kind, cls)]).__dict__[flag], int)
+    chosen = selection(kind, cls, score_file)
+    integer = isinstance(parse_args([*BASE, *chosen]).__dict__[flag], int)
     for value in outside(interval, integer):
-        code = main.main([*BASE, *selection(kind, cls), f"--{flag}={value}",
+        code = main.main([*BASE, *chosen, f"--{flag}={value}",
                           "--tracking_uri", f"sqlite:///{tmp_path / 'm.db'}"])
         err = capsys.readouterr().err.strip()
         assert code == 2 and len(err.splitlines()) == 1, err

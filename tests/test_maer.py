@@ -177,7 +177,7 @@ def test_score_files_are_checked_against_the_dataset(tmp_path):
      "maer needs memorization values: pass --mem_scores FILE.npy or a --mem_proxy"),
     (["--model", "maer", "--buffer_size", "50", "--mem_scores", "/nonexistent.npy"], "--mem_scores /nonexistent.npy: no such file"),
     (["--model", "maer", "--buffer_size", "50", "--buffer_policy", "min", "--longtail_fraction", "2"],
-     "--longtail_fraction is a fraction in [0, 1], got 2.0"),
+     "--longtail_fraction must be in [0, 1] (declared by the buffer policy min), got 2.0; pass a value in that range"),
 ])
 def test_bad_memorization_input_ends_with_one_sentence(tracking_uri, capsys, argv, sentence):
     code = main.main([*argv, "--lr", "0.1", "--tracking_uri", tracking_uri, "--non_verbose"])

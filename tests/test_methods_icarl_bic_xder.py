@@ -298,11 +298,17 @@ def test_a_restored_model_continues_exactly(name):
     (["--model", "icarl", "--buffer_size", "5"], "at least the 10 classes"),
     (["--model", "icarl", "--buffer_size", "50", "--optim_wd", "0.001"], "pass --optim_wd 0 and --wd_reg 0.001"),
     (["--model", "bic", "--buffer_size", "50", "--dataset", "perm-digits"], "class-incremental"),
-    (["--model", "bic", "--buffer_size", "50", "--valset_split", "0"], "strictly between 0 and 1"),
-    (["--model", "bic", "--buffer_size", "50", "--temp", "0"], "--temp must be a positive number"),
-    (["--model", "xder", "--buffer_size", "50", "--simclr_num_aug", "1"], "--simclr_num_aug must be at least 2"),
+    (["--model", "bic", "--buffer_size", "50", "--valset_split", "0"],
+     "--valset_split must be in (0, 1) (declared by the model bic), got 0.0; pass a value in that range"),
+    (["--model", "bic", "--buffer_size", "50", "--temp", "0"],
+     "--temp must be in (0, inf) (declared by the model bic), got 0.0"),
+    (["--model", "icarl", "--buffer_size", "50", "--wd_reg=-1"],
+     "--wd_reg must be in [0, inf) (declared by the model icarl), got -1.0"),
+    (["--model", "xder", "--buffer_size", "50", "--simclr_num_aug", "1"],
+     "--simclr_num_aug must be in [2, inf) (declared by the model xder), got 1"),
     (["--model", "xder", "--buffer_size", "50", "--buffer_policy", "class_balanced"], "leave --buffer_policy"),
-    (["--model", "xder", "--buffer_size", "50", "--gamma", "-1"], "--gamma must be a finite number"),
+    (["--model", "xder", "--buffer_size", "50", "--gamma", "-1"],
+     "--gamma must be in [0, inf) (declared by the model xder), got -1.0"),
 ])
 def test_impossible_flags_are_refused_in_one_sentence(argv, sentence):
     with pytest.raises(ConfigError, match=re.escape(sentence)):

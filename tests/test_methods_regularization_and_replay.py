@@ -303,17 +303,27 @@ def test_si_importance_is_the_path_integral_by_hand_on_a_two_parameter_network()
 # ------------------------------------------------------------------------------------------- bad flags
 
 @pytest.mark.parametrize("flags, sentence", [
-    (["--model", "ewc_on", "--gamma", "1.5"], "--gamma weighs the earlier tasks' Fisher and must lie in [0, 1]"),
-    (["--model", "ewc_on", "--e_lambda", "-1"], "--e_lambda must be a finite number ≥ 0"),
-    (["--model", "si", "--xi", "0"], "--xi must be a positive number"),
-    (["--model", "lwf", "--softmax_temp", "0"], "--softmax_temp must be a positive number"),
+    (["--model", "ewc_on", "--gamma", "1.5"],
+     "--gamma must be in [0, 1] (declared by the model ewc_on), got 1.5; pass a value in that range"),
+    (["--model", "ewc_on", "--e_lambda", "-1"],
+     "--e_lambda must be in [0, inf) (declared by the model ewc_on), got -1.0"),
+    (["--model", "ewc_on", "--e_lambda", "inf"],
+     "--e_lambda must be in [0, inf) (declared by the model ewc_on), got inf"),
+    (["--model", "si", "--xi", "0"], "--xi must be in (0, inf) (declared by the model si), got 0.0"),
+    (["--model", "lwf", "--softmax_temp", "0"],
+     "--softmax_temp must be in (0, inf) (declared by the model lwf), got 0.0"),
     (["--model", "agem", "--buffer_size", "3"], "agem keeps --buffer_size // n_tasks examples of each task"),
     (["--model", "gdumb", "--buffer_size", "10"], "pass --n_epochs 1 (got 10)"),
     (["--model", "gdumb", "--buffer_size", "10", "--n_epochs", "1", "--plasticity", "l2"],
      "gdumb trains outside the task loop's optimizer step"),
     (["--model", "gdumb", "--buffer_size", "10", "--n_epochs", "1", "--buffer_policy", "class_balanced"],
      "gdumb fills its memory with its own greedy class-balanced sampler"),
-    (["--model", "gdumb", "--buffer_size", "10", "--n_epochs", "1", "--minlr", "1"], "--minlr must lie in"),
+    (["--model", "gdumb", "--buffer_size", "10", "--n_epochs", "1", "--minlr", "1"],
+     "--minlr must lie in [0, --maxlr], got 1.0 with --maxlr 0.05; pass a --minlr of at most 0.05"),
+    (["--model", "gdumb", "--buffer_size", "10", "--n_epochs", "1", "--minlr=-1"],
+     "--minlr must be in [0, inf) (declared by the model gdumb), got -1.0"),
+    (["--model", "gdumb", "--buffer_size", "10", "--n_epochs", "1", "--fitting_epochs", "0"],
+     "--fitting_epochs must be in [1, inf) (declared by the model gdumb), got 0"),
     (["--model", "er_ace"], "er_ace replays from a buffer"),
 ])
 def test_impossible_values_are_refused_in_one_sentence(flags, sentence):

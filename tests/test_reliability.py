@@ -67,7 +67,7 @@ MAIN_CASES = [
     (["--mem_scores", "{dir}/strings.npy"], "holds <U1 values, not numbers"),
     (["--mem_scores", "{dir}/scores.npy"], "of --mem_scores is not readable JSON"),
     (["--mem_scores", "{dir}/listed.npy"], "of --mem_scores is a list, not the mapping"),
-    (["--optim_mom", "-1"], "--optim_mom must be a finite number ≥ 0, got -1.0"),
+    (["--optim_mom", "-1"], "--optim_mom must be in [0, inf), got -1.0"),
     (["--lr", "inf"], "--lr must be in (0, inf), got inf"),
     (["--dataset", "seq-mnist", "--download", "--data_path", "{dir}/offline"], "downloading MNIST failed"),
 ]
