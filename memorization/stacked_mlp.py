@@ -58,15 +58,24 @@ class StackedMLP:
         self.weights = [torch.stack([layer.weight.detach() for layer in same]) for same in zip(*layers)]
         self.biases = [torch.stack([layer.bias.detach()[:, None] for layer in same]) for same in zip(*layers)]
         self.parameters = self.weights + self.biases
-        # Also the learning rate's holder for the schedule when the SGD step below is used instead of its own.
-        self.optimizer = build_optimizer(self.parameters, training, fused=True)
         self.sgd_in_products = training.optimizer == "sgd" and not getattr(training, "optim_nesterov", False)
         self.momentum, self.weight_decay = float(training.optim_mom), float(training.optim_wd)
         # Written in place by every step: the momentum buffers of the SGD below, or the gradients for torch's.
         self.momentum_buffers = [torch.zeros_like(p) for p in self.parameters] if self.sgd_in_products else []
-        if not self.sgd_in_products:
+        if self.sgd_in_products:  # torch's optimizer only holds the learning rate for the schedule
+            self.optimizer = build_optimizer(self.parameters, training, fused=True)
+        else:
+            # torch's optimizer steps each model's slice as a tensor of its own: a fused kernel's vector loop
+            # rounds the elements of its tail otherwise (no FMA there), so a model's bits would depend on
+            # where its slice lies in the stacked tensor (AVX-512 CPUs showed it).
+            views = []
             for parameter in self.parameters:
                 parameter.grad = torch.zeros_like(parameter)
+                for m in range(self.size):
+                    view = parameter[m]
+                    view.grad = parameter.grad[m]
+                    views.append(view)
+            self.optimizer = build_optimizer(views, training, fused=True)
         self.smoothing = float(training.label_smoothing)
         self._target = torch.full((1, 1, 1), -(1 - self.smoothing), device=self.weights[0].device)
         self._kept: dict[int, tuple[list[Kept], list[Kept]]] = {}  # by batch size: see `_step_tensors`
