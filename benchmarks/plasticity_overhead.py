@@ -4,11 +4,11 @@ The aim: cbp, redo and snr_v2 each add under 10% to a training step of the ViT s
 (depth 3, width 48, 3 heads, patch 4, MLP ratio 4, ReLU; Adam lr 1e-3, eps 1e-7) at batch 100 on
 32×32×3 images. Every model is built as main.py builds it (`parse_args`, `set_seed`, the registries)
 with `--model sgd` plus one method's flags, so the method acts through the task loop's
-`continual.training.optimizer_step` (backward, `plasticity.before_step`, Adam, `plasticity.after_step`)
+the model's lifecycle step (backward, the methods' `after_backward`, Adam, their `after_step`)
 and the UnitMonitor's forward hooks (benchmarks/plasticity_overhead_bench.py builds and times them).
 
 What is timed: one training step as the task loop takes it, `model.observe(inputs, labels, ...)` for
-the loss and then `optimizer_step`, on the same few fixed batches for every method (drawn from task 0
+the loss and then the lifecycle's step, on the same few fixed batches for every method (drawn from task 0
 and augmented once), so data loading and augmentation are not in it. The dataset is seq-cifar10 on
 random images written in CIFAR-10's pickle format to a temporary folder (continual-imagenet needs the
 Imagenet32 files); its head has 10 outputs instead of 2, which does not change the per-step cost
@@ -42,7 +42,7 @@ shows the median ms per step and the overhead against Vanilla three ways: from t
 (and range) of the per-round ratios, and from each method's fastest block. On a machine shared with
 other jobs these swing by several percent, so it also shows the time measured directly inside the
 UnitMonitor's forward hooks (timed by two hooks of this script, one just before and one just after)
-and inside `before_step` + `after_step`, and the direct overhead: that time less Vanilla's, over
+and inside `after_backward` + `after_step`, and the direct overhead: that time less Vanilla's, over
 Vanilla's median step. A second case, the L12 ViT (depth 12, width 192) at batch 100, times Vanilla,
 cbp, redo k=.5 and snr_v2 after 3 Vanilla steps (a step takes seconds there).
 
@@ -139,7 +139,7 @@ class Row:
     case: Case
     method: str
     wall: list[float]  # seconds per step, one per block
-    calls: list[float]  # seconds per step inside before_step + after_step
+    calls: list[float]  # seconds per step inside after_backward + after_step
     hooks: list[float]  # seconds per step inside the UnitMonitor's forward hooks
     resets: int
     timed_steps: int

@@ -1,7 +1,7 @@
 """One plasticity method's model, timed step by step, for benchmarks/plasticity_overhead.py.
 
 `Bench` builds the model as main.py builds it and trains it as the task loop does (`observe`, then
-`continual.training.optimizer_step`), with timers around the plasticity calls and the UnitMonitor's
+the model's lifecycle step), with timers around the plasticity calls and the UnitMonitor's
 forward hooks; `profile` shows the operators run inside them; `proposed_hook` is the --prototype
 statistics hook (a change proposed for utils/units.py, not library code).
 """
@@ -58,11 +58,13 @@ class Bench:
         with mock.patch.object(UnitMonitor, "_hook", proposed_hook) if proposed else contextlib.nullcontext():
             self.model = MODELS.get(self.args.model)(backbone.to(self.args.device), dataset, self.args)
         self.model.train()
-        self.plasticity_seconds = 0.0  # inside before_step and after_step (CPU only: CUDA runs them async)
+        self.plasticity_seconds = 0.0  # inside the methods' events (CPU only: CUDA runs them async)
         self.label = None  # set in profile mode: record_function labels around the calls
         plasticity = self.model.plasticity
-        for name in ("before_step", "after_step"):
-            setattr(plasticity, name, self._timed(getattr(plasticity, name), f"plasticity.{name}"))
+        for method in plasticity.methods:  # the events the lifecycle sends them, and the step's unit statistics
+            for name in ("after_backward", "after_step"):
+                setattr(method, name, self._timed(getattr(method, name), f"plasticity.{name}"))
+        plasticity.end_step = self._timed(plasticity.end_step, "plasticity.after_step")
         self.hook_seconds = 0.0  # inside the UnitMonitor's forward hooks (timed by hooks just before and after)
         if plasticity.units is not None:
             for group in plasticity.units.groups:
@@ -82,13 +84,13 @@ class Bench:
             self._scope.__exit__(None, None, None)
 
     def _timed(self, call, label: str):
-        def wrapper():
+        def wrapper(*args):
             start = time.perf_counter()
             if self.label:
                 with torch.profiler.record_function(label):
-                    call()
+                    call(*args)
             else:
-                call()
+                call(*args)
             self.plasticity_seconds += time.perf_counter() - start
         return wrapper
 
@@ -162,7 +164,7 @@ def profile(bench: Bench, batches, steps: int) -> None:
     bench.take_resets()
     events = prof.events()
     step_total = sum(e.self_cpu_time_total for e in events) / steps
-    scopes = {HOOKS: 0.0, "plasticity.before_step": 0.0, "plasticity.after_step": 0.0}
+    scopes = {HOOKS: 0.0, "plasticity.after_backward": 0.0, "plasticity.after_step": 0.0}
     ops, calls = defaultdict(float), defaultdict(int)
     for event in events:
         if event.name in scopes:

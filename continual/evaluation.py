@@ -109,7 +109,7 @@ def summary_metrics(matrices: dict[str, np.ndarray], t: int) -> dict[str, float]
 
 
 def logged_summary_metrics(dataset: type[ContinualDataset], eval_scope: str, last_k: list[int]) -> set[str]:
-    """The run-summarizing metrics record_task logs after every task (what a sweep may select on)."""
+    """The run-summarizing metrics evaluate_task gives after every task (what a sweep may select on)."""
     names = set()
     for name in ("terminal_test_acc", "terminal_train_acc"):
         names |= {name, *(f"{name}_last_{k}" for k in last_k)}
