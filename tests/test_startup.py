@@ -47,7 +47,7 @@ def test_help_and_argument_errors_import_no_heavy_package_once_the_catalogue_is_
             (["--help"], 0, ""),
             (["--model", "er", "--lr", "0.1", "--no_such_flag", "1"], 2, "unrecognized arguments: --no_such_flag"),
             (["--model", "no_such_model", "--lr", "0.1"], 2, "unknown model 'no_such_model'"),
-            (["--model", "er", "--lr", "-1"], 2, "--lr must be a positive number"),
+            (["--model", "er", "--lr", "-1"], 2, "--lr must be in (0, inf)"),
             (["--model", "er", "--lr", "0.1", "--redo_tau", "0.1"], 2, "belongs to the plasticity method redo"),
             (["--model", "er", "--lr", "0.1", "--plasticity", "redo,redo"], 2, "lists a method twice"),
             (["--model", "er", "--dataset", "seq-digits", "--batch_size", "x", "--lr", "0.1"], 2, "invalid int")):
