@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -15,7 +14,7 @@ from memorization.loo import score_loo_store
 from memorization.plan import is_loo
 from memorization.released_runs import find_released_runs, read_released_runs
 from memorization.report import write_report
-from memorization.score_format import compare_with, counts_in_dataset_order, in_dataset_order
+from memorization.score_format import compare_with, counts_in_dataset_order, in_dataset_order, save_scores
 from memorization.scores_per_epoch_and_ratio import write_score_files
 from memorization.store import CorruptModelFile, SubsetStore
 from memorization.training import load_plan_data
@@ -102,12 +101,14 @@ def score_store(args: argparse.Namespace) -> dict:
     n_total = plan.settings["n_train_total"] if plan else mask.shape[1]
     rows = plan.train_indices if plan else np.arange(mask.shape[1])
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     stem = out.with_suffix("")
-
     final = memorization(mask, data["train"][-1])
     scores = in_dataset_order(final["mem"], rows, n_total)
-    np.save(out, scores)
+    # Everything that can refuse the evaluation runs before the first file is written.
+    spearman_with_compare = compare_with(args.compare, scores) if args.compare else None
+    if plan is not None and data.get("plan_data") is None:
+        data["plan_data"] = load_plan_data(plan, args.data_path, "cpu")  # the report's images: the data files now
+    out.parent.mkdir(parents=True, exist_ok=True)
     np.save(f"{stem}_se.npy", in_dataset_order(final["se"], rows, n_total))
     np.save(f"{stem}_n_in.npy", counts_in_dataset_order(final["n_in"], rows, n_total))
     np.save(f"{stem}_n_out.npy", counts_in_dataset_order(final["n_out"], rows, n_total))
@@ -128,8 +129,8 @@ def score_store(args: argparse.Namespace) -> dict:
                "influence_pairs": int(len(infl["pair_value"]))}
     if noisy is not None and noisy.any():
         summary["auroc_relabeled"] = auroc(final["mem"], noisy)
-    if args.compare:
-        summary["spearman_with_compare"] = compare_with(args.compare, scores)
+    if spearman_with_compare is not None:
+        summary["spearman_with_compare"] = spearman_with_compare
     forgetting = write_pooled_scores(run_dir, plan, data["model_ids"], mask, rows, n_total, stem, final["mem"]) \
         if plan is not None else None
     if forgetting is not None:
@@ -154,7 +155,7 @@ def score_store(args: argparse.Namespace) -> dict:
     if datamodels is not None:
         sidecar["files"]["datamodels"], sidecar["datamodel_margin"] = datamodels["path"].name, data["margin_kind"]
     more_files = write_score_files(stem, data, infl, rows, n_total, args.influence_topk, sidecar)
-    Path(f"{stem}.json").write_text(json.dumps(sidecar, indent=2))
+    save_scores(out, scores, sidecar)  # last: the pair replaces an earlier evaluation's only once all is written
     print(f"{out}: memorization of {len(rows)} examples from {len(data['model_ids'])} models; "
           f"{summary['n_undefined']} undefined (never left out or never included) are NaN")
     for key, value in summary.items():

@@ -23,12 +23,12 @@ examples. The never-learned flags are stored beside the value, so a reader can a
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from memorization.score_format import array_digest, save_scores
 from memorization.store import SubsetStore
 
 NEVER_PRESENTED, CORRECT = -1, 1  # the last correctness of an example (0: wrong)
@@ -163,7 +163,8 @@ def sidecar(dataset: str, n: int, label_fingerprint: str, label_noise, seed, val
     return {"dataset": dataset, "n": int(n), "label_fingerprint": label_fingerprint, "label_noise": label_noise,
             "seed": seed, "score": "forgetting_events", "definition": DEFINITION,
             "never_learned_value": float(never_value[0]) if never_value.size == 1 else None,  # one file's max + 1
-            "n_undefined": int(np.isnan(values).sum()), **summary(values, never_learned), **extra}
+            "n_undefined": int(np.isnan(values).sum()), **summary(values, never_learned), **extra,
+            "scores_sha256": array_digest(values)}  # binds the sidecar to these values' file (score_format.py)
 
 
 def pool_models(events: np.ndarray, never_learned: np.ndarray, mask: np.ndarray) -> dict[str, np.ndarray]:
@@ -215,7 +216,6 @@ def write_pooled_scores(run_dir, plan, model_ids: list[int], mask: np.ndarray, r
     values[rows] = pooled["value"]
     fraction = np.full(n_total, np.nan, dtype=np.float32)
     fraction[rows] = pooled["never_learned_fraction"]
-    np.save(f"{stem}_forgetting.npy", values)
     np.save(f"{stem}_forgetting_never_learned.npy", fraction)
     settings, rho = plan.settings, spearman_defined(pooled["value"], np.asarray(mem, dtype=np.float32))
     never_all = np.zeros(n_total, dtype=bool)
@@ -225,7 +225,7 @@ def write_pooled_scores(run_dir, plan, model_ids: list[int], mask: np.ndarray, r
                    pooling="per model: its count, never learned = its max + 1; then the mean over the models "
                            "that trained on the example", spearman_with_memorization=rho if np.isfinite(rho) else None,
                    files={"never_learned_fraction": f"{stem.name}_forgetting_never_learned.npy"})
-    Path(f"{stem}_forgetting.json").write_text(json.dumps(meta, indent=2))
+    save_scores(Path(f"{stem}_forgetting.npy"), values, meta)
     print(f"{stem}_forgetting.npy: forgetting events of {int(np.isfinite(values).sum())} examples, mean over the "
           f"models that trained on each; Spearman with memorization {rho:.3f}")
     return {"values": pooled["value"], "spearman_with_mem": rho,

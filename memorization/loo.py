@@ -14,14 +14,13 @@ left out; n_in and n_out count the full and leave-one-out models used.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 import numpy as np
 
 from memorization.plan import Plan, loo_layout
-from memorization.score_format import compare_with, counts_in_dataset_order, in_dataset_order
+from memorization.score_format import compare_with, counts_in_dataset_order, in_dataset_order, save_scores
 from memorization.store import CorruptModelFile, SubsetStore
 from utils.errors import ConfigError
 
@@ -122,10 +121,10 @@ def score_loo_store(args: argparse.Namespace, store: SubsetStore, plan: Plan) ->
     n_total = plan.settings["n_train_total"]
     final = loo_memorization(data["self_diff"])
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     stem = out.with_suffix("")
     scores = in_dataset_order(final["mem"], rows, n_total)
-    np.save(out, scores)
+    spearman_with_compare = compare_with(args.compare, scores) if args.compare else None  # before any file
+    out.parent.mkdir(parents=True, exist_ok=True)
     np.save(f"{stem}_se.npy", in_dataset_order(final["se"], rows, n_total))
     counts = counts_in_dataset_order(final["count"], rows, n_total)
     for name in ("n_in", "n_out"):  # full models and leave-one-out models: one pair per seed
@@ -143,7 +142,7 @@ def score_loo_store(args: argparse.Namespace, store: SubsetStore, plan: Plan) ->
                else float("nan")}
     compare = None
     if args.compare:
-        summary["spearman_with_compare"] = compare_with(args.compare, scores)
+        summary["spearman_with_compare"] = spearman_with_compare
         compare = np.load(args.compare, allow_pickle=False)[rows]
     summary |= seed_stability(data["self_diff"], compare)
     sidecar = {"estimator": "loo", "dataset": plan.settings["dataset"], "n": int(n_total),
@@ -153,7 +152,7 @@ def score_loo_store(args: argparse.Namespace, store: SubsetStore, plan: Plan) ->
                "epoch": plan.settings["training"]["n_epochs"], "n_undefined": int(n_total - defined.sum()),
                "files": {"se": f"{stem.name}_se.npy", "n_in": f"{stem.name}_n_in.npy",
                          "n_out": f"{stem.name}_n_out.npy", "influence": f"{stem.name}_influence.npz"}}
-    Path(f"{stem}.json").write_text(json.dumps(sidecar, indent=2))
+    save_scores(out, scores, sidecar)
     report = write_loo_report(Path(f"{stem}_report"), summary, args)
     print(f"{out}: leave-one-out memorization of {int(defined.sum())} examples from {data['n_models']} models "
           f"({data['n_seeds']} seeds); the other {n_total - int(defined.sum())} training examples are NaN")

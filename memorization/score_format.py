@@ -1,9 +1,18 @@
 """Memorization score files: a float32 array in dataset order (NaN where undefined) with a JSON sidecar naming
 its dataset. Placing values in dataset order, saving a file with its sidecar, reading one back checked against
-the dataset it is used with, and comparing two."""
+the dataset it is used with, and comparing two.
+
+A score file and its sidecar are one pair: the sidecar records the SHA-256 of the score file's bytes
+(`scores_sha256`), both are written under temporary names and renamed into place, and reading refuses a
+score file whose sidecar was written for other scores (an evaluation killed between the two renames, or a
+file copied over another's).
+"""
 from __future__ import annotations
 
+import hashlib
+import io
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -42,10 +51,29 @@ def compare_with(path: str, scores: np.ndarray) -> float:
     return float(spearmanr(other[both], scores[both]).statistic)
 
 
-def save_scores(path: Path, scores: np.ndarray, sidecar: dict) -> None:
-    """A score file and its sidecar (the same name, .json)."""
-    np.save(path, scores)
-    path.with_suffix(".json").write_text(json.dumps(sidecar, indent=2))
+def array_digest(array: np.ndarray) -> str:
+    """SHA-256 of the bytes np.save writes for `array` (what a sidecar binds its score file by)."""
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=False)
+    return hashlib.sha256(buffer.getvalue()).hexdigest()
+
+
+def save_scores(path: Path | str, scores: np.ndarray, sidecar: dict) -> None:
+    """A score file and its sidecar (the same name, .json), bound by the score file's digest and each written
+    to a temporary name first, then renamed: the score file, then the sidecar."""
+    path = Path(path)
+    sidecar = {**sidecar, "scores_sha256": array_digest(scores)}
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    temporary_sidecar = path.with_name(f".{path.stem}.json.{os.getpid()}.tmp")
+    try:
+        with open(temporary, "wb") as file:
+            np.save(file, scores, allow_pickle=False)
+        temporary_sidecar.write_text(json.dumps(sidecar, indent=2))
+        os.replace(temporary, path)
+        os.replace(temporary_sidecar, path.with_suffix(".json"))
+    finally:
+        temporary.unlink(missing_ok=True)
+        temporary_sidecar.unlink(missing_ok=True)
 
 
 def original_train_labels(dataset: ContinualDataset) -> np.ndarray:
@@ -73,6 +101,9 @@ def load_scores(path: str, dataset: ContinualDataset) -> np.ndarray:
     if scores.ndim != 1 or len(scores) != n:
         raise ConfigError(f"--mem_scores {path} holds {scores.shape} scores but {dataset.NAME} has {n} training "
                           f"examples; pass the score file of this dataset, in dataset order")
+    if not np.isfinite(scores).any():
+        raise ConfigError(f"--mem_scores {path} holds no finite score (every value is NaN or infinite), so no "
+                          f"example can be chosen by it; pass the scores of an evaluation that defined some")
     sidecar = file.with_suffix(".json")
     if sidecar.exists():
         try:
@@ -83,6 +114,11 @@ def load_scores(path: str, dataset: ContinualDataset) -> np.ndarray:
         if not isinstance(meta, dict):
             raise ConfigError(f"the sidecar {sidecar} of --mem_scores is a {type(meta).__name__}, not the mapping "
                               f"eval_splits.py writes; write it again with eval_splits.py or delete it")
+        digest = meta.get("scores_sha256")
+        if digest is not None and digest != hashlib.sha256(file.read_bytes()).hexdigest():
+            raise ConfigError(f"--mem_scores {path} does not match its sidecar {sidecar.name}, which was written for "
+                              f"other scores (an evaluation stopped between the two files, or one was copied over); "
+                              f"run eval_splits.py again to write the pair")
         if meta.get("dataset") not in (None, dataset.NAME):
             raise ConfigError(f"--mem_scores {path} was computed on {meta['dataset']}, not {dataset.NAME}; pass "
                               f"the score file of {dataset.NAME}")
