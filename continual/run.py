@@ -29,7 +29,7 @@ from utils.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from utils.errors import ConfigError, TrainingDiverged
+from utils.errors import ConfigError, RunFailed, TrainingDiverged, failure_sentence
 from utils.mlflow_logger import (
     RecordingLogger,
     RunLogger,
@@ -39,6 +39,28 @@ from utils.mlflow_logger import (
 )
 from utils.registry import declared_flags
 from utils.threads import choose_threads, step_flops
+
+
+def fail_run(logger, error: Exception, state: RunState, checkpoint_path: Path | None) -> RunFailed:
+    """Close the run FAILED with the error as a tag and its traceback as an artifact (where the store can still
+    take them), and say in one sentence what happened and how to continue."""
+    import traceback
+
+    sentence = failure_sentence(error)
+    kept = "its traceback is logged with the run (error/traceback.txt)"
+    try:
+        logger.set_tags({"error": sentence})
+        logger.log_text(traceback.format_exc(), "error/traceback.txt")
+    except Exception:  # noqa: BLE001  the store itself may be what failed (a full disk)
+        kept = "the store could not take its traceback"
+    try:
+        logger.finish("FAILED")
+    except Exception:  # noqa: BLE001
+        kept += "; the run could not be marked FAILED (a later run on this machine marks it KILLED)"
+    done = f"{state.next_task} task{'s' if state.next_task != 1 else ''} finished and logged"
+    resume = (f"; continue with --resume {checkpoint_path}" if checkpoint_path is not None and checkpoint_path.exists()
+              else "")
+    return RunFailed(f"{sentence}; the MLflow run is marked FAILED with {done}, and {kept}{resume}")
 
 
 def set_seed(seed: int) -> None:
@@ -173,13 +195,15 @@ def run(args: argparse.Namespace, logger: RunLogger | RecordingLogger | None = N
     try:
         train(model, dataset, args, RunRecords(logger, figures=args.figures), state,
               after_task=save if checkpoint_path else None)
-    except TrainingDiverged as error:
+    except (TrainingDiverged, ConfigError) as error:
         logger.set_tags({"error": str(error)})
         logger.finish("FAILED")
         raise
     except KeyboardInterrupt:
         logger.finish("KILLED")
         raise
+    except Exception as error:  # noqa: BLE001  a full disk, memory, a bug: the run is closed FAILED, not left RUNNING
+        raise fail_run(logger, error, state, checkpoint_path) from None
     print(summary_table(state, args))
     if state.forgetting is not None:
         log_forgetting(logger, state.forgetting, dataset, args, step=state.next_task - 1)

@@ -15,6 +15,23 @@ class TrainingDiverged(Exception):
     """The loss became NaN or infinite."""
 
 
+class RunFailed(Exception):
+    """A run stopped by a failure that is not bad input (a full disk, memory, a bug): one sentence saying what
+    happened, where its traceback was kept and how to continue."""
+
+
+def failure_sentence(error: BaseException) -> str:
+    """One line for an unexpected error: what kind, its message, and the usual fix for the common kinds."""
+    text = " ".join(str(error).split()) or type(error).__name__
+    if isinstance(error, OSError):
+        where = f" ({error.filename})" if getattr(error, "filename", None) else ""
+        return (f"{error.strerror or text}{where}; free space or fix the folder's permissions (or choose another "
+                f"with --checkpoint_dir / --tracking_uri)")
+    if isinstance(error, MemoryError) or "can't allocate" in text or "out of memory" in text:
+        return f"out of memory ({text[:200]}); lower --buffer_size or --batch_size, or use a smaller network"
+    return f"{type(error).__name__}: {text[:300]}"
+
+
 class Terminated(KeyboardInterrupt):
     """SIGTERM (how `kill` and SLURM's preemption stop a job): handled as Ctrl-C is, so the run is marked
     KILLED and what a resume needs stays on disk."""
@@ -65,8 +82,8 @@ class deferred_termination:
 
 
 def run_command(run, parse_args, argv: list[str] | None = None) -> int:
-    """A script's main: bad input and a diverged loss end with one sentence on stderr and a non-zero exit;
-    SIGTERM stops it like Ctrl-C, with exit status 143."""
+    """A script's main: bad input (exit 2), a diverged loss (3) and a failed run (1) end with one sentence on
+    stderr; SIGTERM stops it like Ctrl-C, with exit status 143."""
     import signal
     import sys
 
@@ -75,9 +92,9 @@ def run_command(run, parse_args, argv: list[str] | None = None) -> int:
         sys.unraisablehook = _send_swallowed_terminations_again(sys.unraisablehook)
     try:
         run(parse_args(argv))
-    except (ConfigError, TrainingDiverged) as error:
+    except (ConfigError, TrainingDiverged, RunFailed) as error:
         print(f"error: {error}", file=sys.stderr)
-        return 2 if isinstance(error, ConfigError) else 3
+        return 3 if isinstance(error, TrainingDiverged) else 1 if isinstance(error, RunFailed) else 2
     except Terminated:
         print("stopped by SIGTERM; the run is marked KILLED in MLflow, and the same command (main.py: with "
               "--resume CHECKPOINT) continues it", file=sys.stderr)

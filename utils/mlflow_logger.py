@@ -6,6 +6,7 @@ import contextlib
 import io
 import os
 import re
+import socket
 import subprocess
 import sys
 import tempfile
@@ -29,6 +30,58 @@ from utils.cache import cache_dir  # noqa: E402
 
 # MLflow 3 opens an experiment in its model-training view (not the GenAI one) when it carries this tag.
 EXPERIMENT_KIND, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_development"
+
+
+# The process writing a run, host:pid:start, so that a later process can tell the run's writer is gone.
+PROCESS_TAG = "process"
+
+
+def _process_start(pid: int) -> str | None:
+    """When the process started (clock ticks since boot, from /proc; None where there is no /proc or no such
+    process): a pid reused by another process has another start."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return fields[19]  # field 22 of the whole line: starttime
+    except (OSError, IndexError):
+        return None
+
+
+def process_identity() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:{_process_start(os.getpid()) or ''}"
+
+
+def process_gone(identity: str) -> bool:
+    """Whether the process named by `identity` ran on this machine and has ended (False when it cannot tell)."""
+    try:
+        host, pid, start = identity.rsplit(":", 2)
+        pid = int(pid)
+    except ValueError:
+        return False
+    if host != socket.gethostname():
+        return False
+    if start:
+        return _process_start(pid) != start
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:
+        return False
+    return False
+
+
+def close_runs_of_ended_processes(client, experiment_id: str) -> list[str]:
+    """Mark KILLED the RUNNING runs of this experiment whose writing process ran on this machine and is gone (a
+    kill -9, a power cut): MLflow would show them running forever. Returns their ids."""
+    closed = []
+    for run in client.search_runs([experiment_id], filter_string="attributes.status = 'RUNNING'", max_results=1000):
+        identity = run.data.tags.get(PROCESS_TAG)
+        if identity and identity != process_identity() and process_gone(identity):
+            client.set_tag(run.info.run_id, "killed", "its process ended without closing the run; marked KILLED "
+                                                      "by a later run on the same machine")
+            client.set_terminated(run.info.run_id, status="KILLED")
+            closed.append(run.info.run_id)
+    return closed
 
 
 def default_tracking_uri() -> str:
@@ -187,6 +240,7 @@ class RunLogger:
                 self.run_id = run_id
                 if not keep_status:
                     self.client.update_run(run_id, status="RUNNING")
+                    self.client.set_tag(run_id, PROCESS_TAG, process_identity())
                 return
             experiment = self.client.get_experiment_by_name(experiment_name)
             if experiment is None:
@@ -197,7 +251,10 @@ class RunLogger:
                 experiment_id = experiment.experiment_id
                 if experiment.tags.get(EXPERIMENT_KIND) != MODEL_TRAINING:
                     self.client.set_experiment_tag(experiment_id, EXPERIMENT_KIND, MODEL_TRAINING)
-            source = {"mlflow.source.name": Path(sys.argv[0]).name or "python", "mlflow.source.type": "LOCAL"}
+            for closed in close_runs_of_ended_processes(self.client, experiment_id):
+                print(f"MLflow run {closed} was left RUNNING by a process that has ended; marked KILLED", flush=True)
+            source = {"mlflow.source.name": Path(sys.argv[0]).name or "python", "mlflow.source.type": "LOCAL",
+                      PROCESS_TAG: process_identity()}
             self.run_id = self.client.create_run(experiment_id, run_name=run_name,
                                                  tags={**source, **(tags or {})}).info.run_id
 

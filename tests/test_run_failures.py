@@ -1,0 +1,80 @@
+"""No MLflow run is left RUNNING: a failure closes it FAILED with one sentence, and a run whose process died
+is marked KILLED by the next run on the same machine."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+import continual.run
+import main
+from tests.conftest import REPO_ROOT
+
+ARGV = ["--model", "er", "--dataset", "seq-digits", "--buffer_size", "40", "--lr", "0.1", "--n_epochs", "1",
+        "--seed", "0", "--non_verbose", "--no_figures"]
+
+
+def error_line(err: str) -> str:
+    """The one sentence a failure prints (MLflow may log its store's creation before it), and no traceback."""
+    assert "Traceback" not in err
+    (line,) = [line for line in err.strip().splitlines() if line.startswith("error: ")]
+    return line
+
+
+def only_run(tracking_uri: str):
+    client = MlflowClient(tracking_uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("continual-learning").experiment_id])
+    return client, run
+
+
+def test_a_full_disk_at_checkpoint_time_closes_the_run_failed_in_one_sentence(tmp_path, tracking_uri, capsys,
+                                                                              monkeypatch):
+    save = continual.run.save_checkpoint
+
+    def full_after_the_first(path, payload):
+        if payload["next_task"] > 1:
+            raise OSError(28, "No space left on device", str(path))
+        save(path, payload)
+
+    monkeypatch.setattr(continual.run, "save_checkpoint", full_after_the_first)
+    code = main.main([*ARGV, "--tracking_uri", tracking_uri, "--savecheck", "--checkpoint_dir", str(tmp_path / "c")])
+    err = error_line(capsys.readouterr().err)
+    assert code == 1 and err.startswith("error: No space left on device") and "marked FAILED with 2 tasks finished" in err
+    assert "--resume" in err and str(tmp_path / "c") in err  # the checkpoint after task 1 is still there
+    client, run = only_run(tracking_uri)
+    assert run.info.status == "FAILED" and "No space left on device" in run.data.tags["error"]
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "acc_class_il")] == [0, 1]
+    traceback = client.download_artifacts(run.info.run_id, "error/traceback.txt", str(tmp_path))
+    assert "OSError" in open(traceback).read()
+
+
+def test_a_buffer_too_large_for_memory_closes_the_run_failed_in_one_sentence(tracking_uri, capsys):
+    argv = [a if a != "40" else str(10**13) for a in ARGV]
+    code = main.main([*argv, "--tracking_uri", tracking_uri])
+    err = error_line(capsys.readouterr().err)
+    assert code == 1 and "out of memory" in err and "--buffer_size" in err, err
+    _, run = only_run(tracking_uri)
+    assert run.info.status == "FAILED"
+
+
+@pytest.mark.slow  # a real process, killed
+def test_a_run_whose_process_was_killed_is_marked_killed_by_the_next_run(tmp_path, tracking_uri):
+    process = subprocess.Popen([sys.executable, "main.py", *ARGV, "--n_epochs", "50", "--tracking_uri", tracking_uri],
+                               cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    for line in process.stdout:
+        if line.startswith("MLflow run "):
+            killed = line.split()[2]
+            break
+    os.kill(process.pid, signal.SIGKILL)  # before its first checkpoint: nothing could close the run
+    process.wait(timeout=60)
+    client = MlflowClient(tracking_uri)
+    assert client.get_run(killed).info.status == "RUNNING"
+    assert main.main([*ARGV, "--tracking_uri", tracking_uri]) == 0
+    run = client.get_run(killed)
+    assert run.info.status == "KILLED" and "process ended" in run.data.tags["killed"]
+    finished = [r for r in client.search_runs([run.info.experiment_id]) if r.info.run_id != killed]
+    assert [r.info.status for r in finished] == ["FINISHED"]
