@@ -24,7 +24,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from utils.cache import cache_dir
+from utils.cache import cache_dir, trusted
 from utils.errors import ConfigError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -158,7 +158,7 @@ def catalogue() -> dict[str, Family]:
     path = cache_dir() / f"catalogue-{hashlib.sha256(str(REPO_ROOT).encode()).hexdigest()[:16]}.json"
     digest = source_digest()
     try:
-        record = json.loads(path.read_text())
+        record = json.loads(path.read_text()) if trusted(path) else {}
         if record["digest"] == digest:
             _loaded = _from_json(record["families"])
             return _loaded
@@ -169,6 +169,7 @@ def catalogue() -> dict[str, Family]:
         path.parent.mkdir(parents=True, exist_ok=True)
         temporary = path.with_suffix(f".{os.getpid()}.tmp")
         temporary.write_text(json.dumps({"digest": digest, "families": _to_json(_loaded)}))
+        os.chmod(temporary, 0o600)
         os.replace(temporary, path)
     except OSError:  # an unwritable cache only costs the next start the same build
         pass

@@ -26,7 +26,7 @@ import mlflow  # noqa: E402  (after the environment above is set)
 from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunTag  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
-from utils.cache import cache_dir  # noqa: E402
+from utils.cache import cache_dir, trusted  # noqa: E402
 
 # MLflow 3 opens an experiment in its model-training view (not the GenAI one) when it carries this tag.
 EXPERIMENT_KIND, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_development"
@@ -130,17 +130,22 @@ def _seed_new_store(database: Path) -> None:
     MLflow builds a new store by running its schema migrations, which takes seconds (6–7 s on 2
     shared cores) every time; a copy takes milliseconds. The empty store is built once per MLflow
     version in the cache folder; its Default experiment is pointed at `mlruns/0` beside the new
-    database, where MLflow itself would have put it. Without a writable cache MLflow builds the store."""
+    database, where MLflow itself would have put it. Without a writable cache MLflow builds the store.
+    A template that is not this user's own, is writable by others, or holds anything but MLflow's
+    Default experiment (an experiment planted with another artifact location, say) is built again."""
     import shutil
     import sqlite3
 
     template = cache_dir() / f"mlflow-{mlflow.__version__}-empty-store.db"
     try:
+        if template.exists() and not _trusted_template(template):
+            template.unlink()
         if not template.exists():
             template.parent.mkdir(parents=True, exist_ok=True)
-            building = template.with_suffix(f".{os.getpid()}.tmp")
+            building = template.with_suffix(f".{os.getpid()}.{time.monotonic_ns()}.tmp")  # a new name: MLflow caches by URI
             building.unlink(missing_ok=True)
             MlflowClient(f"sqlite:///{building}").search_experiments()  # MLflow's own migrations
+            os.chmod(building, 0o600)
             os.replace(building, template)
         copy = database.with_name(f".{database.name}.{os.getpid()}.tmp")
         shutil.copyfile(template, copy)
@@ -151,6 +156,22 @@ def _seed_new_store(database: Path) -> None:
         os.replace(copy, database)
     except (OSError, sqlite3.Error):  # no cache: MLflow creates the store on first use, as it always can
         pass
+
+
+def _trusted_template(path: Path) -> bool:
+    """Whether an empty-store template is one this user built: owned by them, writable by nobody else, and holding
+    only MLflow's Default experiment and no run."""
+    import sqlite3
+
+    if not trusted(path):
+        return False
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as connection:
+            experiments = connection.execute("SELECT experiment_id FROM experiments").fetchall()
+            runs = connection.execute("SELECT COUNT(*) FROM runs").fetchone()[0]
+    except sqlite3.Error:
+        return False
+    return experiments == [(0,)] and runs == 0
 
 
 def _artifact_location(tracking_uri: str, experiment_name: str) -> str | None:
