@@ -8,8 +8,8 @@ dispatcher, so an override adds behaviour and never has to call `super()`:
 | event | when | typical use |
 |---|---|---|
 | `begin_task(task)` | before the task's first batch | copy the network, reset a head, warm up |
-| `after_backward(task)` | after `loss.backward()`, before the optimizer step | edit gradients, add a penalty's gradient |
-| `after_step(batch)` | after every optimizer step | EMA updates, path integrals, resets, per-example records |
+| `after_backward(task)` | after `loss.backward()`, before the optimizer step | edit gradients, add a penalty's |
+| `after_step(batch)` | after every optimizer step | EMA updates, path integrals, resets, records |
 | `end_task(task)` | after the task's last batch, before evaluation | importance weights, exemplars, consolidation |
 | `end_run()` | after the last task | release resources, final records |
 """

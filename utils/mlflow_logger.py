@@ -142,7 +142,9 @@ def _seed_new_store(database: Path) -> None:
             template.unlink()
         if not template.exists():
             template.parent.mkdir(parents=True, exist_ok=True)
-            building = template.with_suffix(f".{os.getpid()}.{time.monotonic_ns()}.tmp")  # a new name: MLflow caches by URI
+            # a name of its own: MLflow keeps a store's engine by URI, and a rebuilt file under an old name is
+            # taken for migrated already
+            building = template.with_suffix(f".{os.getpid()}.{time.monotonic_ns()}.tmp")
             building.unlink(missing_ok=True)
             MlflowClient(f"sqlite:///{building}").search_experiments()  # MLflow's own migrations
             os.chmod(building, 0o600)

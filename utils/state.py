@@ -209,8 +209,9 @@ def restore(component: Any, state: dict, device: torch.device | str = "cpu",
             try:
                 module.load_state_dict(saved["state"])
             except RuntimeError as error:
-                raise StateError(f"{owner}.{name} does not match the checkpoint's network ({str(error).splitlines()[0]}); "
-                                 f"the checkpoint belongs to another configuration") from None
+                first_line = str(error).splitlines()[0]
+                raise StateError(f"{owner}.{name} does not match the checkpoint's network ({first_line}); the "
+                                 f"checkpoint belongs to another configuration") from None
             module.train(saved["training"])
             frozen = set(saved["frozen"])
             for n, p in module.named_parameters():
