@@ -281,7 +281,7 @@ DEPRECATED_FLAGS = {"reset_head": "head_reset"}
 BOUNDS = {"lr": "(0, inf)", "optim_mom": "[0, inf)", "optim_eps": "(0, inf)", "batch_size": "[1, inf)",
           "minibatch_size": "[1, inf)", "n_epochs": "[1, inf)", "buffer_size": "[0, inf)", "optim_wd": "[0, inf)",
           "log_every": "[0, inf)", "num_threads": "[0, inf)", "probe_size": "[1, inf)", "dormant_tau": "[0, inf)",
-          "n_tasks": "[1, inf)", "label_noise": "[0, 1)"}
+          "n_tasks": "[1, inf)", "label_noise": "[0, 1)", "seed": "[0, 4294967295]"}
 
 
 def _thresholds(text: str) -> tuple[float, float]:

@@ -36,6 +36,7 @@ from utils.mlflow_logger import (
     check_reachable,
     default_tracking_uri,
     environment_tags,
+    run_exists,
 )
 from utils.registry import declared_flags
 from utils.threads import choose_threads, step_flops
@@ -134,7 +135,7 @@ def run(args: argparse.Namespace, logger: RunLogger | RecordingLogger | None = N
         if args.seed is None:
             args.seed = checkpoint["config"]["seed"]
         check_same_config(args.resume, checkpoint["config"], computational_config(args))
-        args.tracking_uri = args.tracking_uri or checkpoint["tracking_uri"]
+        args.tracking_uri = args.tracking_uri or checkpoint["tracking_uri"]  # where the run is, unless told
     elif args.seed is None:
         args.seed = secrets.randbelow(2**31 - 1)
     if logger is None:
@@ -165,13 +166,21 @@ def run(args: argparse.Namespace, logger: RunLogger | RecordingLogger | None = N
                                   f"forgetting events of its finished tasks are unknown; resume without the flag")
             state.forgetting.load_state_dict(checkpoint["forgetting"])
 
+    linked = None  # a resumed run whose MLflow run this store does not hold continues in a new run linked to it
     if logger is None:
-        logger = RunLogger(args.tracking_uri, args.experiment_name, args.run_name or run_name(args),
-                           run_id=checkpoint["mlflow_run_id"] if checkpoint is not None else None)
+        run_id = checkpoint["mlflow_run_id"] if checkpoint is not None else None
+        if run_id is not None and not run_exists(args.tracking_uri, run_id):
+            linked, run_id = run_id, None
+        logger = RunLogger(args.tracking_uri, args.experiment_name, args.run_name or run_name(args), run_id=run_id)
     elif checkpoint is not None:
         logger.load_state_dict(checkpoint["logger"])
-    if checkpoint is None:
+    if checkpoint is None or linked is not None:
         log_new_run(logger, args, dataset)
+    if linked is not None:
+        logger.set_tags({"resumed_from_run": linked, "resumed_from_store": checkpoint["tracking_uri"],
+                         "resumed_after_task": checkpoint["next_task"]})
+        print(f"the checkpoint's MLflow run {linked} is not in {args.tracking_uri}; the run continues as a new run "
+              f"tagged resumed_from_run, from task {checkpoint['next_task'] + 1}", flush=True)
     logger.set_tags({"threads": f"{args.num_threads}: {threads_reason}"})
     checkpoint_path = None
     if args.savecheck:

@@ -134,6 +134,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
               (args.ensemble >= 1, f"--ensemble must be at least 1, got {args.ensemble}"),
               (args.cpu_threads >= 1, f"--cpu_threads must be at least 1, got {args.cpu_threads}"),
               (args.claim_timeout > 0, f"--claim_timeout must be positive, got {args.claim_timeout}"),
+              (0 <= args.seed < 2**32, f"--seed must be in [0, 4294967295], got {args.seed}"),
               (args.lr_warmup < 1 and args.lr_warmup >= 0, f"--lr_warmup is a fraction in [0, 1), got {args.lr_warmup}"),
               (0 <= args.label_smoothing < 1, f"--label_smoothing is in [0, 1), got {args.label_smoothing}"),
               (0 <= args.input_noise < 1, f"--input_noise is a fraction in [0, 1), got {args.input_noise}"),

@@ -78,3 +78,48 @@ def test_a_run_whose_process_was_killed_is_marked_killed_by_the_next_run(tmp_pat
     assert run.info.status == "KILLED" and "process ended" in run.data.tags["killed"]
     finished = [r for r in client.search_runs([run.info.experiment_id]) if r.info.run_id != killed]
     assert [r.info.status for r in finished] == ["FINISHED"]
+
+
+def test_resuming_a_run_the_store_no_longer_holds_continues_in_a_new_linked_run(tmp_path, tracking_uri, capsys):
+    argv = [*ARGV, "--savecheck", "--checkpoint_dir", str(tmp_path / "c")]
+    assert main.main([*argv, "--tracking_uri", tracking_uri]) == 0
+    client, first = only_run(tracking_uri)
+    (checkpoint,) = (tmp_path / "c").glob("*.pt")
+    client.delete_run(first.info.run_id)
+    capsys.readouterr()
+    assert main.main([*argv, "--tracking_uri", tracking_uri, "--resume", str(checkpoint)]) == 0
+    assert f"the checkpoint's MLflow run {first.info.run_id} is not in" in capsys.readouterr().out
+    (run,) = client.search_runs([first.info.experiment_id])
+    assert run.info.run_id != first.info.run_id and run.info.status == "FINISHED"
+    assert run.data.tags["resumed_from_run"] == first.info.run_id and run.data.tags["resumed_after_task"] == "5"
+
+
+def test_mlflow_tracking_uri_in_the_environment_is_the_default_store(tmp_path, monkeypatch, capsys):
+    uri = f"sqlite:///{tmp_path / 'env.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    assert main.main(ARGV) == 0
+    assert f"in {uri}" in capsys.readouterr().out
+    _, run = only_run(uri)
+    assert run.info.status == "FINISHED"
+
+
+@pytest.mark.parametrize("script, argv", [
+    (main, ["--model", "sgd", "--lr", "0.1", "--seed", "-1"]),
+    (__import__("train_splits"), ["--lr", "0.1", "--n_models", "2", "--seed", "-1"]),
+], ids=["main.py", "train_splits.py"])
+def test_a_negative_seed_is_refused_in_one_sentence_before_anything_is_written(script, argv, tmp_path, capsys):
+    code = script.main([*argv, "--tracking_uri", f"sqlite:///{tmp_path / 'm.db'}",
+                        *(["--out", str(tmp_path / "store")] if script is not main else [])])
+    assert code == 2 and error_line(capsys.readouterr().err).startswith("error: --seed must be in [0, 4294967295]")
+    assert not (tmp_path / "store").exists() and not (tmp_path / "m.db").exists()
+
+
+def test_an_experiment_named_dot_dot_keeps_its_artifacts_inside_mlruns(tmp_path):
+    from utils.mlflow_logger import RunLogger
+
+    logger = RunLogger(f"sqlite:///{tmp_path / 'm.db'}", "..")
+    logger.log_text("x", "a.txt")
+    logger.finish()
+    experiment = MlflowClient(f"sqlite:///{tmp_path / 'm.db'}").get_experiment_by_name("..")
+    assert experiment.artifact_location.startswith((tmp_path / "mlruns").as_uri() + "/")
+    assert list((tmp_path / "mlruns").rglob("a.txt")) and not list(tmp_path.glob("*/a.txt"))

@@ -85,8 +85,20 @@ def close_runs_of_ended_processes(client, experiment_id: str) -> list[str]:
 
 
 def default_tracking_uri() -> str:
-    """`sqlite:///<repo>/mlflow.db`, the store `mlflow ui` opens when started at the repository root."""
-    return f"sqlite:///{REPO_ROOT / 'mlflow.db'}"
+    """The store a command without --tracking_uri logs to: MLflow's convention, the MLFLOW_TRACKING_URI
+    environment variable, when it is set; else `sqlite:///<repo>/mlflow.db`, the store `mlflow ui` opens when
+    started at the repository root."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{REPO_ROOT / 'mlflow.db'}"
+
+
+def run_exists(tracking_uri: str, run_id: str) -> bool:
+    """Whether the store holds the run (a checkpoint's run may live in another store, or have been deleted)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return MlflowClient(tracking_uri).get_run(run_id).info.lifecycle_stage == "active"
+    except MlflowException:
+        return False
 
 
 def check_reachable(tracking_uri: str) -> None:
@@ -181,7 +193,8 @@ def _artifact_location(tracking_uri: str, experiment_name: str) -> str | None:
     if not tracking_uri.startswith("sqlite:///"):
         return None  # a server decides where artifacts go
     database = Path(tracking_uri[len("sqlite:///"):]).resolve()
-    slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", experiment_name)
+    # Letters, digits and _ . - only, and no leading dot: a name such as ".." stays a folder inside mlruns/.
+    slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", experiment_name).lstrip(".") or "_"
     return (database.parent / "mlruns" / slug).as_uri()
 
 
