@@ -83,7 +83,8 @@ def common_parser(first_pass: bool = False) -> argparse.ArgumentParser:
 
     record = parser.add_argument_group("logging and checkpoints")
     record.add_argument("--tracking_uri", default=None,
-                        help="MLflow tracking URI (default: sqlite:///<repo>/mlflow.db, artifacts in <repo>/mlruns)")
+                        help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI if set, else sqlite:///<repo>/mlflow.db, "
+                             "artifacts in <repo>/mlruns)")
     record.add_argument("--experiment_name", default="continual-learning")
     record.add_argument("--run_name", default=None)
     record.add_argument("--savecheck", action="store_true", help="write a checkpoint at the end of every task")
