@@ -12,7 +12,7 @@ from pathlib import Path
 import yaml
 
 from continual.catalogue import family
-from utils.config_files import load_config
+from utils.config_files import as_argv, load_config
 from utils.errors import ConfigError
 from utils.help import HelpFormatter
 from utils.optimizers import OPTIMIZERS
@@ -169,14 +169,14 @@ def _best_config(dataset: str, model: str, buffer_size: int) -> dict:
     return dict(entries[key])
 
 
-def full_parser(argv: list[str]) -> argparse.ArgumentParser:
-    """main.py's parser with the flags of every component argv chooses, and --config's values as defaults."""
+def full_parser(argv: list[str]) -> tuple[argparse.ArgumentParser, list[str]]:
+    """main.py's parser with the flags of every component argv chooses, and --config's values as the flags
+    that go before argv (so that argv's own win)."""
     first_parser = common_parser(first_pass=True)
     first, _ = first_parser.parse_known_args(argv)
     config = load_config(first.config) if first.config else {}
     if config:
-        first_parser.set_defaults(**config)
-        first, _ = first_parser.parse_known_args(argv)
+        first, _ = first_parser.parse_known_args([*as_argv(config, first_parser, first.config), *argv])
     parser = common_parser()
     given = {token.split("=")[0] for token in argv if token.startswith("--")}
     help_asked = bool({"-h", "--help"} & set(argv))  # --help shows every component's flags, unless one is named
@@ -194,16 +194,16 @@ def full_parser(argv: list[str]) -> argparse.ArgumentParser:
     if unknown:
         raise ConfigError(f"--config {first.config} sets {', '.join(unknown)}, which no chosen component declares; "
                           f"fix the names (see python main.py --help)")
-    parser.set_defaults(**config)
     if first.model_config == "best" and first.model:
         parser.set_defaults(**_best_config(first.dataset, first.model, first.buffer_size))
-    return parser
+    return parser, as_argv(config, parser, first.config) if config else []
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Parse in two passes: first the component names, then every flag those components declare."""
     argv = sys.argv[1:] if argv is None else argv
-    args = full_parser(argv).parse_args(argv)
+    parser, from_config = full_parser(argv)
+    args = parser.parse_args([*from_config, *argv])
     for flag, method in DEPRECATED_FLAGS.items():
         if getattr(args, flag):
             print(f"--{flag} is deprecated: it now adds the plasticity method {method} (--plasticity {method}, which "

@@ -12,7 +12,7 @@ import torch
 
 from backbones import BACKBONES
 from datasets import DATASETS
-from utils.config_files import load_config
+from utils.config_files import as_argv, load_config
 from utils.errors import ConfigError
 from utils.help import HelpFormatter
 from utils.launchers import add_launcher_args
@@ -116,8 +116,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if unknown:
         raise ConfigError(f"--config {known.config} sets {', '.join(unknown)}, which train_splits.py does not have; "
                           f"fix the names (see python train_splits.py --help)")
-    parser.set_defaults(**config)
-    args = parser.parse_args(argv)
+    args = parser.parse_args([*(as_argv(config, parser, known.config) if config else []), *argv])
     args.backbone = backbone_name
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     args.ratios = _ratios(args.subset_ratio)

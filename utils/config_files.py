@@ -1,6 +1,12 @@
-"""Configuration files: YAML mappings of flag names (without --) to values, read as a command's defaults."""
+"""Configuration files: YAML mappings of flag names (without --) to values, read as a command's defaults.
+
+A file's values go through the command line's own parser (`as_argv` writes them as flags placed before
+the command line's, so a flag given there still wins): the same types, choices, ranges and required
+flags as typed ones, and the same one-sentence refusals.
+"""
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 import yaml
@@ -21,3 +27,32 @@ def load_config(path: str) -> dict:
     if not isinstance(config, dict):
         raise ConfigError(f"--config {path} must be a mapping of flag: value, got {type(config).__name__}")
     return config
+
+
+def as_argv(config: dict, parser: argparse.ArgumentParser, path: str) -> list[str]:
+    """The file's values as command-line flags of `parser`: `lr: 0.1` → --lr 0.1, `covariates: true` →
+    --covariates, `last_k: [50, 10]` → --last_k 50,10; `null` keeps the default."""
+    actions = {action.dest: action for action in parser._actions if action.option_strings}
+    tokens = []
+    for name, value in config.items():
+        action = actions.get(name)
+        if action is None or value is None:
+            continue  # unknown names are refused by the caller, which knows the components chosen
+        option = action.option_strings[-1]
+        if action.nargs == 0:  # an on/off flag
+            if not isinstance(value, bool):
+                raise ConfigError(f"--config {path} sets {name}: {value!r}, but {option} is on or off; write true "
+                                  f"or false")
+            if value != action.default:
+                tokens.append(option)
+            continue
+        if isinstance(value, bool) or isinstance(value, dict) or (
+                isinstance(value, list) and any(isinstance(v, (bool, dict, list)) for v in value)):
+            raise ConfigError(f"--config {path} sets {name}: {value!r}, which {option} does not take; write a "
+                              f"value as on the command line ({option} VALUE)")
+        if isinstance(value, list):
+            tokens.extend([option, *map(str, value)] if action.nargs in ("+", "*") else
+                          [option, ",".join(map(str, value))])
+        else:
+            tokens.append(f"{option}={value}")
+    return tokens
