@@ -130,6 +130,24 @@ def log_new_run(logger: RunLogger, args: argparse.Namespace, dataset) -> None:
 
 def run(args: argparse.Namespace, logger: RunLogger | RecordingLogger | None = None) -> RunState:
     """Train and evaluate every task, logging to MLflow (or, from a sweep's worker, into `logger`)."""
+    if args.resume:  # one process at a time continues a checkpoint: two would log every point twice
+        from filelock import FileLock, Timeout
+
+        lock = FileLock(f"{args.resume}.lock")
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            raise ConfigError(f"checkpoint {args.resume} is being resumed by another process; wait for it to end "
+                              f"(or stop it) before resuming it again") from None
+        try:
+            return _run(args, logger)
+        finally:
+            lock.release()  # the lock file stays: removing it would let a third process lock a file no one else sees
+    return _run(args, logger)
+
+
+def _run(args: argparse.Namespace, logger: RunLogger | RecordingLogger | None) -> RunState:
+    """`run` itself, with the checkpoint (if any) locked."""
     checkpoint = load_checkpoint(args.resume) if args.resume else None
     if checkpoint is not None:
         if args.seed is None:

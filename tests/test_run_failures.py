@@ -123,3 +123,32 @@ def test_an_experiment_named_dot_dot_keeps_its_artifacts_inside_mlruns(tmp_path)
     experiment = MlflowClient(f"sqlite:///{tmp_path / 'm.db'}").get_experiment_by_name("..")
     assert experiment.artifact_location.startswith((tmp_path / "mlruns").as_uri() + "/")
     assert list((tmp_path / "mlruns").rglob("a.txt")) and not list(tmp_path.glob("*/a.txt"))
+
+
+def test_a_checkpoint_being_resumed_cannot_be_resumed_again_at_the_same_time(tmp_path, tracking_uri, capsys):
+    from filelock import FileLock
+
+    argv = [*ARGV, "--tracking_uri", tracking_uri, "--savecheck", "--checkpoint_dir", str(tmp_path / "c")]
+    assert main.main(argv) == 0
+    (checkpoint,) = (tmp_path / "c").glob("*.pt")
+    with FileLock(f"{checkpoint}.lock"):  # held as a resuming process holds it
+        assert main.main([*argv, "--resume", str(checkpoint)]) == 2
+        assert "is being resumed by another process" in error_line(capsys.readouterr().err)
+    assert main.main([*argv, "--resume", str(checkpoint)]) == 0
+
+
+@pytest.mark.parametrize("path", ["a?b/m.db", "a%20b/m.db"])
+def test_a_sqlite_path_that_a_uri_would_misread_is_refused(tmp_path, capsys, path):
+    (tmp_path / path).parent.mkdir()
+    assert main.main([*ARGV, "--tracking_uri", f"sqlite:///{tmp_path / path}"]) == 2
+    assert "holds ?, % or #" in error_line(capsys.readouterr().err)
+    assert not list(tmp_path.rglob("*.db"))
+
+
+def test_an_output_folder_that_cannot_be_written_ends_with_one_sentence(tmp_path, capsys):
+    import train_splits
+
+    (tmp_path / "file").write_text("a file where the store's folder would be")
+    code = train_splits.main(["--lr", "0.1", "--n_models", "2", "--n_epochs", "1", "--out", str(tmp_path / "file" / "s"),
+                              "--tracking_uri", f"sqlite:///{tmp_path / 'm.db'}", "--non_verbose"])
+    assert code == 1 and str(tmp_path / "file") in error_line(capsys.readouterr().err)

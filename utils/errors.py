@@ -95,6 +95,9 @@ def run_command(run, parse_args, argv: list[str] | None = None) -> int:
     except (ConfigError, TrainingDiverged, RunFailed) as error:
         print(f"error: {error}", file=sys.stderr)
         return 3 if isinstance(error, TrainingDiverged) else 1 if isinstance(error, RunFailed) else 2
+    except OSError as error:  # a folder that cannot be written (read-only, full, a file in its place)
+        print(f"error: {failure_sentence(error)}", file=sys.stderr)
+        return 1
     except Terminated:
         print("stopped by SIGTERM; the run is marked KILLED in MLflow, and the same command (main.py: with "
               "--resume CHECKPOINT) continues it", file=sys.stderr)

@@ -113,6 +113,9 @@ def check_reachable(tracking_uri: str) -> None:
                 f"start it (mlflow server --host ...) or pass another --tracking_uri"
             ) from None
     elif tracking_uri.startswith("sqlite:///"):
+        if any(c in tracking_uri for c in "?%#"):  # SQLAlchemy reads them as a query or an escape: another file
+            raise ConfigError(f"--tracking_uri {tracking_uri} holds ?, % or #, which SQLite URIs read as a query or an "
+                              f"escape, so the store would be another file; use a path without them")
         folder = Path(tracking_uri[len("sqlite:///"):]).parent
         if not folder.is_dir():
             raise ConfigError(f"the folder {folder} of --tracking_uri {tracking_uri} does not exist; create it or "
