@@ -130,25 +130,27 @@ def log_new_run(logger: RunLogger, args: argparse.Namespace, dataset) -> None:
 
 def run(args: argparse.Namespace, logger: RunLogger | RecordingLogger | None = None) -> RunState:
     """Train and evaluate every task, logging to MLflow (or, from a sweep's worker, into `logger`)."""
-    if args.resume:  # one process at a time continues a checkpoint: two would log every point twice
-        from filelock import FileLock, Timeout
+    if not args.resume:
+        return _run(args, logger, None)
+    checkpoint = load_checkpoint(args.resume)  # a file that is no checkpoint is refused before anything is written
+    # One process at a time continues a checkpoint: two would log every point twice.
+    from filelock import FileLock, Timeout
 
-        lock = FileLock(f"{args.resume}.lock")
-        try:
-            lock.acquire(timeout=0)
-        except Timeout:
-            raise ConfigError(f"checkpoint {args.resume} is being resumed by another process; wait for it to end "
-                              f"(or stop it) before resuming it again") from None
-        try:
-            return _run(args, logger)
-        finally:
-            lock.release()  # the lock file stays: removing it would let a third process lock a file no one else sees
-    return _run(args, logger)
+    lock = FileLock(f"{args.resume}.lock")
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        raise ConfigError(f"checkpoint {args.resume} is being resumed by another process; wait for it to end "
+                          f"(or stop it) before resuming it again") from None
+    try:
+        return _run(args, logger, checkpoint)
+    finally:
+        lock.release()
+        Path(lock.lock_file).unlink(missing_ok=True)  # no lock file left beside the checkpoint
 
 
-def _run(args: argparse.Namespace, logger: RunLogger | RecordingLogger | None) -> RunState:
-    """`run` itself, with the checkpoint (if any) locked."""
-    checkpoint = load_checkpoint(args.resume) if args.resume else None
+def _run(args: argparse.Namespace, logger: RunLogger | RecordingLogger | None, checkpoint: dict | None) -> RunState:
+    """`run` itself, with the checkpoint (if any) read and locked."""
     if checkpoint is not None:
         if args.seed is None:
             args.seed = checkpoint["config"]["seed"]

@@ -18,7 +18,8 @@ from mlflow.tracking import MlflowClient
 
 from continual.sweep_spec import Cell, Sweep
 from utils.errors import ConfigError, TrainingDiverged
-from utils.mlflow_logger import RecordingLogger, RunLogger, UninterruptedClient, store_lock
+from utils.mlflow_logger import RecordingLogger, RunLogger, UninterruptedClient
+from utils.mlflow_store import store_lock
 
 PARENT_TAG = "mlflow.parentRunId"
 

@@ -281,7 +281,7 @@ def _check_runs(sweep: Sweep) -> None:
                 cell = sweep.cells(name, config, sweep.search_seeds[:1])[0]
                 where = f"sweep file {sweep.path}, method {name}"
                 argv = cell.argv()
-                known = set(flags_of(_parse(full_parser, argv, where)))
+                known = set(flags_of(_parse(lambda tokens: full_parser(tokens)[0], argv, where)))
                 unknown = sorted(map(str, set(cell.flags) - known))
                 if unknown:
                     raise ConfigError(f"{where} sets {', '.join(unknown)}, which main.py does not accept for this "

@@ -39,13 +39,13 @@ def test_a_planted_store_template_cannot_redirect_a_new_stores_artifacts(tmp_pat
 
 
 def test_a_template_writable_by_others_is_built_again(tmp_path, monkeypatch):
-    from utils import mlflow_logger
+    from utils import mlflow_logger, mlflow_store
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     mlflow_logger.RunLogger(f"sqlite:///{tmp_path / 'a.db'}", "exp").finish()
     (template,) = (tmp_path / "cache" / "continual-memorization").glob("mlflow-*-empty-store.db")
     os.chmod(template, 0o666)
-    assert not mlflow_logger._trusted_template(template)
+    assert not mlflow_store._trusted_template(template)
     mlflow_logger.RunLogger(f"sqlite:///{tmp_path / 'b.db'}", "exp").finish()
     assert oct(template.stat().st_mode & 0o777) == "0o600"
 
