@@ -218,6 +218,10 @@ def _methods(value, where: str) -> dict[str, Method]:
         raise ConfigError(f"{where}: methods must be a non-empty mapping of method name: {{flags, grid, reuse}}")
     methods = {}
     for name, entry in value.items():
+        # A method's name becomes MLflow run names, metric and tag keys and report files: checked before any run.
+        if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}", name):
+            raise ConfigError(f"{where}: method name {name!r} becomes MLflow keys and file names, so it may hold only "
+                              f"letters, digits, _, - and . (e.g. {re.sub(r'[^A-Za-z0-9_.-]+', '_', str(name))!r})")
         entry = _mapping(entry, f"{where}: method {name}")
         unknown = sorted(map(str, set(entry) - METHOD_KEYS))
         if unknown:

@@ -246,6 +246,7 @@ def test_a_killed_cell_resumes_from_its_checkpoint_with_the_same_record(tmp_path
     ({"base": {**BASE, "seed": 3}}, "which the sweep sets itself"),
     ({"methods": {"vanilla": {"grid": {"lr": ["fast"]}}}}, "invalid float value"),
     ({"final_seeds": []}, "non-empty list of integer seeds"),
+    ({"methods": {"er+replay": {"flags": {"model": "er"}}}}, "becomes MLflow keys and file names"),
 ])
 def test_bad_sweep_files_fail_before_anything_runs(tmp_path, capsys, change, words):
     path = write(tmp_path / "bad.yaml", {**SPEC, **change})
