@@ -213,7 +213,8 @@ def run_plan(args: argparse.Namespace) -> dict:
     print(f"{args.out}: {plan.n_models} models planned, {len(finished)} stored, {n_todo} to train"
           + (f" in chunk {args.chunk_index}/{args.chunk_count}" if args.chunk else ""), flush=True)
     claims = Claims(store.folder, plan.hash, args.claim_timeout)
-    logger = open_mlflow_run(store, plan, args, claims)
+    # A store with nothing left to train gets no new MLflow run: a rerun of a finished store adds none.
+    logger = open_mlflow_run(store, plan, args, claims) if n_todo else None
     index = {group[0]: i for i, group in enumerate(plan.groups)}
     n_epochs = plan.settings["training"]["n_epochs"]
     started, done, stored, running, elsewhere = time.perf_counter(), 0, set(finished), {}, []

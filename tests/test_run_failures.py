@@ -152,3 +152,21 @@ def test_an_output_folder_that_cannot_be_written_ends_with_one_sentence(tmp_path
     code = train_splits.main(["--lr", "0.1", "--n_models", "2", "--n_epochs", "1", "--out", str(tmp_path / "file" / "s"),
                               "--tracking_uri", f"sqlite:///{tmp_path / 'm.db'}", "--non_verbose"])
     assert code == 1 and str(tmp_path / "file") in error_line(capsys.readouterr().err)
+
+
+def test_rerunning_a_finished_store_adds_no_mlflow_run(tmp_path, capsys):
+    import train_splits
+
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    argv = ["--lr", "0.1", "--n_models", "2", "--n_epochs", "1", "--out", str(tmp_path / "s"), "--tracking_uri", uri,
+            "--non_verbose", "--mlp_hidden", "16"]
+    assert train_splits.main(argv) == 0
+    client = MlflowClient(uri)
+
+    def runs():
+        return client.search_runs([e.experiment_id for e in client.search_experiments()])
+
+    assert len(runs()) == 1
+    assert train_splits.main(argv) == 0
+    assert "2 stored, 0 to train" in capsys.readouterr().out
+    assert len(runs()) == 1
