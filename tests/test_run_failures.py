@@ -170,3 +170,12 @@ def test_rerunning_a_finished_store_adds_no_mlflow_run(tmp_path, capsys):
     assert train_splits.main(argv) == 0
     assert "2 stored, 0 to train" in capsys.readouterr().out
     assert len(runs()) == 1
+
+
+def test_zero_pool_workers_are_refused_before_the_plan_or_a_run_is_written(tmp_path, capsys):
+    import train_splits
+
+    code = train_splits.main(["--lr", "0.1", "--n_models", "2", "--n_epochs", "1", "--out", str(tmp_path / "s"),
+                              "--launcher", "pool", "--workers", "0", "--tracking_uri", f"sqlite:///{tmp_path / 'm.db'}"])
+    assert code == 2 and "--workers must be at least 1, got 0" in error_line(capsys.readouterr().err)
+    assert not (tmp_path / "s").exists() and not (tmp_path / "m.db").exists()

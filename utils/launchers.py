@@ -76,6 +76,8 @@ def check_launcher(args: argparse.Namespace) -> None:
                           "SLURM login node, or add --submitit_cluster local for a local debug run")
     if args.max_parallel is not None and args.max_parallel < 1:
         raise ConfigError(f"--max_parallel must be at least 1, got {args.max_parallel}")
+    if getattr(args, "workers", 1) < 1:
+        raise ConfigError(f"--workers must be at least 1, got {args.workers}")
 
 
 def run_jobs(function: Callable, jobs: Iterable[tuple], args: argparse.Namespace, log_folder: Path,
