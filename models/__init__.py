@@ -256,12 +256,18 @@ class Lifecycle:
         finally:
             capture.remove()
         if batch._logits is None:  # the model made no forward pass on the stream batch
-            was_training = model.net.training
-            model.net.eval()
-            with torch.no_grad():
-                batch._logits = model.net(inputs)
-            model.net.train(was_training)
+            batch._logits = self._eval_outputs(inputs)
         return loss
+
+    @torch.no_grad()
+    def _eval_outputs(self, inputs: torch.Tensor) -> torch.Tensor:
+        """The network's outputs on a batch in eval mode (no BatchNorm update, no dropout), mode restored."""
+        net = self.model.net
+        was_training = net.training
+        net.eval()
+        outputs = net(inputs)
+        net.train(was_training)
+        return outputs
 
     def step(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer | None = None,
              batch: StepBatch | None = None) -> None:
@@ -280,11 +286,7 @@ class Lifecycle:
                                "model.lifecycle.observe so the step knows its batch")
         if not batch._outputs_requested and self.needs_outputs():  # a step the method makes itself
             batch._outputs_requested = True
-            was_training = model.net.training
-            model.net.eval()
-            with torch.no_grad():
-                batch._logits = model.net(batch.inputs)
-            model.net.train(was_training)
+            batch._logits = self._eval_outputs(batch.inputs)
         batch.loss = loss.detach()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

@@ -241,9 +241,7 @@ class HiddenUnits:
         return [s / max(n, 1) for s, n in zip(sums, positions)]
 
     def _zero_state(self, param: torch.Tensor, where: torch.Tensor) -> None:
-        for value in self.optimizer.state.get(param, {}).values():
-            if torch.is_tensor(value) and value.shape == param.shape:
-                value.masked_fill_(where, 0.0)
+        clear_optimizer_state(self.optimizer, param, where)
 
     def unit_mask(self, index: int, units: torch.Tensor) -> torch.Tensor:
         """Boolean mask of group `index` with the given unit indices set."""
@@ -263,3 +261,16 @@ class HiddenUnits:
             dims = [d for d in range(param.dim()) if d != axis]
             total = total + param.detach().abs().sum(dim=dims)
         return total
+
+
+def clear_optimizer_state(optimizer: torch.optim.Optimizer, param: torch.Tensor,
+                          where: torch.Tensor | None = None) -> None:
+    """Zero the optimizer's per-entry state of `param` (momentum, Adam's moments) where `where` is True, or
+    everywhere; per-tensor entries such as Adam's step count stay."""
+    for value in optimizer.state.get(param, {}).values():
+        if not (torch.is_tensor(value) and value.shape == param.shape):
+            continue
+        if where is None:
+            value.zero_()
+        else:
+            value.masked_fill_(where, 0.0)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from plasticity import register_plasticity, PlasticityMethod
-from plasticity._hidden_units import Reinitializer
+from plasticity._hidden_units import Reinitializer, clear_optimizer_state
 
 
 @register_plasticity("head_reset")
@@ -42,9 +42,7 @@ class HeadReset(PlasticityMethod):
             for param, fresh in zip(params, self.reinitializer.fresh(params)):
                 param.copy_(fresh)
         for param in params:
-            for value in self.optimizer.state.get(param, {}).values():
-                if torch.is_tensor(value) and value.shape == param.shape:
-                    value.zero_()
+            clear_optimizer_state(self.optimizer, param)
         self.resets += 1
 
     def task_metrics(self, task):

@@ -43,13 +43,19 @@ def _owner_name(obj: Any) -> str:
     return getattr(obj, "NAME", None) or type(obj).__name__
 
 
-def _tensor_names(modules: dict[str, nn.Module]) -> dict[int, str]:
-    """id of every parameter and buffer of the given modules → its qualified name."""
-    names = {}
+def _named_tensors(modules: dict[str, nn.Module]):
+    """(qualified name, tensor) of every parameter and buffer of the given modules."""
     for prefix, module in modules.items():
         for name, tensor in list(module.named_parameters(remove_duplicate=False)) + list(
                 module.named_buffers(remove_duplicate=False)):
-            names.setdefault(id(tensor), f"{prefix}.{name}" if prefix else name)
+            yield (f"{prefix}.{name}" if prefix else name), tensor
+
+
+def _tensor_names(modules: dict[str, nn.Module]) -> dict[int, str]:
+    """id of every parameter and buffer of the given modules → its qualified name (the first one)."""
+    names = {}
+    for name, tensor in _named_tensors(modules):
+        names.setdefault(id(tensor), name)
     return names
 
 
@@ -224,11 +230,7 @@ def restore(component: Any, state: dict, device: torch.device | str = "cpu",
                                  f"checkpoint belongs to another configuration") from None
             for key, saved in attributes.items():
                 setattr(module, key, _decode(saved, getattr(module, key, None), f"{owner}.{name}.{key}", {}, device))
-    tensors = {}
-    for prefix, module in _networks(component).items():
-        for name, tensor in list(module.named_parameters(remove_duplicate=False)) + list(
-                module.named_buffers(remove_duplicate=False)):
-            tensors[f"{prefix}.{name}" if prefix else name] = tensor
+    tensors = dict(_named_tensors(_networks(component)))
     for name, saved in state["attributes"].items():
         current = getattr(component, name, None)
         value = _decode(saved, current, f"{owner}.{name}", tensors, device)
