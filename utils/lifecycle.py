@@ -21,9 +21,6 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-EVENTS = ("begin_task", "after_backward", "after_step", "end_task", "end_run")
-
-
 class OutputsNotRequested(RuntimeError):
     pass
 
@@ -82,11 +79,6 @@ class Hooks:
 
     def end_run(self) -> None:
         """After the last task."""
-
-
-def overrides(component: object, event: str) -> bool:
-    """Whether `component`'s class defines `event` itself (not only Hooks' no-op)."""
-    return getattr(type(component), event) is not getattr(Hooks, event)
 
 
 @dataclass
