@@ -23,6 +23,7 @@ from memorization.score_format import load_scores
 from models import MODELS
 from plasticity import PLASTICITY, method_names
 from utils.checkpoint import (
+    check_consistent,
     check_same_config,
     load_checkpoint,
     rng_state,
@@ -39,6 +40,7 @@ from utils.mlflow_logger import (
     run_exists,
 )
 from utils.registry import declared_flags
+from utils.state import StateError
 from utils.threads import choose_threads, step_flops
 
 
@@ -155,7 +157,6 @@ def _run(args: argparse.Namespace, logger: RunLogger | RecordingLogger | None, c
         if args.seed is None:
             args.seed = checkpoint["config"]["seed"]
         check_same_config(args.resume, checkpoint["config"], computational_config(args))
-        args.tracking_uri = args.tracking_uri or checkpoint["tracking_uri"]  # where the run is, unless told
     elif args.seed is None:
         args.seed = secrets.randbelow(2**31 - 1)
     if logger is None:
@@ -174,7 +175,15 @@ def _run(args: argparse.Namespace, logger: RunLogger | RecordingLogger | None, c
     print(f"{args.num_threads} CPU thread{'s' if args.num_threads > 1 else ''}: {threads_reason}", flush=True)
     state = RunState.fresh(dataset)
     if checkpoint is not None:
-        model.load_checkpoint_state(checkpoint["model"])
+        check_consistent(args.resume, checkpoint, state.matrices, args.n_epochs)
+        try:
+            model.load_checkpoint_state(checkpoint["model"])
+        except StateError:
+            raise
+        except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as error:
+            raise ConfigError(f"checkpoint {args.resume} is inconsistent (its model state does not fit this model: "
+                              f"{type(error).__name__} {str(error)[:120]}); resume from another checkpoint or start "
+                              f"the run again without --resume") from None
         state = RunState({k: v.numpy() for k, v in checkpoint["matrices"].items()}, checkpoint["next_task"],
                          list(checkpoint["epoch_losses"]), {k: list(v) for k, v in checkpoint["history"].items()})
         set_rng_state(checkpoint["rng"])

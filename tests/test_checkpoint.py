@@ -45,7 +45,8 @@ def test_a_run_killed_during_task_3_resumes_to_the_uninterrupted_result(tmp_path
     assert checkpoint == checkpoint_dir / f"{run_id}.pt"
     assert torch.load(checkpoint, weights_only=True)["next_task"] == 2
 
-    resumed = run_experiment(parse_args([*ARGS, "--resume", str(checkpoint), "--savecheck"]))
+    resumed = run_experiment(parse_args([*ARGS, "--resume", str(checkpoint), "--savecheck", "--tracking_uri",
+                                         tracking_uri]))
     uninterrupted = run_experiment(parse_args([*ARGS, "--tracking_uri", f"sqlite:///{tmp_path / 'other.db'}"]))
     for setting in ("class_il", "task_il"):
         np.testing.assert_array_equal(resumed.matrices[setting], uninterrupted.matrices[setting])
@@ -59,6 +60,10 @@ def test_a_run_killed_during_task_3_resumes_to_the_uninterrupted_result(tmp_path
     assert [r.info.run_id for r in runs] == [run_id]
     assert runs[0].info.status == "FINISHED"
     assert [m.step for m in client.get_metric_history(run_id, "acc_class_il")] == [0, 1, 2, 3, 4]
+    # task 3's points logged before the kill are not logged a second time by the resumed process
+    for key in runs[0].data.metrics:
+        steps = [m.step for m in client.get_metric_history(run_id, key)]
+        assert len(steps) == len(set(steps)), key
     assert torch.load(checkpoint, weights_only=True)["next_task"] == 5
 
 

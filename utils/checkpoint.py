@@ -68,3 +68,30 @@ def check_same_config(path: str | Path, saved: dict, current: dict) -> None:
     if differences:
         raise ConfigError(f"checkpoint {path} belongs to another configuration ({'; '.join(differences)}); "
                           f"resume with the checkpoint's arguments or start a new run without --resume")
+
+
+def check_consistent(path: str | Path, checkpoint: dict, matrices: dict, n_epochs: int) -> None:
+    """Refuse a well-formed checkpoint whose fields do not fit together or this run (an edited or mixed-up file):
+    `matrices` are a fresh run's accuracy matrices, which the saved ones must match in names and shapes."""
+    def refuse(what: str):
+        raise ConfigError(f"checkpoint {path} is inconsistent ({what}); resume from another checkpoint or start the "
+                          f"run again without --resume")
+
+    missing = [k for k in ("config", "tracking_uri", "mlflow_run_id", "logger", "next_task", "epoch_losses",
+                           "history", "matrices", "model", "rng") if k not in checkpoint]
+    if missing:
+        refuse(f"it lacks {', '.join(missing)}")
+    n_tasks = len(next(iter(matrices.values())))
+    next_task = checkpoint["next_task"]
+    if not isinstance(next_task, int) or isinstance(next_task, bool) or not 1 <= next_task <= n_tasks:
+        refuse(f"next_task {next_task!r} is not a task count between 1 and {n_tasks}")
+    saved = checkpoint["matrices"]
+    if not isinstance(saved, dict) or set(saved) != set(matrices) or any(
+            not isinstance(saved[k], torch.Tensor) or tuple(saved[k].shape) != v.shape for k, v in matrices.items()):
+        refuse(f"its accuracy matrices are not {', '.join(matrices)} of shape {n_tasks}×{n_tasks}")
+    losses = checkpoint["epoch_losses"]
+    if not isinstance(losses, list) or len(losses) != next_task * n_epochs or not all(
+            isinstance(v, float) for v in losses):
+        refuse(f"epoch_losses is not a list of {next_task * n_epochs} losses ({next_task} tasks of {n_epochs} epochs)")
+    if not isinstance(checkpoint["history"], dict) or not isinstance(checkpoint["model"], dict) or not checkpoint["model"]:
+        refuse("its history or model state is not a mapping of saved values")

@@ -131,6 +131,11 @@ def param_text(value) -> str:
     return str(value)
 
 
+def _point(metric: Metric) -> tuple:
+    """A metric point without its time; NaN as text, so that a NaN point equals itself."""
+    return metric.key, metric.step, "nan" if metric.value != metric.value else metric.value
+
+
 class UninterruptedClient:
     """An MlflowClient whose every call finishes before a SIGTERM takes effect (utils.errors.deferred_termination)."""
 
@@ -150,6 +155,7 @@ class RunLogger:
     """One MLflow run: created new, or continued after a resume (same run id)."""
 
     LIVE = True  # watched while it runs: figures are redrawn as tasks finish
+    _logged: frozenset = frozenset()  # (key, step, value) points the run held when this process continued it
 
     def __init__(self, tracking_uri: str, experiment_name: str, run_name: str | None = None,
                  run_id: str | None = None, tags: dict[str, str] | None = None, keep_status: bool = False):
@@ -162,6 +168,7 @@ class RunLogger:
                 if not keep_status:
                     self.client.update_run(run_id, status="RUNNING")
                     self.client.set_tag(run_id, PROCESS_TAG, process_identity())
+                    self._logged = self._logged_points()
                 return
             experiment = self.client.get_experiment_by_name(experiment_name)
             if experiment is None:
@@ -201,7 +208,16 @@ class RunLogger:
         now = int(time.time() * 1000)
         self._write_metrics([Metric(name, float(v), now, first_step + i) for i, v in enumerate(values)])
 
+    def _logged_points(self) -> frozenset:
+        """The points a continued run already holds. A process killed after logging part of a task (or all of it,
+        before its checkpoint) logged points that the resumed process computes again, bit for bit: written
+        once, not twice. A point computed again with another value is written, so both attempts stay visible."""
+        run = self.client.get_run(self.run_id)
+        return frozenset(_point(m) for key in run.data.metrics for m in self.client.get_metric_history(self.run_id, key))
+
     def _write_metrics(self, metrics: list[Metric]) -> None:
+        if self._logged:
+            metrics = [m for m in metrics if _point(m) not in self._logged]
         for start in range(0, len(metrics), 1000):  # MLflow's limit per batch
             self.client.log_batch(self.run_id, metrics=metrics[start:start + 1000])
 
