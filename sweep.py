@@ -27,6 +27,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="MLflow tracking URI (default: sqlite:///<repo>/mlflow.db); the driver alone writes it")
     parser.add_argument("--out", default=None, help="report and cell checkpoints (default: sweeps/results/<name>)")
     parser.add_argument("--report_only", action="store_true", help="rebuild the report from MLflow, run nothing")
+    parser.add_argument("--claim_timeout", type=float, default=300.0,
+                        help="drivers sharing a sweep's --out claim each cell; the cells of a driver that stopped "
+                             "touching its claims for this many seconds (killed, machine lost) are taken over")
     add_launcher_args(parser)
     return parser.parse_args(argv)
 

@@ -8,15 +8,18 @@ import argparse
 import math
 import os
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from filelock import FileLock
 
 from continual.sweep_runs import SweepTracker, run_cell
 from continual.sweep_spec import Cell, Sweep, load_sweep
+from utils.claims import Claims
 from utils.errors import ConfigError
-from utils.launchers import check_launcher, pool_workers, run_jobs
+from utils.launchers import POLL_SECONDS, check_launcher, pool_workers, run_jobs
 from utils.mlflow_logger import check_reachable, default_tracking_uri
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -59,8 +62,12 @@ def choose(sweep: Sweep, method: str, chosen: dict[str, dict], runs: dict) -> Ch
     return Choice(method, scores, best[0], 0)
 
 
-def execute(cells: list[tuple[Cell, str]], tracker: SweepTracker, args: argparse.Namespace, out: Path) -> int:
-    """Run the cells that have not finished; the driver writes each result to MLflow as it arrives."""
+def execute(cells: list[tuple[Cell, str]], tracker: SweepTracker, args: argparse.Namespace, out: Path,
+            claims: Claims) -> int:
+    """Run the cells that have not finished; the driver writes each result to MLflow as it arrives.
+
+    Drivers of one sweep (sharing its --out) claim each cell before running it, and wait for the cells that
+    another live driver runs; a cell whose driver died is taken over, from its checkpoint."""
     unique: dict[str, tuple[Cell, str]] = {}
     for cell, phase in cells:
         unique.setdefault(cell.key, (cell, phase))
@@ -71,29 +78,64 @@ def execute(cells: list[tuple[Cell, str]], tracker: SweepTracker, args: argparse
         else:
             todo.append(cell)
     print(f"{len(unique) - len(todo)} of {len(unique)} cells already finished; running {len(todo)}", flush=True)
+    ran, waiting_told = 0, False
+    while todo:
+        ran_now, elsewhere = _run_claimed(todo, unique, tracker, args, out, claims)
+        ran += ran_now
+        if elsewhere:
+            tracker.load()  # the cells other drivers logged
+        todo = [cell for cell in elsewhere if cell.key not in tracker.runs]
+        if todo:
+            if not waiting_told:
+                print(f"waiting for {len(todo)} cells that another driver of this sweep runs", flush=True)
+                waiting_told = True
+            time.sleep(min(POLL_SECONDS, args.claim_timeout / 4))
+    return ran
+
+
+def _run_claimed(todo: list[Cell], unique: dict[str, tuple[Cell, str]], tracker: SweepTracker,
+                 args: argparse.Namespace, out: Path, claims: Claims) -> tuple[int, list[Cell]]:
+    """Run the cells of `todo` this driver can claim; returns how many ran and the cells another driver holds."""
     threads = max(1, (os.cpu_count() or 1) // pool_workers(args)) if args.launcher == "pool" else None
     checkpoints = out / "checkpoints"
-    jobs = [(cell.key, cell.argv(), str(checkpoints), threads) for cell in todo]
-    failures = []
-    # A failed cell (a missing dataset, a bug) most likely fails the others alike: start no more.
-    results = run_jobs(run_cell, jobs, args, out / "launcher", stop=lambda result: result["outcome"] == "error")
-    for count, result in enumerate(results, 1):
-        cell, phase = unique[result["key"]]
-        if result["outcome"] == "error":
-            failures.append((cell, result["error"]))
-            if "\n" in result["error"]:  # a traceback (a bug, not bad input): shown whole
-                print(f"{cell.run_name}: {result['error']}", file=sys.stderr, flush=True)
-            continue
-        tracker.runs[cell.key] = tracker.log_cell(cell, phase, result)
-        (checkpoints / f"{cell.key}.pt").unlink(missing_ok=True)
-        value = final_value(tracker.runs[cell.key], tracker.sweep.metric)
-        print(f"[{count}/{len(todo)}] {cell.run_name}: {result['outcome']}, {tracker.sweep.metric} {value:.2f} "
-              f"({result['seconds']:.0f} s)", flush=True)
+    elsewhere, running = [], set()
+
+    def jobs():
+        for cell in todo:
+            if not claims.claim(cell.key):
+                elsewhere.append(cell)  # another live driver runs it
+            elif tracker.finished(cell.key):  # logged by another driver meanwhile
+                claims.release(cell.key)
+            else:
+                running.add(cell.key)
+                yield cell.key, cell.argv(), str(checkpoints), threads
+
+    failures, count = [], 0
+    try:
+        # A failed cell (a missing dataset, a bug) most likely fails the others alike: start no more.
+        for result in run_jobs(run_cell, jobs(), args, out / "launcher", stop=lambda r: r["outcome"] == "error"):
+            cell, phase = unique[result["key"]]
+            count += 1
+            if result["outcome"] == "error":
+                failures.append((cell, result["error"]))
+                if "\n" in result["error"]:  # a traceback (a bug, not bad input): shown whole
+                    print(f"{cell.run_name}: {result['error']}", file=sys.stderr, flush=True)
+            else:
+                tracker.runs[cell.key] = tracker.log_cell(cell, phase, result)
+                (checkpoints / f"{cell.key}.pt").unlink(missing_ok=True)
+                value = final_value(tracker.runs[cell.key], tracker.sweep.metric)
+                print(f"[{count}/{len(todo)}] {cell.run_name}: {result['outcome']}, {tracker.sweep.metric} "
+                      f"{value:.2f} ({result['seconds']:.0f} s)", flush=True)
+            running.discard(cell.key)
+            claims.release(cell.key)
+    finally:
+        for key in running:  # unfinished: free for another driver (or this one's next run) now
+            claims.release(key)
     if failures:
         cell, error = failures[0]
         raise ConfigError(f"cell {cell.run_name} failed ({error.splitlines()[0]}), and no further cell was "
                           f"started; fix that and run the sweep again, which runs only the unfinished cells")
-    return len(todo)
+    return count, elsewhere
 
 
 def run_sweep(args: argparse.Namespace) -> dict:
@@ -102,15 +144,23 @@ def run_sweep(args: argparse.Namespace) -> dict:
 
     sweep = load_sweep(args.sweep_file)  # every check of the file happens here, before anything runs
     check_launcher(args)
+    if not args.claim_timeout > 0:
+        raise ConfigError(f"--claim_timeout must be positive, got {args.claim_timeout}")
     tracking_uri = args.tracking_uri or default_tracking_uri()
     check_reachable(tracking_uri)
     out = Path(args.out) if args.out else REPO_ROOT / "sweeps" / "results" / sweep.name
     tracker = SweepTracker(tracking_uri, sweep)
-    tracker.load()
+    out.mkdir(parents=True, exist_ok=True)
+    claims = None
     if args.report_only:
+        tracker.load()
         tracker.open_parent(create=False)
     else:
-        print(tracker.open_parent(), flush=True)
+        claims = Claims(out, f"sweep {sweep.name}", args.claim_timeout)
+        claims.clean_leftovers()
+        with FileLock(out / ".parent.lock"):  # drivers started together continue one parent
+            tracker.load()
+            print(tracker.open_parent(), flush=True)
         overlap = sorted(set(sweep.search_seeds) & set(sweep.final_seeds))
         if overlap:
             print(f"warning: final seeds {overlap} are also search seeds; their final numbers are the runs the "
@@ -125,7 +175,7 @@ def run_sweep(args: argparse.Namespace) -> dict:
             stage = [m for m in stage if all(r in chosen for r in sweep.methods[m].reuse)]
             if not args.report_only:
                 search = [(cell, "search") for m in stage for cell in sweep.search_cells(m, chosen)]
-                ran += execute(search + finals, tracker, args, out)
+                ran += execute(search + finals, tracker, args, out, claims)
             for method in stage:
                 choices[method] = choice = choose(sweep, method, chosen, tracker.runs)
                 if choice.config is not None:
@@ -134,12 +184,15 @@ def run_sweep(args: argparse.Namespace) -> dict:
             finals = [(cell, "final") for m in stage if m in chosen
                       for cell in sweep.cells(m, chosen[m], sweep.final_seeds)]
         if not args.report_only:
-            ran += execute(finals, tracker, args, out)
+            ran += execute(finals, tracker, args, out, claims)
         report = write_report(sweep, choices, tracker, out)
     except BaseException as error:
         if not args.report_only:  # a report leaves the parent's status as the sweep left it
             tracker.finish("KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED")
         raise
+    finally:
+        if claims is not None:
+            claims.close()
     if not args.report_only:
         tracker.finish("FINISHED")
     print(report["text"])

@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import io
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -107,8 +108,10 @@ def write_report(sweep: Sweep, choices: dict, tracker: SweepTracker, out: Path) 
 
     files = {"report.md": text, "summary.csv": _summary_csv(results, metric_names),
              "runs.csv": _runs_csv(sweep, choices, tracker), "per_task.csv": _per_task_csv(finals, series)}
-    for name, content in files.items():
-        (out / name).write_text(content)
+    for name, content in files.items():  # through a name of this process's: drivers sharing the sweep write it too
+        temporary = out / f".{name}.{os.getpid()}.tmp"
+        temporary.write_text(content)
+        os.replace(temporary, out / name)
     _figures(sweep, series, out)
     for name in [*files, "terminal_accuracy.png", "resets.png"]:
         tracker.parent.log_artifact(str(out / name), "report")

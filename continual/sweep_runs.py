@@ -19,7 +19,7 @@ from mlflow.tracking import MlflowClient
 from continual.sweep_spec import Cell, Sweep
 from utils.errors import ConfigError, TrainingDiverged
 from utils.mlflow_logger import RecordingLogger, RunLogger, UninterruptedClient
-from utils.mlflow_store import store_lock
+from utils.mlflow_store import PROCESS_TAG, process_gone, process_identity, store_lock
 
 PARENT_TAG = "mlflow.parentRunId"
 
@@ -95,6 +95,16 @@ class SweepTracker:
                 self.runs.setdefault(run.data.tags["sweep_cell"], run)
         return self.runs
 
+    def finished(self, key: str) -> bool:
+        """Whether the cell has a finished run in the store (logged by this driver or by another of the sweep)."""
+        if key in self.runs:
+            return True
+        for run in self._search(f"tags.sweep_name = '{self.sweep.name}' and tags.sweep_cell = '{key}'"):
+            if done(run):
+                self.runs[key] = run
+                return True
+        return False
+
     def parents(self) -> list[Run]:
         return self._search(f"tags.sweep_name = '{self.sweep.name}' and tags.sweep_role = 'parent'")
 
@@ -132,10 +142,13 @@ class SweepTracker:
         return message
 
     def _close_stale(self) -> None:
-        """Children left RUNNING by a driver killed while writing them: marked KILLED, their cells run again."""
+        """Children left RUNNING by a driver killed while writing them: marked KILLED, their cells run again. A
+        child another live driver of the sweep is writing now is left alone."""
         for run in self._search(f"tags.sweep_name = '{self.sweep.name}' and tags.sweep_role = 'cell' "
                                 f"and attributes.status = 'RUNNING'"):
-            self.client.set_terminated(run.info.run_id, status="KILLED")
+            writer = run.data.tags.get(PROCESS_TAG)
+            if writer is None or (writer != process_identity() and process_gone(writer)):
+                self.client.set_terminated(run.info.run_id, status="KILLED")
 
     def adopt(self, run: Run) -> None:
         """A cell finished under an earlier version of the file belongs to the current parent now."""

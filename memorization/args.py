@@ -88,6 +88,9 @@ def build_parser(backbone: type | None = None) -> argparse.ArgumentParser:
     run.add_argument("--claim_timeout", type=float, default=300.0,
                      help="seconds after which the groups claimed by a driver that stopped touching its claims "
                           "(killed, machine lost) are taken over by another driver of the same store")
+    run.add_argument("--replace_plan", action="store_true",
+                     help="train this plan in a store whose plan.json is gone and whose models are another plan's "
+                          "(they are set aside); without it such a store is refused")
     run.add_argument("--tracking_uri", default=None)
     run.add_argument("--experiment_name", default="split-training")
     run.add_argument("--run_name", default=None)

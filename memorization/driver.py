@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from backbones import BACKBONES
 from datasets import DATASETS
-from memorization.claims import Claims, driver_gone
+from utils.claims import Claims, driver_gone
 from memorization.plan import (
     Plan,
     balanced_masks,
@@ -200,7 +200,7 @@ def run_plan(args: argparse.Namespace) -> dict:
     check_launcher(args)
     store = SubsetStore(args.out)
     plan = make_plan(args)
-    store.write_plan(plan)
+    store.write_plan(plan, replace_plan=args.replace_plan)
     finished, problems = store.finished_models(plan, repair=True)
     for problem in problems:
         print(f"warning: {problem}", file=sys.stderr)
@@ -213,6 +213,8 @@ def run_plan(args: argparse.Namespace) -> dict:
     print(f"{args.out}: {plan.n_models} models planned, {len(finished)} stored, {n_todo} to train"
           + (f" in chunk {args.chunk_index}/{args.chunk_count}" if args.chunk else ""), flush=True)
     claims = Claims(store.folder, plan.hash, args.claim_timeout)
+    for path in claims.clean_leftovers() + store.clean_leftovers(args.claim_timeout):
+        print(f"removed {path.relative_to(store.folder)}, left by a driver that was killed", flush=True)
     # A store with nothing left to train gets no new MLflow run: a rerun of a finished store adds none.
     logger = open_mlflow_run(store, plan, args, claims) if n_todo else None
     index = {group[0]: i for i, group in enumerate(plan.groups)}

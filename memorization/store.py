@@ -68,8 +68,16 @@ class SubsetStore:
     def exists(self) -> bool:
         return (self.folder / "plan.json").exists()
 
-    def write_plan(self, plan: Plan) -> None:
-        """Write a new plan, or check that the store already holds exactly this plan."""
+    def write_plan(self, plan: Plan, replace_plan: bool = False) -> None:
+        """Write a new plan, or check that the store already holds exactly this plan. A store whose plan.json is
+        gone but whose models remain is another plan's unless its model files name this one: refused without
+        `replace_plan`, so that a different command cannot set valid models aside and train over them."""
+        if not self.exists() and not replace_plan:
+            others = self._models_of_other_plans(plan.hash)
+            if others:
+                raise ConfigError(f"{self.folder} has no plan.json but holds {others} model files of another plan; "
+                                  f"rerun the command that trained them (it writes its plan again), or pass "
+                                  f"--replace_plan to set them aside and train this plan there")
         if self.exists():
             existing = self.load_plan()
             if existing.hash != plan.hash:
@@ -89,6 +97,39 @@ class SubsetStore:
         # plan.json last: its presence marks a complete plan.
         _atomic_write(self.folder / "plan.json",
                       lambda p: p.write_text(json.dumps(document, indent=2, sort_keys=True)))
+
+    def _models_of_other_plans(self, plan_hash: str) -> int:
+        """How many model files in the store name another plan (or cannot be read)."""
+        count = 0
+        for model_id in self.stored_models():
+            try:
+                with np.load(self.model_path(model_id), allow_pickle=False) as data:
+                    count += str(data["plan_hash"]) != plan_hash
+            except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+                count += 1
+        return count
+
+    def clean_leftovers(self, max_age: float) -> list[Path]:
+        """Remove the temporary files of writes cut by a kill (`.NAME.PID.tmp`, a driver record being adopted)
+        once untouched for `max_age` seconds; returns the removed paths. (A killed group's progress file is
+        overwritten and removed by whoever trains the group next.)"""
+        removed = []
+        for folder in (self.folder, self.models_dir, self.folder / "progress", self.folder / "drivers"):
+            for path in [*folder.glob(".*.tmp"), *folder.glob("*.adopted")]:
+                try:
+                    if time.time() - path.stat().st_mtime > max_age:
+                        path.unlink()
+                        removed.append(path)
+                except FileNotFoundError:
+                    pass
+        return removed
+
+    def plan_hash(self) -> str | None:
+        """The hash plan.json records (None without a readable one): which plan the store holds now."""
+        try:
+            return json.loads((self.folder / "plan.json").read_text()).get("hash")
+        except (OSError, ValueError, AttributeError):
+            return None
 
     def load_plan(self) -> Plan:
         path = self.folder / "plan.json"

@@ -339,7 +339,7 @@ _LOADED: dict[tuple, tuple[Plan, PlanData]] = {}  # a worker process loads its d
 def train_and_store(store_dir: str, model_ids: list[int], data_path: str, device: str) -> dict:
     """A launcher's unit of work: train these models and write their files; returns timing for the driver."""
     store = SubsetStore(store_dir)
-    key = (str(store_dir), data_path, device)
+    key = (str(store_dir), data_path, device, store.plan_hash())  # a store's plan may be replaced meanwhile
     if key not in _LOADED:
         plan = store.load_plan()
         _LOADED.clear()

@@ -125,7 +125,7 @@ def test_bad_sharing_flags_end_with_one_sentence(tmp_path, capsys, argv, sentenc
 def test_a_driver_killed_while_claiming_leaves_no_claim_that_blocks_the_group(tmp_path, monkeypatch):
     """A claim appears with its content or not at all: killed after writing it under its own name and before
     linking it to the claim's name, a driver leaves the group free; a claim it made is whole at once."""
-    from memorization import claims as claims_module
+    from utils import claims as claims_module
 
     first, second = (claims_module.Claims(tmp_path, "plan", timeout=300) for _ in range(2))
     link = os.link

@@ -136,6 +136,20 @@ def pool_workers(args: argparse.Namespace) -> int:
     return args.max_parallel or args.workers
 
 
+def die_with_parent(parent: int) -> None:
+    """A pool worker's start: end this process when the driver that started it ends. A driver killed with -9
+    cannot stop its workers, and a worker waiting for its next job never learns that nobody will send one
+    (the queue's pipe stays open in its siblings): it would hold its memory forever."""
+    import threading
+
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(POLL_SECONDS)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True, name="die-with-parent").start()
+
+
 def _pool(function: Callable, jobs: Iterator[tuple], workers: int, stop: Callable[[object], bool],
           poll: Callable[[], None]) -> Iterator:
     import multiprocessing
@@ -145,7 +159,8 @@ def _pool(function: Callable, jobs: Iterator[tuple], workers: int, stop: Callabl
         raise ConfigError(f"--workers must be at least 1, got {workers}")
     _repo_on_pythonpath()
     # spawn, not fork: forking a process that already started torch's thread pools can deadlock.
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=die_with_parent,
+                             initargs=(os.getpid(),)) as pool:
         running, stopped = set(), False
         while True:
             while not stopped and len(running) < workers and (job := next(jobs, None)) is not None:

@@ -1,12 +1,14 @@
-"""Work sharing without a scheduler: drivers pointed at one store claim groups before training them.
+"""Work sharing without a scheduler: drivers pointed at one store claim each unit of work (a subset plan's
+group, a sweep's cell) before doing it.
 
-A claim is a file `claims/group_NNNNNN.json` naming the plan, the driver and its host, created atomically
-with its content: written under a name of this driver's own, then hard-linked to the claim's name, which
-fails if the name exists (as O_CREAT | O_EXCL would, and a shared file system such as NFS honours both). A
-claim created empty and written afterwards stayed empty when its driver was killed in between, and an empty
-claim could not name a dead driver: the group waited for the timeout. While a driver works it touches
-its claims every `timeout / 4` seconds; a claim untouched for `timeout` seconds belongs to a driver that
-died, and the first driver to rename it away takes the group over. A finished group's claim is removed.
+A claim is a file `claims/group_NNNNNN.json` (a sweep's cell: `claims/KEY.json`) naming the plan, the driver
+and its host, created atomically with its content: written under a name of this driver's own, then
+hard-linked to the claim's name, which fails if the name exists (as O_CREAT | O_EXCL would, and a shared file
+system such as NFS honours both). A claim created empty and then written would stay empty if its driver were
+killed in between, and an empty claim cannot name a dead driver. While a driver works it touches its claims
+every `timeout / 4` seconds; a claim untouched for `timeout` seconds belongs to a driver that died, and the
+first driver to rename it away takes the work over (only one can: `_take_over`). A finished unit's claim is
+removed, and files left by killed drivers are removed once stale (`clean_leftovers`).
 """
 from __future__ import annotations
 
@@ -45,7 +47,7 @@ class Claims:
         self.timeout = timeout
         self.driver = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self._tag = self.driver.replace(":", "-")  # the driver in this driver's own file names
-        self.held: set[int] = set()
+        self.held: set[int | str] = set()
         self.fresh: list[Path] = []  # other files this driver keeps touched while it lives
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -57,13 +59,14 @@ class Claims:
         except OSError as error:
             raise ConfigError(f"cannot write claims into {self.folder} ({error.strerror or error}); make the store "
                               f"writable, or give --out a folder this driver can write") from None
-        for path in sorted(self.folder.glob("group_*.json")):  # before any work, not when the group comes up
+        for path in sorted(self.folder.glob("*.json")):  # before any work, not when the group comes up
             self._check_plan(path)
         self._heartbeat = threading.Thread(target=self._touch_held, daemon=True)
         self._heartbeat.start()
 
-    def path(self, group: int) -> Path:
-        return self.folder / f"group_{group:06d}.json"
+    def path(self, group: int | str) -> Path:
+        """A group of a subset plan by its index; any other unit of work (a sweep's cell) by its name."""
+        return self.folder / (f"group_{group:06d}.json" if isinstance(group, int) else f"{group}.json")
 
     def _owner_plan(self, path: Path) -> str | None:
         try:
@@ -92,7 +95,7 @@ class Claims:
         finally:
             written.unlink(missing_ok=True)
 
-    def claim(self, group: int) -> bool:
+    def claim(self, group: int | str) -> bool:
         """True if this driver now holds the group; False if another live driver does."""
         path = self.path(group)
         for _ in range(2):
@@ -100,11 +103,7 @@ class Claims:
                 self._create(path)
             except FileExistsError:
                 self._check_plan(path)
-                if not self._stale(path):
-                    return False
-                try:  # only one driver's rename succeeds: that one takes the group over
-                    os.rename(path, path.with_name(f"{path.name}.stale-{self._tag}"))
-                except FileNotFoundError:
+                if not self._take_over(path):
                     return False
                 continue
             with self._lock:
@@ -112,16 +111,60 @@ class Claims:
             return True
         return False
 
-    def _stale(self, path: Path) -> bool:
+    def _take_over(self, path: Path) -> bool:
+        """Remove the claim at `path` if its driver is gone; True if this driver removed it.
+
+        Two drivers may judge one stale claim at once. The claim is identified by its content (the driver's
+        unique id and the claim's time, never rewritten): whoever renames away a claim other than the one it
+        judged (the other driver's fresh claim, made in between) puts it back and loses."""
+        try:
+            judged = path.read_text()
+        except FileNotFoundError:
+            return True  # released meanwhile: try to create it
+        except OSError:
+            return False
+        if not self._stale(path, judged):
+            return False
+        aside = path.with_name(f"{path.name}.stale-{self._tag}")
+        try:
+            os.rename(path, aside)
+        except FileNotFoundError:
+            return False  # another driver took it over first
+        if aside.read_text() != judged:
+            try:
+                os.link(aside, path)  # the same file again, so its owner's touches still reach it
+            except FileExistsError:
+                pass
+            except OSError:
+                os.replace(aside, path)
+            aside.unlink(missing_ok=True)
+            return False
+        aside.unlink()
+        return True
+
+    def _stale(self, path: Path, content: str) -> bool:
         """Untouched for `timeout` seconds, or written by a driver of this host whose process is gone."""
         try:
             if time.time() - path.stat().st_mtime > self.timeout:
                 return True
-            return driver_gone(json.loads(path.read_text()).get("driver", ""))
+            return driver_gone(json.loads(content).get("driver", ""))
         except (OSError, ValueError, AttributeError):
             return False
 
-    def release(self, group: int) -> None:
+    def clean_leftovers(self) -> list[Path]:
+        """Remove what killed drivers left in the claims folder (claims being written, claims renamed away
+        during a takeover) once untouched for `timeout` seconds; returns the removed paths."""
+        removed = []
+        for path in [*self.folder.glob(".*.json.*"), *self.folder.glob("*.json.stale-*")]:
+            try:
+                if time.time() - path.stat().st_mtime > self.timeout:
+                    path.unlink()
+                    removed.append(path)
+            except FileNotFoundError:
+                pass
+        return removed
+
+    def release(self, group: int | str) -> None:
         with self._lock:
             self.held.discard(group)
         self.path(group).unlink(missing_ok=True)
