@@ -249,6 +249,5 @@ def _run(args: argparse.Namespace, logger: RunLogger | RecordingLogger | None, c
               "and pass the .npy to --mem_scores", flush=True)
     logger.finish("FINISHED")
     if isinstance(logger, RunLogger):
-        print(f"\nresults: MLflow run {logger.run_id} in {args.tracking_uri}; to look at them, run\n"
-              f"  mlflow ui --backend-store-uri {args.tracking_uri}\nand open http://127.0.0.1:5000", flush=True)
+        print("\n" + logger.where_to_look(), flush=True)
     return state

@@ -243,6 +243,13 @@ class RunLogger:
     def finish(self, status: str = "FINISHED") -> None:
         self.client.set_terminated(self.run_id, status=status)
 
+    def where_to_look(self, what: str = "results") -> str:
+        """The run, the direct link to its page and the command that serves the store (utils/mlflow_ui.py)."""
+        from utils.mlflow_ui import where_to_look
+
+        experiment_id = self.client.get_run(self.run_id).info.experiment_id
+        return where_to_look(self.tracking_uri, experiment_id, self.run_id, what)
+
     def state_dict(self) -> dict:
         return {}  # the run id is stored in the checkpoint itself
 
