@@ -153,6 +153,31 @@ def groups_to_train(plan: Plan, finished: list[int], args: argparse.Namespace) -
     return [groups[g] for g in chunk.tolist() if not done.issuperset(groups[g])]
 
 
+def split_run_name(settings: dict) -> str:
+    """What a split-training run is, readable in the MLflow run list: splits-seq-digits-mlp-16x0.5-s0 (16 models
+    per subset ratio 0.5, plan seed 0), loo-seq-digits-mlp-300ex-4seeds-s0 for leave-one-out plans, with the class
+    range and the label noise when the plan has them."""
+    parts = ["loo" if settings.get("kind") == "loo" else "splits", settings["dataset"]]
+    if settings["classes"] is not None:
+        parts.append("classes{}-{}".format(*settings["classes"]))
+    parts.append(settings["backbone"])
+    if settings.get("kind") == "loo":
+        parts += [f"{len(settings['loo_examples'])}ex", f"{settings['loo_seeds']}seeds"]
+    else:
+        parts.append(f"{settings['n_models_per_ratio']}x" + "+".join(f"{r:g}" for r in settings["subset_ratios"]))
+    if settings["label_noise"]:
+        parts.append(f"noise{settings['label_noise']:g}")
+    return "-".join(parts + [f"s{settings['seed']}"])
+
+
+def log_plan_dataset(logger: RunLogger, settings: dict, data_path: str, context: str) -> None:
+    """The plan's dataset as the run's MLflow dataset input, identified by its label fingerprint (the digest a score
+    file's sidecar and main.py's runs of the same labels carry)."""
+    source = "scikit-learn's bundled digits" if DATASETS.get(settings["dataset"]).EMBEDDED \
+        else str(Path(data_path).resolve())
+    logger.log_dataset(settings["dataset"], settings["label_fingerprint"], source, context)
+
+
 def open_mlflow_run(store: SubsetStore, plan: Plan, args: argparse.Namespace, claims: Claims) -> RunLogger | None:
     """This driver's MLflow run: the run of a driver of this store that died (killed with -9, or stopped),
     continued, or a new one. Each live driver has its own run; its file in `drivers/` is touched while
@@ -180,13 +205,14 @@ def open_mlflow_run(store: SubsetStore, plan: Plan, args: argparse.Namespace, cl
         print(f"continuing MLflow run {logger.run_id} of a driver that stopped", flush=True)
         break
     else:
-        logger = RunLogger(tracking_uri, args.experiment_name, args.run_name)
+        logger = RunLogger(tracking_uri, args.experiment_name, args.run_name or split_run_name(plan.settings))
         logger.log_params({k: v for k, v in plan.settings.items() if k not in ("training", "grouping", "loo_examples")}
                           | ({"n_loo_examples": len(plan.settings["loo_examples"])} if "loo_examples" in plan.settings
                              else {})
                           | plan.settings["training"] | plan.settings.get("grouping", {})
                           | {"plan_hash": plan.hash, "out": str(Path(args.out).resolve())})
         logger.set_tags(environment_tags(args.device))
+        log_plan_dataset(logger, plan.settings, args.data_path, "training")
         logger.log_artifact(str(store.folder / "plan.json"))
     record_path = folder / f"{logger.run_id}.json"
     record_path.write_text(json.dumps({"tracking_uri": tracking_uri, "run_id": logger.run_id, "driver": claims.driver}))
@@ -280,4 +306,6 @@ def run_plan(args: argparse.Namespace) -> dict:
     if elsewhere:
         print(f"{sum(map(len, elsewhere))} models are being trained by another driver of this store; rerun to "
               f"take over those whose driver stops for {args.claim_timeout:.0f} s")
+    if logger:
+        print("\n" + logger.where_to_look("split training"), flush=True)
     return {"trained": done, "seconds": elapsed, "elsewhere": sum(map(len, elsewhere))}

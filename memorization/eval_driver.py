@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,15 @@ from memorization.loo import score_loo_store
 from memorization.plan import is_loo
 from memorization.released_runs import find_released_runs, read_released_runs
 from memorization.report import write_report
-from memorization.score_format import compare_with, counts_in_dataset_order, in_dataset_order, save_scores
+from memorization.driver import log_plan_dataset
+from memorization.score_format import (
+    array_digest,
+    compare_with,
+    counts_in_dataset_order,
+    in_dataset_order,
+    record_score_run,
+    save_scores,
+)
 from memorization.scores_per_epoch_and_ratio import write_score_files
 from memorization.store import CorruptModelFile, SubsetStore
 from memorization.training import load_plan_data
@@ -83,13 +92,14 @@ def load_released(run_dir: Path, args: argparse.Namespace) -> dict:
 def score_store(args: argparse.Namespace) -> dict:
     """Scores, standard errors, counts, influence and consistency of a store, written beside --out and logged."""
     check_reachable(args.tracking_uri or default_tracking_uri())  # before the work, not after it
+    started = time.time()  # the MLflow run is opened once the scores exist, and shows the evaluation's duration
     run_dir = Path(args.run_dir)
     if (run_dir / "plan.json").exists():
         store = SubsetStore(run_dir)
         plan = store.load_plan()  # read once: at full size its masks are gigabytes' worth of bools
         if is_loo(plan):
             result, summary, sidecar, files, report = score_loo_store(args, store, plan)
-            log_to_mlflow(args, summary, sidecar, files, report)
+            log_to_mlflow(args, result["scores"], plan, summary, sidecar, files, report, started)
             return result
         data = load_store(store, plan, args)
     elif find_released_runs(run_dir):
@@ -161,9 +171,10 @@ def score_store(args: argparse.Namespace) -> dict:
     for key, value in summary.items():
         print(f"  {key}: {value:.4f}" if isinstance(value, float) else f"  {key}: {value}")
     report = write_report_for(data, final, infl, noisy, args, Path(f"{stem}_report"), summary)
-    log_to_mlflow(args, summary, sidecar, [out, Path(f"{stem}.json"), *more_files,
-                                             *(forgetting["files"] if forgetting else []),
-                                             *([datamodels["path"]] if datamodels else [])], report)
+    log_to_mlflow(args, scores, plan, summary, sidecar, [out, Path(f"{stem}.json"), *more_files,
+                                                          *(forgetting["files"] if forgetting else []),
+                                                          *([datamodels["path"]] if datamodels else [])],
+                  report, started)
     return {"scores": scores, "summary": summary, "memorization": final, "influence": infl}
 
 
@@ -191,14 +202,32 @@ def write_report_for(data: dict, final: dict, infl: dict, noisy, args, folder: P
                         forgetting=data.get("forgetting"), datamodels=data.get("datamodels"))
 
 
-def log_to_mlflow(args: argparse.Namespace, summary: dict, sidecar: dict, files: list[Path],
-                  report: list[Path]) -> None:
-    logger = RunLogger(args.tracking_uri or default_tracking_uri(), args.experiment_name, args.run_name)
-    logger.log_params({k: v for k, v in vars(args).items()} | {k: v for k, v in sidecar.items() if k != "files"})
-    logger.set_tags(environment_tags("cpu"))
-    logger.log_metrics({k: float(v) for k, v in summary.items()}, step=0)
-    for path in files:
-        logger.log_artifact(str(path))
-    for path in report:
-        logger.log_artifact(str(path), "report")
+def evaluation_run_name(args: argparse.Namespace) -> str:
+    """What an evaluation is, readable in the MLflow run list: eval-<store folder>, e.g. eval-cifar100-r18, with
+    -correct when it scores 0/1 correctness instead of probabilities."""
+    return f"eval-{Path(args.run_dir).resolve().name}" + ("-correct" if args.target == "correct" else "")
+
+
+def log_to_mlflow(args: argparse.Namespace, scores: np.ndarray, plan, summary: dict, sidecar: dict,
+                  files: list[Path], report: list[Path], started: float) -> None:
+    """The evaluation's MLflow run, from `started` to now; its id and store are added to the score file's sidecar
+    before the sidecar is logged, so a run that uses the scores can name the run that computed them."""
+    tracking_uri = args.tracking_uri or default_tracking_uri()
+    logger = RunLogger(tracking_uri, args.experiment_name, args.run_name or evaluation_run_name(args),
+                       start_time=started)
+    try:
+        record_score_run(args.out, scores, logger.run_id, tracking_uri)
+        logger.log_params({k: v for k, v in vars(args).items()} | {k: v for k, v in sidecar.items() if k != "files"})
+        logger.set_tags(environment_tags("cpu") | {"scores_sha256": array_digest(scores)})
+        if plan is not None:  # released aux_arrays runs do not name their dataset
+            log_plan_dataset(logger, plan.settings, args.data_path, "evaluation")
+        logger.log_metrics({k: float(v) for k, v in summary.items()}, step=0)
+        for path in files:
+            logger.log_artifact(str(path))
+        for path in report:
+            logger.log_artifact(str(path), "report")
+    except BaseException:
+        logger.finish("FAILED" if isinstance(sys.exc_info()[1], Exception) else "KILLED")
+        raise
     logger.finish()
+    print("\n" + logger.where_to_look("memorization scores"), flush=True)

@@ -5,7 +5,9 @@ the dataset it is used with, and comparing two.
 A score file and its sidecar are one pair: the sidecar records the SHA-256 of the score file's bytes
 (`scores_sha256`), both are written under temporary names and renamed into place, and reading refuses a
 score file whose sidecar was written for other scores (an evaluation killed between the two renames, or a
-file copied over another's).
+file copied over another's). eval_splits.py adds to the sidecar the MLflow run that computed the scores and
+its tracking store (`mlflow_run_id`, `mlflow_tracking_uri`), so a run that uses the file can link to it;
+sidecars written before those fields are read as before.
 """
 from __future__ import annotations
 
@@ -76,6 +78,30 @@ def save_scores(path: Path | str, scores: np.ndarray, sidecar: dict) -> None:
         temporary_sidecar.unlink(missing_ok=True)
 
 
+def record_score_run(path: Path | str, scores: np.ndarray, run_id: str, tracking_uri: str) -> None:
+    """Name in the sidecar of `path` the MLflow run that computed `scores` and its tracking store; the score file
+    is not rewritten, so the pair stays bound by the same digest. The sidecar is written to a temporary name and
+    renamed; a pair on disk that no longer holds `scores` (another evaluation wrote it since) is left alone."""
+    path = Path(path)
+    sidecar = path.with_suffix(".json")
+    meta = json.loads(sidecar.read_text())
+    if meta.get("scores_sha256") != array_digest(scores) or meta["scores_sha256"] != file_digest(path):
+        raise ConfigError(f"{path} and {sidecar.name} were replaced by another evaluation while this one logged to "
+                          f"MLflow; run eval_splits.py again to write the pair with its run")
+    meta |= {"mlflow_run_id": run_id, "mlflow_tracking_uri": tracking_uri}
+    temporary = path.with_name(f".{path.stem}.json.{os.getpid()}.tmp")
+    try:
+        temporary.write_text(json.dumps(meta, indent=2))
+        os.replace(temporary, sidecar)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def file_digest(path: Path) -> str:
+    """SHA-256 of a file's bytes."""
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
 def original_train_labels(dataset: ContinualDataset) -> np.ndarray:
     """Training labels in the dataset's own class numbering (undoing --class_order), as score files see them."""
     return dataset.class_order[dataset.train.labels.cpu().numpy()]
@@ -87,9 +113,7 @@ def load_scores(path: str, dataset: ContinualDataset) -> np.ndarray:
     Accepts eval_splits.py output (checked against its JSON sidecar: dataset and label fingerprint)
     and the memorization-in-CL paper's released float32 arrays (checked by length).
     """
-    file = Path(path)
-    if not file.is_file():
-        raise ConfigError(f"--mem_scores {path}: no such file; pass the .npy written by eval_splits.py")
+    file = score_file(path)
     try:
         scores = np.load(file, allow_pickle=False)
     except (OSError, ValueError) as error:
@@ -104,21 +128,8 @@ def load_scores(path: str, dataset: ContinualDataset) -> np.ndarray:
     if not np.isfinite(scores).any():
         raise ConfigError(f"--mem_scores {path} holds no finite score (every value is NaN or infinite), so no "
                           f"example can be chosen by it; pass the scores of an evaluation that defined some")
-    sidecar = file.with_suffix(".json")
-    if sidecar.exists():
-        try:
-            meta = json.loads(sidecar.read_text())
-        except (OSError, ValueError) as error:
-            raise ConfigError(f"the sidecar {sidecar} of --mem_scores is not readable JSON ({type(error).__name__}); "
-                              f"write it again with eval_splits.py or delete it") from None
-        if not isinstance(meta, dict):
-            raise ConfigError(f"the sidecar {sidecar} of --mem_scores is a {type(meta).__name__}, not the mapping "
-                              f"eval_splits.py writes; write it again with eval_splits.py or delete it")
-        digest = meta.get("scores_sha256")
-        if digest is not None and digest != hashlib.sha256(file.read_bytes()).hexdigest():
-            raise ConfigError(f"--mem_scores {path} does not match its sidecar {sidecar.name}, which was written for "
-                              f"other scores (an evaluation stopped between the two files, or one was copied over); "
-                              f"run eval_splits.py again to write the pair")
+    meta = checked_sidecar(file, path)
+    if meta is not None:
         if meta.get("dataset") not in (None, dataset.NAME):
             raise ConfigError(f"--mem_scores {path} was computed on {meta['dataset']}, not {dataset.NAME}; pass "
                               f"the score file of {dataset.NAME}")
@@ -129,3 +140,44 @@ def load_scores(path: str, dataset: ContinualDataset) -> np.ndarray:
             raise ConfigError(f"--mem_scores {path} was computed on other training labels than this run's "
                               f"(another --label_noise or --seed, or other data files); {same}")
     return scores.astype(np.float32)
+
+
+def score_file(path: str) -> Path:
+    """The --mem_scores file, which must exist."""
+    file = Path(path)
+    if not file.is_file():
+        raise ConfigError(f"--mem_scores {path}: no such file; pass the .npy written by eval_splits.py")
+    return file
+
+
+def checked_sidecar(file: Path, path: str, digest: str | None = None) -> dict | None:
+    """The sidecar of a --mem_scores file as a mapping, checked to have been written for this file's bytes (their
+    SHA-256, `digest` when the caller has it); None for a file without one (a released array)."""
+    sidecar = file.with_suffix(".json")
+    if not sidecar.exists():
+        return None
+    try:
+        meta = json.loads(sidecar.read_text())
+    except (OSError, ValueError) as error:
+        raise ConfigError(f"the sidecar {sidecar} of --mem_scores is not readable JSON ({type(error).__name__}); "
+                          f"write it again with eval_splits.py or delete it") from None
+    if not isinstance(meta, dict):
+        raise ConfigError(f"the sidecar {sidecar} of --mem_scores is a {type(meta).__name__}, not the mapping "
+                          f"eval_splits.py writes; write it again with eval_splits.py or delete it")
+    expected = meta.get("scores_sha256")
+    if expected is not None and expected != (digest or file_digest(file)):
+        raise ConfigError(f"--mem_scores {path} does not match its sidecar {sidecar.name}, which was written for "
+                          f"other scores (an evaluation stopped between the two files, or one was copied over); "
+                          f"run eval_splits.py again to write the pair")
+    return meta
+
+
+def score_source_tags(path: str) -> dict[str, str]:
+    """The tags of a run that uses the score file `path`: its SHA-256 and, where its sidecar names them, the MLflow
+    run that computed it and that run's tracking store. A released array without a sidecar gives its digest only."""
+    file = score_file(path)
+    digest = file_digest(file)
+    meta = checked_sidecar(file, path, digest) or {}
+    tags = {"mem_scores_sha256": digest, "mem_scores_run_id": meta.get("mlflow_run_id"),
+            "mem_scores_tracking_uri": meta.get("mlflow_tracking_uri")}
+    return {key: str(value) for key, value in tags.items() if value}

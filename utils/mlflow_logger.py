@@ -158,7 +158,9 @@ class RunLogger:
     _logged: frozenset = frozenset()  # (key, step, value) points the run held when this process continued it
 
     def __init__(self, tracking_uri: str, experiment_name: str, run_name: str | None = None,
-                 run_id: str | None = None, tags: dict[str, str] | None = None, keep_status: bool = False):
+                 run_id: str | None = None, tags: dict[str, str] | None = None, keep_status: bool = False,
+                 start_time: float | None = None):
+        """`start_time` (seconds since the epoch) dates a new run whose work began before it was created."""
         check_reachable(tracking_uri)
         self.tracking_uri = tracking_uri
         with store_lock(tracking_uri):
@@ -183,8 +185,9 @@ class RunLogger:
                 print(f"MLflow run {closed} was left RUNNING by a process that has ended; marked KILLED", flush=True)
             source = {"mlflow.source.name": Path(sys.argv[0]).name or "python", "mlflow.source.type": "LOCAL",
                       PROCESS_TAG: process_identity()}
-            self.run_id = self.client.create_run(experiment_id, run_name=run_name,
-                                                 tags={**source, **(tags or {})}).info.run_id
+            self.run_id = self.client.create_run(
+                experiment_id, run_name=run_name, tags={**source, **(tags or {})},
+                start_time=None if start_time is None else int(start_time * 1000)).info.run_id
 
     def log_params(self, params: dict) -> None:
         items = [Param(k, param_text(v)) for k, v in params.items()]
