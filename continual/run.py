@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import argparse
+import os
 import random
 import secrets
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,9 +15,9 @@ import yaml
 from backbones import BACKBONES
 from buffer_policies import BUFFER_POLICIES
 from continual.args import computational_config
-from continual.evaluation import summary_metrics
 from continual.forgetting import StreamRecorder, log_forgetting
-from continual.records import RunRecords
+from continual.reproduce import Console, configuration, continue_command
+from continual.records import RunRecords, summary_table
 from continual.training import RunState, train
 from datasets import DATASETS
 from memorization.plan import fingerprint
@@ -30,7 +32,7 @@ from utils.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from utils.errors import ConfigError, RunFailed, TrainingDiverged, failure_sentence
+from utils.errors import ConfigError, RunFailed, TrainingDiverged, current_command, failure_sentence
 from utils.mlflow_logger import (
     RecordingLogger,
     RunLogger,
@@ -44,7 +46,7 @@ from utils.state import StateError
 from utils.threads import choose_threads, step_flops
 
 
-def fail_run(logger, error: Exception, state: RunState, checkpoint_path: Path | None) -> RunFailed:
+def fail_run(logger, error: Exception, state: RunState, checkpoint_path: Path | None, console: Console) -> RunFailed:
     """Close the run FAILED with the error as a tag and its traceback as an artifact (where the store can still
     take them), and say in one sentence what happened and how to continue."""
     import traceback
@@ -57,7 +59,7 @@ def fail_run(logger, error: Exception, state: RunState, checkpoint_path: Path | 
     except Exception:  # noqa: BLE001  the store itself may be what failed (a full disk)
         kept = "the store could not take its traceback"
     try:
-        logger.finish("FAILED")
+        close_run(logger, "FAILED", console)
     except Exception:  # noqa: BLE001
         kept += "; the run could not be marked FAILED (a later run on this machine marks it KILLED)"
     done = f"{state.next_task} task{'s' if state.next_task != 1 else ''} finished and logged"
@@ -70,27 +72,6 @@ def set_seed(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def summary_table(state: RunState, args: argparse.Namespace) -> str:
-    """The accuracy matrices (or, for a terminal-only evaluation, the terminal accuracies) as plain text."""
-    lines = []
-    if args.eval_scope == "current":
-        for name in ("terminal_test_acc", "terminal_train_acc"):
-            values = state.history.get(name, [])
-            means = "  ".join(f"last {k}: {np.mean(values[-k:]):.2f}" for k in args.last_k)
-            lines.append(f"{name.replace('_', ' ')} (%), mean over the {means}")
-        return "\n".join(lines)
-    for setting, matrix in state.matrices.items():
-        last = state.next_task - 1
-        lines.append(f"\n{setting.replace('_', '-')} accuracy (%), row t = after training task t")
-        lines.append("        " + "".join(f"{f'task {i}':>9}" for i in range(matrix.shape[1])))
-        for t in range(last + 1):
-            cells = "".join(f"{'' if np.isnan(v) else f'{v:.2f}':>9}" for v in matrix[t])
-            lines.append(f"after {t:<2}" + cells)
-        final = summary_metrics({setting: matrix}, last)
-        lines.append("  ".join(f"{k}: {v:.2f}" for k, v in final.items()))
-    return "\n".join(lines)
 
 
 def run_name(args: argparse.Namespace) -> str:
@@ -118,22 +99,34 @@ def logged_params(args: argparse.Namespace) -> dict:
 
 
 def log_new_run(logger: RunLogger, args: argparse.Namespace, dataset) -> None:
-    logger.log_params(logged_params(args))
+    """The run's parameters (the task count as the dataset resolved it), its environment, dataset, command line,
+    and `config.yaml`: its resolved flags, which `main.py --config config.yaml` runs again."""
+    params = logged_params(args)
+    logger.log_params({**params, "n_tasks": dataset.n_tasks})
     logger.set_tags(environment_tags(args.device))
+    if isinstance(logger, RunLogger) and current_command() is not None:
+        logger.set_tags({"command_line": current_command()})
     source = "scikit-learn's bundled digits" if dataset.EMBEDDED else str(Path(args.data_path).resolve())
     logger.log_dataset(dataset.NAME, fingerprint(dataset.class_order[dataset.train.labels.cpu().numpy()]), source)
     derived = {"class_order": dataset.class_order.tolist(), "n_tasks": dataset.n_tasks,
                "classes_per_task": dataset.classes_per_task, "n_train": len(dataset.train),
                "n_test": len(dataset.test), "n_relabeled": int(dataset.noisy_mask.sum())}
-    logger.log_text(yaml.safe_dump({"arguments": vars(args), "derived": derived}, sort_keys=True), "config.yaml")
+    logger.log_text(configuration(params, dataset.n_tasks), "config.yaml")
+    logger.log_text(yaml.safe_dump(derived, sort_keys=True), "derived.yaml")
     if dataset.noisy_mask.any():
         logger.log_array(dataset.noisy_mask, "noisy_mask.npy")  # which training examples were relabeled
 
 
 def run(args: argparse.Namespace, logger: RunLogger | RecordingLogger | None = None) -> RunState:
     """Train and evaluate every task, logging to MLflow (or, from a sweep's worker, into `logger`)."""
+    with Console() as console:
+        return _locked(args, logger, console)
+
+
+def _locked(args: argparse.Namespace, logger, console: Console) -> RunState:
+    """`_run`, holding the lock of the checkpoint it resumes (if any)."""
     if not args.resume:
-        return _run(args, logger, None)
+        return _run(args, logger, None, console)
     checkpoint = load_checkpoint(args.resume)  # a file that is no checkpoint is refused before anything is written
     # One process at a time continues a checkpoint: two would log every point twice.
     from filelock import FileLock, Timeout
@@ -145,13 +138,14 @@ def run(args: argparse.Namespace, logger: RunLogger | RecordingLogger | None = N
         raise ConfigError(f"checkpoint {args.resume} is being resumed by another process; wait for it to end "
                           f"(or stop it) before resuming it again") from None
     try:
-        return _run(args, logger, checkpoint)
+        return _run(args, logger, checkpoint, console)
     finally:
         lock.release()
         Path(lock.lock_file).unlink(missing_ok=True)  # no lock file left beside the checkpoint
 
 
-def _run(args: argparse.Namespace, logger: RunLogger | RecordingLogger | None, checkpoint: dict | None) -> RunState:
+def _run(args: argparse.Namespace, logger: RunLogger | RecordingLogger | None, checkpoint: dict | None,
+         console: Console) -> RunState:
     """`run` itself, with the checkpoint (if any) read and locked."""
     if checkpoint is not None:
         if args.seed is None:
@@ -211,43 +205,72 @@ def _run(args: argparse.Namespace, logger: RunLogger | RecordingLogger | None, c
         print(f"the checkpoint's MLflow run {linked} is not in {args.tracking_uri}; the run continues as a new run "
               f"tagged resumed_from_run, from task {checkpoint['next_task'] + 1}", flush=True)
     logger.set_tags({"threads": f"{args.num_threads}: {threads_reason}"})
-    checkpoint_path = None
-    if args.savecheck:
-        checkpoint_path = Path(args.resume) if args.resume else Path(args.checkpoint_dir) / f"{logger.run_id}.pt"
+    # A checkpoint follows every task, so that a stopped run can continue; without --savecheck it is a
+    # recovery file, removed when the run finishes (and a failure to write it only warns).
+    kept = bool(args.savecheck) or bool(checkpoint is not None and checkpoint.get("kept", True))
+    checkpoint_path = Path(args.resume) if args.resume else Path(args.checkpoint_dir) / f"{logger.run_id}.pt"
+    if kept:
         logger.set_tags({"checkpoint": str(checkpoint_path.resolve())})
+    warned = []
 
     def save(state: RunState) -> None:
-        save_checkpoint(checkpoint_path, {
-            "config": computational_config(args), "tracking_uri": args.tracking_uri,
-            "mlflow_run_id": logger.run_id, "logger": logger.state_dict(), "next_task": state.next_task,
-            "epoch_losses": state.epoch_losses, "history": state.history,
-            "matrices": {k: torch.from_numpy(v) for k, v in state.matrices.items()},
-            "model": model.checkpoint_state(),
-            "rng": rng_state(),
-            **({"forgetting": state.forgetting.state_dict()} if state.forgetting is not None else {}),
-        })
-        print(f"checkpoint after task {state.next_task}: {checkpoint_path}", flush=True)
+        try:
+            save_checkpoint(checkpoint_path, {
+                "config": computational_config(args), "tracking_uri": args.tracking_uri,
+                "mlflow_run_id": logger.run_id, "logger": logger.state_dict(), "next_task": state.next_task,
+                "epoch_losses": state.epoch_losses, "history": state.history,
+                "matrices": {k: torch.from_numpy(v) for k, v in state.matrices.items()},
+                "model": model.checkpoint_state(), "rng": rng_state(), "kept": kept,
+                **({"forgetting": state.forgetting.state_dict()} if state.forgetting is not None else {}),
+            })
+        except OSError as error:
+            if kept:
+                raise
+            if not warned:
+                print(f"warning: the recovery checkpoint {checkpoint_path} cannot be written ({error.strerror or error}); "
+                      f"a stopped run will start again from its first task", file=sys.stderr, flush=True)
+                warned.append(error)
+            return
+        if args.savecheck == "task":
+            task_copy = checkpoint_path.with_name(f"{checkpoint_path.stem}_task{state.next_task}.pt")
+            task_copy.unlink(missing_ok=True)
+            os.link(checkpoint_path, task_copy)  # the same bytes, kept when the next task replaces the checkpoint
+        if kept:
+            print(f"checkpoint after task {state.next_task}: {checkpoint_path}", flush=True)
 
     if isinstance(logger, RunLogger):
         print(f"MLflow run {logger.run_id} in {args.tracking_uri}", flush=True)
     try:
-        train(model, dataset, args, RunRecords(logger, figures=args.figures), state,
-              after_task=save if checkpoint_path else None)
+        train(model, dataset, args, RunRecords(logger, figures=args.figures), state, after_task=save)
     except (TrainingDiverged, ConfigError) as error:
         logger.set_tags({"error": str(error)})
-        logger.finish("FAILED")
+        close_run(logger, "FAILED", console)
         raise
-    except KeyboardInterrupt:
-        logger.finish("KILLED")
+    except KeyboardInterrupt as stop:
+        close_run(logger, "KILLED", console)
+        if isinstance(logger, RunLogger):
+            stop.continue_with = (f"continue with:\n  {continue_command(str(checkpoint_path))}"
+                                  if checkpoint_path.exists() else
+                                  "no task had finished, so there is no checkpoint; the same command starts again")
         raise
     except Exception as error:  # noqa: BLE001  a full disk, memory, a bug: the run is closed FAILED, not left RUNNING
-        raise fail_run(logger, error, state, checkpoint_path) from None
+        raise fail_run(logger, error, state, checkpoint_path, console) from None
     print(summary_table(state, args))
     if state.forgetting is not None:
         log_forgetting(logger, state.forgetting, dataset, args, step=state.next_task - 1)
         print("forgetting events: artifact forgetting/events.npy (and its events.json) of the run; download both "
               "and pass the .npy to --mem_scores", flush=True)
-    logger.finish("FINISHED")
+    if not kept:
+        checkpoint_path.unlink(missing_ok=True)
+    close_run(logger, "FINISHED", console)
     if isinstance(logger, RunLogger):
         print("\n" + logger.where_to_look(), flush=True)
     return state
+
+
+def close_run(logger, status: str, console: Console) -> None:
+    """End the run with `status`, its console output logged as `console.txt` first (where the store takes it)."""
+    try:
+        logger.log_text(console.text, "console.txt")
+    finally:
+        logger.finish(status)

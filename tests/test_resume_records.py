@@ -46,7 +46,7 @@ def test_a_kill_between_a_tasks_logging_and_its_checkpoint_logs_no_point_twice(t
     other_client = MlflowClient(other)
     (uninterrupted,) = other_client.search_runs([other_client.get_experiment_by_name("continual-learning").experiment_id])
     logged = points(client, resumed.info.run_id)
-    assert [step for step, _ in logged["acc_class_il"]] == [0, 1]
+    assert len(logged["acc_class_il"]) == 2
     assert logged == points(other_client, uninterrupted.info.run_id)  # every point once, with the same value
 
 

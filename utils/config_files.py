@@ -39,6 +39,10 @@ def as_argv(config: dict, parser: argparse.ArgumentParser, path: str) -> list[st
         if action is None or value is None:
             continue  # unknown names are refused by the caller, which knows the components chosen
         option = action.option_strings[-1]
+        if action.nargs == "?" and isinstance(value, bool):  # a flag with an optional value, on or off
+            if value:
+                tokens.append(option)
+            continue
         if action.nargs == 0:  # an on/off flag
             if not isinstance(value, bool):
                 raise ConfigError(f"--config {path} sets {name}: {value!r}, but {option} is on or off; write true "

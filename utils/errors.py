@@ -1,4 +1,5 @@
 """Errors that end a run with one sentence naming the problem and the fix."""
+import signal
 
 
 class ConfigError(Exception):
@@ -42,9 +43,17 @@ _deferring = {"depth": 0, "pending": False}
 
 def _terminate(signum, frame) -> None:
     if _deferring["depth"]:  # inside a write that must not be cut in two: stop right after it
-        _deferring["pending"] = True
+        _deferring["pending"] = Terminated if signum == signal.SIGTERM else KeyboardInterrupt
         return
-    raise Terminated()
+    raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
+
+
+_command = {"line": None}
+
+
+def current_command() -> str | None:
+    """The command line this process runs (set by `run_command`), as a shell would take it again."""
+    return _command["line"]
 
 
 def _send_swallowed_terminations_again(previous):
@@ -66,7 +75,7 @@ def _send_swallowed_terminations_again(previous):
 
 
 class deferred_termination:
-    """A block that SIGTERM does not interrupt: a signal arriving inside it stops the program when it ends.
+    """A block that SIGTERM and Ctrl-C do not interrupt: a signal arriving inside it stops the program when it ends.
     For writes to a store (an MLflow SQLite transaction cut by the signal leaves its lock held, and the
     KILLED status written next then fails with 'database is locked')."""
 
@@ -76,18 +85,24 @@ class deferred_termination:
     def __exit__(self, *exc) -> None:
         _deferring["depth"] -= 1
         if not _deferring["depth"] and _deferring["pending"]:
-            _deferring["pending"] = False
+            stop, _deferring["pending"] = _deferring["pending"], False
             if exc[0] is None:
-                raise Terminated()
+                raise stop()
 
 
 def run_command(run, parse_args, argv: list[str] | None = None) -> int:
     """A script's main: bad input (exit 2), a diverged loss (3) and a failed run (1) end with one sentence on
-    stderr; SIGTERM stops it like Ctrl-C, with exit status 143."""
-    import signal
+    stderr; Ctrl-C (exit 130) and SIGTERM (143) stop it with the MLflow run marked KILLED and one sentence
+    saying how to continue (the same command, unless the run says otherwise: main.py names its checkpoint)."""
+    import shlex
     import sys
 
+    from_command_line = argv is None  # a process of its own, not a call from another program (a test)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    _command["line"] = shlex.join([sys.executable, sys.argv[0], *argv])
     signal.signal(signal.SIGTERM, _terminate)
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not where a caller chose its own
+        signal.signal(signal.SIGINT, _terminate)
     if not getattr(sys.unraisablehook, "sends_terminations_again", False):
         sys.unraisablehook = _send_swallowed_terminations_again(sys.unraisablehook)
     try:
@@ -98,15 +113,18 @@ def run_command(run, parse_args, argv: list[str] | None = None) -> int:
     except OSError as error:  # a folder that cannot be written (read-only, full, a file in its place)
         print(f"error: {failure_sentence(error)}", file=sys.stderr)
         return 1
-    except Terminated:
-        print("stopped by SIGTERM; the run is marked KILLED in MLflow, and the same command (main.py: with "
-              "--resume CHECKPOINT) continues it", file=sys.stderr)
+    except KeyboardInterrupt as stop:
+        terminated = isinstance(stop, Terminated)
+        how = getattr(stop, "continue_with", None) or f"continue with the same command:\n  {_command['line']}"
+        print(f"stopped by {'SIGTERM' if terminated else 'Ctrl-C'}; the MLflow runs it had opened are marked KILLED; "
+              f"{how}", file=sys.stderr)
+        code = 143 if terminated else 130
         import os
         import threading
 
-        if threading.active_count() > 1:  # a job thread still inside torch would abort the interpreter's exit
+        if from_command_line and threading.active_count() > 1:  # a job thread inside torch would abort the exit
             sys.stdout.flush()
             sys.stderr.flush()
-            os._exit(143)
-        return 143
+            os._exit(code)
+        return code
     return 0
