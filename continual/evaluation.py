@@ -8,6 +8,23 @@ from datasets import ContinualDataset
 
 EVAL_BATCH_SIZE = 512
 
+# Metric keys. MLflow's UI groups keys into sections by what precedes their first "/"; keys without one, the
+# headline metrics (acc_, forgetting_ and bwt_<setting>, terminal_test_acc and its _last_K means), come first.
+# A task-level key is logged at step = the number of tasks trained, so task 1 is the first task.
+TERMINAL_TEST = "terminal_test_acc"  # each task's test accuracy right after it was trained
+TERMINAL_TRAIN = "train_acc/terminal"  # its training-split accuracy then
+
+
+def per_task_key(family: str, task: int) -> str:
+    """The key of one task's value of a per-task family, in the family's own section, the task counted from 1:
+    per_task_key("acc_class_il", 0) == "acc_class_il_per_task/task_1"."""
+    return f"{family}_per_task/task_{task + 1}"
+
+
+def is_per_task(key: str) -> bool:
+    """Whether a key is one task's value of a per-task family (not a summary of the run so far)."""
+    return "_per_task/" in key
+
 
 def settings_of(dataset: ContinualDataset) -> list[str]:
     """The accuracy settings a dataset reports: class-IL and task-IL, or domain-IL alone."""
@@ -64,12 +81,20 @@ def training_accuracy(model: torch.nn.Module, dataset: ContinualDataset, task: i
     return values[settings_of(dataset)[0]]
 
 
-def terminal_metrics(terminal: np.ndarray, name: str, last_k: list[int]) -> dict[str, float]:
-    """The newest task's terminal accuracy and the mean over the last K tasks so far, for each K."""
+def terminal_metrics(terminal: np.ndarray, name: str, windows: list[int]) -> dict[str, float]:
+    """The newest task's terminal accuracy and, once K tasks are done, the mean over the last K, for each K of
+    `windows` (the run's windows: see `windows`)."""
     metrics = {name: float(terminal[-1])}
-    for k in last_k:
-        metrics[f"{name}_last_{k}"] = float(np.mean(terminal[-k:]))
+    for k in windows:
+        if len(terminal) >= k:
+            metrics[f"{name}_last_{k}"] = float(np.mean(terminal[-k:]))
     return metrics
+
+
+def windows(last_k: list[int], n_tasks: int) -> list[int]:
+    """The K of --last_k that a run of `n_tasks` tasks logs a `_last_K` mean for: those below n_tasks (a mean
+    over K of K or fewer tasks is the run's mean, or a partial window)."""
+    return [k for k in dict.fromkeys(last_k) if k < n_tasks]
 
 
 def empty_matrix(n_tasks: int) -> np.ndarray:
@@ -108,14 +133,18 @@ def summary_metrics(matrices: dict[str, np.ndarray], t: int) -> dict[str, float]
     return out
 
 
-def logged_summary_metrics(dataset: type[ContinualDataset], eval_scope: str, last_k: list[int]) -> set[str]:
-    """The run-summarizing metrics evaluate_task gives after every task (what a sweep may select on)."""
+def logged_summary_metrics(dataset: type[ContinualDataset], n_tasks: int, eval_scope: str,
+                           last_k: list[int]) -> set[str]:
+    """The run-summarizing metrics evaluate_task gives after the last task of an `n_tasks` run (what a sweep may
+    select on)."""
     names = set()
-    for name in ("terminal_test_acc", "terminal_train_acc"):
-        names |= {name, *(f"{name}_last_{k}" for k in last_k)}
+    for name in (TERMINAL_TEST, TERMINAL_TRAIN):
+        names |= {name, *(f"{name}_last_{k}" for k in windows(last_k, n_tasks))}
     if eval_scope == "seen":
         for setting in settings_of(dataset):
-            names |= {f"acc_{setting}", f"forgetting_{setting}", f"bwt_{setting}"}
+            names.add(f"acc_{setting}")
+            if n_tasks > 1:  # forgetting and backward transfer need an earlier task
+                names |= {f"forgetting_{setting}", f"bwt_{setting}"}
     return names
 
 

@@ -16,11 +16,13 @@ from pathlib import Path
 import numpy as np
 from matplotlib.ticker import MaxNLocator
 
+from continual.evaluation import TERMINAL_TEST, TERMINAL_TRAIN, is_per_task
 from continual.sweep_runs import SweepTracker
 from continual.sweep_spec import Sweep
 from utils.plots import close, plt
 
-PER_TASK = ("terminal_test_acc", "terminal_train_acc", "resets")
+# The per-task series of the final runs: column name → metric key.
+PER_TASK = {"terminal_test_acc": TERMINAL_TEST, "terminal_train_acc": TERMINAL_TRAIN, "resets": "plasticity/resets"}
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
@@ -44,16 +46,22 @@ def config_text(config: dict | None) -> str:
 
 
 def reported(name: str) -> bool:
-    """Metrics summarising a run after its last task (not one task's accuracy, not per-step covariates)."""
-    return "_task_" not in name and not name.startswith("step/")
+    """Metrics summarising a run after its last task (not one task's value, not per-epoch or per-step ones)."""
+    return not is_per_task(name) and not name.startswith(("step/", "epoch/"))
+
+
+def breakdown(name: str) -> bool:
+    """A per-layer breakdown of a metric (`covariates/dormant_frac/fc1`): in summary.csv, not in the report's
+    table nor the parent run's metrics."""
+    return name.count("/") > 1
 
 
 def histories(tracker: SweepTracker, run) -> dict[str, np.ndarray]:
     """Per-task values of the final runs' accuracy and resets (a method without resets: zeros)."""
     out = {}
-    for key in PER_TASK:
+    for column, key in PER_TASK.items():
         points = sorted((m.step, m.value) for m in tracker.client.get_metric_history(run.info.run_id, key))
-        out[key] = np.array([value for _, value in points], dtype=float)
+        out[column] = np.array([value for _, value in points], dtype=float)
     if len(out["resets"]) == 0:
         out["resets"] = np.zeros(len(out["terminal_test_acc"]))
     return out
@@ -95,8 +103,8 @@ def write_report(sweep: Sweep, choices: dict, tracker: SweepTracker, out: Path) 
     lines += ["", "## Every metric after the last task, mean ± std over the final seeds", "",
               "| metric | " + " | ".join(sweep.methods) + " |", "|---|" + "---|" * len(sweep.methods)]
     for name in metric_names:
-        if "/" in name:
-            continue  # per-layer breakdowns: in summary.csv
+        if breakdown(name):
+            continue
         cells = [shown([m[name] for m in results[method] if name in m], total) for method in sweep.methods]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines += ["", "## Search: each configuration's mean over the search seeds (NaN: a run diverged)", ""]
@@ -119,7 +127,7 @@ def write_report(sweep: Sweep, choices: dict, tracker: SweepTracker, out: Path) 
     for method, per_run in results.items():
         for name in metric_names:
             values = [m[name] for m in per_run if name in m]
-            if values and "/" not in name:
+            if values and not breakdown(name):
                 parent_metrics[f"{method}/{name}"], parent_metrics[f"{method}/{name}_std"] = mean_std(values)
     if parent_metrics:
         tracker.parent.log_metrics(parent_metrics, step=0)
@@ -172,9 +180,9 @@ def _per_task_csv(finals: dict, series: dict) -> str:
     for method, finished in finals.items():
         for run, values in zip(finished, series[method]):
             for task in range(len(values["terminal_test_acc"])):
-                rows.append([method, run.data.tags.get("sweep_cell"), run.info.run_id, task,
+                rows.append([method, run.data.tags.get("sweep_cell"), run.info.run_id, task + 1,
                              *(values[k][task] if task < len(values[k]) else "" for k in PER_TASK)])
-    return _csv(["method", "cell", "run_id", "task", *PER_TASK], rows)
+    return _csv(["method", "cell", "run_id", "task", *PER_TASK], rows)  # tasks counted from 1
 
 
 def _figures(sweep: Sweep, series: dict, out: Path) -> None:

@@ -291,8 +291,12 @@ def _check_runs(sweep: Sweep) -> None:
                     raise ConfigError(f"{where} sets {', '.join(unknown)}, which main.py does not accept for this "
                                       f"dataset, backbone and model; fix the names (see python main.py --help)")
                 args = _parse(parse_args, argv, where)
-                logged = logged_summary_metrics(DATASETS.get(args.dataset), args.eval_scope, args.last_k)
+                dataset = DATASETS.get(args.dataset)
+                n_tasks = dataset.N_TASKS if args.n_tasks is None else args.n_tasks
+                logged = logged_summary_metrics(dataset, n_tasks, args.eval_scope, args.last_k)
                 if sweep.metric not in logged:
+                    window = (f" (a run of {n_tasks} tasks logs a _last_K mean only for K below {n_tasks})"
+                              if "_last_" in sweep.metric else "")
                     raise ConfigError(f"sweep file {sweep.path}: the selection metric {sweep.metric} is not logged by "
-                                      f"the runs of method {name}; choose one of {', '.join(sorted(logged))}")
+                                      f"the runs of method {name}{window}; choose one of {', '.join(sorted(logged))}")
             stand_in[name] = configurations[0]

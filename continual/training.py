@@ -21,13 +21,18 @@ import torch
 from tqdm import tqdm
 
 from continual.evaluation import (
+    TERMINAL_TEST,
+    TERMINAL_TRAIN,
     accuracy_by_bucket,
     empty_matrix,
     evaluate,
+    is_per_task,
+    per_task_key,
     settings_of,
     summary_metrics,
     terminal_metrics,
     training_accuracy,
+    windows,
 )
 from continual.forgetting import StreamRecorder
 from continual.records import RunRecords
@@ -113,9 +118,10 @@ def measure_covariates(model: ContinualModel, images: torch.Tensor, args: argpar
 
 
 def append_history(history: dict[str, list[float]], metrics: dict[str, float], task: int) -> None:
-    """Add the task's scalars (not the per-task-index ones) to the history, NaN-padding keys that start late."""
+    """Add the task's scalars (not one task's value of a per-task family) to the history, NaN-padding keys that
+    start late."""
     for key, value in metrics.items():
-        if "_task_" in key:
+        if is_per_task(key):
             continue
         values = history.setdefault(key, [])
         values.extend([float("nan")] * (task - len(values)))
@@ -133,27 +139,40 @@ def evaluate_task(model: ContinualModel, dataset: ContinualDataset, task: int,
     for setting, values in accuracy.items():
         state.matrices[setting][task, tasks] = values
         if dataset.n_tasks <= PER_TASK_METRICS_UP_TO:
-            metrics.update({f"acc_{setting}_task_{i}": v for i, v in zip(tasks, values)})
+            metrics.update({per_task_key(f"acc_{setting}", i): v for i, v in zip(tasks, values)})
     if args.eval_scope == "seen":
         metrics.update(summary_metrics(state.matrices, task))
     state.next_task = task + 1
     main_setting = settings_of(dataset)[0]
-    train_accuracy = state.history.get("terminal_train_acc", [])[:task] + [training_accuracy(model, dataset, task)]
-    metrics.update(terminal_metrics(state.terminal_accuracy(main_setting), "terminal_test_acc", args.last_k))
-    metrics.update(terminal_metrics(np.array(train_accuracy), "terminal_train_acc", args.last_k))
+    train_accuracy = state.history.get(TERMINAL_TRAIN, [])[:task] + [training_accuracy(model, dataset, task)]
+    logged_windows = windows(args.last_k, dataset.n_tasks)
+    metrics.update(terminal_metrics(state.terminal_accuracy(main_setting), TERMINAL_TEST, logged_windows))
+    metrics.update(terminal_metrics(np.array(train_accuracy), TERMINAL_TRAIN, logged_windows))
     if dataset.mem_scores is not None:
         for bucket, values in accuracy_by_bucket(model, dataset, task, dataset.mem_scores,
                                                  args.bucket_thresholds).items():
-            metrics.update({f"train_acc_{bucket}_task_{i}": v for i, v in enumerate(values) if np.isfinite(v)})
+            metrics.update({per_task_key(f"train_acc_{bucket}", i): v for i, v in enumerate(values)
+                            if np.isfinite(v)})
             if np.isfinite(values).any():
-                metrics[f"train_acc_{bucket}"] = float(np.nanmean(values))
-    metrics.update(model.plasticity.task_metrics(task))
+                metrics[f"train_acc/{bucket}"] = float(np.nanmean(values))
+    # Each component's numbers in a section of its own: the plasticity methods', the covariates', the model's.
+    metrics.update({f"plasticity/{k}": v for k, v in model.plasticity.task_metrics(task).items()})
     if args.covariates:
-        metrics.update(measure_covariates(model, dataset.train_split(task).images[: args.probe_size], args))
+        covariates = measure_covariates(model, dataset.train_split(task).images[: args.probe_size], args)
+        metrics.update({f"covariates/{k}": v for k, v in covariates.items()})
     record = model.task_record(task)
-    metrics.update(record.get("metrics", {}))
+    metrics.update({f"model/{k}": v for k, v in record.get("metrics", {}).items()})
     append_history(state.history, metrics, task)
     return metrics, record
+
+
+def on_console(key: str) -> bool:
+    """Whether the line printed after each task shows a metric: the headline accuracies, forgetting and terminal
+    test accuracy (not backward transfer nor the _last_K means), the terminal training accuracy, the resets
+    and the dormant units."""
+    if key in (TERMINAL_TRAIN, "plasticity/resets", "covariates/dormant_frac"):
+        return True
+    return "/" not in key and key.startswith(("acc_", "forgetting_", TERMINAL_TEST)) and "_last_" not in key
 
 
 def _clock(seconds: float) -> str:
@@ -170,9 +189,7 @@ def train(model: ContinualModel, dataset: ContinualDataset, args: argparse.Names
         train_task(model, dataset, task, args, records, state)
         metrics, record = evaluate_task(model, dataset, task, state)
         records.task_evaluated(model, dataset, task, metrics, record, state)
-        shown = ("acc_", "forgetting_", "terminal_test_acc", "terminal_train_acc", "resets", "dormant_frac")
-        summary = "  ".join(f"{k} {v:.2f}" for k, v in metrics.items()
-                            if k.startswith(shown) and "/" not in k and "_task_" not in k and "_last_" not in k)
+        summary = "  ".join(f"{k} {v:.2f}" for k, v in metrics.items() if on_console(k))
         elapsed = time.perf_counter() - started
         eta = elapsed / (task + 1 - first) * (dataset.n_tasks - task - 1)
         tqdm.write(f"task {task + 1}/{dataset.n_tasks} [{_clock(elapsed)} elapsed, {_clock(eta)} left]: {summary}")

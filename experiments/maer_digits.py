@@ -9,7 +9,7 @@ images, an MLP), in one process, through the repository's own entry points:
   b. final class-IL accuracy (Acc) and forgetting (FM) of `er` (reservoir) against `maer` with the
      policies min / middle / max, driven by the scores (--mem_proxy none) or by the online proxy
      (--mem_proxy learned_iteration, no scores), for several buffer sizes and seeds (continual.run.run);
-  c. forgetting per memorization bucket for `er` (train_acc_{low,middle,high}_task_i, read back from
+  c. forgetting per memorization bucket for `er` (train_acc_{low,middle,high}_per_task/task_i, read back from
      MLflow), on the clean labels and, when the clean high bucket is small, with 10% label noise
      (one score file per seed: the noise is drawn from --seed, and the score file's label
      fingerprint must match the run's labels);
@@ -271,8 +271,8 @@ def run(args: argparse.Namespace) -> str:
             for seed in args.seeds:
                 r = runner.main(["--model", "maer", "--buffer_policy", args.spearman_policy, "--buffer_size",
                                  str(args.spearman_buffer), "--mem_scores", str(mem), "--mem_proxy", proxy], seed)
-                per_task = runner.history(r["run_id"], f"spearman_{proxy}_vs_scores")
-                spearman.setdefault(proxy, []).append([per_task.get(t, np.nan) for t in range(n_tasks)])
+                per_task = runner.history(r["run_id"], f"model/spearman_{proxy}_vs_scores")
+                spearman.setdefault(proxy, []).append([per_task.get(t, np.nan) for t in range(1, n_tasks + 1)])
                 twin = results.get((args.spearman_policy, "scores", args.spearman_buffer))
                 if twin is not None:
                     reference = twin[args.seeds.index(seed)]["matrix"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from continual.evaluation import BUCKETS, forgetting, memorization_buckets
+from continual.evaluation import BUCKETS, forgetting, memorization_buckets, per_task_key
 
 
 # -- over seeds ----------------------------------------------------------------------------------------------
@@ -52,8 +52,8 @@ def bucket_curves(history, run_ids: list[str], n_tasks: int) -> dict:
         for b in BUCKETS:
             a = np.full((n_tasks, n_tasks), np.nan)
             for i in range(n_tasks):
-                for t, value in history(run_id, f"train_acc_{b}_task_{i}").items():
-                    a[t, i] = value
+                for step, value in history(run_id, per_task_key(f"train_acc_{b}", i)).items():
+                    a[step - 1, i] = value  # logged at step = tasks trained
             out[b].append(a)
     return out
 

@@ -62,9 +62,10 @@ def run_all(out: Path, seeds: list[int], n_tasks: int, n_epochs: int) -> dict:
                                             "--n_epochs", str(n_epochs), "--experiment_name", "plasticity-random-labels",
                                             "--run_name", f"{method}-seed{seed}",
                                             "--tracking_uri", f"sqlite:///{out / 'mlflow.db'}"]))
-            results[key] = {k: state.history[k] for k in ("terminal_test_acc", "dead_frac", "dormant_frac",
-                                                          "effective_rank_mean", "weight_mean_abs")}
-            results[key]["resets"] = state.history.get("resets", [0.0] * n_tasks)
+            results[key] = {"terminal_test_acc": state.history["terminal_test_acc"],
+                            **{k: state.history[f"covariates/{k}"] for k in ("dead_frac", "dormant_frac",
+                                                                             "effective_rank_mean", "weight_mean_abs")}}
+            results[key]["resets"] = state.history.get("plasticity/resets", [0.0] * n_tasks)
             print(f"{method} seed {seed}: {time.time() - start:.0f} s, last terminal accuracy "
                   f"{results[key]['terminal_test_acc'][-1]:.1f}", flush=True)
             cache.write_text(json.dumps(results))

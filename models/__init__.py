@@ -161,17 +161,18 @@ class ContinualModel(nn.Module, Hooks):
 
     def task_record(self, task: int) -> dict:
         """What the model wants logged after a task: {"metrics": {...}, "arrays": {file: array},
-        "histograms": {file: (all values, kept values)}}. After a memorization re-selection: the dataset
-        indices the buffer holds, its count per class, the undefined values, the values' histogram."""
+        "histograms": {file: (all values, kept values)}}; the loop logs the metrics in the `model/` section and
+        file names count tasks from 1. After a memorization re-selection: the dataset indices the buffer holds,
+        its count per class, the undefined values, the values' histogram."""
         record = {"metrics": {}, "arrays": {}, "histograms": {}}
         if self.selection.get("task") == task:
             kept = self.selection["kept"]
-            record["arrays"][f"buffer/indices_task_{task}.npy"] = kept["indices"]
+            record["arrays"][f"buffer/indices_task_{task + 1}.npy"] = kept["indices"]
             classes, counts = np.unique(kept["labels"], return_counts=True)
             record["metrics"].update({f"buffer_count_class_{c}": int(n) for c, n in zip(classes, counts)})
             record["metrics"]["mem_values_undefined"] = self.selection["undefined"]
-            record["histograms"][f"buffer/values_task_{task}.png"] = (self.selection["task_values"],
-                                                                      self.selection["buffer_values"])
+            record["histograms"][f"buffer/values_task_{task + 1}.png"] = (self.selection["task_values"],
+                                                                          self.selection["buffer_values"])
         return record
 
     def replay_logit_loss(self) -> torch.Tensor:

@@ -10,18 +10,19 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-# (key prefix, figure title) of the covariate families logged per task; per-group keys are `prefix/G`.
+# (metric key, figure title) of the covariate families logged per task; per-group keys are `key/G`, and a
+# family's figure is the artifact `plasticity/<the key's last part>.png`.
 COVARIATE_PLOTS: list[tuple[str, str]] = [
-    ("dead_frac", "Dead units (never active on the probe)"),
-    ("dormant_frac", "ReDO-dormant units (score ≤ τ, network in eval mode)"),
-    ("low_activity_frac", "Low-activity units (active on < 1% of inputs × positions)"),
-    ("effective_rank", "Effective rank of the features"),
-    ("stable_rank", "Stable rank of the features (99% of Σσ)"),
-    ("attn_entropy_mean", "Attention entropy / ln T (mean over inputs, heads, queries)"),
-    ("weight_mean_abs", "Mean |w| of the weights"),
-    ("age_steps_mean", "Mean neuron age (steps since last firing)"),
-    ("age_tokens_mean", "Mean neuron age (tokens since last firing)"),
-    ("resets", "Resets per task"),
+    ("covariates/dead_frac", "Dead units (never active on the probe)"),
+    ("covariates/dormant_frac", "ReDO-dormant units (score ≤ τ, network in eval mode)"),
+    ("covariates/low_activity_frac", "Low-activity units (active on < 1% of inputs × positions)"),
+    ("covariates/effective_rank", "Effective rank of the features"),
+    ("covariates/stable_rank", "Stable rank of the features (99% of Σσ)"),
+    ("covariates/attn_entropy_mean", "Attention entropy / ln T (mean over inputs, heads, queries)"),
+    ("covariates/weight_mean_abs", "Mean |w| of the weights"),
+    ("covariates/age_steps_mean", "Mean neuron age (steps since last firing)"),
+    ("covariates/age_tokens_mean", "Mean neuron age (tokens since last firing)"),
+    ("plasticity/resets", "Resets per task"),
 ]
 
 
@@ -39,7 +40,7 @@ def _overall_key(history: dict[str, list[float]], prefix: str) -> str | None:
 
 
 def covariate_figure(history: dict[str, list[float]], prefix: str, title: str, x_label: str = "task"):
-    """One line per `prefix/G` key (NaN as gaps) plus the overall key drawn thicker; x = 1..len."""
+    """One line per `prefix/G` key (NaN as gaps) plus the overall key drawn thicker; x = 1..len, the task."""
     figure, axes = plt.subplots(figsize=(8, 4.5))
     keys = sorted((key for key in history if key.startswith(prefix + "/")), key=_natural_key)
     for key in keys:
@@ -54,7 +55,7 @@ def covariate_figure(history: dict[str, list[float]], prefix: str, title: str, x
         axes.legend(fontsize=7 if len(keys) > 8 else 9, ncol=1 + len(keys) // 16,
                     loc="center left", bbox_to_anchor=(1.01, 0.5))
     axes.set_xlabel(x_label)
-    axes.set_ylabel(prefix)
+    axes.set_ylabel(prefix.rsplit("/", 1)[-1])
     axes.set_title(title)
     axes.grid(alpha=0.3)
     figure.tight_layout()

@@ -10,23 +10,29 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 
 def accuracy_heatmap(matrix: np.ndarray, title: str):
-    """R[t][i] as a heatmap with the numbers written in, blank where not measured."""
+    """R[t][i] as a heatmap with the numbers written in, blank where not measured; tasks counted from 1 on both
+    axes (matrix row t is task t + 1)."""
     n = matrix.shape[0]
     size = min(0.6 * n + 2, 16)
     figure, axes = plt.subplots(figsize=(size, size * 0.85))
-    image = axes.imshow(np.ma.masked_invalid(matrix), vmin=0, vmax=100, cmap="viridis")
+    # Cell (t, i) is drawn centred on (i + 1, t + 1), so any ticks matplotlib chooses read as task numbers.
+    image = axes.imshow(np.ma.masked_invalid(matrix), vmin=0, vmax=100, cmap="viridis",
+                        extent=(0.5, n + 0.5, n + 0.5, 0.5))
     figure.colorbar(image, ax=axes, label="accuracy (%)")
     axes.set_xlabel("evaluated task i")
     axes.set_ylabel("after training task t")
     axes.set_title(title)
     if n <= 20:
-        axes.set_xticks(range(n))
-        axes.set_yticks(range(n))
+        axes.set_xticks(range(1, n + 1))
+        axes.set_yticks(range(1, n + 1))
         for t in range(n):
             for i in range(n):
                 if not np.isnan(matrix[t, i]):
-                    axes.text(i, t, f"{matrix[t, i]:.0f}", ha="center", va="center", fontsize=8,
+                    axes.text(i + 1, t + 1, f"{matrix[t, i]:.0f}", ha="center", va="center", fontsize=8,
                               color="white" if matrix[t, i] < 60 else "black")
+    else:
+        axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+        axes.yaxis.set_major_locator(MaxNLocator(integer=True))
     figure.tight_layout()
     return figure
 
