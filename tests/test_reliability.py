@@ -4,6 +4,7 @@ KILLED that the same command then continues."""
 from __future__ import annotations
 
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -166,14 +167,15 @@ def test_two_runs_started_at_once_on_a_new_store_both_land(tmp_path):
     assert all(r.info.status == "FINISHED" and "acc_class_il" in r.data.metrics for r in runs)
 
 
-def start_and_stop(command: list[str], ready, cwd=REPO_ROOT) -> subprocess.CompletedProcess:
-    """Start a process, send SIGTERM once `ready()` holds, and return how it ended."""
+def start_and_stop(command: list[str], ready, cwd=REPO_ROOT, stop=signal.SIGTERM) -> subprocess.CompletedProcess:
+    """Start a process, send `stop` (SIGTERM, or SIGINT as Ctrl-C does) once `ready()` holds, and return how it
+    ended."""
     process = subprocess.Popen(command, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                                env={**os.environ, "OMP_NUM_THREADS": "1"})
     deadline = time.time() + 240
     while not ready() and time.time() < deadline and process.poll() is None:
         time.sleep(0.05)
-    process.send_signal(signal.SIGTERM)
+    process.send_signal(stop)
     _, err = process.communicate(timeout=120)
     return subprocess.CompletedProcess(command, process.returncode, "", err)
 
@@ -184,26 +186,31 @@ def only_run(uri: str, experiment: str):
     return found
 
 
-def test_sigterm_marks_a_main_py_run_killed_and_resume_continues_it(tmp_path):
+@pytest.mark.parametrize("stop, code, name", [(signal.SIGTERM, 143, "SIGTERM"), (signal.SIGINT, 130, "Ctrl-C")])
+def test_a_stopped_main_py_run_is_killed_and_the_printed_command_continues_it(tmp_path, stop, code, name):
     uri, checkpoints = f"sqlite:///{tmp_path / 'm.db'}", tmp_path / "checkpoints"
-    argv = [*DIGITS[:-1], "--n_epochs", "20", "--model", "sgd", "--lr", "0.05", "--seed", "0", "--tracking_uri", uri]
-    stopped = start_and_stop([sys.executable, "main.py", *argv, "--savecheck", "--checkpoint_dir", str(checkpoints)],
-                             lambda: any(checkpoints.glob("*.pt")))
-    assert stopped.returncode == 143 and "stopped by SIGTERM" in stopped.stderr
+    argv = [*DIGITS[:-1], "--n_epochs", "20", "--model", "sgd", "--lr", "0.05", "--seed", "0", "--tracking_uri", uri,
+            "--checkpoint_dir", str(checkpoints)]  # no --savecheck: the recovery checkpoint is enough
+    stopped = start_and_stop([sys.executable, "main.py", *argv], lambda: any(checkpoints.glob("*.pt")), stop=stop)
+    assert stopped.returncode == code and f"stopped by {name}" in stopped.stderr and "Traceback" not in stopped.stderr
     assert only_run(uri, "continual-learning").info.status == "KILLED"
     (checkpoint,) = checkpoints.glob("*.pt")
-    assert run("main.py", *argv, "--resume", str(checkpoint)).returncode == 0
+    command = stopped.stderr.split("continue with:\n", 1)[1].strip()
+    assert command == shlex.join([sys.executable, "main.py", *argv, "--resume", str(checkpoint)])
+    assert subprocess.run(shlex.split(command), cwd=REPO_ROOT, capture_output=True, timeout=300).returncode == 0
     resumed = only_run(uri, "continual-learning")
     assert resumed.info.status == "FINISHED" and resumed.info.run_id == checkpoint.stem
 
 
-def test_sigterm_marks_a_driver_killed_and_the_same_command_continues_its_run(tmp_path):
+def test_ctrl_c_marks_a_driver_killed_and_the_same_command_continues_its_run(tmp_path):
     uri, store = f"sqlite:///{tmp_path / 'm.db'}", tmp_path / "store"
     argv = [*SPLITS, "--n_models", "6", "--n_epochs", "200", "--mlp_hidden", "256", "--out", str(store),
             "--tracking_uri", uri]
     stopped = start_and_stop([sys.executable, "train_splits.py", *argv],
-                             lambda: any((store / "models").glob("model_*.npz")))
-    assert stopped.returncode == 143
+                             lambda: any((store / "models").glob("model_*.npz")), stop=signal.SIGINT)
+    assert stopped.returncode == 130 and "Traceback" not in stopped.stderr
+    assert stopped.stderr.strip().endswith("continue with the same command:\n  " + shlex.join(
+        [sys.executable, "train_splits.py", *argv]))
     killed = only_run(uri, "split-training")
     assert killed.info.status == "KILLED"
     assert run("train_splits.py", *argv).returncode == 0
