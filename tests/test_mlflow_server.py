@@ -5,8 +5,10 @@ import pytest
 
 import json
 import os
+import shlex
 import subprocess
 import sys
+import time
 import urllib.parse
 import urllib.request
 
@@ -42,7 +44,7 @@ def check_run_is_visible(url: str) -> None:
     tags = {t["key"]: t["value"] for t in data["tags"]}
     assert tags["device"] == "cpu" and "torch_version" in tags
     history = rest(url, "metrics/get-history", run_id=info["run_id"], metric_key="acc_class_il")["metrics"]
-    assert sorted(m["step"] for m in history) == [0, 1, 2, 3, 4]
+    assert sorted(m["step"] for m in history) == [1, 2, 3, 4, 5]
     assert all(0 <= m["value"] <= 100 for m in history)
     listed = rest(url, "artifacts/list", run_id=info["run_id"], path="accuracy")["files"]
     assert {f["path"] for f in listed} >= {"accuracy/class_il.csv", "accuracy/class_il.png"}
@@ -72,5 +74,26 @@ def test_mlflow_ui_started_beside_the_store_shows_the_run_whatever_the_working_d
     process, url = start_mlflow(["ui"], store, tmp_path / "ui.log")  # plain `mlflow ui` in that folder
     try:
         check_run_is_visible(url)
+    finally:
+        stop(process)
+
+    # The command the run printed works from anywhere, without an activated venv (no `mlflow` on PATH), and
+    # its link names the run.
+    pointer = result.stdout[result.stdout.index("results: MLflow run"):].splitlines()
+    link, command = pointer[1].split()[1], shlex.split(pointer[3])
+    env = {**os.environ, "PATH": "/usr/bin:/bin"}
+    process = subprocess.Popen([*command, "--workers", "1"], cwd=elsewhere, env=env, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    base, run_id = link.split("/#/")[0], link.rsplit("/", 1)[1]
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            try:
+                urllib.request.urlopen(base + "/health", timeout=2).read()
+                break
+            except OSError:
+                assert process.poll() is None, "the printed mlflow ui command ended"
+                time.sleep(0.5)
+        assert rest(base, "runs/get", run_id=run_id)["run"]["info"]["run_name"] == "digits-er"
     finally:
         stop(process)
