@@ -21,7 +21,7 @@ from continual.records import RunRecords, summary_table
 from continual.training import RunState, train
 from datasets import DATASETS
 from memorization.plan import fingerprint
-from memorization.score_format import load_scores
+from memorization.score_format import load_scores, score_source_tags
 from models import MODELS
 from plasticity import PLASTICITY, method_names
 from utils.checkpoint import (
@@ -106,6 +106,8 @@ def log_new_run(logger: RunLogger, args: argparse.Namespace, dataset) -> None:
     logger.set_tags(environment_tags(args.device))
     if isinstance(logger, RunLogger) and current_command() is not None:
         logger.set_tags({"command_line": current_command()})
+    if args.mem_scores:  # the score file's digest, and the eval_splits.py run that computed it
+        logger.set_tags(score_source_tags(args.mem_scores))
     source = "scikit-learn's bundled digits" if dataset.EMBEDDED else str(Path(args.data_path).resolve())
     logger.log_dataset(dataset.NAME, fingerprint(dataset.class_order[dataset.train.labels.cpu().numpy()]), source)
     derived = {"class_order": dataset.class_order.tolist(), "n_tasks": dataset.n_tasks,

@@ -89,3 +89,21 @@ def test_ctrl_c_marks_the_run_killed_and_says_how_to_continue(tmp_path, monkeypa
     steps = [m.step for m in client.get_metric_history(run.info.run_id, "acc_class_il")]
     assert run.info.status == "FINISHED" and len(steps) == len(set(steps)) == 5  # each task once
     assert not checkpoint.exists()  # a recovery checkpoint is removed when its run finishes
+
+
+def test_a_run_on_a_score_file_is_tagged_with_the_evaluation_run_that_computed_it(tmp_path):
+    import numpy as np
+
+    from memorization.score_format import file_digest, record_score_run, save_scores
+
+    scores = np.linspace(0, 1, 1438, dtype=np.float32)
+    save_scores(tmp_path / "scores.npy", scores, {"dataset": "seq-digits", "n": 1438})
+    record_score_run(tmp_path / "scores.npy", scores, "0123abcd", "sqlite:///elsewhere.db")
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    assert main.main(["--model", "maer", "--buffer_policy", "max", "--buffer_size", "40", "--lr", "0.1", "--n_epochs",
+                      "1", "--n_tasks", "2", "--mem_scores", str(tmp_path / "scores.npy"), "--mem_proxy", "none",
+                      "--seed", "0", "--non_verbose", "--no_figures", "--tracking_uri", uri]) == 0
+    _, run = the_run(uri)
+    assert run.data.tags["mem_scores_run_id"] == "0123abcd"
+    assert run.data.tags["mem_scores_tracking_uri"] == "sqlite:///elsewhere.db"
+    assert run.data.tags["mem_scores_sha256"] == file_digest(tmp_path / "scores.npy")
