@@ -25,7 +25,9 @@ PARENT_TAG = "mlflow.parentRunId"
 
 
 def run_cell(key: str, argv: list[str], checkpoint_dir: str, threads: int | None = None) -> dict:
-    """Worker: train one cell, resuming from its checkpoint when a killed sweep left one."""
+    """Worker: train one cell, resuming from its checkpoint when a killed sweep left one. Returns its record, its
+    outcome, when it `started` (a resumed cell: when its first attempt did, as its checkpointed record says) and
+    `ended` (seconds since the epoch), and the `seconds` this attempt took."""
     from continual.args import computational_config, parse_args
     from continual.run import run
     from utils.checkpoint import check_same_config, load_checkpoint
@@ -33,8 +35,8 @@ def run_cell(key: str, argv: list[str], checkpoint_dir: str, threads: int | None
     checkpoint = Path(checkpoint_dir) / f"{key}.pt"
     argv = [*argv, "--non_verbose", "--savecheck", "--checkpoint_dir", checkpoint_dir,
             *(["--num_threads", str(threads)] if threads else [])]
-    start = time.time()
     logger = RecordingLogger(run_id=key)
+    start = logger.record["started"]
     outcome, error = "finished", ""
     try:
         args = parse_args(argv)
@@ -53,8 +55,9 @@ def run_cell(key: str, argv: list[str], checkpoint_dir: str, threads: int | None
         outcome, error = "error", str(problem)
     except Exception as problem:  # a bug or a lost device: reported by the driver, the cell stays unfinished
         outcome, error = "error", f"{type(problem).__name__}: {problem}\n{traceback.format_exc()}"
+    ended = time.time()
     return {"key": key, "outcome": outcome, "error": error, "record": logger.record,
-            "seconds": time.time() - start}
+            "started": logger.record.get("started", start), "ended": ended, "seconds": ended - start}
 
 
 def done(run: Run) -> bool:
@@ -156,16 +159,17 @@ class SweepTracker:
             self.client.set_tag(run.info.run_id, PARENT_TAG, self.parent.run_id)
 
     def log_cell(self, cell: Cell, phase: str, result: dict) -> Run:
-        """Write a worker's record as a child run of the parent."""
-        child = RunLogger(self.tracking_uri, self.sweep.name, run_name=cell.run_name, tags={
-            PARENT_TAG: self.parent.run_id, "sweep_role": "cell", "sweep_name": self.sweep.name,
-            "sweep_cell": cell.key, "sweep_method": cell.method, "sweep_phase": phase,
-            "sweep_config": ", ".join(f"{k}={v}" for k, v in cell.config.items()) or "(base)"})
+        """Write a worker's record as a child run of the parent, dated from when the cell started to when it ended."""
+        child = RunLogger(self.tracking_uri, self.sweep.name, run_name=cell.run_name, start_time=result["started"],
+                          tags={PARENT_TAG: self.parent.run_id, "sweep_role": "cell", "sweep_name": self.sweep.name,
+                                "sweep_cell": cell.key, "sweep_method": cell.method, "sweep_phase": phase,
+                                "sweep_config": ", ".join(f"{k}={v}" for k, v in cell.config.items()) or "(base)"})
         record = result["record"]
         # the cell's checkpoint is deleted once the cell is logged: no tag points at it
         child.replay({**record, "tags": {k: v for k, v in record["tags"].items() if k != "checkpoint"}})
         child.set_tags({"sweep_outcome": result["outcome"], "sweep_seconds": f"{result['seconds']:.1f}"})
-        child.finish("FINISHED" if result["outcome"] == "finished" else "FAILED")
+        self.client.set_terminated(child.run_id, status="FINISHED" if result["outcome"] == "finished" else "FAILED",
+                                   end_time=int(result["ended"] * 1000))
         return self.client.get_run(child.run_id)
 
     def record_choice(self, method: str, config: dict) -> None:

@@ -283,14 +283,15 @@ class RecordingLogger:
     """RunLogger's interface, kept in memory: a worker records a run and the driver replays it into MLflow.
 
     Artifacts are kept by name, the last version winning, as MLflow overwrites them; the record is
-    saved in the run's checkpoints, so a resumed run's record holds everything logged before the kill.
+    saved in the run's checkpoints, so a resumed run's record holds everything logged before the kill,
+    and `started` (seconds since the epoch) says when the run first began, before any kill.
     """
 
     LIVE = False  # nobody sees a figure before the run ends: draw them once, after the last task
 
     def __init__(self, run_id: str):
         self.run_id = run_id
-        self.record = {"params": {}, "tags": {}, "metrics": [], "artifacts": {}}
+        self.record = {"params": {}, "tags": {}, "metrics": [], "artifacts": {}, "started": time.time()}
 
     def log_params(self, params: dict) -> None:
         self.record["params"].update({k: param_text(v) for k, v in params.items()})
