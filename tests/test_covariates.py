@@ -310,8 +310,10 @@ def test_covariate_figure_draws_one_line_per_group_plus_overall():
     assert len(ranks.axes[0].get_lines()) == 2  # the overall of the rank families is `<prefix>_mean`
     close(ranks)
     prefixes = [prefix for prefix, _ in COVARIATE_PLOTS]
-    assert {"dead_frac", "dormant_frac", "low_activity_frac", "effective_rank", "stable_rank",
-            "attn_entropy_mean", "weight_mean_abs", "age_steps_mean", "age_tokens_mean", "resets"} == set(prefixes)
+    assert {*(f"covariates/{name}" for name in ("dead_frac", "dormant_frac", "low_activity_frac", "effective_rank",
+                                                "stable_rank", "attn_entropy_mean", "weight_mean_abs",
+                                                "age_steps_mean", "age_tokens_mean")),
+            "plasticity/resets"} == set(prefixes)  # the keys the task loop logs them under
 
 
 def test_age_histogram_returns_a_figure_with_one_histogram_per_group():

@@ -196,6 +196,9 @@ def test_main_records_the_events_of_an_independent_recount(recorded_run):
     assert meta["never_learned_value"] == counts[~expected["never_learned"]].max() + 1
     metrics = recorded_run["run"].data.metrics
     assert metrics["forgetting_events/n_never_learned"] == expected["never_learned"].sum()
+    client = MlflowClient(f"sqlite:///{recorded_run['folder'] / 'mlflow.db'}")
+    history = client.get_metric_history(recorded_run["run"].info.run_id, "forgetting_events/n_never_learned")
+    assert [m.step for m in history] == [2]  # the number of tasks trained, as every task-level metric
 
 
 def test_a_resumed_run_counts_what_an_uninterrupted_one_does(recorded_run):
@@ -220,7 +223,7 @@ def test_the_events_file_is_a_score_file_and_another_dataset_is_refused(recorded
     run_experiment(parse_args(argv))
     client = MlflowClient(uri)
     (logged,) = client.search_runs([client.get_experiment_by_name("continual-learning").experiment_id])
-    assert {"train_acc_low", "train_acc_high"} <= set(logged.data.metrics)  # the per-bucket accuracy it drives
+    assert {"train_acc/low", "train_acc/high"} <= set(logged.data.metrics)  # the per-bucket accuracy it drives
     for dataset, sentence in (("perm-digits", f"--mem_scores {path} was computed on seq-digits, not perm-digits"),
                               ("random-label-digits", f"--mem_scores {path} holds (1438,) scores but "
                                                       f"random-label-digits has 1000 training examples")):

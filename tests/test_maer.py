@@ -204,15 +204,15 @@ def test_maer_logs_its_buffer_and_er_logs_accuracy_per_memorization_bucket(tmp_p
     runs = {r.info.run_name: r for r in client.search_runs(
         [client.get_experiment_by_name("continual-learning").experiment_id])}
     maer = runs["maer"]
-    kept = np.load(client.download_artifacts(maer.info.run_id, "buffer/indices_task_4.npy"), allow_pickle=False)
+    kept = np.load(client.download_artifacts(maer.info.run_id, "buffer/indices_task_5.npy"), allow_pickle=False)
     assert len(kept) == 30 and len(set(kept.tolist())) == 30
-    assert maer.data.metrics["buffer_count_class_9"] == 3  # 30 slots over 10 classes after the last task
-    assert "spearman_learned_iteration_vs_scores" in maer.data.metrics
-    assert {a.path for a in client.list_artifacts(maer.info.run_id, "buffer")} >= {"buffer/values_task_0.png"}
+    assert maer.data.metrics["model/buffer_count_class_9"] == 3  # 30 slots over 10 classes after the last task
+    assert "model/spearman_learned_iteration_vs_scores" in maer.data.metrics
+    assert {a.path for a in client.list_artifacts(maer.info.run_id, "buffer")} >= {"buffer/values_task_1.png"}
     er = runs["er"].data.metrics
     buckets = np.digitize(scores, [0.1, 0.25], right=True)
-    assert all(f"train_acc_{b}" in er for b in ("low", "middle", "high"))
-    assert 0 <= er["train_acc_high_task_0"] <= 100 and (buckets == 2).any()
+    assert all(f"train_acc/{b}" in er for b in ("low", "middle", "high"))
+    assert 0 <= er["train_acc_high_per_task/task_1"] <= 100 and (buckets == 2).any()
 
 
 @pytest.mark.slow  # a kill and a resume of real runs

@@ -49,18 +49,21 @@ def test_er_run_logs_arguments_metrics_tags_and_artifacts(tracking_uri):
     # the thread count chosen for the 64-100-100-10 MLP, and why, are on record
     assert params["num_threads"] == "1" and tags["threads"] == "1: a training step of 3.3 MFLOPs runs fastest on one thread"
     history = client.get_metric_history(logged.info.run_id, "acc_class_il")
-    assert [m.step for m in history] == [0, 1, 2, 3, 4]
+    assert [m.step for m in history] == [1, 2, 3, 4, 5]  # the number of tasks trained
     assert [m.value for m in history][-1] == pytest.approx(np.mean(state.matrices["class_il"][4]))
-    assert len(client.get_metric_history(logged.info.run_id, "train_loss")) == 5 * 3
+    losses = client.get_metric_history(logged.info.run_id, "epoch/train_loss")
+    assert sorted(m.step for m in losses) == list(range(1, 5 * 3 + 1))  # the epoch's number in the run
     assert logged.data.metrics["forgetting_class_il"] >= 0
     artifacts = {a.path for a in client.list_artifacts(logged.info.run_id)}
     assert {"accuracy", "config.yaml"} <= artifacts
     files = {a.path for a in client.list_artifacts(logged.info.run_id, "accuracy")}
     assert files == ({f"accuracy/{s}.{e}" for s in ("class_il", "task_il", "terminal") for e in ("csv", "png")}
                      | {"accuracy/class_il_per_task.png", "accuracy/task_il_per_task.png"})
-    # The CSV artifact holds exactly the matrix the run computed.
+    # The CSV artifact holds exactly the matrix the run computed, tasks counted from 1.
     local = client.download_artifacts(logged.info.run_id, "accuracy/class_il.csv")
-    rows = list(csv.reader(io.StringIO(open(local).read())))[1:]
+    header, *rows = list(csv.reader(io.StringIO(open(local).read())))
+    assert header == ["after_task", "task_1", "task_2", "task_3", "task_4", "task_5"]
+    assert [row[0] for row in rows] == ["1", "2", "3", "4", "5"]
     logged_matrix = np.array([[float(v) if v else np.nan for v in row[1:]] for row in rows])
     np.testing.assert_allclose(logged_matrix, state.matrices["class_il"], atol=1e-4)
 

@@ -98,11 +98,11 @@ def test_the_buffer_holds_exactly_the_policys_choice_after_every_task(name, poli
         else:
             assert "logits" not in stored
         record = model.task_record(task)
-        np.testing.assert_array_equal(record["arrays"][f"buffer/indices_task_{task}.npy"], indices)
+        np.testing.assert_array_equal(record["arrays"][f"buffer/indices_task_{task + 1}.npy"], indices)
         assert record["metrics"] == {"mem_values_undefined": 0,
                                      **{f"buffer_count_class_{c}": class_quota(c, task + 1)
                                         for c in range(2 * (task + 1))}}
-        task_values, buffer_values = record["histograms"][f"buffer/values_task_{task}.png"]
+        task_values, buffer_values = record["histograms"][f"buffer/values_task_{task + 1}.png"]
         np.testing.assert_array_equal(buffer_values, scores[indices])
         assert len(task_values) == len(dataset.train_split(task))
 
@@ -148,11 +148,11 @@ def test_er_with_a_memorization_policy_runs_end_to_end_and_logs_its_buffer(score
     (run,) = client.search_runs([client.get_experiment_by_name("continual-learning").experiment_id])
     assert run.info.status == "FINISHED"
     files = {a.path for a in client.list_artifacts(run.info.run_id, "buffer")}
-    assert {f"buffer/indices_task_{t}.npy" for t in range(5)} <= files
-    kept = np.load(client.download_artifacts(run.info.run_id, "buffer/indices_task_4.npy"), allow_pickle=False)
+    assert {f"buffer/indices_task_{t}.npy" for t in range(1, 6)} <= files
+    kept = np.load(client.download_artifacts(run.info.run_id, "buffer/indices_task_5.npy"), allow_pickle=False)
     scores = np.load(score_file)
     labels = DATASETS.get("seq-digits")(parse_args(["--model", "er", "--buffer_size", "30", "--lr", "0.1", "--seed", "0"])).train.labels.numpy()
     # 30 slots over 10 classes: the 3 lowest-scored examples of each class
     expected = [np.flatnonzero(labels == c)[np.argsort(scores[labels == c], kind="stable")[:3]] for c in range(10)]
     assert sorted(kept.tolist()) == sorted(np.concatenate(expected).tolist())
-    assert all(run.data.metrics[f"buffer_count_class_{c}"] == 3 for c in range(10))
+    assert all(run.data.metrics[f"model/buffer_count_class_{c}"] == 3 for c in range(10))

@@ -336,11 +336,11 @@ def test_a_short_run_completes_with_accuracies_in_range(shared_tracking_uri, nam
     assert run.info.status == "FINISHED"
     metrics = run.data.metrics
     for setting in ("class_il", "task_il"):
-        accuracies = [metrics[f"acc_{setting}_task_{t}"] / 100 for t in range(5)]
+        accuracies = [metrics[f"acc_{setting}_per_task/task_{t}"] / 100 for t in range(1, 6)]
         assert all(0 <= a <= 1 for a in accuracies) and math.isfinite(metrics[f"acc_{setting}"])
-    assert [m.step for m in client.get_metric_history(run.info.run_id, "acc_class_il")] == [0, 1, 2, 3, 4]
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "acc_class_il")] == [1, 2, 3, 4, 5]
     if name == "bic":
-        assert metrics["bic_val_loss_after"] <= metrics["bic_val_loss_before"]
+        assert metrics["model/bic_val_loss_after"] <= metrics["model/bic_val_loss_before"]
 
 
 def test_bic_resumes_from_a_checkpoint_to_the_uninterrupted_result(shared_tracking_uri, tmp_path, monkeypatch):

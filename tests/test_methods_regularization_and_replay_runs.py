@@ -48,10 +48,10 @@ def test_a_short_run_through_main_completes_and_reports_accuracies(name, shared_
     (logged,) = client.search_runs([experiment.experiment_id], f"tags.mlflow.runName = '{run_name}'")
     assert logged.info.status == "FINISHED" and logged.data.params["model"] == name
     metrics = logged.data.metrics
-    accuracies = [metrics[f"acc_{s}_task_{t}"] for s in ("class_il", "task_il") for t in range(5)]
+    accuracies = [metrics[f"acc_{s}_per_task/task_{t}"] for s in ("class_il", "task_il") for t in range(1, 6)]
     accuracies += [metrics["acc_class_il"], metrics["acc_task_il"]]
     assert all(0 <= a <= 100 for a in accuracies)  # percentages
-    assert [m.step for m in client.get_metric_history(logged.info.run_id, "acc_class_il")] == [0, 1, 2, 3, 4]
+    assert [m.step for m in client.get_metric_history(logged.info.run_id, "acc_class_il")] == [1, 2, 3, 4, 5]
     assert metrics["acc_task_il"] > 50  # two classes per task: above chance after one epoch (or one fit)
 
 

@@ -88,7 +88,7 @@ def test_head_reset_zeroes_the_output_layer_at_each_new_task_before_the_model_ac
                                  "--n_epochs", "1", "--n_tasks", "2", "--dataset", "perm-digits", *flags,
                                  "--non_verbose", "--tracking_uri", f"sqlite:///{tmp_path / 'm.db'}"]))
     assert len(state.history["terminal_test_acc"]) == 2
-    assert state.history["head_resets"] == [0.0, 1.0]
+    assert state.history["plasticity/head_resets"] == [0.0, 1.0]
     model, dataset = build(*flags, "--dataset", "perm-digits", "--n_tasks", "2", "--optimizer", "adam")
     assert model.args.plasticity == "head_reset"
     from benchmarks.engine_throughput import SilentLogger as Silent
@@ -149,13 +149,14 @@ def test_a_config_with_an_unknown_flag_is_refused(tmp_path, capsys):
     assert "sets vit_depht, which no chosen component declares" in capsys.readouterr().err
 
 
-def test_a_long_stream_reports_terminal_accuracies_and_their_last_k_means(tmp_path):
+def test_a_long_stream_reports_terminal_accuracies_and_their_last_k_means(tmp_path, capsys):
     from mlflow.tracking import MlflowClient
 
     uri = f"sqlite:///{tmp_path / 'm.db'}"
     state = main.run(parse_args(["--model", "sgd", "--lr", "0.05", "--seed", "0", "--device", "cpu", "--n_epochs", "1",
-                                 "--n_tasks", "4", "--dataset", "perm-digits", "--last_k", "2,3", "--non_verbose",
+                                 "--n_tasks", "4", "--dataset", "perm-digits", "--last_k", "2,3,4,10", "--non_verbose",
                                  "--tracking_uri", uri]))
+    console = capsys.readouterr().out
     matrix = state.matrices["domain_il"]
     terminal = np.diag(matrix)
     assert np.isfinite(terminal).all() and np.isnan(matrix[~np.eye(4, dtype=bool)]).all()  # current task only
@@ -164,6 +165,13 @@ def test_a_long_stream_reports_terminal_accuracies_and_their_last_k_means(tmp_pa
     run = client.search_runs([client.get_experiment_by_name("continual-learning").experiment_id])[0]
     assert run.data.metrics["terminal_test_acc_last_2"] == pytest.approx(terminal[-2:].mean())
     assert run.data.metrics["terminal_test_acc_last_3"] == pytest.approx(terminal[-3:].mean())
-    history = client.get_metric_history(run.info.run_id, "terminal_train_acc")
-    assert [m.step for m in history] == [0, 1, 2, 3] and all(0 <= m.value <= 100 for m in history)
-    assert len(client.get_metric_history(run.info.run_id, "train_loss")) == 4  # one epoch per task
+    # a window is logged once it is full, and only when the run has more tasks than it: none of 4 or 10
+    window = client.get_metric_history(run.info.run_id, "terminal_test_acc_last_3")
+    assert sorted((m.step, round(m.value, 6)) for m in window) == [
+        (3, round(terminal[:3].mean(), 6)), (4, round(terminal[1:].mean(), 6))]
+    assert not {k for k in run.data.metrics if k.endswith(("_last_4", "_last_10"))}
+    assert "last 3:" in console and "last 4:" not in console and "last 10:" not in console
+    history = client.get_metric_history(run.info.run_id, "train_acc/terminal")
+    assert [m.step for m in history] == [1, 2, 3, 4] and all(0 <= m.value <= 100 for m in history)
+    assert run.data.metrics["train_acc/terminal_last_2"] == pytest.approx(np.mean([m.value for m in history][-2:]))
+    assert len(client.get_metric_history(run.info.run_id, "epoch/train_loss")) == 4  # one epoch per task

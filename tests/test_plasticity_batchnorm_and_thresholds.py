@@ -174,8 +174,9 @@ def test_a_run_before_the_first_estimate_logs_no_threshold_and_nothing_infinite(
                          "--non_verbose", "--tracking_uri", uri]))
     client = MlflowClient(uri)
     (run,) = client.search_runs([client.get_experiment_by_name("continual-learning").experiment_id])
-    assert "snr2_threshold_median" not in run.data.metrics and "dormant_frac" in run.data.metrics
+    assert "plasticity/snr2_threshold_median" not in run.data.metrics
+    assert "covariates/dormant_frac" in run.data.metrics
     logged = {key: [m.value for m in client.get_metric_history(run.info.run_id, key)] for key in run.data.metrics}
-    assert len(logged["dormant_frac"]) == 2 and len(logged["age_tokens_mean"]) == 2  # both tasks
+    assert len(logged["covariates/dormant_frac"]) == len(logged["covariates/age_tokens_mean"]) == 2  # both tasks
     # NaN may stand for an undefined covariate; 1.8e308 is what MLflow stores for an infinite value.
     assert not [key for key, values in logged.items() if any(abs(v) >= 1e300 for v in values)]

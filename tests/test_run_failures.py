@@ -47,7 +47,7 @@ def test_a_full_disk_at_checkpoint_time_closes_the_run_failed_in_one_sentence(tm
     assert "--resume" in err and str(tmp_path / "c") in err  # the checkpoint after task 1 is still there
     client, run = only_run(tracking_uri)
     assert run.info.status == "FAILED" and "No space left on device" in run.data.tags["error"]
-    assert [m.step for m in client.get_metric_history(run.info.run_id, "acc_class_il")] == [0, 1]
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "acc_class_il")] == [1, 2]
     traceback = client.download_artifacts(run.info.run_id, "error/traceback.txt", str(tmp_path))
     assert "OSError" in open(traceback).read()
 

@@ -85,7 +85,7 @@ def test_children_and_parent_are_in_mlflow(ray_sweep):
     run = runs[0]
     assert run.data.params["dataset"] == "seq-digits" and run.data.params["n_epochs"] == "1"
     history = MlflowClient(uri).get_metric_history(run.info.run_id, "acc_class_il")
-    assert sorted(m.step for m in history) == [0, 1, 2, 3, 4]
+    assert sorted(m.step for m in history) == [1, 2, 3, 4, 5]
     artifacts = {a.path for a in MlflowClient(uri).list_artifacts(run.info.run_id, "accuracy")}
     assert {"accuracy/class_il.csv", "accuracy/terminal.png"} <= artifacts
     assert parent.info.status == "FINISHED"
@@ -117,7 +117,7 @@ def test_report_gives_mean_and_std_over_the_final_seeds(ray_sweep):
     with open(folder / "report" / "summary.csv") as f:
         summary = {(row["method"], row["metric"]): row for row in csv.DictReader(f)}
     for method in ("vanilla", "redo"):
-        for metric in ("acc_class_il", "terminal_test_acc_last_10", "forgetting_class_il"):
+        for metric in ("acc_class_il", "terminal_test_acc", "train_acc/terminal", "forgetting_class_il"):
             values = [r.data.metrics[metric] for r in finals if r.data.tags["sweep_method"] == method]
             row = summary[(method, metric)]
             assert float(row["mean"]) == pytest.approx(np.mean(values))
@@ -129,9 +129,13 @@ def test_report_gives_mean_and_std_over_the_final_seeds(ray_sweep):
     with open(folder / "report" / "per_task.csv") as f:
         per_task = list(csv.DictReader(f))
     assert len(per_task) == 4 * 5  # 4 final runs × 5 tasks
+    assert [row["task"] for row in per_task[:5]] == ["1", "2", "3", "4", "5"]
     report = (folder / "report" / "report.md").read_text()
     vanilla_final = [r.data.metrics["acc_class_il"] for r in finals if r.data.tags["sweep_method"] == "vanilla"]
     assert f"{np.mean(vanilla_final):.2f} ± {np.std(vanilla_final, ddof=1):.2f}" in report
+    # sectioned summaries are rows of the table, per-layer breakdowns and per-task values are not
+    assert "| plasticity/resets |" in report and "| train_acc/terminal |" in report
+    assert "plasticity/resets/" not in report and "_per_task/" not in report and "epoch/" not in report
     for name in ("terminal_accuracy.png", "resets.png", "runs.csv"):
         assert (folder / "report" / name).stat().st_size > 0
     [parent] = parents(uri, "digits-test")
@@ -240,6 +244,7 @@ def test_a_killed_cell_resumes_from_its_checkpoint_with_the_same_record(tmp_path
     ({"methods": {"l2": {"flags": {"plasticity": "l2"}, "grid": {}}}}, "has an empty grid"),
     ({"methods": {"l2": {"flags": {"plasticity": "l2"}, "grid": {"l2_lambda": []}}}}, "no values for l2_lambda"),
     ({"selection": {"metric": "terminal_test_acc_last_7"}}, "is not logged by the runs"),
+    ({"selection": {"metric": "terminal_test_acc_last_10"}}, "logs a _last_K mean only for K below 5"),
     ({"base": {**BASE, "dataset": "random-label-digits"}, "selection": {"metric": "acc_class_il"}},
      "is not logged by the runs"),
     ({"methods": {"a": {"reuse": "b"}, "b": {"reuse": "a"}}}, "in a circle"),
@@ -315,7 +320,7 @@ def test_runs_log_every_metric_a_sweep_may_select_on(ray_sweep):
     from continual.evaluation import logged_summary_metrics
 
     folder, _, _ = ray_sweep
-    selectable = logged_summary_metrics(DATASETS.get("seq-digits"), "seen", [50, 10])
+    selectable = logged_summary_metrics(DATASETS.get("seq-digits"), 5, "seen", [50, 10])
     for run in children(f"sqlite:///{folder / 'mlflow.db'}", "digits-test"):
         assert selectable <= set(run.data.metrics)
 
