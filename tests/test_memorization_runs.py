@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
+import memorization.eval_driver
 import train_splits
 from memorization.driver import make_plan, split_run_name
 from memorization.score_format import load_scores, record_score_run, save_scores, score_source_tags
@@ -39,9 +40,16 @@ def printed_run(text: str, what: str) -> str:
     return run_id
 
 
-def test_split_training_and_its_evaluation_are_named_dated_and_point_at_their_runs(tmp_path, capsys):
+def test_split_training_and_its_evaluation_are_named_dated_and_point_at_their_runs(tmp_path, capsys, monkeypatch):
     train(tmp_path, "--n_models", "4", "--subset_ratio", "0.5")
     trained = capsys.readouterr().out
+    saved = []
+
+    def save_and_note_when(*pair):
+        save_scores(*pair)
+        saved.append(time.time())
+
+    monkeypatch.setattr(memorization.eval_driver, "save_scores", save_and_note_when)
     before = time.time()
     evaluate(tmp_path)
     evaluated = capsys.readouterr().out
@@ -55,9 +63,8 @@ def test_split_training_and_its_evaluation_are_named_dated_and_point_at_their_ru
     assert dataset_inputs(training) == [("seq-digits", labels, bundled, "training")]
     assert dataset_inputs(evaluation) == [("seq-digits", labels, bundled, "evaluation")]
     # The evaluation's run is opened once its scores exist, and dated from when the evaluation began.
-    scores = tmp_path / "scores" / "store.npy"
-    assert before * 1000 - 5 <= evaluation.info.start_time < (scores.stat().st_mtime - 0.1) * 1000
-    assert evaluation.info.end_time >= scores.stat().st_mtime * 1000
+    [scores_saved] = saved
+    assert before * 1000 - 5 <= evaluation.info.start_time < scores_saved * 1000 <= evaluation.info.end_time
     # A rerun of a finished store opens no run and points at none.
     train(tmp_path, "--n_models", "4", "--subset_ratio", "0.5")
     assert "MLflow run" not in capsys.readouterr().out and len(runs_by_name(tmp_path)) == 2

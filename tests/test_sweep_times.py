@@ -17,8 +17,8 @@ from tests.test_sweep import children, parents, sweep_args, write
 
 pytestmark = pytest.mark.slow  # real sweeps and a worker process killed mid-cell
 
-# Eight epochs per task make a cell take a few seconds on seq-digits.
-SPEC = {"name": "timed", "base": {"dataset": "seq-digits", "model": "sgd", "n_epochs": 8, "batch_size": 32,
+# Forty epochs per task make a cell take about two seconds on seq-digits (eight: about one).
+SPEC = {"name": "timed", "base": {"dataset": "seq-digits", "model": "sgd", "n_epochs": 40, "batch_size": 32,
                                   "mlp_hidden": 32},
         "methods": {"vanilla": {"grid": {"lr": [0.05, 0.1]}}}, "selection": {"metric": "acc_class_il"},
         "search_seeds": [0], "final_seeds": [1]}
@@ -52,7 +52,7 @@ def test_each_child_run_starts_and_ends_when_its_cell_did(tmp_path, monkeypatch)
 
 
 def test_a_resumed_cell_is_dated_from_its_first_start(tmp_path):
-    spec = {**SPEC, "name": "resumed", "base": {**SPEC["base"], "n_epochs": 12}}  # time to kill it mid-cell
+    spec = {**SPEC, "name": "resumed", "base": {**SPEC["base"], "n_epochs": 60}}  # time to kill it mid-cell
     sweep = load_sweep(write(tmp_path / "resumed.yaml", spec))
     cell = sweep.search_cells("vanilla", {})[1]
     checkpoints = tmp_path / "checkpoints"
