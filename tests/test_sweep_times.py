@@ -2,20 +2,18 @@
 also for a cell that was killed and continued from its checkpoint."""
 from __future__ import annotations
 
-import subprocess
-import sys
 import time
 
 import pytest
 
+import continual.run
 import continual.sweep
 from continual.sweep import run_sweep
 from continual.sweep_runs import SweepTracker, run_cell
 from continual.sweep_spec import load_sweep
-from tests.conftest import REPO_ROOT
 from tests.test_sweep import children, parents, sweep_args, write
 
-pytestmark = pytest.mark.slow  # real sweeps and a worker process killed mid-cell
+pytestmark = pytest.mark.slow  # real sweeps of real cells
 
 # Forty epochs per task make a cell take about two seconds on seq-digits (eight: about one).
 SPEC = {"name": "timed", "base": {"dataset": "seq-digits", "model": "sgd", "n_epochs": 40, "batch_size": 32,
@@ -51,23 +49,22 @@ def test_each_child_run_starts_and_ends_when_its_cell_did(tmp_path, monkeypatch)
     assert all(a.info.end_time <= b.info.start_time for a, b in zip(runs, runs[1:]))
 
 
-def test_a_resumed_cell_is_dated_from_its_first_start(tmp_path):
-    spec = {**SPEC, "name": "resumed", "base": {**SPEC["base"], "n_epochs": 60}}  # time to kill it mid-cell
-    sweep = load_sweep(write(tmp_path / "resumed.yaml", spec))
+def test_a_resumed_cell_is_dated_from_its_first_start(tmp_path, monkeypatch):
+    sweep = load_sweep(write(tmp_path / "resumed.yaml", {**SPEC, "name": "resumed"}))
     cell = sweep.search_cells("vanilla", {})[1]
     checkpoints = tmp_path / "checkpoints"
-    code = ("from continual.sweep_runs import run_cell; "
-            f"run_cell({cell.key!r}, {cell.argv()!r}, {str(checkpoints)!r})")
+    save_checkpoint = continual.run.save_checkpoint
+
+    def save_then_stop(path, payload):
+        save_checkpoint(path, payload)
+        raise KeyboardInterrupt  # as if killed right after the checkpoint of the first task
+
+    monkeypatch.setattr(continual.run, "save_checkpoint", save_then_stop)
     launched = time.time()
-    worker = subprocess.Popen([sys.executable, "-c", code], cwd=REPO_ROOT, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL)
-    checkpoint = checkpoints / f"{cell.key}.pt"
-    deadline = time.time() + 120
-    while not checkpoint.exists() and time.time() < deadline and worker.poll() is None:
-        time.sleep(0.05)
-    worker.kill()
-    worker.wait()
-    assert checkpoint.exists(), "the worker was killed after its first task"
+    with pytest.raises(KeyboardInterrupt):
+        run_cell(cell.key, cell.argv(), str(checkpoints))
+    monkeypatch.setattr(continual.run, "save_checkpoint", save_checkpoint)
+    assert (checkpoints / f"{cell.key}.pt").exists()
     resumed_at = time.time()
     result = run_cell(cell.key, cell.argv(), str(checkpoints))
     assert result["outcome"] == "finished"
