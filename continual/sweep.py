@@ -197,4 +197,5 @@ def run_sweep(args: argparse.Namespace) -> dict:
         tracker.finish("FINISHED")
     print(report["text"])
     print(f"report: {out}", flush=True)
+    print(tracker.parent.where_to_look(f"sweep {sweep.name}"), flush=True)
     return {"ran": ran, "parent_run_id": tracker.parent.run_id, "chosen": chosen, "report": report}

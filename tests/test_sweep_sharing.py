@@ -36,3 +36,4 @@ def test_two_drivers_on_one_sweep_run_each_cell_once_under_one_parent(tmp_path):
     reports = [re.search(r"^# .*?(?=^report: )", out, flags=re.MULTILINE | re.DOTALL) for out in outputs]
     assert reports[0] and reports[1] and reports[0].group() == reports[1].group()  # the same comparison
     assert json.loads(json.dumps(parent.data.params))["methods"] == "vanilla,redo"
+    assert all(f"/runs/{parent.info.run_id}" in out for out in outputs)  # each driver points at the parent
