@@ -25,8 +25,15 @@ import sys
 os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
 
 from memorization.eval_args import parse_args  # noqa: E402
-from memorization.eval_driver import score_store  # noqa: E402
 from utils.errors import run_command  # noqa: E402
+
+
+def score_store(args):
+    """memorization.eval_driver.score_store, imported here: numpy, scipy, numba and MLflow only once the arguments
+    are good."""
+    from memorization.eval_driver import score_store
+
+    return score_store(args)
 
 
 def main(argv: list[str] | None = None) -> int:

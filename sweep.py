@@ -15,13 +15,13 @@ from __future__ import annotations
 import argparse
 import sys
 
-from continual.sweep import run_sweep
 from utils.errors import run_command
 from utils.launchers import add_launcher_args
+from utils.registry import CommandParser
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def build_parser() -> CommandParser:
+    parser = CommandParser(prog="sweep.py", description=__doc__.splitlines()[0])
     parser.add_argument("sweep_file", help="YAML file: base, methods (flags, grid, reuse), selection, seeds")
     parser.add_argument("--tracking_uri", default=None,
                         help="MLflow tracking URI (default: sqlite:///<repo>/mlflow.db); the driver alone writes it")
@@ -31,7 +31,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="drivers sharing a sweep's --out claim each cell; the cells of a driver that stopped "
                              "touching its claims for this many seconds (killed, machine lost) are taken over")
     add_launcher_args(parser)
-    return parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
+
+
+def run_sweep(args: argparse.Namespace):
+    """continual.sweep.run_sweep, imported here: numpy, MLflow and main.py's engine only once the arguments are good."""
+    from continual.sweep import run_sweep
+
+    return run_sweep(args)
 
 
 def main(argv: list[str] | None = None) -> int:

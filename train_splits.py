@@ -13,9 +13,21 @@ from __future__ import annotations
 
 import sys
 
-from memorization.args import parse_args
-from memorization.driver import run_plan
+from continual.catalogue import family
+from memorization import args as splits_args
 from utils.errors import run_command
+
+
+def parse_args(argv: list[str] | None = None):
+    """The arguments, the datasets and backbones read from the component catalogue: no torch before they are good."""
+    return splits_args.parse_args(argv, family)
+
+
+def run_plan(args):
+    """memorization.driver.run_plan, imported here: torch, MLflow and the components only once the arguments are good."""
+    from memorization.driver import run_plan
+
+    return run_plan(args)
 
 
 def main(argv: list[str] | None = None) -> int:

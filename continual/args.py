@@ -14,9 +14,9 @@ import yaml
 from continual.catalogue import family
 from utils.config_files import as_argv, load_config
 from utils.errors import ConfigError
-from utils.help import HelpFormatter
 from utils.optimizers import OPTIMIZERS
-from utils.registry import check_bounds, flags_of, method_names
+from utils.registry import (CommandParser, add_switch, check_bounds, config_names, declared_elsewhere, flags_of,
+                            method_names)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = REPO_ROOT / "configs" / "best"
@@ -28,9 +28,9 @@ NON_COMPUTATIONAL = {"resume", "savecheck", "checkpoint_dir", "tracking_uri", "e
 
 def common_parser(first_pass: bool = False) -> argparse.ArgumentParser:
     """The flags every run has; the first pass only reads component names, so nothing is required yet."""
-    parser = argparse.ArgumentParser(
-        description="Run one continual-learning experiment and log it to MLflow.", add_help=not first_pass,
-        formatter_class=HelpFormatter, allow_abbrev=False)  # whole flag names only: si's --c is not --config
+    parser = CommandParser(
+        prog="main.py", usage=USAGE, description="Run one continual-learning experiment and log it to MLflow.",
+        add_help=not first_pass, allow_abbrev=False)  # whole flag names only: si's --c is not --config
     what = parser.add_argument_group("what to run")
     names = {kind: ", ".join(family(kind).names()) for kind in ("dataset", "model", "backbone", "buffer policy",
                                                                   "plasticity method")}
@@ -55,7 +55,7 @@ def common_parser(first_pass: bool = False) -> argparse.ArgumentParser:
                        help="replay batch size (default: --batch_size)")
     train.add_argument("--n_epochs", type=int, default=None, help="epochs per task (default: the dataset's)")
     train.add_argument("--buffer_size", type=int, default=0, help="replay buffer size in examples")
-    train.add_argument("--optimizer", choices=OPTIMIZERS, default="sgd")
+    train.add_argument("--optimizer", choices=OPTIMIZERS, default="sgd", help="the optimizer of the network")
     train.add_argument("--optim_wd", type=float, default=0.0, help="weight decay")
     train.add_argument("--optim_mom", type=float, default=0.0, help="SGD momentum")
     train.add_argument("--optim_eps", type=float, default=1e-8, help="Adam/AdamW epsilon")
@@ -68,11 +68,16 @@ def common_parser(first_pass: bool = False) -> argparse.ArgumentParser:
                             "else the cores the machine's load leaves free (the run's log says which and why)")
 
     data = parser.add_argument_group("data")
-    data.add_argument("--data_path", default="./data", help="folder holding the datasets' standard files")
+    data.add_argument("--data_path", "--base_path", dest="data_path", default="./data",
+                      help="folder holding the datasets' standard files, in this framework's layout or Mammoth's "
+                           "(--base_path is Mammoth's name for it)")
     data.add_argument("--download", action="store_true", help="download missing datasets (needs internet)")
+    data.add_argument("--num_workers", type=int, default=None, metavar="N",
+                      help="accepted for Mammoth command lines: datasets are tensors in memory here, read without "
+                           "loader workers, so N changes nothing (a note says so); --num_threads sets CPU threads")
     data.add_argument("--n_tasks", type=int, default=None, help="number of tasks (default: the dataset's)")
     data.add_argument("--class_order", default=None, help="comma-separated original class ids, in task order")
-    data.add_argument("--permute_classes", action="store_true", help="shuffle the class order with --seed")
+    add_switch(data, "--permute_classes", help="shuffle the class order with --seed")
     data.add_argument("--label_noise", type=float, default=0.0,
                       help="fraction of training examples relabeled (to another class of their task), seeded")
     data.add_argument("--mem_scores", default=None, metavar="FILE.npy",
@@ -85,12 +90,19 @@ def common_parser(first_pass: bool = False) -> argparse.ArgumentParser:
     record.add_argument("--tracking_uri", default=None,
                         help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI if set, else sqlite:///<repo>/mlflow.db, "
                              "artifacts in <repo>/mlruns)")
-    record.add_argument("--experiment_name", default="continual-learning")
-    record.add_argument("--run_name", default=None)
-    record.add_argument("--savecheck", action="store_true", help="write a checkpoint at the end of every task")
-    record.add_argument("--checkpoint_dir", default=str(REPO_ROOT / "checkpoints"))
-    record.add_argument("--resume", default=None, metavar="PATH", help="continue the run saved in this checkpoint")
-    record.add_argument("--non_verbose", action="store_true", help="no progress bars")
+    record.add_argument("--experiment_name", default="continual-learning", help="the MLflow experiment of the run")
+    record.add_argument("--run_name", default=None,
+                        help="the MLflow run's name (default: model, dataset, buffer, plasticity methods and seed "
+                             "joined by '-')")
+    # The bare flag is 'last', one kept file: sweep cells pass it bare, and 'task' keeps a file per task.
+    record.add_argument("--savecheck", nargs="?", const="last", choices=("task", "last"), default=None,
+                        help="keep <checkpoint_dir>/<run id>.pt for --resume: 'task' keeps the checkpoint written after "
+                             "every task, 'last' (also the bare flag) the one written after the last task")
+    record.add_argument("--checkpoint_dir", default=str(REPO_ROOT / "checkpoints"), help="where --savecheck writes")
+    record.add_argument("--resume", "--loadcheck", dest="resume", default=None, metavar="PATH",
+                        help="continue the run saved in this checkpoint of --savecheck (--loadcheck is Mammoth's "
+                             "name for it; Mammoth's own checkpoint files are not read)")
+    add_switch(record, "--non_verbose", help="no progress bars (Mammoth's --non_verbose 1 works too)")
     record.add_argument("--no_figures", dest="figures", action="store_false",
                         help="log metrics and CSV tables but draw no figures (they are most of a short run's time)")
     record.add_argument("--eval_scope", choices=("seen", "current"), default=None,
@@ -111,9 +123,9 @@ def common_parser(first_pass: bool = False) -> argparse.ArgumentParser:
                         help="count each training example's forgetting events (correct → wrong between consecutive "
                              "presentations, Toneva et al. 2019) and log them as the score file "
                              "forgetting/events.npy, usable with --mem_scores")
-    record.add_argument("--ignore_other_metrics", action="store_true",
-                        help="accepted for Mammoth command lines; the metrics here are always the same few")
-    record.add_argument("--nowand", action="store_true", help="accepted for Mammoth command lines (no W&B here)")
+    add_switch(record, "--ignore_other_metrics",
+               help="accepted for Mammoth command lines; the metrics here are always the same few")
+    add_switch(record, "--nowand", help="accepted for Mammoth command lines (no W&B here)")
     return parser
 
 
@@ -134,19 +146,24 @@ class _SkipSharedFlags:
 
 CHOOSING_FLAG = {"dataset": "--dataset", "backbone": "--backbone", "model": "--model",
                  "buffer policy": "--buffer_policy", "plasticity method": "--plasticity"}
+USAGE = ("%(prog)s --model NAME [--dataset NAME] [--backbone NAME] [--buffer_policy NAME] [--plasticity NAMES] "
+         "[flags below]")
 
 
-def _add_component_args(parser: argparse.ArgumentParser, kind: str, components: list[type]) -> None:
-    """One argument group per component with the flags it declares."""
+def _add_component_args(parser: argparse.ArgumentParser, kind: str, components: list, chosen: bool = True,
+                        skip_shared: bool = False) -> None:
+    """One argument group per component with the flags it declares; a flag another group already declared is
+    shown once (`--help` over many components, or several plasticity methods)."""
     for component in components:
-        group = parser.add_argument_group(f"{kind} {component.NAME}")
-        if len(components) == 1:
+        how = "" if chosen else f" (with {CHOOSING_FLAG[kind]} {component.NAME})"
+        group = parser.add_argument_group(f"{kind} {component.NAME}{how}")
+        if not skip_shared and len(components) == 1:
             component.add_args(group)
             continue
         wrapper = _SkipSharedFlags(group)
         component.add_args(wrapper)
         if wrapper.shared:
-            group.description = (f"also {', '.join(wrapper.shared)}, shown above for another {kind}; "
+            group.description = (f"also {', '.join(wrapper.shared)}, shown above for another component; "
                                  f"`{CHOOSING_FLAG[kind]} {component.NAME} --help` gives the meaning here")
 
 
@@ -171,25 +188,36 @@ def _best_config(dataset: str, model: str, buffer_size: int) -> dict:
 
 def full_parser(argv: list[str]) -> tuple[argparse.ArgumentParser, list[str]]:
     """main.py's parser with the flags of every component argv chooses, and --config's values as the flags
-    that go before argv (so that argv's own win)."""
+    that go before argv (so that argv's own win). With --help, the chosen components' flags come first and
+    every other component's after the common flags."""
     first_parser = common_parser(first_pass=True)
     first, _ = first_parser.parse_known_args(argv)
-    config = load_config(first.config) if first.config else {}
+    config = config_names(load_config(first.config), first_parser, first.config) if first.config else {}
     if config:
         first, _ = first_parser.parse_known_args([*as_argv(config, first_parser, first.config), *argv])
     parser = common_parser()
-    given = {token.split("=")[0] for token in argv if token.startswith("--")}
-    help_asked = bool({"-h", "--help"} & set(argv))  # --help shows every component's flags, unless one is named
-    chosen = {}
-    for kind, name in (("dataset", first.dataset), ("backbone", first.backbone), ("model", first.model),
-                       ("buffer policy", first.buffer_policy)):
-        named = name and not (help_asked and f"--{kind.replace(' ', '_')}" not in given and kind not in config)
-        chosen[kind] = [family(kind).get(name)] if named else family(kind).classes()
-    if first.backbone is None and not help_asked:
-        chosen["backbone"] = [family("backbone").get(chosen["dataset"][0].DEFAULT_BACKBONE)]
-    chosen["plasticity method"] = family("plasticity method").classes()
+    help_asked = bool({"-h", "--help"} & set(argv))
+    dataset = family("dataset").get(first.dataset)
+    chosen = {"dataset": [dataset], "backbone": [family("backbone").get(first.backbone or dataset.DEFAULT_BACKBONE)],
+              "model": [family("model").get(first.model)] if first.model else [],
+              "buffer policy": [family("buffer policy").get(first.buffer_policy)],
+              "plasticity method": [family("plasticity method").get(name) for name in method_names(first.plasticity)]}
+    common_groups = parser._action_groups[2:]  # after argparse's own two: positionals and -h
     for kind, components in chosen.items():
-        _add_component_args(parser, kind, components)
+        _add_component_args(parser, kind, components, skip_shared=kind == "plasticity method")
+    if help_asked:  # argparse prints groups in the order of this list: the chosen components' first
+        parser._action_groups[2:] = parser._action_groups[2 + len(common_groups):] + common_groups
+    given = {token.split("=")[0] for token in argv if token.startswith("--")} | {f"--{name}" for name in config}
+    for kind, components in chosen.items():
+        # --help: the other components of each kind argv leaves at its default; a parse: every plasticity
+        # method's flags, so that a stray one is refused by name
+        if (help_asked and CHOOSING_FLAG[kind] not in given) or (not help_asked and kind == "plasticity method"):
+            names = {c.NAME for c in components}
+            _add_component_args(parser, kind, [c for c in family(kind).classes() if c.NAME not in names],
+                                chosen=not help_asked, skip_shared=True)
+    parser.elsewhere = lambda: declared_elsewhere(
+        [(kind, CHOOSING_FLAG[kind], components[0].NAME if components else None, family(kind).classes())
+         for kind, components in chosen.items() if kind != "plasticity method"])
     unknown = sorted(set(config) - set(flags_of(parser)))
     if unknown:
         raise ConfigError(f"--config {first.config} sets {', '.join(unknown)}, which no chosen component declares; "
@@ -204,6 +232,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     argv = sys.argv[1:] if argv is None else argv
     parser, from_config = full_parser(argv)
     args = parser.parse_args([*from_config, *argv])
+    if args.num_workers is not None:
+        print(f"note: --num_workers {args.num_workers} changes nothing here: datasets are tensors in memory, read "
+              f"without loader workers (--num_threads N sets the CPU threads)", file=sys.stderr)
+    del args.num_workers  # no trace in the run's configuration: it has no effect
     for flag, method in DEPRECATED_FLAGS.items():
         if getattr(args, flag):
             print(f"--{flag} is deprecated: it now adds the plasticity method {method} (--plasticity {method}, which "

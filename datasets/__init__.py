@@ -218,16 +218,25 @@ def download_release(dataset: str, folder: str, fetch) -> None:
                           f"files into {os.path.abspath(folder)} from a machine that is online") from None
 
 
-def require_files(dataset: str, folder: str, files: list[str], downloadable: bool = True) -> None:
-    """End with one sentence naming the missing files and where they are expected."""
-    import os
+def release_folder(data_path: str, layouts: tuple[str, ...], files: list[str]) -> str:
+    """The folder under --data_path that holds every file of a release, of the `layouts` it may be kept in: this
+    framework's first, then Mammoth's (whose `--base_path` is the same folder one level up in the tree, e.g.
+    `<base_path>/CIFAR10/cifar-10-batches-py`). The first layout when none is complete: where --download writes
+    and the folder a missing-file error names."""
+    folders = [os.path.join(data_path, layout) for layout in layouts]
+    return next((f for f in folders if all(os.path.exists(os.path.join(f, name)) for name in files)), folders[0])
 
+
+def require_files(dataset: str, folder: str, files: list[str], downloadable: bool = True,
+                  also: tuple[str, ...] = ()) -> None:
+    """End with one sentence naming the missing files and where they are expected (`also`: other layouts read)."""
     missing = [f for f in files if not os.path.exists(os.path.join(folder, f))]
     if missing:
         how = " or pass --download on a machine that is online" if downloadable else ""
+        elsewhere = f" or in Mammoth's layout ({' or '.join(also)} under --data_path)" if also else ""
         raise ConfigError(
             f"{dataset} is not in {os.path.abspath(folder)}: missing {', '.join(missing)}; "
-            f"put the standard release files there (or point --data_path at their parent){how}"
+            f"put the standard release files there{elsewhere} (or point --data_path at their parent){how}"
         )
 
 

@@ -7,7 +7,7 @@ import pickle
 
 import numpy as np
 
-from datasets import ContinualDataset, download_release, register_dataset, require_files
+from datasets import ContinualDataset, download_release, register_dataset, release_folder, require_files
 from utils.errors import ConfigError
 
 try:  # numpy >= 2
@@ -25,7 +25,8 @@ _ALLOWED = {
     ("_codecs", "encode"): codecs.encode,
 }
 
-# Per class count: release folder, train files, test files, label key.
+# Per class count: release folder, train files, test files, label key. The release folder is read directly under
+# --data_path (torchvision's root) or, as Mammoth keeps it, under <base_path>/CIFAR10 or <base_path>/CIFAR100.
 RELEASES = {
     10: ("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"], "labels"),
     100: ("cifar-100-python", ["train"], ["test"], "fine_labels"),
@@ -77,14 +78,15 @@ def load_batch(path: str, label_key: str) -> tuple[np.ndarray, np.ndarray]:
 
 def load_cifar(data_path: str, download: bool, n_classes: int) -> tuple[np.ndarray, ...]:
     """Train and test arrays of CIFAR-10 or CIFAR-100 in the order of the release files."""
-    folder, train, test, label_key = RELEASES[n_classes]
-    folder = os.path.join(data_path, folder)
+    release, train, test, label_key = RELEASES[n_classes]
+    layouts = (release, os.path.join(f"CIFAR{n_classes}", release))
+    folder = release_folder(data_path, layouts, train + test)
     if download and not all(os.path.exists(os.path.join(folder, f)) for f in train + test):
         import torchvision
 
         dataset = torchvision.datasets.CIFAR10 if n_classes == 10 else torchvision.datasets.CIFAR100
         download_release(f"CIFAR-{n_classes}", folder, lambda: dataset(root=data_path, download=True))
-    require_files(f"CIFAR-{n_classes}", folder, train + test)
+    require_files(f"CIFAR-{n_classes}", folder, train + test, also=layouts[1:])
     arrays = []
     for files in (train, test):
         batches = [load_batch(os.path.join(folder, f), label_key) for f in files]

@@ -6,10 +6,13 @@ import os
 import numpy as np
 import torch
 
-from datasets import ContinualDataset, download_release, register_dataset, require_files
+from datasets import ContinualDataset, download_release, register_dataset, release_folder, require_files
 from utils.errors import ConfigError
 
 FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+# torchvision keeps MNIST in <root>/<class name>/raw. This framework's root is --data_path; Mammoth's is
+# <base_path>/MNIST, where its test set (class MNIST) and its training set (class MyMNIST) each download all four files.
+LAYOUTS = (os.path.join("MNIST", "raw"), os.path.join("MNIST", "MNIST", "raw"), os.path.join("MNIST", "MyMNIST", "raw"))
 PERMUTATION_STREAM = 10  # salts the per-task generators so they never coincide with the base class's streams
 ROTATION_STREAM = 11
 
@@ -30,12 +33,12 @@ def read_idx(path: str, ndim: int) -> np.ndarray:
 
 def load_mnist(data_path: str, download: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Train and test images (uint8 [N, 1, 28, 28]) and labels (int64) in the order of the idx files."""
-    folder = os.path.join(data_path, "MNIST", "raw")
+    folder = release_folder(data_path, LAYOUTS, list(FILES))
     if download and not all(os.path.exists(os.path.join(folder, f)) for f in FILES):
         import torchvision
 
         download_release("MNIST", folder, lambda: torchvision.datasets.MNIST(root=data_path, download=True))
-    require_files("MNIST", folder, list(FILES))
+    require_files("MNIST", folder, list(FILES), also=LAYOUTS[1:])
     arrays = []
     for split in ("train", "t10k"):
         images_path = os.path.join(folder, f"{split}-images-idx3-ubyte")

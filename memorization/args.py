@@ -1,39 +1,40 @@
 """Command-line arguments of train_splits.py: its parser, its flags (with the chosen backbone's) and the checks of
 their values and combinations, as `continual/args.py` serves main.py. Bad input ends with one sentence (ConfigError).
 eval_splits.py's arguments are in `memorization/eval_args.py`.
+
+The datasets and backbones are read through `family(kind)` (train_splits.py passes the component catalogue, which
+answers without importing torch), so `--help` and an argument error cost no torch import.
 """
 from __future__ import annotations
 
 import argparse
 import math
 import sys
+from typing import Callable
 
-import torch
-
-from backbones import BACKBONES
-from datasets import DATASETS
 from utils.config_files import as_argv, load_config
 from utils.errors import ConfigError
-from utils.help import HelpFormatter
 from utils.launchers import add_launcher_args
 from utils.optimizers import SCHEDULES
-from utils.registry import flags_of
+from utils.registry import CommandParser, add_switch, config_names, declared_elsewhere, flags_of
 
 # The first line of train_splits.py's docstring, shown by --help.
 DESCRIPTION = "Train many models on random subsets of a dataset: the data of the held-out memorization estimator."
 
 
-def build_parser(backbone: type | None = None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=DESCRIPTION,
-                                     formatter_class=HelpFormatter)
+def build_parser(family: Callable, backbone=None) -> CommandParser:
+    """train_splits.py's flags, with those of `backbone` (a registered backbone or its catalogue record)."""
+    parser = CommandParser(prog="train_splits.py", description=DESCRIPTION,
+                           usage="%(prog)s --out STORE --lr LR [--dataset NAME] [--backbone NAME] [flags below]")
     parser.add_argument("--config", default=None, metavar="FILE.yaml",
                         help="a YAML file of flag: value defaults, e.g. a recipe of configs/splits/; flags given "
                              "explicitly still win")
     data = parser.add_argument_group("data")
-    data.add_argument("--dataset", default="seq-digits", help=f"one of: {', '.join(DATASETS.names())}")
+    data.add_argument("--dataset", default="seq-digits", help=f"one of: {', '.join(family('dataset').names())}")
     data.add_argument("--classes", default=None, help="'a,b': train on classes a ≤ c < b only (default: all)")
-    data.add_argument("--data_path", default="./data")
-    data.add_argument("--download", action="store_true")
+    data.add_argument("--data_path", "--base_path", dest="data_path", default="./data",
+                      help="folder holding the dataset's standard files, in main.py's layout or Mammoth's")
+    data.add_argument("--download", action="store_true", help="download a missing dataset (needs internet)")
     data.add_argument("--label_noise", type=float, default=0.0,
                       help="fraction of training examples relabeled (seeded), recorded as noisy_mask.npy")
     data.add_argument("--input_noise", type=float, default=0.0,
@@ -60,14 +61,15 @@ def build_parser(backbone: type | None = None) -> argparse.ArgumentParser:
                            "order of the signal, so average several")
     plan.add_argument("--seed", type=int, default=0, help="seeds the masks, model seeds and noise")
     train = parser.add_argument_group("training of each model")
-    train.add_argument("--backbone", default=None, help=f"one of: {', '.join(BACKBONES.names())}")
-    train.add_argument("--n_epochs", type=int, default=10)
+    train.add_argument("--backbone", default=None,
+                       help=f"one of: {', '.join(family('backbone').names())} (default: the dataset's)")
+    train.add_argument("--n_epochs", type=int, default=10, help="epochs of each model")
     train.add_argument("--lr", type=float, default=None, help="learning rate (required, here or in --config)")
-    train.add_argument("--batch_size", type=int, default=128)
-    train.add_argument("--optimizer", choices=("sgd", "adam", "adamw"), default="sgd")
-    train.add_argument("--optim_wd", type=float, default=0.0)
-    train.add_argument("--optim_mom", type=float, default=0.9)
-    train.add_argument("--optim_eps", type=float, default=1e-8)
+    train.add_argument("--batch_size", type=int, default=128, help="training batch size")
+    train.add_argument("--optimizer", choices=("sgd", "adam", "adamw"), default="sgd", help="the optimizer")
+    train.add_argument("--optim_wd", type=float, default=0.0, help="weight decay")
+    train.add_argument("--optim_mom", type=float, default=0.9, help="SGD momentum")
+    train.add_argument("--optim_eps", type=float, default=1e-8, help="Adam/AdamW epsilon")
     train.add_argument("--optim_nesterov", action="store_true", help="Nesterov momentum (SGD)")
     train.add_argument("--lr_schedule", choices=SCHEDULES, default="none",
                        help="multistep: ×0.1 at each --lr_milestones; cosine: to 0; onecycle: linear to 0")
@@ -83,7 +85,7 @@ def build_parser(backbone: type | None = None) -> argparse.ArgumentParser:
                      help="models trained at once as one vectorised ensemble; the plan's unit of work")
     run.add_argument("--cpu_threads", type=int, default=1,
                      help="torch threads of each job on the CPU (part of the plan: convolution results depend on it)")
-    run.add_argument("--device", default=None)
+    run.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     run.add_argument("--chunk", default=None, metavar="I/N", help="train only chunk I of N of the plan's groups")
     run.add_argument("--claim_timeout", type=float, default=300.0,
                      help="seconds after which the groups claimed by a driver that stopped touching its claims "
@@ -91,17 +93,23 @@ def build_parser(backbone: type | None = None) -> argparse.ArgumentParser:
     run.add_argument("--replace_plan", action="store_true",
                      help="train this plan in a store whose plan.json is gone and whose models are another plan's "
                           "(they are set aside); without it such a store is refused")
-    run.add_argument("--tracking_uri", default=None)
-    run.add_argument("--experiment_name", default="split-training")
-    run.add_argument("--run_name", default=None)
-    run.add_argument("--non_verbose", action="store_true")
+    run.add_argument("--tracking_uri", default=None,
+                     help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI if set, else sqlite:///<repo>/mlflow.db)")
+    run.add_argument("--experiment_name", default="split-training", help="the MLflow experiment of the run")
+    run.add_argument("--run_name", default=None,
+                     help="the MLflow run's name (default: what the plan is, e.g. splits-seq-digits-mlp-16x0.5-s0)")
+    add_switch(run, "--non_verbose", help="no progress bar")
     add_launcher_args(parser)
     if backbone is not None:
         backbone.add_args(parser.add_argument_group(f"backbone {backbone.NAME}"))
+        parser.elsewhere = lambda: declared_elsewhere([("backbone", "--backbone", backbone.NAME,
+                                                         family("backbone").classes())])
     return parser
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def parse_args(argv: list[str] | None, family: Callable) -> argparse.Namespace:
+    """The arguments of train_splits.py; `family(kind)` gives the datasets and backbones (`.get(name)`, `.names()`,
+    `.classes()`), from their registries or from the component catalogue."""
     argv = sys.argv[1:] if argv is None else argv
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--config", default=None)
@@ -113,15 +121,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         raise ConfigError(f"--config {known.config} is a recipe for {config['dataset']}, not {known.dataset}; pass "
                           f"the recipe of {known.dataset} or drop --dataset")
     dataset = known.dataset or config.get("dataset", "seq-digits")
-    backbone_name = known.backbone or config.get("backbone") or DATASETS.get(dataset).DEFAULT_BACKBONE
-    parser = build_parser(BACKBONES.get(backbone_name))
+    backbone_name = known.backbone or config.get("backbone") or family("dataset").get(dataset).DEFAULT_BACKBONE
+    parser = build_parser(family, family("backbone").get(backbone_name))
+    config = config_names(config, parser, known.config)
     unknown = sorted(set(config) - set(flags_of(parser)))
     if unknown:
         raise ConfigError(f"--config {known.config} sets {', '.join(unknown)}, which train_splits.py does not have; "
                           f"fix the names (see python train_splits.py --help)")
     args = parser.parse_args([*(as_argv(config, parser, known.config) if config else []), *argv])
     args.backbone = backbone_name
-    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     args.ratios = _ratios(args.subset_ratio)
     args.classes = _classes(args.classes)
     args.record_epochs = sorted({int(e) for e in args.record_epochs.split(",") if e} | {args.n_epochs})
@@ -148,6 +156,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     _check_plan_kind(args, argv, config)
     args.chunk_index, args.chunk_count = _chunk(args.chunk)
     args.lr_milestones = _milestones(args.lr_milestones)
+    import torch  # only once the arguments are good: --help and a refused flag cost no torch import
+
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     return args
 
 

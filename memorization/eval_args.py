@@ -7,22 +7,24 @@ from __future__ import annotations
 import argparse
 
 from utils.errors import ConfigError
-from utils.help import HelpFormatter
+from utils.registry import CommandParser
 
 # The first line of eval_splits.py's docstring, shown by --help.
 DESCRIPTION = "Turn a split-training store into per-example memorization, influence and consistency scores."
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=DESCRIPTION,
-                                     formatter_class=HelpFormatter)
+def build_parser() -> CommandParser:
+    parser = CommandParser(prog="eval_splits.py", description=DESCRIPTION,
+                           usage="%(prog)s --run_dir STORE --out SCORES.npy [flags below]")
     parser.add_argument("--run_dir", required=True, help="a train_splits.py --out folder, or a folder of released "
                                                          "<ratio>/<seed>/aux_arrays.npz runs")
     parser.add_argument("--out", required=True, help="the memorization scores (.npy); the rest is written beside it")
     parser.add_argument("--target", choices=("prob", "correct"), default="prob",
                         help="per-example target: softmax probability of the training label, or 0/1 correctness")
-    parser.add_argument("--influence_topk", type=int, default=10)
-    parser.add_argument("--influence_threshold", type=float, default=0.15)
+    parser.add_argument("--influence_topk", type=int, default=10,
+                        help="the most influential training examples kept per test example")
+    parser.add_argument("--influence_threshold", type=float, default=0.15,
+                        help="influence from which a (training, test) pair is written to the high-influence pairs")
     parser.add_argument("--influence_full", action="store_true",
                         help="also write the full train × test influence matrix as a memory-mappable .npy")
     parser.add_argument("--datamodels", action="store_true",
@@ -36,11 +38,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--compare", default=None, metavar="SCORES.npy",
                         help="another score file in dataset order (e.g. a released one): report the Spearman "
                              "correlation with it")
-    parser.add_argument("--data_path", default="./data", help="where the dataset's files are (for the report's images)")
-    parser.add_argument("--tracking_uri", default=None)
-    parser.add_argument("--experiment_name", default="split-training")
-    parser.add_argument("--run_name", default=None)
-    args = parser.parse_args(argv)
+    parser.add_argument("--data_path", "--base_path", dest="data_path", default="./data",
+                        help="where the dataset's files are (for the report's images), in main.py's layout or Mammoth's")
+    parser.add_argument("--tracking_uri", default=None,
+                        help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI if set, else sqlite:///<repo>/mlflow.db)")
+    parser.add_argument("--experiment_name", default="split-training", help="the MLflow experiment of the run")
+    parser.add_argument("--run_name", default=None,
+                        help="the MLflow run's name (default: eval-<store folder>, -correct with --target correct)")
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    args = build_parser().parse_args(argv)
     if not args.out.endswith(".npy"):
         raise ConfigError(f"--out must name a .npy file, got {args.out!r}")
     if args.influence_topk < 1:

@@ -1,12 +1,15 @@
-"""Name → class registries: one file defines one thing and registers it under its CLI name."""
+"""Name → class registries: one file defines one thing and registers it under its CLI name; and the scripts'
+parser, which names the flag meant (or the component that declares it) when a flag is mistyped or misplaced."""
 from __future__ import annotations
 
 import argparse
 import importlib
 import pkgutil
+import sys
 from typing import Callable, Generic, TypeVar
 
 from utils.errors import ConfigError
+from utils.help import HelpFormatter
 
 T = TypeVar("T")
 
@@ -103,3 +106,114 @@ def check_bounds(args: argparse.Namespace, bounds: dict[str, str], owner: str | 
         if not (above and below):  # NaN fails both
             whose = f" (declared by {owner})" if owner else ""
             raise ConfigError(f"--{dest} must be in {interval}{whose}, got {value}; pass a value in that range")
+
+
+class CommandParser(argparse.ArgumentParser):
+    """A script's parser whose mistakes end in one line on stderr, `error: ...`, with exit status 2.
+
+    A flag it does not have is named with the nearest flag it has ("did you mean --buffer_size?"), or, when a
+    component the command did not choose declares it, with that component and the flag that chooses it:
+    `elsewhere()` maps such flags to that clause (computed only when a flag is unknown)."""
+
+    def __init__(self, *args, elsewhere: Callable[[], dict[str, str]] | None = None, **options):
+        options.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **options)
+        self.elsewhere = elsewhere or dict
+
+    def parse_args(self, args=None, namespace=None):
+        args = sys.argv[1:] if args is None else list(args)
+        # Unknown flags first: a mistyped required flag is then named as mistyped, not as missing.
+        options = args[:args.index("--")] if "--" in args else args  # after "--" every token is a value
+        unknown = [token for token in options if token.startswith("--") and not self._knows(token.split("=")[0])]
+        if unknown:
+            self.error(self.unknown_sentence(unknown))
+        namespace, extras = self.parse_known_args(args, namespace)
+        if extras:  # values no flag takes, e.g. `--download 1`
+            self.error(f"unrecognized arguments: {' '.join(extras)}; no flag before them takes them (`python "
+                       f"{self.prog} --help` shows what each flag takes)")
+        return namespace
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message}\n")
+
+    def _knows(self, flag: str) -> bool:
+        if flag in self._option_string_actions:
+            return True
+        return self.allow_abbrev and any(o.startswith(flag) for o in self._option_string_actions)
+
+    def unknown_sentence(self, flags: list[str]) -> str:
+        """One sentence for the unknown flags: the component that declares the first one and how to choose it,
+        else the nearest flag of this command for each."""
+        import difflib
+
+        elsewhere = self.elsewhere()
+        flags = [flag.split("=")[0] for flag in flags]
+        for flag in flags:
+            if flag in elsewhere:
+                return f"{flag} {elsewhere[flag]} or drop {flag}"
+        own = [o for o in self._option_string_actions if o.startswith("--")]
+        hints = []
+        for flag in flags:
+            near = difflib.get_close_matches(flag, own, n=1, cutoff=0.75)
+            if near:
+                hints.append(near[0] if len(flags) == 1 else f"{near[0]} for {flag}")
+                continue
+            near = difflib.get_close_matches(flag, list(elsewhere), n=1, cutoff=0.75)
+            if near:
+                return (f"unrecognized arguments: {flag}; the nearest flag, {near[0]}, {elsewhere[near[0]]}, or "
+                        f"drop {flag}")
+        named = " ".join(flags)
+        if hints:
+            return f"unrecognized arguments: {named}; did you mean {', '.join(hints)}?"
+        return f"unrecognized arguments: {named}; `python {self.prog} --help` lists the flags"
+
+
+def declared_elsewhere(kinds: list[tuple[str, str, str, list]]) -> dict[str, str]:
+    """For the flags of components a command did not choose: flag → the clause saying which component declares
+    it and how to choose it ("belongs to the backbone vit, not to the chosen backbone mlp; choose it with --backbone
+    vit"). `kinds` holds (kind, choosing flag, chosen name or None, every component of the kind)."""
+    clauses: dict[str, str] = {}
+    for kind, choosing, chosen, components in kinds:
+        owners: dict[str, list[str]] = {}
+        for component in components:
+            if component.NAME != chosen:
+                for options in declared_flags(component).values():
+                    for option in options:
+                        owners.setdefault(option, []).append(component.NAME)
+        for option, names in owners.items():
+            which = names[0] if len(names) == 1 else f"{', '.join(names[:-1])} or {names[-1]}"
+            choose = f"it with {choosing} {names[0]}" if len(names) == 1 else f"one of them with {choosing}"
+            not_chosen = f"not to the chosen {kind} {chosen}" if chosen else f"and no {kind} is chosen"
+            clauses.setdefault(option, f"belongs to the {kind} {which}, {not_chosen}; choose {choose}")
+    return clauses
+
+
+TRUE_WORDS, FALSE_WORDS = ("1", "true", "t", "y", "yes"), ("0", "false", "f", "n", "no")
+
+
+def on_off(text: str) -> bool:
+    """The value of an on/off flag given as Mammoth writes it (`--non_verbose 1`): 1/0, true/false, yes/no."""
+    word = str(text).lower()
+    if word not in TRUE_WORDS + FALSE_WORDS:
+        raise argparse.ArgumentTypeError(f"{text!r} is not on or off; write 1 or 0 (or nothing, for on)")
+    return word in TRUE_WORDS
+
+
+def add_switch(group, *names: str, help: str) -> None:
+    """An on/off flag that also takes Mammoth's explicit value: bare or 1 is on, 0 is off, absent is off."""
+    group.add_argument(*names, nargs="?", const=True, default=False, type=on_off, metavar="0|1", help=help)
+
+
+def config_names(config: dict, parser: argparse.ArgumentParser, path: str) -> dict:
+    """A --config file's flags as the parser's destinations: another name of a flag (loadcheck, base_path) is its
+    destination (resume, data_path), and true/false for a flag whose value is optional (--savecheck [task|last],
+    --non_verbose [0|1]) is the flag given bare / left at its default."""
+    dests = {option.lstrip("-"): action.dest for action in parser._actions for option in action.option_strings}
+    bare = {a.dest: "1" if a.const is True else a.const for a in parser._actions if a.option_strings and a.nargs == "?"}
+    named: dict = {}
+    for name, value in config.items():
+        dest = dests.get(name, name)
+        if dest in named:
+            raise ConfigError(f"--config {path} sets {dest} twice (as {name} too); keep one of the two names")
+        named[dest] = (bare[dest] if value is True else None if value is False else value) if dest in bare else value
+    return named
