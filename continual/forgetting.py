@@ -102,9 +102,8 @@ class StreamRecorder:
 def log_forgetting(logger, recorder: StreamRecorder, dataset: ContinualDataset, args: argparse.Namespace,
                    step: int) -> dict:
     """The score file (`forgetting/events.npy`, float32, dataset order) with its sidecar, the raw counts,
-    never-learned flags and presentation counts as artifacts, and their summary as metrics. `step` is the index
-    of the last task trained, counted from 0 as the task loop counts; the metrics go to step + 1, the number of
-    tasks trained, where every task-level metric of that task is."""
+    never-learned flags and presentation counts as artifacts, and their summary as metrics at `step`, the number
+    of tasks trained (where every task-level metric of the last task is)."""
     arrays = {key: value[0] for key, value in recorder.events.arrays().items()}
     values = forgetting_values(arrays["events"], arrays["never_learned"], arrays["presentations"] > 0)
     meta = sidecar(dataset.NAME, len(dataset.train), fingerprint(original_train_labels(dataset)),
@@ -120,5 +119,5 @@ def log_forgetting(logger, recorder: StreamRecorder, dataset: ContinualDataset, 
     logger.log_array(arrays["presentations"], "forgetting/presentations.npy")
     metrics = summary(values, arrays["never_learned"])
     logger.log_metrics({f"forgetting_events/{k}": float(v) for k, v in metrics.items() if np.isfinite(v)},
-                       step=step + 1)
+                       step=step)
     return {"values": values, **arrays, "sidecar": meta}

@@ -259,7 +259,7 @@ def _run(args: argparse.Namespace, logger: RunLogger | RecordingLogger | None, c
         raise fail_run(logger, error, state, checkpoint_path, console) from None
     print(summary_table(state, args))
     if state.forgetting is not None:
-        log_forgetting(logger, state.forgetting, dataset, args, step=state.next_task - 1)
+        log_forgetting(logger, state.forgetting, dataset, args, step=state.next_task)
         print("forgetting events: artifact forgetting/events.npy (and its events.json) of the run; download both "
               "and pass the .npy to --mem_scores", flush=True)
     if not kept:
