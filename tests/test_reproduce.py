@@ -107,3 +107,18 @@ def test_a_run_on_a_score_file_is_tagged_with_the_evaluation_run_that_computed_i
     assert run.data.tags["mem_scores_run_id"] == "0123abcd"
     assert run.data.tags["mem_scores_tracking_uri"] == "sqlite:///elsewhere.db"
     assert run.data.tags["mem_scores_sha256"] == file_digest(tmp_path / "scores.npy")
+
+
+@pytest.mark.parametrize("flags, kept", [(["--savecheck", "task"], ["", "_task1", "_task2"]),
+                                         (["--savecheck", "last"], [""]), (["--savecheck"], [""]), ([], [])],
+                         ids=["task", "last", "bare", "none"])
+def test_savecheck_keeps_a_checkpoint_per_task_or_the_last_one(tmp_path, flags, kept):
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    folder = tmp_path / "c"
+    assert main.main([*ARGV, "--n_tasks", "2", "--tracking_uri", uri, "--checkpoint_dir", str(folder), *flags]) == 0
+    _, run = the_run(uri)
+    assert sorted(p.name for p in folder.glob("*.pt")) == sorted(f"{run.info.run_id}{k}.pt" for k in kept)
+    for suffix in kept:
+        tasks = int(suffix[5:]) if suffix else 2
+        assert torch.load(folder / f"{run.info.run_id}{suffix}.pt", weights_only=True)["next_task"] == tasks
+    assert ("checkpoint" in run.data.tags) == bool(kept)
