@@ -27,9 +27,15 @@ and both sides run with HF_HUB_OFFLINE=1 (ours does not read it). Mammoth's W&B 
 (no --nowand flag any more: it logs only with --wandb_entity/--wandb_project or their env vars,
 which are removed from the children's environment).
 
+With --scripts_help it times instead the `--help` of this repository's four scripts (main.py, main.py --model
+derpp, train_splits.py, eval_splits.py, sweep.py) as fresh processes, in this checkout and in the checkouts named by
+--compare_tree (e.g. an export of an earlier commit), alternating scripts and trees in every round after an untimed
+warm-up round (which also records each checkout's component catalogue); it needs no Mammoth.
+
 A benchmark, not a test: it prints a table and never fails on a slow machine.
 
     .venv/bin/python benchmarks/startup.py --mammoth /work/mammoth --mammoth_python /work/mammoth-venv/bin/python
+    .venv/bin/python benchmarks/startup.py --scripts_help --repeats 7 --compare_tree /tmp/before
 """
 from __future__ import annotations
 
@@ -195,6 +201,33 @@ def table(cases: list[str], ours: Side, mammoth: Side) -> str:
     return "\n".join(lines)
 
 
+HELP_COMMANDS = (["main.py", "--help"], ["main.py", "--model", "derpp", "--help"], ["train_splits.py", "--help"],
+                 ["eval_splits.py", "--help"], ["sweep.py", "--help"])
+
+
+def scripts_help(trees: list[Path], repeats: int, env: dict[str, str]) -> None:
+    """Wall seconds of each script's --help in each checkout: fresh processes, alternating, after a warm-up."""
+    seconds: dict[tuple[str, str], list[float]] = {}
+    print(f"machine: {machine()}; load average (1, 5, 15 min) at the start: {load_average()}", flush=True)
+    for round_ in range(-1, repeats):
+        for tree in (trees if round_ % 2 == 0 else trees[::-1]):
+            for command in HELP_COMMANDS:
+                start = time.perf_counter()
+                done = subprocess.run([sys.executable, *command], cwd=tree, env=env, stdin=subprocess.DEVNULL,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                wall = time.perf_counter() - start
+                if done.returncode != 0 or "usage:" not in done.stdout:
+                    sys.exit(f"{' '.join(command)} in {tree} failed (exit {done.returncode}):\n{done.stdout[-2000:]}")
+                if round_ >= 0:
+                    seconds.setdefault((str(tree), " ".join(command)), []).append(wall)
+    print(f"\n{repeats} rounds, one untimed warm-up round; wall seconds min / median\n")
+    print(f"{'command':<34}" + "".join(f"{str(tree)[-30:]:>32}" for tree in trees))
+    for command in HELP_COMMANDS:
+        name = " ".join(command)
+        print(f"{name:<34}" + "".join(f"{spread(seconds[(str(tree), name)]):>32}" for tree in trees))
+    print(f"\nload average (1, 5, 15 min) at the end: {load_average()}")
+
+
 def version(python: str, cwd: Path, env: dict[str, str]) -> str:
     code = "import sys, torch; print(sys.version.split()[0], 'torch', torch.__version__)"
     return subprocess.run([python, "-c", code], cwd=cwd, env=env, capture_output=True, text=True).stdout.strip()
@@ -213,7 +246,14 @@ def main() -> None:
                         help="--num_workers for Mammoth's run (None: Mammoth's own, min(8, CPUs))")
     parser.add_argument("--omp_num_threads", type=int, default=None,
                         help="OMP_NUM_THREADS for both programs (None: unset)")
+    parser.add_argument("--scripts_help", action="store_true",
+                        help="time the --help of this repository's scripts instead (no Mammoth needed)")
+    parser.add_argument("--compare_tree", type=Path, action="append", default=[],
+                        help="with --scripts_help: another checkout to time alternately with this one (repeatable)")
     cli = parser.parse_args()
+    if cli.scripts_help:
+        scripts_help([REPO, *cli.compare_tree], cli.repeats, {k: v for k, v in ENVIRONMENT.items() if k != "PYTHONPATH"})
+        return
     cases = [c for c in cli.cases.split(",") if c]
     unknown = sorted(set(cases) - set(CASES))
     if unknown:
