@@ -11,8 +11,6 @@ import pytest
 
 from tests.conftest import REPO_ROOT
 
-pytestmark = pytest.mark.slow  # fresh interpreters, and a catalogue recorded once for them
-
 HEAVY = ("torch", "mlflow", "numpy", "scipy", "numba", "timm", "sklearn", "matplotlib")
 PROBE = """
 import contextlib, io, runpy, sys
@@ -37,6 +35,7 @@ def cache(tmp_path_factory) -> dict[str, str]:
     return env
 
 
+@pytest.mark.slow  # a catalogue recorded for fresh interpreters
 @pytest.mark.parametrize("argv", [["main.py", "--help"], ["main.py", "--model", "derpp", "--help"],
                                   ["train_splits.py", "--help"], ["train_splits.py", "--backbone", "vit", "--help"],
                                   ["eval_splits.py", "--help"], ["sweep.py", "--help"]])
@@ -48,6 +47,7 @@ def test_help_imports_no_heavy_package(cache, argv):
     assert lines["HEAVY"].strip() == "", argv
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("argv", [["train_splits.py", "--lr", "0.1", "--out", "s", "--n_modles", "3"],
                                   ["eval_splits.py", "--run_dir", "r", "--out", "s.npy", "--influence_topkk", "3"],
                                   ["sweep.py", "sweeps/random_label_digits.yaml", "--max_paralel", "2"]])
@@ -75,9 +75,14 @@ eval_splits.score_store(None)  # what main() runs once the arguments are good: t
 """
 
 
-def test_eval_splits_sets_openblas_timeout_before_its_engine_loads_numpy():
+@pytest.mark.parametrize("given,expected", [(None, "4"), ("12", "12")])
+def test_eval_splits_sets_openblas_timeout_before_its_engine_loads_numpy(given, expected):
+    """OpenBLAS reads OPENBLAS_THREAD_TIMEOUT once, when numpy loads it: eval_splits.py sets it on import (a value the
+    user gave is kept), and numpy loads only with the engine, after the arguments are parsed."""
     env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_THREAD_TIMEOUT"}
+    if given is not None:
+        env["OPENBLAS_THREAD_TIMEOUT"] = given
     out = subprocess.run([sys.executable, "-c", OPENBLAS_PROBE], cwd=REPO_ROOT, env=env, capture_output=True,
                          text=True, timeout=120)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.split() == ["IMPORTED_WITHOUT_NUMPY", "NUMPY_LOADED_WITH", "4"]
+    assert out.stdout.split() == ["IMPORTED_WITHOUT_NUMPY", "NUMPY_LOADED_WITH", expected]
