@@ -21,7 +21,8 @@ from utils.registry import CommandParser
 
 
 def build_parser() -> CommandParser:
-    parser = CommandParser(prog="sweep.py", description=__doc__.splitlines()[0])
+    parser = CommandParser(prog="sweep.py", description=__doc__.splitlines()[0],
+                           usage="%(prog)s SWEEP.yaml [flags below]")
     parser.add_argument("sweep_file", help="YAML file: base, methods (flags, grid, reuse), selection, seeds")
     parser.add_argument("--tracking_uri", default=None,
                         help="MLflow tracking URI (default: sqlite:///<repo>/mlflow.db); the driver alone writes it")

@@ -168,7 +168,7 @@ class CommandParser(argparse.ArgumentParser):
         return f"unrecognized arguments: {named}; `python {self.prog} --help` lists the flags"
 
 
-def declared_elsewhere(kinds: list[tuple[str, str, str, list]]) -> dict[str, str]:
+def declared_elsewhere(kinds: list[tuple[str, str, str | None, list]]) -> dict[str, str]:
     """For the flags of components a command did not choose: flag → the clause saying which component declares
     it and how to choose it ("belongs to the backbone vit, not to the chosen backbone mlp; choose it with --backbone
     vit"). `kinds` holds (kind, choosing flag, chosen name or None, every component of the kind)."""
