@@ -173,31 +173,3 @@ def test_without_a_writable_cache_mlflow_builds_the_store_itself(tmp_path, monke
     logger = mlflow_logger.RunLogger(f"sqlite:///{tmp_path / 'mlflow.db'}", "exp", run_name="r")
     logger.finish("FINISHED")
     assert (tmp_path / "mlflow.db").stat().st_size > 0
-
-
-OPENBLAS_PROBE = """
-import builtins, os, sys
-real_import = builtins.__import__
-
-def watched(name, *args, **kwargs):
-    if name.split(".")[0] == "numpy" and "numpy" not in sys.modules:
-        print("NUMPY_LOADED_WITH", os.environ.get("OPENBLAS_THREAD_TIMEOUT"))
-        raise SystemExit(0)  # all that matters is known; the rest of the imports would only take time
-    return real_import(name, *args, **kwargs)
-
-builtins.__import__ = watched
-import eval_splits
-"""
-
-
-@pytest.mark.parametrize("given,expected", [(None, "4"), ("12", "12")])
-def test_eval_splits_lets_openblas_threads_sleep_before_numpy_loads(given, expected):
-    """OpenBLAS reads OPENBLAS_THREAD_TIMEOUT once, when numpy loads it: eval_splits.py sets it first (a value the
-    user gave is kept), so that idle BLAS threads do not spin on the cores the numba passes need."""
-    env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_THREAD_TIMEOUT"}
-    if given is not None:
-        env["OPENBLAS_THREAD_TIMEOUT"] = given
-    out = subprocess.run([sys.executable, "-c", OPENBLAS_PROBE], cwd=REPO_ROOT, env=env, capture_output=True,
-                         text=True, timeout=120)
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.split() == ["NUMPY_LOADED_WITH", expected]
