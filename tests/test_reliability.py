@@ -74,43 +74,113 @@ MAIN_CASES = [
 ]
 
 
-@pytest.mark.parametrize("argv, sentence", MAIN_CASES)
-def test_main_py_bad_input(existing, argv, sentence):
-    folder, before = existing
+# The bad inputs of one script run in one interpreter, each through the script's main() as its __main__ calls it
+# (exit status, stderr, and the folder's digest after the case are recorded); the first case of each script also
+# runs as a process of its own, so that the whole path to the exit status is exercised too.
+BATCH = """
+import contextlib, hashlib, io, json, pathlib, sys
+import {script} as script
+
+def digest(folder):
+    h = hashlib.sha256()
+    for path in sorted(p for p in pathlib.Path(folder).rglob("*") if p.is_file()):
+        h.update(str(path).encode() + path.read_bytes())
+    return h.hexdigest()
+
+folder, cases = sys.argv[1], json.loads(sys.argv[2])
+results = []
+for argv in cases:
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = script.main(argv)
+    results.append({{"returncode": code, "stderr": err.getvalue(), "digest": digest(folder)}})
+print("RESULTS " + json.dumps(results))
+"""
+
+
+def digest(folder: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        h.update(str(path).encode() + path.read_bytes())
+    return h.hexdigest()
+
+
+def batch(script: str, folder: Path, cases: list[list[str]]) -> tuple[list[subprocess.CompletedProcess], list[str]]:
+    """Every case of `script` in one interpreter: how each ended, and the folder's digest after each."""
+    import json
+
+    result = subprocess.run([sys.executable, "-c", BATCH.format(script=script), str(folder), json.dumps(cases)],
+                            cwd=REPO_ROOT, capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", **OFFLINE})
+    assert result.returncode == 0, result.stderr[-3000:]
+    line = [line for line in result.stdout.splitlines() if line.startswith("RESULTS ")][-1]
+    ended = json.loads(line[len("RESULTS "):])
+    return ([subprocess.CompletedProcess(case, e["returncode"], "", e["stderr"]) for case, e in zip(cases, ended)],
+            [e["digest"] for e in ended])
+
+
+def main_argv(folder: Path, argv: list[str]) -> list[str]:
     argv = [a.format(dir=folder) for a in argv]
     lr = [] if "--lr" in argv else ["--lr", "0.1"]
-    result = run("main.py", *DIGITS, "--model", "sgd", *lr, *argv, "--tracking_uri",
-                 f"sqlite:///{folder / 'mlflow.db'}", env=OFFLINE)
-    assert_one_sentence(result, sentence)
-    assert snapshot(folder) == before
+    return [*DIGITS, "--model", "sgd", *lr, *argv, "--tracking_uri", f"sqlite:///{folder / 'mlflow.db'}"]
 
 
-@pytest.mark.parametrize("argv, sentence", [
+def splits_argv(folder: Path, argv: list[str]) -> list[str]:
+    return [*SPLITS, *[a.format(dir=folder) for a in argv], "--tracking_uri", f"sqlite:///{folder / 'mlflow.db'}"]
+
+
+SPLITS_CASES = [
     (["--out", "{dir}/broken_store"], "are damaged; the model files are kept"),
     (["--out", "{dir}/store", "--optim_mom", "-1"], "--optim_mom must be a finite number ≥ 0"),
     (["--out", "{dir}/store", "--lr", "nan"], "--lr must be a positive number, got nan"),
     (["--out", "{dir}/store", "--n_models", "3"], "already holds another subset-training plan"),
-])
-def test_train_splits_py_bad_input(existing, argv, sentence):
-    folder, before = existing
-    result = run("train_splits.py", *SPLITS, *[a.format(dir=folder) for a in argv],
-                 "--tracking_uri", f"sqlite:///{folder / 'mlflow.db'}")
-    assert_one_sentence(result, sentence)
-    assert snapshot(folder) == before
-
-
-@pytest.mark.parametrize("argv, sentence", [
+]
+EVAL_CASES = [
     (["--run_dir", "{dir}/broken_store"], "are damaged; the model files are kept"),
     (["--run_dir", "{dir}/store", "--tracking_uri", "http://127.0.0.1:9"], "is unreachable"),
     (["--run_dir", "{dir}/nothing"], "holds neither a train_splits.py store"),
-])
-def test_eval_splits_py_bad_input(existing, tmp_path, argv, sentence):
-    folder, before = existing
+]
+
+
+def eval_argv(folder: Path, argv: list[str]) -> list[str]:
     argv = [a.format(dir=folder) for a in argv]
     uri = [] if "--tracking_uri" in argv else ["--tracking_uri", f"sqlite:///{folder / 'mlflow.db'}"]
-    result = run("eval_splits.py", *argv, "--out", str(tmp_path / "scores.npy"), *uri)
-    assert_one_sentence(result, sentence)
-    assert snapshot(folder) == before and not (tmp_path / "scores.npy").exists()
+    return [*argv, "--out", str(folder / "eval_out" / "scores.npy"), *uri]  # inside: writing it changes the digest
+
+
+@pytest.fixture(scope="module")
+def batches(existing):
+    folder, _ = existing
+    before = digest(folder)
+    ran = {}
+    for script, cases, make in (("main", MAIN_CASES, main_argv), ("train_splits", SPLITS_CASES, splits_argv),
+                                ("eval_splits", EVAL_CASES, eval_argv)):
+        ran[script] = batch(script, folder, [make(folder, argv) for argv, _ in cases])
+    return before, ran
+
+
+@pytest.mark.parametrize("script, cases, make", [("main", MAIN_CASES, main_argv),
+                                                 ("train_splits", SPLITS_CASES, splits_argv),
+                                                 ("eval_splits", EVAL_CASES, eval_argv)],
+                         ids=["main.py", "train_splits.py", "eval_splits.py"])
+def test_bad_input_ends_a_real_process_with_one_sentence(existing, script, cases, make):
+    folder, before = existing
+    argv, sentence = cases[0]
+    assert_one_sentence(run(f"{script}.py", *make(folder, argv), env=OFFLINE), sentence)
+    assert snapshot(folder) == before
+
+
+@pytest.mark.parametrize("script, index", [("main", i) for i in range(len(MAIN_CASES))]
+                         + [("train_splits", i) for i in range(len(SPLITS_CASES))]
+                         + [("eval_splits", i) for i in range(len(EVAL_CASES))])
+def test_bad_input_ends_with_one_sentence_and_touches_nothing(batches, script, index):
+    before, ran = batches
+    cases = {"main": MAIN_CASES, "train_splits": SPLITS_CASES, "eval_splits": EVAL_CASES}[script]
+    results, digests = ran[script]
+    assert_one_sentence(results[index], cases[index][1])
+    assert digests[index] == before  # nothing written before was touched, and nothing was added
 
 
 def test_a_stray_file_in_the_models_folder_is_ignored(existing, tmp_path):
