@@ -240,8 +240,11 @@ def test_two_runs_started_at_once_on_a_new_store_both_land(tmp_path):
 def start_and_stop(command: list[str], ready, cwd=REPO_ROOT, stop=signal.SIGTERM) -> subprocess.CompletedProcess:
     """Start a process, send `stop` (SIGTERM, or SIGINT as Ctrl-C does) once `ready()` holds, and return how it
     ended."""
+    # A shell starts background commands with SIGINT ignored, and a process keeps what it inherits (as it
+    # should: Ctrl-C in a terminal is not meant for background jobs); this process is a foreground one.
     process = subprocess.Popen(command, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                               env={**os.environ, "OMP_NUM_THREADS": "1"})
+                               env={**os.environ, "OMP_NUM_THREADS": "1"},
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 240
     while not ready() and time.time() < deadline and process.poll() is None:
         time.sleep(0.05)
