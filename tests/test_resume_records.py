@@ -88,3 +88,16 @@ def test_a_well_formed_checkpoint_with_inconsistent_fields_is_refused_in_one_sen
     client = MlflowClient(uri)
     (run,) = client.search_runs([client.get_experiment_by_name("continual-learning").experiment_id])
     assert run.info.status == "FINISHED"  # the refused resume reopened nothing
+
+
+def test_a_checkpoint_of_the_previous_format_is_refused_in_one_sentence(tmp_path, capsys):
+    """Its history holds the previous metric names and 0-based task steps, which would mix into the resumed run."""
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    argv = [*ARGS, "--tracking_uri", uri, "--savecheck", "--checkpoint_dir", str(tmp_path / "c")]
+    assert main.main(argv) == 0
+    (checkpoint,) = (tmp_path / "c").glob("*.pt")
+    payload = torch.load(checkpoint, weights_only=True)
+    torch.save({**payload, "format": 3}, checkpoint)
+    capsys.readouterr()
+    assert main.main([*argv, "--resume", str(checkpoint)]) == 2
+    assert "is not a checkpoint of this framework (format 3)" in error_line(capsys.readouterr().err)

@@ -10,7 +10,7 @@ import torch
 
 from utils.errors import ConfigError
 
-FORMAT_VERSION = 3  # 3: the model's whole state (utils/state.py)
+FORMAT_VERSION = 4  # 3: the model's whole state (utils/state.py); 4: metric names in sections, tasks from 1
 
 
 def rng_state() -> dict:
