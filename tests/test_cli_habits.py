@@ -4,8 +4,6 @@ component the command did not choose names that component and how to choose it; 
 components first, and every flag of the four scripts has a help line."""
 from __future__ import annotations
 
-import argparse
-
 import numpy as np
 import pytest
 import torch
