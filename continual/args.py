@@ -12,10 +12,10 @@ from pathlib import Path
 import yaml
 
 from continual.catalogue import family
-from utils.config_files import as_argv, load_config
+from utils.config_files import as_argv, config_names, load_config
 from utils.errors import ConfigError
 from utils.optimizers import OPTIMIZERS
-from utils.registry import (CommandParser, add_switch, check_bounds, config_names, declared_elsewhere, flags_of,
+from utils.registry import (CommandParser, add_switch, check_bounds, declared_elsewhere, flags_of,
                             method_names)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

@@ -108,8 +108,8 @@ def log_new_run(logger: RunLogger, args: argparse.Namespace, dataset) -> None:
         logger.set_tags({"command_line": current_command()})
     if args.mem_scores:  # the score file's digest, and the eval_splits.py run that computed it
         logger.set_tags(score_source_tags(args.mem_scores))
-    source = "scikit-learn's bundled digits" if dataset.EMBEDDED else str(Path(args.data_path).resolve())
-    logger.log_dataset(dataset.NAME, fingerprint(dataset.class_order[dataset.train.labels.cpu().numpy()]), source)
+    logger.log_dataset(dataset.NAME, fingerprint(dataset.class_order[dataset.train.labels.cpu().numpy()]),
+                       dataset.source(args.data_path))
     derived = {"class_order": dataset.class_order.tolist(), "n_tasks": dataset.n_tasks,
                "classes_per_task": dataset.classes_per_task, "n_train": len(dataset.train),
                "n_test": len(dataset.test), "n_relabeled": int(dataset.noisy_mask.sum())}

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -73,6 +74,11 @@ class ContinualDataset:
 
     def load(self, data_path: str, download: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         raise NotImplementedError
+
+    @classmethod
+    def source(cls, data_path: str) -> str:
+        """Where the data were read from, as a run's dataset input names it."""
+        return "scikit-learn's bundled digits" if cls.EMBEDDED else str(Path(data_path).resolve())
 
     def __init__(self, args: argparse.Namespace):
         self.args = args

@@ -12,11 +12,11 @@ import math
 import sys
 from typing import Callable
 
-from utils.config_files import as_argv, load_config
+from utils.config_files import as_argv, config_names, load_config
 from utils.errors import ConfigError
 from utils.launchers import add_launcher_args
 from utils.optimizers import SCHEDULES
-from utils.registry import CommandParser, add_switch, config_names, declared_elsewhere, flags_of
+from utils.registry import CommandParser, add_switch, declared_elsewhere, flags_of
 
 # The first line of train_splits.py's docstring, shown by --help.
 DESCRIPTION = "Train many models on random subsets of a dataset: the data of the held-out memorization estimator."

@@ -173,9 +173,8 @@ def split_run_name(settings: dict) -> str:
 def log_plan_dataset(logger: RunLogger, settings: dict, data_path: str, context: str) -> None:
     """The plan's dataset as the run's MLflow dataset input, identified by its label fingerprint (the digest a score
     file's sidecar and main.py's runs of the same labels carry)."""
-    source = "scikit-learn's bundled digits" if DATASETS.get(settings["dataset"]).EMBEDDED \
-        else str(Path(data_path).resolve())
-    logger.log_dataset(settings["dataset"], settings["label_fingerprint"], source, context)
+    logger.log_dataset(settings["dataset"], settings["label_fingerprint"],
+                       DATASETS.get(settings["dataset"]).source(data_path), context)
 
 
 def open_mlflow_run(store: SubsetStore, plan: Plan, args: argparse.Namespace, claims: Claims) -> RunLogger | None:

@@ -39,10 +39,6 @@ def as_argv(config: dict, parser: argparse.ArgumentParser, path: str) -> list[st
         if action is None or value is None:
             continue  # unknown names are refused by the caller, which knows the components chosen
         option = action.option_strings[-1]
-        if action.nargs == "?" and isinstance(value, bool):  # a flag with an optional value, on or off
-            if value:
-                tokens.append(option)
-            continue
         if action.nargs == 0:  # an on/off flag
             if not isinstance(value, bool):
                 raise ConfigError(f"--config {path} sets {name}: {value!r}, but {option} is on or off; write true "
@@ -60,3 +56,18 @@ def as_argv(config: dict, parser: argparse.ArgumentParser, path: str) -> list[st
         else:
             tokens.append(f"{option}={value}")
     return tokens
+
+
+def config_names(config: dict, parser: argparse.ArgumentParser, path: str) -> dict:
+    """A --config file's flags as the parser's destinations: another name of a flag (loadcheck, base_path) is its
+    destination (resume, data_path), and true/false for a flag whose value is optional (--savecheck [task|last],
+    --non_verbose [0|1]) is the flag given bare / left at its default."""
+    dests = {option.lstrip("-"): action.dest for action in parser._actions for option in action.option_strings}
+    bare = {a.dest: "1" if a.const is True else a.const for a in parser._actions if a.option_strings and a.nargs == "?"}
+    named: dict = {}
+    for name, value in config.items():
+        dest = dests.get(name, name)
+        if dest in named:
+            raise ConfigError(f"--config {path} sets {dest} twice (as {name} too); keep one of the two names")
+        named[dest] = (bare[dest] if value is True else None if value is False else value) if dest in bare else value
+    return named

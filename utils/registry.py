@@ -202,18 +202,3 @@ def on_off(text: str) -> bool:
 def add_switch(group, *names: str, help: str) -> None:
     """An on/off flag that also takes Mammoth's explicit value: bare or 1 is on, 0 is off, absent is off."""
     group.add_argument(*names, nargs="?", const=True, default=False, type=on_off, metavar="0|1", help=help)
-
-
-def config_names(config: dict, parser: argparse.ArgumentParser, path: str) -> dict:
-    """A --config file's flags as the parser's destinations: another name of a flag (loadcheck, base_path) is its
-    destination (resume, data_path), and true/false for a flag whose value is optional (--savecheck [task|last],
-    --non_verbose [0|1]) is the flag given bare / left at its default."""
-    dests = {option.lstrip("-"): action.dest for action in parser._actions for option in action.option_strings}
-    bare = {a.dest: "1" if a.const is True else a.const for a in parser._actions if a.option_strings and a.nargs == "?"}
-    named: dict = {}
-    for name, value in config.items():
-        dest = dests.get(name, name)
-        if dest in named:
-            raise ConfigError(f"--config {path} sets {dest} twice (as {name} too); keep one of the two names")
-        named[dest] = (bare[dest] if value is True else None if value is False else value) if dest in bare else value
-    return named
