@@ -74,6 +74,21 @@ def set_seed(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def build(args: argparse.Namespace, data_seed: int | None = None, keep: np.ndarray | None = None):
+    """A run's dataset, backbone and model, after seeding every generator with --seed. A learner of a stream plan
+    (memorization/stream.py) builds its own the same way, with the plan's seed for the data (label noise and class
+    order are the plan's, the same for every learner) and `keep`, the training examples it trains on."""
+    set_seed(args.seed)
+    dataset = DATASETS.get(args.dataset)(args if data_seed is None else argparse.Namespace(**{**vars(args),
+                                                                                                "seed": data_seed}))
+    if keep is not None:
+        dataset.keep_training_examples(keep)
+    if args.mem_scores:
+        dataset.mem_scores = load_scores(args.mem_scores, dataset)
+    backbone = BACKBONES.get(args.backbone)(args, dataset.SHAPE, dataset.N_CLASSES).to(args.device)
+    return dataset, backbone, MODELS.get(args.model)(backbone, dataset, args)
+
+
 def run_name(args: argparse.Namespace) -> str:
     """What a run is, readable in the MLflow run list: er-seq-digits-buf200-redo-s5."""
     parts = [args.model, args.dataset]
@@ -159,12 +174,7 @@ def _run(args: argparse.Namespace, logger: RunLogger | RecordingLogger | None, c
         args.tracking_uri = args.tracking_uri or default_tracking_uri()
         check_reachable(args.tracking_uri)  # before any work, so a dead server costs nothing
 
-    set_seed(args.seed)
-    dataset = DATASETS.get(args.dataset)(args)
-    if args.mem_scores:
-        dataset.mem_scores = load_scores(args.mem_scores, dataset)
-    backbone = BACKBONES.get(args.backbone)(args, dataset.SHAPE, dataset.N_CLASSES).to(args.device)
-    model = MODELS.get(args.model)(backbone, dataset, args)
+    dataset, backbone, model = build(args)
     args.num_threads, threads_reason = choose_threads(args.num_threads, 0.0 if args.num_threads else step_flops(
         backbone, dataset.SHAPE, args.batch_size, args.device))
     torch.set_num_threads(args.num_threads)

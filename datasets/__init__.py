@@ -62,6 +62,7 @@ class ContinualDataset:
     LONG_STREAM: bool = False
     EMBEDDED: bool = False  # read from a package (scikit-learn's digits), not from files under --data_path
     mem_scores: np.ndarray | None = None  # per training example (dataset order), set from --mem_scores
+    training_subset: torch.Tensor | None = None  # bool [N_train]: the examples trained on (keep_training_examples)
 
     @staticmethod
     def add_args(parser: argparse._ArgumentGroup) -> None:
@@ -121,7 +122,29 @@ class ContinualDataset:
         return self.N_CLASSES if self.SETTING == "domain-il" else (task + 1) * self.classes_per_task
 
     def train_split(self, task: int) -> Split:
-        return self._task_split(self.train, task)
+        return self._kept(self._task_split(self.train, task))
+
+    def _kept(self, split: Split) -> Split:
+        """A training split without the examples keep_training_examples left out (a dataset that overrides
+        train_split passes its split through this too)."""
+        if self.training_subset is None:
+            return split
+        keep = self.training_subset[split.indices]
+        return Split(split.images[keep], split.labels[keep], split.indices[keep])
+
+    def keep_training_examples(self, mask: np.ndarray) -> None:
+        """Train on the masked examples only (bool [N_train], dataset order): every task's training split then
+        holds its masked examples, while `self.train`, the test splits and every dataset index stay whole (a
+        learner of a stream plan, memorization/stream.py)."""
+        mask = np.asarray(mask, dtype=bool)
+        if mask.shape != (len(self.train),):
+            raise ValueError(f"a training mask of shape {mask.shape} for {len(self.train)} training examples")
+        self.training_subset = torch.from_numpy(mask).to(self.device)
+
+    def known_answer(self) -> dict[str, np.ndarray] | None:
+        """For a dataset built with a known memorization answer (datasets/longtail.py), the per-example truth in
+        dataset order ("singleton" bool [N_train], ...); None for real data."""
+        return None
 
     def test_split(self, task: int) -> Split:
         return self._task_split(self.test, task)

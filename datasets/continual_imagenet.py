@@ -168,7 +168,7 @@ class ContinualImageNet(ContinualDataset):
         return train_x, first_label[self.train_classes], test_x, first_label[self.test_classes]
 
     def train_split(self, task: int) -> Split:
-        return self._pair_split(self.train, self._train_classes, self._flipped, task)
+        return self._kept(self._pair_split(self.train, self._train_classes, self._flipped, task))
 
     def test_split(self, task: int) -> Split:
         return self._pair_split(self.test, self._test_classes, None, task)

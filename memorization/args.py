@@ -41,9 +41,14 @@ def build_parser(family: Callable, backbone=None) -> CommandParser:
                       help="fraction of training images replaced by uniform noise (seeded), input_noise_mask.npy")
     plan = parser.add_argument_group("plan")
     plan.add_argument("--out", required=True, help="the run store folder")
-    plan.add_argument("--plan_kind", choices=("subsets", "loo"), default="subsets",
+    plan.add_argument("--plan_kind", choices=("subsets", "loo", "stream"), default="subsets",
                       help="subsets: models on random subsets (the held-out estimator); loo: leave-one-out, per "
-                           "seed one model on every example and one without each of --loo_examples")
+                           "seed one model on every example and one without each of --loo_examples; stream: "
+                           "learners that each run --cl_model's whole continual protocol on a subset of every "
+                           "task, predictions stored after every task")
+    plan.add_argument("--cl_model", default=None, metavar="NAME",
+                      help="stream plans: the continual-learning method of every learner (a main.py --model); "
+                           "every flag train_splits.py does not have is main.py's, e.g. --buffer_size 200")
     plan.add_argument("--n_models", type=int, default=100, help="models per subset ratio")
     plan.add_argument("--subset_ratio", default="0.7", help="fraction of the training set per model; several "
                                                             "comma-separated ratios for consistency scores")
@@ -115,7 +120,10 @@ def parse_args(argv: list[str] | None, family: Callable) -> argparse.Namespace:
     pre.add_argument("--config", default=None)
     pre.add_argument("--dataset", default=None)
     pre.add_argument("--backbone", default=None)
+    pre.add_argument("--plan_kind", default=None)
     known, _ = pre.parse_known_args(argv)
+    if known.plan_kind == "stream":
+        return _stream_args(argv, family)
     config = load_config(known.config) if known.config else {}
     if known.dataset and config.get("dataset", known.dataset) != known.dataset:
         raise ConfigError(f"--config {known.config} is a recipe for {config['dataset']}, not {known.dataset}; pass "
@@ -165,6 +173,28 @@ def parse_args(argv: list[str] | None, family: Callable) -> argparse.Namespace:
 SUBSET_FLAGS = ("n_models", "subset_ratio", "split_sampling")
 
 
+def _stream_args(argv: list[str], family: Callable) -> argparse.Namespace:
+    """A stream plan's arguments: train_splits.py's plan and running flags, main.py's for the learners."""
+    from memorization.stream_args import parse_stream_args
+
+    args = parse_stream_args(argv, build_parser(family))
+    args.ratios = _ratios(args.subset_ratio)
+    checks = [(args.n_models >= 2, f"--n_models must be at least 2 (some learners with each example, some without), "
+                                   f"got {args.n_models}"),
+              (args.cpu_threads >= 1, f"--cpu_threads must be at least 1, got {args.cpu_threads}"),
+              (args.claim_timeout > 0, f"--claim_timeout must be positive, got {args.claim_timeout}"),
+              (0 <= args.seed < 2**32, f"--seed must be in [0, 4294967295], got {args.seed}")]
+    for ok, sentence in checks:
+        if not ok:
+            raise ConfigError(sentence)
+    args.chunk_index, args.chunk_count = _chunk(args.chunk)
+    args.classes, args.input_noise, args.ensemble = None, 0.0, 1
+    import torch
+
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return args
+
+
 def _check_plan_kind(args: argparse.Namespace, argv: list[str], config: dict) -> None:
     """A loo plan needs its examples; the flags of the other kind are refused rather than silently ignored."""
     given = {a.split("=")[0].lstrip("-") for a in argv if a.startswith("--")} | set(config)
@@ -178,7 +208,9 @@ def _check_plan_kind(args: argparse.Namespace, argv: list[str], config: dict) ->
         clash = [f for f in SUBSET_FLAGS if f in given]
         if clash:
             raise ConfigError(f"--{clash[0]} sets subset plans and has no meaning with --plan_kind loo; drop it")
-    elif given & {"loo_examples", "loo_seeds"}:
+    if "cl_model" in given:
+        raise ConfigError("--cl_model sets the learners of stream plans; add --plan_kind stream or drop it")
+    if given & {"loo_examples", "loo_seeds"} and args.plan_kind != "loo":
         raise ConfigError("--loo_examples and --loo_seeds set leave-one-out plans; add --plan_kind loo or drop them")
 
 

@@ -27,6 +27,7 @@ from memorization.plan import (
     stratified_masks,
 )
 from memorization.store import SubsetStore
+from memorization.stream import make_stream_plan, stream_run_name
 from memorization.training import (
     RECIPE_DEFAULTS,
     class_rows,
@@ -93,6 +94,8 @@ def loo_example_indices(spec: str, train_indices: np.ndarray, n_total: int, args
 
 def make_plan(args: argparse.Namespace) -> Plan:
     """Everything that determines the stored predictions, derived deterministically from the arguments."""
+    if args.plan_kind == "stream":
+        return make_stream_plan(args)
     dataset = DATASETS.get(args.dataset)(dataset_args(vars(args), args.data_path, "cpu",
                                                       args.download))
     if args.classes is not None and args.classes[1] > dataset.N_CLASSES:
@@ -156,7 +159,9 @@ def groups_to_train(plan: Plan, finished: list[int], args: argparse.Namespace) -
 def split_run_name(settings: dict) -> str:
     """What a split-training run is, readable in the MLflow run list: splits-seq-digits-mlp-16x0.5-s0 (16 models
     per subset ratio 0.5, plan seed 0), loo-seq-digits-mlp-300ex-4seeds-s0 for leave-one-out plans, with the class
-    range and the label noise when the plan has them."""
+    range and the label noise when the plan has them; stream-seq-digits-er-mlp-16x0.5-s0 for stream plans."""
+    if settings.get("kind") == "stream":
+        return stream_run_name(settings)
     parts = ["loo" if settings.get("kind") == "loo" else "splits", settings["dataset"]]
     if settings["classes"] is not None:
         parts.append("classes{}-{}".format(*settings["classes"]))
@@ -205,7 +210,9 @@ def open_mlflow_run(store: SubsetStore, plan: Plan, args: argparse.Namespace, cl
         break
     else:
         logger = RunLogger(tracking_uri, args.experiment_name, args.run_name or split_run_name(plan.settings))
-        logger.log_params({k: v for k, v in plan.settings.items() if k not in ("training", "grouping", "loo_examples")}
+        logger.log_params({k: v for k, v in plan.settings.items()
+                           if k not in ("training", "grouping", "loo_examples", "continual", "continual_argv")}
+                          | {f"learner/{k}": v for k, v in plan.settings.get("continual", {}).items()}
                           | ({"n_loo_examples": len(plan.settings["loo_examples"])} if "loo_examples" in plan.settings
                              else {})
                           | plan.settings["training"] | plan.settings.get("grouping", {})
@@ -243,7 +250,7 @@ def run_plan(args: argparse.Namespace) -> dict:
     # A store with nothing left to train gets no new MLflow run: a rerun of a finished store adds none.
     logger = open_mlflow_run(store, plan, args, claims) if n_todo else None
     index = {group[0]: i for i, group in enumerate(plan.groups)}
-    n_epochs = plan.settings["training"]["n_epochs"]
+    n_epochs = plan.progress_units
     started, done, stored, running, elsewhere = time.perf_counter(), 0, set(finished), {}, []
 
     def jobs():
@@ -257,7 +264,7 @@ def run_plan(args: argparse.Namespace) -> dict:
             running[group[0]] = group
             yield (str(store.folder), group, args.data_path, args.device)
 
-    bar = tqdm(total=n_todo * n_epochs, unit="model-epoch", disable=args.non_verbose, dynamic_ncols=True)
+    bar = tqdm(total=n_todo * n_epochs, unit="model-task" if plan.kind == "stream" else "model-epoch", disable=args.non_verbose, dynamic_ncols=True)
 
     def show_progress():
         bar.n = done * n_epochs + sum(store.read_progress(first) * len(g) for first, g in running.items())

@@ -101,6 +101,12 @@ def score_store(args: argparse.Namespace) -> dict:
             result, summary, sidecar, files, report = score_loo_store(args, store, plan)
             log_to_mlflow(args, result["scores"], plan, summary, sidecar, files, report, started)
             return result
+        if plan.kind == "stream":
+            from memorization.stream_eval import score_stream_store
+
+            result, summary, sidecar, files, report = score_stream_store(args, store, plan)
+            log_to_mlflow(args, result["scores"], plan, summary, sidecar, files, report, started, result["series"])
+            return result
         data = load_store(store, plan, args)
     elif find_released_runs(run_dir):
         data = load_released(run_dir, args)
@@ -209,9 +215,10 @@ def evaluation_run_name(args: argparse.Namespace) -> str:
 
 
 def log_to_mlflow(args: argparse.Namespace, scores: np.ndarray, plan, summary: dict, sidecar: dict,
-                  files: list[Path], report: list[Path], started: float) -> None:
+                  files: list[Path], report: list[Path], started: float, series: dict | None = None) -> None:
     """The evaluation's MLflow run, from `started` to now; its id and store are added to the score file's sidecar
-    before the sidecar is logged, so a run that uses the scores can name the run that computed them."""
+    before the sidecar is logged, so a run that uses the scores can name the run that computed them. `series`
+    (a stream plan's) are values per task boundary, logged at steps 1..T."""
     tracking_uri = args.tracking_uri or default_tracking_uri()
     logger = RunLogger(tracking_uri, args.experiment_name, args.run_name or evaluation_run_name(args),
                        start_time=started)
@@ -222,6 +229,8 @@ def log_to_mlflow(args: argparse.Namespace, scores: np.ndarray, plan, summary: d
         if plan is not None:  # released aux_arrays runs do not name their dataset
             log_plan_dataset(logger, plan.settings, args.data_path, "evaluation")
         logger.log_metrics({k: float(v) for k, v in summary.items()}, step=0)
+        for key, values in (series or {}).items():
+            logger.log_series(key, values, first_step=1)
         for path in files:
             logger.log_artifact(str(path))
         for path in report:

@@ -68,6 +68,24 @@ class Plan:
         return len(self.model_seed)
 
     @property
+    def kind(self) -> str:
+        """subsets, loo or stream."""
+        return self.settings.get("kind", "subsets")
+
+    @property
+    def record_points(self) -> list[int]:
+        """When each model's predictions are stored: the recorded epochs (1-based), or for a stream plan the end of
+        every task (1..T)."""
+        if self.kind == "stream":
+            return list(range(1, self.settings["n_tasks"] + 1))
+        return list(self.settings["training"]["record_epochs"])
+
+    @property
+    def progress_units(self) -> int:
+        """What a model's training reports its progress in: epochs, or for a stream plan tasks."""
+        return self.settings["n_tasks"] if self.kind == "stream" else self.settings["training"]["n_epochs"]
+
+    @property
     def groups(self) -> list[list[int]]:
         """The plan's groups of models trained together (one ensemble each, the unit of work): consecutive
         models of one subset ratio, `group_size` at a time. A model's results depend on its group's size

@@ -175,7 +175,7 @@ class SubsetStore:
             raise CorruptModelFile(f"{path.name} cannot be read ({type(error).__name__})") from None
         missing = [k for k in MODEL_KEYS if k not in arrays]
         n_train, n_test = plan.inclusion_mask.shape[1], plan.settings["n_test"]
-        n_epochs = len(plan.settings["training"]["record_epochs"])
+        n_epochs = len(plan.record_points)
         if missing:
             raise CorruptModelFile(f"{path.name} lacks {', '.join(missing)}")
         if str(arrays["plan_hash"]) != plan.hash or int(arrays["model_id"]) != model_id:

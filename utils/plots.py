@@ -12,14 +12,21 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 def accuracy_heatmap(matrix: np.ndarray, title: str):
     """R[t][i] as a heatmap with the numbers written in, blank where not measured; tasks counted from 1 on both
     axes (matrix row t is task t + 1)."""
+    return task_heatmap(matrix, title, "accuracy (%)", 0, 100, "{:.0f}", "evaluated task i")
+
+
+def task_heatmap(matrix: np.ndarray, title: str, value_label: str, vmin: float, vmax: float, fmt: str,
+                 xlabel: str):
+    """A [T, T] matrix of a value per (boundary t, task i) as a heatmap with the values written in (`fmt`), blank
+    where NaN; tasks counted from 1 on both axes (matrix row t is task t + 1)."""
     n = matrix.shape[0]
     size = min(0.6 * n + 2, 16)
     figure, axes = plt.subplots(figsize=(size, size * 0.85))
     # Cell (t, i) is drawn centred on (i + 1, t + 1), so any ticks matplotlib chooses read as task numbers.
-    image = axes.imshow(np.ma.masked_invalid(matrix), vmin=0, vmax=100, cmap="viridis",
+    image = axes.imshow(np.ma.masked_invalid(matrix), vmin=vmin, vmax=vmax, cmap="viridis",
                         extent=(0.5, n + 0.5, n + 0.5, 0.5))
-    figure.colorbar(image, ax=axes, label="accuracy (%)")
-    axes.set_xlabel("evaluated task i")
+    figure.colorbar(image, ax=axes, label=value_label)
+    axes.set_xlabel(xlabel)
     axes.set_ylabel("after training task t")
     axes.set_title(title)
     if n <= 20:
@@ -28,8 +35,9 @@ def accuracy_heatmap(matrix: np.ndarray, title: str):
         for t in range(n):
             for i in range(n):
                 if not np.isnan(matrix[t, i]):
-                    axes.text(i + 1, t + 1, f"{matrix[t, i]:.0f}", ha="center", va="center", fontsize=8,
-                              color="white" if matrix[t, i] < 60 else "black")
+                    light = (matrix[t, i] - vmin) < 0.6 * (vmax - vmin)
+                    axes.text(i + 1, t + 1, fmt.format(matrix[t, i]), ha="center", va="center", fontsize=8,
+                              color="white" if light else "black")
     else:
         axes.xaxis.set_major_locator(MaxNLocator(integer=True))
         axes.yaxis.set_major_locator(MaxNLocator(integer=True))
