@@ -120,10 +120,7 @@ def parse_args(argv: list[str] | None, family: Callable) -> argparse.Namespace:
     pre.add_argument("--config", default=None)
     pre.add_argument("--dataset", default=None)
     pre.add_argument("--backbone", default=None)
-    pre.add_argument("--plan_kind", default=None)
     known, _ = pre.parse_known_args(argv)
-    if known.plan_kind == "stream":
-        return _stream_args(argv, family)
     config = load_config(known.config) if known.config else {}
     if known.dataset and config.get("dataset", known.dataset) != known.dataset:
         raise ConfigError(f"--config {known.config} is a recipe for {config['dataset']}, not {known.dataset}; pass "
@@ -138,7 +135,7 @@ def parse_args(argv: list[str] | None, family: Callable) -> argparse.Namespace:
                           f"fix the names (see python train_splits.py --help)")
     args = parser.parse_args([*(as_argv(config, parser, known.config) if config else []), *argv])
     args.backbone = backbone_name
-    args.ratios = _ratios(args.subset_ratio)
+    args.ratios = parse_ratios(args.subset_ratio)
     args.classes = _classes(args.classes)
     args.record_epochs = sorted({int(e) for e in args.record_epochs.split(",") if e} | {args.n_epochs})
     if args.lr is None:
@@ -162,7 +159,7 @@ def parse_args(argv: list[str] | None, family: Callable) -> argparse.Namespace:
         if not ok:
             raise ConfigError(sentence)
     _check_plan_kind(args, argv, config)
-    args.chunk_index, args.chunk_count = _chunk(args.chunk)
+    args.chunk_index, args.chunk_count = parse_chunk(args.chunk)
     args.lr_milestones = _milestones(args.lr_milestones)
     import torch  # only once the arguments are good: --help and a refused flag cost no torch import
 
@@ -171,28 +168,6 @@ def parse_args(argv: list[str] | None, family: Callable) -> argparse.Namespace:
 
 
 SUBSET_FLAGS = ("n_models", "subset_ratio", "split_sampling")
-
-
-def _stream_args(argv: list[str], family: Callable) -> argparse.Namespace:
-    """A stream plan's arguments: train_splits.py's plan and running flags, main.py's for the learners."""
-    from memorization.stream_args import parse_stream_args
-
-    args = parse_stream_args(argv, build_parser(family))
-    args.ratios = _ratios(args.subset_ratio)
-    checks = [(args.n_models >= 2, f"--n_models must be at least 2 (some learners with each example, some without), "
-                                   f"got {args.n_models}"),
-              (args.cpu_threads >= 1, f"--cpu_threads must be at least 1, got {args.cpu_threads}"),
-              (args.claim_timeout > 0, f"--claim_timeout must be positive, got {args.claim_timeout}"),
-              (0 <= args.seed < 2**32, f"--seed must be in [0, 4294967295], got {args.seed}")]
-    for ok, sentence in checks:
-        if not ok:
-            raise ConfigError(sentence)
-    args.chunk_index, args.chunk_count = _chunk(args.chunk)
-    args.classes, args.input_noise, args.ensemble = None, 0.0, 1
-    import torch
-
-    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    return args
 
 
 def _check_plan_kind(args: argparse.Namespace, argv: list[str], config: dict) -> None:
@@ -208,6 +183,8 @@ def _check_plan_kind(args: argparse.Namespace, argv: list[str], config: dict) ->
         clash = [f for f in SUBSET_FLAGS if f in given]
         if clash:
             raise ConfigError(f"--{clash[0]} sets subset plans and has no meaning with --plan_kind loo; drop it")
+    if args.plan_kind == "stream":
+        raise ConfigError("stream plans are parsed by train_splits.py (continual/stream_args.py); run train_splits.py")
     if "cl_model" in given:
         raise ConfigError("--cl_model sets the learners of stream plans; add --plan_kind stream or drop it")
     if given & {"loo_examples", "loo_seeds"} and args.plan_kind != "loo":
@@ -224,7 +201,7 @@ def _milestones(text) -> list[float]:
     return milestones
 
 
-def _ratios(text: str) -> list[float]:
+def parse_ratios(text: str) -> list[float]:
     try:
         ratios = [float(r) for r in text.split(",")]
     except ValueError:
@@ -247,7 +224,7 @@ def _classes(text: str | None) -> list[int] | None:
     return [a, b]
 
 
-def _chunk(text: str | None) -> tuple[int, int]:
+def parse_chunk(text: str | None) -> tuple[int, int]:
     if text is None:
         return 0, 1
     try:

@@ -27,7 +27,6 @@ from memorization.plan import (
     stratified_masks,
 )
 from memorization.store import SubsetStore
-from memorization.stream import make_stream_plan, stream_run_name
 from memorization.training import (
     RECIPE_DEFAULTS,
     class_rows,
@@ -95,7 +94,7 @@ def loo_example_indices(spec: str, train_indices: np.ndarray, n_total: int, args
 def make_plan(args: argparse.Namespace) -> Plan:
     """Everything that determines the stored predictions, derived deterministically from the arguments."""
     if args.plan_kind == "stream":
-        return make_stream_plan(args)
+        raise ValueError("a stream plan is made by continual.stream_plan.make_stream_plan (train_splits.py's run_plan)")
     dataset = DATASETS.get(args.dataset)(dataset_args(vars(args), args.data_path, "cpu",
                                                       args.download))
     if args.classes is not None and args.classes[1] > dataset.N_CLASSES:
@@ -161,7 +160,10 @@ def split_run_name(settings: dict) -> str:
     per subset ratio 0.5, plan seed 0), loo-seq-digits-mlp-300ex-4seeds-s0 for leave-one-out plans, with the class
     range and the label noise when the plan has them; stream-seq-digits-er-mlp-16x0.5-s0 for stream plans."""
     if settings.get("kind") == "stream":
-        return stream_run_name(settings)
+        parts = ["stream", settings["dataset"], settings["continual"]["model"], settings["backbone"],
+                 f"{settings['n_models_per_ratio']}x{settings['subset_ratios'][0]:g}"]
+        return "-".join(parts + ([f"noise{settings['label_noise']:g}"] if settings["label_noise"] else [])
+                        + [f"s{settings['seed']}"])
     parts = ["loo" if settings.get("kind") == "loo" else "splits", settings["dataset"]]
     if settings["classes"] is not None:
         parts.append("classes{}-{}".format(*settings["classes"]))
@@ -226,12 +228,14 @@ def open_mlflow_run(store: SubsetStore, plan: Plan, args: argparse.Namespace, cl
     return logger
 
 
-def run_plan(args: argparse.Namespace) -> dict:
+def run_plan(args: argparse.Namespace, make=make_plan, job=train_and_store) -> dict:
     """Write the plan into the store, then train this chunk's missing groups on the chosen launcher,
-    claiming each group first so that drivers sharing the store train different groups."""
+    claiming each group first so that drivers sharing the store train different groups. `make(args)` makes the
+    plan and `job(store, model_ids, data_path, device)` trains a group: a stream plan's come from
+    continual/stream_plan.py (train_splits.py passes them)."""
     check_launcher(args)
     store = SubsetStore(args.out)
-    plan = make_plan(args)
+    plan = make(args)
     store.write_plan(plan, replace_plan=args.replace_plan)
     finished, problems = store.finished_models(plan, repair=True)
     for problem in problems:
@@ -271,7 +275,7 @@ def run_plan(args: argparse.Namespace) -> dict:
         bar.refresh()
 
     try:
-        for result in run_jobs(train_and_store, jobs(), args, store.folder / "slurm", poll=show_progress):
+        for result in run_jobs(job, jobs(), args, store.folder / "slurm", poll=show_progress):
             group = running.pop(result["model_ids"][0])
             claims.release(index[group[0]])
             done += len(group)

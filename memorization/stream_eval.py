@@ -18,8 +18,6 @@ t-test.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
 import sys
 from pathlib import Path
 
@@ -29,21 +27,25 @@ from memorization.estimator import auroc, influence, memorization
 from memorization.plan import Plan, fingerprint
 from memorization.score_format import counts_in_dataset_order, save_scores
 from memorization.store import CorruptModelFile, SubsetStore
-from memorization.stream import example_tasks
-from memorization.stream_args import learner_args
 from utils.errors import ConfigError
 
 LOW_MEM = 0.1  # the memorization-in-CL paper's low bucket (main.py's --bucket_thresholds lower edge)
 
 
+def example_tasks(dataset) -> np.ndarray:
+    """The task of every training example (dataset order), from its label in continual order."""
+    return (dataset.train.labels.cpu().numpy() // dataset.classes_per_task).astype(np.int64)
+
+
 def stream_dataset(plan: Plan, data_path: str):
-    """The plan's dataset as its learners saw it (the plan's seed: label noise and class order), checked."""
-    from continual.run import build
+    """The plan's dataset as its learners saw it: main.py's dataset flags of the plan with the plan's seed (label
+    noise, class order), checked against the plan's labels."""
+    from datasets import DATASETS
 
     settings = plan.settings
-    args = learner_args(settings["continual_argv"], seed=settings["seed"], device="cpu", data_path=data_path)
-    with contextlib.redirect_stdout(io.StringIO()):
-        dataset, _, _ = build(args, data_seed=settings["seed"])
+    args = argparse.Namespace(**settings["continual"], seed=settings["seed"], device="cpu", data_path=data_path,
+                              download=False)
+    dataset = DATASETS.get(settings["dataset"])(args)
     if fingerprint(dataset.train.labels.numpy()) != settings["label_fingerprint"]:
         raise ConfigError(f"the {settings['dataset']} training labels under {data_path} differ from those the plan "
                           f"was made for (fingerprint); point --data_path at the same files")

@@ -343,19 +343,13 @@ def train_and_store(store_dir: str, model_ids: list[int], data_path: str, device
     if key not in _LOADED:
         plan = store.load_plan()
         _LOADED.clear()
-        _LOADED[key] = (plan, None if plan.kind == "stream" else load_plan_data(plan, data_path, device))
+        _LOADED[key] = (plan, load_plan_data(plan, data_path, device))
     plan, data = _LOADED[key]
     if torch.device(device).type == "cpu":  # the plan's thread count: conv results depend on it
         torch.set_num_threads(plan.settings.get("grouping", {}).get("cpu_threads", 1))
     started = time.perf_counter()
-    progress = lambda done: store.write_progress(model_ids[0], done)  # noqa: E731
-    if plan.kind == "stream":  # each learner runs its continual stream alone (memorization/stream.py)
-        from memorization.stream import train_learner
-
-        results = {model_id: train_learner(plan, model_id, data_path, device, on_task=progress)
-                   for model_id in model_ids}
-    else:
-        results = train_group(plan, model_ids, data, device, on_epoch=progress)
+    results = train_group(plan, model_ids, data, device,
+                          on_epoch=lambda epoch: store.write_progress(model_ids[0], epoch))
     for model_id, arrays in results.items():
         store.write_model(model_id, plan.hash, **arrays)
     store.clear_progress(model_ids[0])

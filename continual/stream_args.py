@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import argparse
 import json
+from typing import Callable
 
+from memorization.args import build_parser, parse_chunk, parse_ratios
 from utils.errors import ConfigError
 
 # train_splits.py flags that main.py has too: in a stream plan they set the learners' continual run.
@@ -35,8 +37,10 @@ def given_flags(argv: list[str]) -> set[str]:
     return {token.split("=")[0][2:] for token in argv if token.startswith("--")}
 
 
-def parse_stream_args(argv: list[str], parser: argparse.ArgumentParser) -> argparse.Namespace:
-    """The arguments of a stream plan: `parser` is train_splits.py's (its flags parsed here), the rest is main.py's."""
+def parse_stream_args(argv: list[str], family: Callable) -> argparse.Namespace:
+    """The arguments of a stream plan: train_splits.py's flags parsed by its parser (`family` as for
+    memorization/args.py), the rest by main.py's. Bad input ends with one sentence (ConfigError)."""
+    parser = build_parser(family)
     parser.allow_abbrev = False  # a prefix of a main.py flag must not be taken for a train_splits.py flag
     args, rest = parser.parse_known_args(argv)
     given = given_flags(argv)
@@ -55,7 +59,7 @@ def parse_stream_args(argv: list[str], parser: argparse.ArgumentParser) -> argpa
         raise ConfigError(f"a stream plan takes one --subset_ratio, got {args.subset_ratio}")
     shared = [token for flag in SHARED if flag in given for token in _tokens(parser, args, flag)]
     args.continual_argv = ["--model", args.cl_model, *shared, *rest]
-    learner = learner_args(args.continual_argv, seed=args.seed, device="cpu", data_path=args.data_path)
+    learner = learner_args(args.continual_argv, seed=args.seed, device=args.device, data_path=args.data_path)
     from datasets import DATASETS
 
     dataset = DATASETS.get(learner.dataset)
@@ -64,6 +68,18 @@ def parse_stream_args(argv: list[str], parser: argparse.ArgumentParser) -> argpa
                           f"plan cannot give each task its own subset; pick a class-incremental dataset")
     args.continual = continual_config(learner)
     args.dataset, args.backbone, args.label_noise = learner.dataset, learner.backbone, learner.label_noise
+    args.ratios = parse_ratios(args.subset_ratio)
+    checks = [(args.n_models >= 2, f"--n_models must be at least 2 (some learners with each example, some without), "
+                                   f"got {args.n_models}"),
+              (args.cpu_threads >= 1, f"--cpu_threads must be at least 1, got {args.cpu_threads}"),
+              (args.claim_timeout > 0, f"--claim_timeout must be positive, got {args.claim_timeout}"),
+              (0 <= args.seed < 2**32, f"--seed must be in [0, 4294967295], got {args.seed}")]
+    for ok, sentence in checks:
+        if not ok:
+            raise ConfigError(sentence)
+    args.chunk_index, args.chunk_count = parse_chunk(args.chunk)
+    args.classes, args.input_noise, args.ensemble = None, 0.0, 1
+    args.device = args.device or learner.device
     return args
 
 
@@ -75,11 +91,12 @@ def _tokens(parser: argparse.ArgumentParser, args: argparse.Namespace, flag: str
     return [f"--{flag}", str(value)]
 
 
-def learner_args(continual_argv: list[str], seed: int, device: str, data_path: str) -> argparse.Namespace:
+def learner_args(continual_argv: list[str], seed: int, device: str | None, data_path: str) -> argparse.Namespace:
     """main.py's arguments for one learner: the plan's continual flags, the learner's seed, quiet, no figures."""
     from continual.args import parse_args as continual_args
 
-    return continual_args([*continual_argv, "--seed", str(seed), "--device", device, "--data_path", data_path,
+    device_flag = ["--device", device] if device else []  # none: main.py's choice, cuda when there is one
+    return continual_args([*continual_argv, "--seed", str(seed), *device_flag, "--data_path", data_path,
                            "--num_threads", "1", "--non_verbose", "1", "--no_figures"])
 
 

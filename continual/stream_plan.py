@@ -1,11 +1,12 @@
-"""Stream plans: memorization measured inside the continual stream.
+"""Stream plans: memorization measured inside the continual stream (`train_splits.py --plan_kind stream`).
 
 Each of K learners runs main.py's continual run of a registered method (`--cl_model` with main.py's flags: any
 model, buffer policy and plasticity method, through continual/run.py's `build` and continual/training.py's
 `train`) on a random subset of every task's training data, and after every task its predictions on every training
 and test example are recorded. The subsets are balanced within each task: every example of a task is in the same
 number of learners' subsets (±1), so the held-out estimator has learners with and without each example at every
-task boundary (memorization/stream_eval.py).
+task boundary (memorization/stream_eval.py). The plan and the learners' files live in a subset-training store
+(memorization/store.py), so a stream plan resumes and is shared between drivers like any plan.
 
 A learner trains alone (K processes on a launcher, not one vectorised ensemble): the continual methods keep
 per-learner buffers and take data-dependent branches, so the learners do not share one batched program.
@@ -20,26 +21,13 @@ import time
 import numpy as np
 import torch
 
+from continual.stream_args import continual_config, learner_args
 from memorization.plan import Plan, fingerprint, stratified_masks
-from memorization.stream_args import continual_config, learner_args
+from memorization.store import SubsetStore
+from memorization.stream_eval import example_tasks
 from utils.errors import ConfigError
 
 PREDICTION_BATCH = 1024
-
-
-def example_tasks(dataset) -> np.ndarray:
-    """The task of every training example (dataset order), from its label in continual order."""
-    labels = dataset.train.labels.cpu().numpy()
-    return (labels // dataset.classes_per_task).astype(np.int64)
-
-
-def stream_run_name(settings: dict) -> str:
-    """stream-seq-digits-er-mlp-16x0.5-s0: the dataset, method, backbone, learners × subset ratio and plan seed."""
-    parts = ["stream", settings["dataset"], settings["continual"]["model"], settings["backbone"],
-             f"{settings['n_models_per_ratio']}x{settings['subset_ratios'][0]:g}"]
-    if settings["label_noise"]:
-        parts.append(f"noise{settings['label_noise']:g}")
-    return "-".join(parts + [f"s{settings['seed']}"])
 
 
 def make_stream_plan(args: argparse.Namespace) -> Plan:
@@ -48,7 +36,7 @@ def make_stream_plan(args: argparse.Namespace) -> Plan:
 
     learner = learner_args(args.continual_argv, seed=args.seed, device="cpu", data_path=args.data_path)
     with contextlib.redirect_stdout(io.StringIO()):
-        dataset, _, _ = build(learner)
+        dataset, _, _ = build(learner)  # the dataset as main.py builds it with the plan's seed
     tasks = example_tasks(dataset)
     labels = dataset.train.labels.cpu().numpy()
     rng = np.random.default_rng([args.seed, 5])
@@ -132,3 +120,26 @@ def train_learner(plan: Plan, model_id: int, data_path: str, device: str, on_tas
             **{key: np.stack(values) for key, values in recorded.items()},
             "accuracy": state.matrices[setting].astype(np.float32),
             "seconds": np.float64(time.perf_counter() - started)}
+
+
+_PLANS: dict[tuple[str, str | None], Plan] = {}  # a worker process reads a store's plan once
+
+
+def train_and_store_learners(store_dir: str, model_ids: list[int], data_path: str, device: str) -> dict:
+    """A launcher's unit of work for a stream plan: run these learners and write their files; timing for the
+    driver."""
+    store = SubsetStore(store_dir)
+    key = (str(store_dir), store.plan_hash())  # a store's plan may be replaced meanwhile
+    if key not in _PLANS:
+        _PLANS.clear()
+        _PLANS[key] = store.load_plan()
+    plan = _PLANS[key]
+    if torch.device(device).type == "cpu":  # the plan's thread count: conv results depend on it
+        torch.set_num_threads(plan.settings.get("grouping", {}).get("cpu_threads", 1))
+    started = time.perf_counter()
+    for model_id in model_ids:
+        arrays = train_learner(plan, model_id, data_path, device,
+                               on_task=lambda done: store.write_progress(model_ids[0], done))
+        store.write_model(model_id, plan.hash, **arrays)
+    store.clear_progress(model_ids[0])
+    return {"model_ids": model_ids, "seconds": time.perf_counter() - started}
