@@ -113,13 +113,11 @@ def train_learner(plan: Plan, model_id: int, data_path: str, device: str, on_tas
             if on_task is not None:
                 on_task(task + 1)
 
-        started = time.perf_counter()
         train(model, dataset, args, RunRecords(RecordingLogger(f"learner-{model_id}"), figures=False), state,
               after_task)
     return {"epochs": np.arange(1, dataset.n_tasks + 1, dtype=np.int64),
             **{key: np.stack(values) for key, values in recorded.items()},
-            "accuracy": state.matrices[setting].astype(np.float32),
-            "seconds": np.float64(time.perf_counter() - started)}
+            "accuracy": state.matrices[setting].astype(np.float32)}
 
 
 _PLANS: dict[tuple[str, str | None], Plan] = {}  # a worker process reads a store's plan once
@@ -141,5 +139,7 @@ def train_and_store_learners(store_dir: str, model_ids: list[int], data_path: st
         arrays = train_learner(plan, model_id, data_path, device,
                                on_task=lambda done: store.write_progress(model_ids[0], done))
         store.write_model(model_id, plan.hash, **arrays)
+    seconds = time.perf_counter() - started
+    store.write_timing(model_ids, seconds)
     store.clear_progress(model_ids[0])
-    return {"model_ids": model_ids, "seconds": time.perf_counter() - started}
+    return {"model_ids": model_ids, "seconds": seconds}

@@ -5,8 +5,10 @@ Layout of a store folder:
     plan_arrays.npz  inclusion_mask [K, n] bool, model_ratio [K], model_seed [K], train_indices [n]
     noisy_mask.npy   bool [N_train], dataset order: training examples whose label was replaced
     input_noise_mask.npy  bool [N_train]: training examples whose image was replaced by noise
-    models/model_000042.npz   one model's predictions on every training and test example, and its forgetting
-                              events over its subset (forget_events_train int32, never_learned_train bool)
+    models/model_000042.npz   one model's predictions on every training and test example, its forgetting
+                              events over its subset (forget_events_train int32, never_learned_train bool) and
+                              the step from which each example stayed correct in training (learned_step_train)
+    timing/group_000040.json  the seconds the group of models 40.. took to train
 """
 from __future__ import annotations
 
@@ -114,7 +116,8 @@ class SubsetStore:
         once untouched for `max_age` seconds; returns the removed paths. (A killed group's progress file is
         overwritten and removed by whoever trains the group next.)"""
         removed = []
-        for folder in (self.folder, self.models_dir, self.folder / "progress", self.folder / "drivers"):
+        for folder in (self.folder, self.models_dir, self.folder / "progress", self.folder / "drivers",
+                       self.folder / "timing"):
             for path in [*folder.glob(".*.tmp"), *folder.glob("*.adopted")]:
                 try:
                     if time.time() - path.stat().st_mtime > max_age:
@@ -183,11 +186,31 @@ class SubsetStore:
         expected = {"prob_train": (n_epochs, n_train), "correct_train": (n_epochs, n_train),
                     "prob_test": (n_epochs, n_test), "correct_test": (n_epochs, n_test)}
         # Forgetting counts: in every file written since they are recorded, absent from older stores.
-        expected.update({key: (n_train,) for key in ("forget_events_train", "never_learned_train") if key in arrays})
+        expected.update({key: (n_train,) for key in ("forget_events_train", "never_learned_train",
+                                                     "learned_step_train") if key in arrays})
         for key, shape in expected.items():
             if arrays[key].shape != shape:
                 raise CorruptModelFile(f"{path.name}: {key} has shape {arrays[key].shape}, expected {shape}")
         return arrays
+
+    # -- training time (kept beside the model files, which hold only what the plan determines) -----------
+    def write_timing(self, model_ids: list[int], seconds: float) -> None:
+        """The seconds a group of models took to train, shared equally by its models."""
+        path = self.folder / "timing" / f"group_{model_ids[0]:06d}.json"
+        path.parent.mkdir(exist_ok=True)
+        record = json.dumps({"model_ids": list(map(int, model_ids)), "seconds": float(seconds)})
+        _atomic_write(path, lambda temporary: temporary.write_text(record))
+
+    def training_seconds(self) -> dict[int, float]:
+        """Each model's share of its group's training time, for the models whose group recorded it."""
+        shares = {}
+        for path in sorted((self.folder / "timing").glob("group_*.json")):
+            try:
+                record = json.loads(path.read_text())
+                shares.update({int(m): record["seconds"] / len(record["model_ids"]) for m in record["model_ids"]})
+            except (OSError, ValueError, KeyError, TypeError, ZeroDivisionError):
+                continue
+        return shares
 
     # -- progress of groups being trained (read by the driver for its progress bar) ---------------
     def progress_path(self, first_model: int) -> Path:

@@ -61,6 +61,7 @@ def read_stream_store(store: SubsetStore, plan: Plan, target: str, allow_partial
     test = np.zeros((n_tasks, len(stored), m), np.float32)
     correct = np.zeros((n_tasks, len(stored), n), bool)
     accuracy, seconds, finished = [], [], []
+    timing = store.training_seconds()
     for model_id in stored:
         try:
             model = store.read_model(model_id, plan)
@@ -70,7 +71,7 @@ def read_stream_store(store: SubsetStore, plan: Plan, target: str, allow_partial
         k = len(finished)
         train[:, k], test[:, k], correct[:, k] = model[f"{target}_train"], model[f"{target}_test"], model["correct_train"]
         accuracy.append(model["accuracy"])
-        seconds.append(float(model["seconds"]))
+        seconds.append(timing.get(model_id, np.nan))
         finished.append(model_id)
     if not finished:
         raise ConfigError(f"{store.folder} holds no finished learner yet; run train_splits.py first")
@@ -187,7 +188,8 @@ def score_stream_store(args: argparse.Namespace, store: SubsetStore, plan: Plan)
                "n_undefined": int((~defined).sum()), "mean": float(np.nanmean(final)),
                "mean_own_task": float(np.nanmean(forgetting["mem_own"])),
                "fraction_memorized": float(np.mean(final[defined] >= args.mem_threshold)),
-               "learner_seconds_mean": float(data["seconds"].mean()),
+               "learner_seconds_mean": float(np.nanmean(data["seconds"])) if np.isfinite(data["seconds"]).any()
+               else float("nan"),
                "final_accuracy_mean": float(np.nanmean(data["accuracy"][:, -1]))} | forgetting["summary"]
     if plan.noisy_mask.any():
         summary["auroc_relabeled"] = auroc(final, plan.noisy_mask)

@@ -306,6 +306,10 @@ def train_group(plan: Plan, model_ids: list[int], data: PlanData, device: str,
     forgetting = ForgettingEvents(len(data.train_labels), device, rows=ensemble.size)
     correct = torch.empty(ensemble.size, size, dtype=torch.bool, device=device)  # an epoch's, written by each step
     columns = [correct[:, start:start + batch] for start in range(0, size, batch)]  # each step's, made once
+    # The step from which each example stayed correct in its training passes (-1: not correct at its last one,
+    # or never presented): the online proxy of the memorization-aware replay model (models/_memorization_proxy.py).
+    learned_step = torch.full((ensemble.size, len(data.train_labels)), -1, dtype=torch.int64, device=device)
+    step_of_position = torch.arange(size, device=device) // batch  # an epoch's position → its step in the epoch
     ensemble.train(True)
     inputs = TrainingInputs(data, augmentations)
     for epoch in range(1, training.n_epochs + 1):
@@ -316,6 +320,9 @@ def train_group(plan: Plan, model_ids: list[int], data: PlanData, device: str,
             if not schedule.constant:  # a constant rate needs no step (10 µs)
                 schedule.step()
         forgetting.count_once(rows, correct)  # an epoch presents each example of a model's subset once
+        step = step_of_position + (epoch - 1) * len(columns)
+        before = learned_step.gather(1, rows)
+        learned_step.scatter_(1, rows, torch.where(correct, torch.where(before < 0, step, before), -1))
         if not math.isfinite(loss.item()):
             raise ConfigError(f"the training loss of models {model_ids[0]}..{model_ids[-1]} became {loss.item()} in "
                               f"epoch {epoch}; lower --lr (now {training.lr})")
@@ -329,7 +336,8 @@ def train_group(plan: Plan, model_ids: list[int], data: PlanData, device: str,
     epochs = np.array(sorted(record), dtype=np.int64)
     counts = forgetting.arrays()
     return {model_id: {"epochs": epochs, **{key: np.stack([v[k] for v in values]) for key, values in recorded.items()},
-                       "forget_events_train": counts["events"][k], "never_learned_train": counts["never_learned"][k]}
+                       "forget_events_train": counts["events"][k], "never_learned_train": counts["never_learned"][k],
+                       "learned_step_train": learned_step[k].cpu().numpy()}
             for k, model_id in enumerate(model_ids)}
 
 
@@ -350,7 +358,9 @@ def train_and_store(store_dir: str, model_ids: list[int], data_path: str, device
     started = time.perf_counter()
     results = train_group(plan, model_ids, data, device,
                           on_epoch=lambda epoch: store.write_progress(model_ids[0], epoch))
+    seconds = time.perf_counter() - started
     for model_id, arrays in results.items():
         store.write_model(model_id, plan.hash, **arrays)
+    store.write_timing(model_ids, seconds)
     store.clear_progress(model_ids[0])
-    return {"model_ids": model_ids, "seconds": time.perf_counter() - started}
+    return {"model_ids": model_ids, "seconds": seconds}
