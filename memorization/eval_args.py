@@ -33,6 +33,13 @@ def build_parser() -> CommandParser:
     parser.add_argument("--datamodel_val_fraction", type=float, default=0.1,
                         help="share of the models held out to choose each test example's regularisation")
     parser.add_argument("--datamodel_alphas", type=int, default=30, help="regularisations on each LASSO path")
+    parser.add_argument("--proxies", action="store_true",
+                        help="also score single-run memorization proxies (learned-late, cumulative sample loss, "
+                             "forgetting events, learned iteration) of the first --proxy_models models against the "
+                             "estimator of the others: NAME_proxies.md (Spearman, Pearson with bootstrap intervals, "
+                             "top-k overlap, AUROCs, cost) in the report and MLflow")
+    parser.add_argument("--proxy_models", type=int, default=1, help="models whose records give the proxies")
+    parser.add_argument("--proxy_boot", type=int, default=1000, help="bootstrap resamples of the proxy intervals")
     parser.add_argument("--mem_threshold", type=float, default=0.25, help="'memorized' if the score is at least this")
     parser.add_argument("--allow_partial", action="store_true", help="use the stored models even if some are missing")
     parser.add_argument("--compare", default=None, metavar="SCORES.npy",
@@ -57,6 +64,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if not 0 < args.datamodel_val_fraction <= 0.5:
         raise ConfigError(f"--datamodel_val_fraction must be above 0 and at most 0.5, "
                           f"got {args.datamodel_val_fraction}")
+    if args.proxy_models < 1 or args.proxy_boot < 0:
+        raise ConfigError(f"--proxy_models must be at least 1 and --proxy_boot at least 0, got {args.proxy_models} "
+                          f"and {args.proxy_boot}")
     if args.datamodel_alphas < 2:
         raise ConfigError(f"--datamodel_alphas must be at least 2, got {args.datamodel_alphas}")
     return args

@@ -12,6 +12,7 @@ from memorization.datamodels import check_enough_models, stored_margin, write_da
 from memorization.estimator import auroc, consistency_scores, influence, memorization
 from memorization.forgetting import write_pooled_scores
 from memorization.loo import score_loo_store
+from memorization.proxy_eval import score_proxies
 from memorization.plan import is_loo
 from memorization.released_runs import find_released_runs, read_released_runs
 from memorization.report import write_report
@@ -104,6 +105,11 @@ def score_store(args: argparse.Namespace) -> dict:
         if plan.kind == "stream":
             from memorization.stream_eval import score_stream_store
 
+            if args.proxies:
+                raise ConfigError("--proxies reads one model's per-epoch training record, and stream learners record "
+                                  "after every task only; score proxies on a subset store (train_splits.py without "
+                                  "--plan_kind stream, with --record_epochs 1,2,...)")
+
             result, summary, sidecar, files, report = score_stream_store(args, store, plan)
             log_to_mlflow(args, result["scores"], plan, summary, sidecar, files, report, started, result["series"])
             return result
@@ -145,8 +151,21 @@ def score_store(args: argparse.Namespace) -> dict:
                "influence_pairs": int(len(infl["pair_value"]))}
     if noisy is not None and noisy.any():
         summary["auroc_relabeled"] = auroc(final["mem"], noisy)
+    known = data["plan_data"].dataset.known_answer() if plan is not None else None
+    singleton = None if known is None else known["singleton"][rows]
+    if singleton is not None:
+        summary["auroc_singleton"] = auroc(final["mem"], singleton)
     if spearman_with_compare is not None:
         summary["spearman_with_compare"] = spearman_with_compare
+    proxies = None
+    if args.proxies:
+        if plan is None:
+            raise ConfigError("--proxies reads the models' training records, which released aux_arrays.npz runs do "
+                              "not hold; use a train_splits.py store")
+        proxies = score_proxies(store, plan, data, args, noisy if noisy is not None and noisy.any() else None,
+                                singleton, stem)
+        summary.update(proxies["summary"])
+        data.setdefault("sections", []).extend(["", "## Memorization proxies", "", proxies["table"]])
     forgetting = write_pooled_scores(run_dir, plan, data["model_ids"], mask, rows, n_total, stem, final["mem"]) \
         if plan is not None else None
     if forgetting is not None:
@@ -179,6 +198,7 @@ def score_store(args: argparse.Namespace) -> dict:
     report = write_report_for(data, final, infl, noisy, args, Path(f"{stem}_report"), summary)
     log_to_mlflow(args, scores, plan, summary, sidecar, [out, Path(f"{stem}.json"), *more_files,
                                                           *(forgetting["files"] if forgetting else []),
+                                                          *(proxies["files"] if proxies else []),
                                                           *([datamodels["path"]] if datamodels else [])],
                   report, started)
     return {"scores": scores, "summary": summary, "memorization": final, "influence": infl}
@@ -205,7 +225,8 @@ def write_report_for(data: dict, final: dict, infl: dict, noisy, args, folder: P
                         train_images=images, train_labels=labels, test_images=test_images, test_labels=test_labels,
                         influence={**infl, "threshold": args.influence_threshold}, per_epoch=per_epoch,
                         noisy_mask=noisy, summary=summary, threshold=args.mem_threshold,
-                        forgetting=data.get("forgetting"), datamodels=data.get("datamodels"))
+                        forgetting=data.get("forgetting"), datamodels=data.get("datamodels"),
+                        sections=data.get("sections", []))
 
 
 def evaluation_run_name(args: argparse.Namespace) -> str:

@@ -323,10 +323,12 @@ def write_report(folder: Path, *, mem: np.ndarray, se: np.ndarray, n_in: np.ndar
                  influence: dict | None = None,
                  per_epoch: dict | None = None, noisy_mask: np.ndarray | None = None,
                  summary: dict | None = None, threshold: float = 0.25, grid_size: int = 32,
-                 forgetting: np.ndarray | None = None, datamodels: dict | None = None) -> list[Path]:
+                 forgetting: np.ndarray | None = None, datamodels: dict | None = None,
+                 sections: list[str] = ()) -> list[Path]:
     """Write figures, summary.md, summary.csv (and per_epoch.csv) into `folder`; return the paths.
     `forgetting` (forgetting events per example, same rows as `mem`) adds forgetting_vs_mem.png;
-    `datamodels` (memorization.datamodels.write_datamodels' "report") datamodel_vs_influence.png and a section."""
+    `datamodels` (memorization.datamodels.write_datamodels' "report") datamodel_vs_influence.png and a section;
+    `sections` are more markdown lines for summary.md (the proxy table, the attribution scores)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     mem = np.asarray(mem, dtype=float)
@@ -360,7 +362,8 @@ def write_report(folder: Path, *, mem: np.ndarray, se: np.ndarray, n_in: np.ndar
         from memorization.datamodels import report_section, scatter_figure
 
         _save(scatter_figure(datamodels), folder / "datamodel_vs_influence.png", written)
-    _write_markdown(folder / "summary.md", rows, epoch_rows, report_section(datamodels) if datamodels else [])
+    _write_markdown(folder / "summary.md", rows, epoch_rows,
+                    [*(report_section(datamodels) if datamodels else []), *sections])
     written.append(folder / "summary.md")
     with open(folder / "summary.csv", "w", newline="") as handle:
         csv.writer(handle).writerows([("key", "value"), *rows])
