@@ -33,6 +33,15 @@ def build_parser() -> CommandParser:
     parser.add_argument("--datamodel_val_fraction", type=float, default=0.1,
                         help="share of the models held out to choose each test example's regularisation")
     parser.add_argument("--datamodel_alphas", type=int, default=30, help="regularisations on each LASSO path")
+    parser.add_argument("--lds_holdout", type=float, default=0.0, metavar="SHARE",
+                        help="hold out the last SHARE of the models from every score and report the linear "
+                             "datamodeling score (LDS) of the influence matrix (and --datamodels) on them")
+    parser.add_argument("--lds_store", default=None, metavar="STORE",
+                        help="score the influence matrix (and --datamodels) by LDS on the models of this second "
+                             "store of the same examples instead")
+    parser.add_argument("--loo_store", default=None, metavar="STORE",
+                        help="a leave-one-out store of the same dataset: correlate the influence rows of its "
+                             "left-out examples with their measured effects")
     parser.add_argument("--proxies", action="store_true",
                         help="also score single-run memorization proxies (learned-late, cumulative sample loss, "
                              "forgetting events, learned iteration) of the first --proxy_models models against the "
@@ -64,6 +73,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if not 0 < args.datamodel_val_fraction <= 0.5:
         raise ConfigError(f"--datamodel_val_fraction must be above 0 and at most 0.5, "
                           f"got {args.datamodel_val_fraction}")
+    if not 0 <= args.lds_holdout < 1 or (args.lds_holdout and args.lds_store):
+        raise ConfigError(f"--lds_holdout is a share in [0, 1), and held-out models come from it or from --lds_store, "
+                          f"not both; got {args.lds_holdout:g}" + (f" and {args.lds_store}" if args.lds_store else ""))
     if args.proxy_models < 1 or args.proxy_boot < 0:
         raise ConfigError(f"--proxy_models must be at least 1 and --proxy_boot at least 0, got {args.proxy_models} "
                           f"and {args.proxy_boot}")

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
+from memorization.attribution_eval import hold_out, held_out_store, requested, score_attribution
 from memorization.datamodels import check_enough_models, stored_margin, write_datamodels
 from memorization.estimator import auroc, consistency_scores, influence, memorization
 from memorization.forgetting import write_pooled_scores
@@ -114,7 +115,13 @@ def score_store(args: argparse.Namespace) -> dict:
             log_to_mlflow(args, result["scores"], plan, summary, sidecar, files, report, started, result["series"])
             return result
         data = load_store(store, plan, args)
+        held = (hold_out(data, args.lds_holdout) if args.lds_holdout else
+                held_out_store(args, plan, load_store) if args.lds_store else None)
     elif find_released_runs(run_dir):
+        held = None
+        if requested(args) or args.proxies:
+            raise ConfigError("--lds_holdout, --lds_store, --loo_store and --proxies need a train_splits.py store "
+                              "(released aux_arrays.npz runs hold correctness only)")
         data = load_released(run_dir, args)
     else:
         raise ConfigError(f"{run_dir} holds neither a train_splits.py store (plan.json) nor released "
@@ -134,8 +141,9 @@ def score_store(args: argparse.Namespace) -> dict:
     np.save(f"{stem}_se.npy", in_dataset_order(final["se"], rows, n_total))
     np.save(f"{stem}_n_in.npy", counts_in_dataset_order(final["n_in"], rows, n_total))
     np.save(f"{stem}_n_out.npy", counts_in_dataset_order(final["n_out"], rows, n_total))
+    full_path = Path(f"{stem}_influence_full.npy") if args.influence_full or requested(args) else None
     infl = influence(mask, data["test"][-1], topk=args.influence_topk, threshold=args.influence_threshold,
-                     full_path=f"{stem}_influence_full.npy" if args.influence_full else None)
+                     full_path=full_path)
     topk = np.where(infl["topk_index"] >= 0, rows[infl["topk_index"]], -1)  # -1: fewer influencers than k
     np.savez(f"{stem}_influence.npz", topk_index=topk, topk_value=infl["topk_value"],
              pair_train=rows[infl["pair_train"]], pair_test=infl["pair_test"], pair_value=infl["pair_value"],
@@ -178,6 +186,12 @@ def score_store(args: argparse.Namespace) -> dict:
         data["datamodels"] = datamodels["report"]
     else:  # an earlier evaluation's fit would otherwise sit beside scores it was not made with
         Path(f"{stem}_datamodels.npz").unlink(missing_ok=True)
+    if requested(args):
+        scored, lines = score_attribution(args, plan, held, full_path, datamodels["path"] if datamodels else None)
+        summary.update(scored)
+        data.setdefault("sections", []).extend(lines)
+        if not args.influence_full:
+            full_path.unlink()  # written for the scores only: it can be gigabytes
     sidecar = {"dataset": plan.settings["dataset"] if plan else None, "n": int(n_total),
                "label_fingerprint": plan.settings["label_fingerprint"] if plan else None,
                "label_noise": plan.settings["label_noise"] if plan else None,
