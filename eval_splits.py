@@ -14,6 +14,11 @@ margin on the test example (z_y - max other logit with --save_logits stores, els
 probability) on the inclusion masks, its regularisation chosen on held-out models (--datamodel_val_fraction);
 NAME_datamodels.npz holds the sparse θ, bias, alpha, validation R² and top-k per test example, and the report
 compares θ with the held-out influence of the same margin. Not for released aux_arrays runs (correctness only).
+
+A stream store (train_splits.py --plan_kind stream) gives memorization and influence at every task boundary and
+the forgetting of high- against low-memorization examples (memorization/stream_eval.py). --proxies scores
+single-run proxies against the estimator (memorization/proxy_eval.py); --lds_holdout / --lds_store / --loo_store
+score the influence matrix as attribution (memorization/attribution_eval.py).
 """
 from __future__ import annotations
 
