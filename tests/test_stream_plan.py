@@ -48,6 +48,14 @@ def test_per_task_boundary_memorization_is_the_held_out_difference_over_the_task
     np.testing.assert_allclose(tasks_mem[1], held_out_difference(mask, prob[1]), atol=1e-6)
     np.testing.assert_allclose(np.load(tmp_path / "mem.npy"), tasks_mem[1])  # the score file: the stream's end
     np.testing.assert_allclose(own, np.where(seen_first, tasks_mem[0], tasks_mem[1]))
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    run = client.search_runs([client.get_experiment_by_name("split-training").experiment_id],
+                             "attributes.run_name = 'eval-store'")[0]
+    history = client.get_metric_history(run.info.run_id, "stream/mem_mean")
+    assert [m.step for m in history] == [1, 2]  # one point per task boundary
+    np.testing.assert_allclose([m.value for m in history], np.nanmean(tasks_mem, 1), rtol=1e-6)
     # Each learner's record is its continual run: class-IL test accuracy of task 1 after task 2 from its stored
     # predictions equals its accuracy matrix, and every task's examples are split evenly between the learners.
     test_first = np.isfinite(models[0]["prob_test"][0].astype(np.float32))
