@@ -81,6 +81,7 @@ def predictions(model, dataset, task: int, split) -> dict[str, np.ndarray]:
 def train_learner(plan: Plan, model_id: int, data_path: str, device: str, on_task=None) -> dict[str, np.ndarray]:
     """Run learner `model_id`'s continual run and return its predictions after every task ([T, n] train, [T, m]
     test) with its class-IL accuracy matrix. `on_task(t)` follows task t (progress)."""
+    from continual.forgetting import StreamRecorder
     from continual.records import RunRecords
     from continual.training import RunState, train
     from continual.run import build
@@ -103,6 +104,9 @@ def train_learner(plan: Plan, model_id: int, data_path: str, device: str, on_tas
                               f"plan was made for (fingerprint); point --data_path at the same files")
         recorded = {f"{key}_{part}": [] for key in ("prob", "correct") for part in ("train", "test")}
         state = RunState.fresh(dataset)
+        # forgetting events of the learner's stream examples (main.py --forgetting_events: it changes no result),
+        # the single continual run's proxy that eval_splits.py --proxies scores
+        state.forgetting = StreamRecorder(len(dataset.train), args.device)
         setting = next(iter(state.matrices))
 
         def after_task(state: RunState) -> None:
@@ -115,7 +119,9 @@ def train_learner(plan: Plan, model_id: int, data_path: str, device: str, on_tas
 
         train(model, dataset, args, RunRecords(RecordingLogger(f"learner-{model_id}"), figures=False), state,
               after_task)
+    counts = state.forgetting.events.arrays()
     return {"epochs": np.arange(1, dataset.n_tasks + 1, dtype=np.int64),
+            "forget_events_train": counts["events"][0], "never_learned_train": counts["never_learned"][0],
             **{key: np.stack(values) for key, values in recorded.items()},
             "accuracy": state.matrices[setting].astype(np.float32)}
 

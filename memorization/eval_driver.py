@@ -106,10 +106,9 @@ def score_store(args: argparse.Namespace) -> dict:
         if plan.kind == "stream":
             from memorization.stream_eval import score_stream_store
 
-            if args.proxies:
-                raise ConfigError("--proxies reads one model's per-epoch training record, and stream learners record "
-                                  "after every task only; score proxies on a subset store (train_splits.py without "
-                                  "--plan_kind stream, with --record_epochs 1,2,...)")
+            if requested(args):
+                raise ConfigError("--lds_holdout, --lds_store and --loo_store score subset stores; a stream store's "
+                                  "influence changes at every task boundary")
 
             result, summary, sidecar, files, report = score_stream_store(args, store, plan)
             log_to_mlflow(args, result["scores"], plan, summary, sidecar, files, report, started, result["series"])

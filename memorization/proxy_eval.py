@@ -7,6 +7,9 @@ replay model's learned iteration (the step from which an example stayed correct 
 proxy is defined on the examples its models trained on (pooled over them). The reference is the subset estimator
 computed from the other models only, so a proxy model never scores itself. Each proxy's cost is its models'
 training time plus its computation; the estimator's, all its models' training time plus the estimator.
+
+On a stream store the proxies are those of one continual run (its first learner): forgetting events over the
+whole stream and the cumulative loss over the task boundaries, against the in-stream estimator of the others.
 """
 from __future__ import annotations
 
@@ -66,15 +69,21 @@ def score_proxies(store: SubsetStore, plan, data: dict, args: argparse.Namespace
     values = proxy_values(models, mask[:count], list(data["epochs"]))
     rows = [{"name": f"subset estimator ({len(ids) - count} models)", "seconds": estimator_train + estimator_seconds,
              **agreement(reference, reference, relabeled=relabeled, singleton=singleton, n_boot=args.proxy_boot)}]
-    for name, (value, compute_seconds) in values.items():
-        rows.append({"name": name, "seconds": proxy_train + compute_seconds,
-                     **agreement(value, reference, relabeled=relabeled, singleton=singleton, n_boot=args.proxy_boot)})
     notes = [f"Proxies from model(s) {', '.join(map(str, ids[:count]))} (its training record at epochs "
              f"{', '.join(map(str, data['epochs']))}); reference: the subset estimator from the other "
              f"{len(ids) - count} models. Cost: training seconds of the models used plus computing seconds."]
     if len(data["epochs"]) < 2:
         notes.append("learned_late and cumulative_loss need several recorded epochs: train with --record_epochs "
                      "1,2,...,E to have them.")
+    return write_table(rows, values, reference, proxy_train, notes, relabeled, singleton, args, stem)
+
+
+def write_table(rows: list[dict], values: dict, reference: np.ndarray, proxy_train: float, notes: list[str],
+                relabeled, singleton, args: argparse.Namespace, stem: Path) -> dict:
+    """Each proxy's agreement row after the reference's `rows`; NAME_proxies.md / .json / .npz; summary metrics."""
+    for name, (value, compute_seconds) in values.items():
+        rows.append({"name": name, "seconds": proxy_train + compute_seconds,
+                     **agreement(value, reference, relabeled=relabeled, singleton=singleton, n_boot=args.proxy_boot)})
     if not np.isfinite(proxy_train):
         notes.append("This store does not record training times (trained before they were kept): costs are NaN.")
     table = agreement_table(rows)
@@ -92,3 +101,41 @@ def score_proxies(store: SubsetStore, plan, data: dict, args: argparse.Namespace
     print(table)
     return {"rows": rows, "table": table, "summary": summary,
             "files": [path, Path(f"{stem}_proxies.json"), Path(f"{stem}_proxies.npz")]}
+
+
+def score_stream_proxies(store: SubsetStore, plan, data: dict, tasks: np.ndarray, args: argparse.Namespace,
+                         relabeled: np.ndarray | None, singleton: np.ndarray | None, stem: Path) -> dict:
+    """The proxies of one continual run, the first --proxy_models learners of a stream store: its forgetting
+    events over the whole stream (counted in its training passes, main.py --forgetting_events' definition) and
+    its cumulative loss over the task boundaries from the example's own task to the end; against the in-stream
+    estimator of the other learners at the stream's end."""
+    count = args.proxy_models
+    ids, mask = data["model_ids"], data["mask"]
+    if len(ids) < count + 2:
+        raise ConfigError(f"--proxies uses {count} learner(s) for the proxies and the others for the estimator, but "
+                          f"the store has {len(ids)}; train more learners or lower --proxy_models")
+    models = [store.read_model(model_id, plan) for model_id in ids[:count]]
+    if not all("forget_events_train" in m for m in models):
+        raise ConfigError(f"{store.folder}'s learners did not record forgetting events (trained before they were "
+                          f"recorded); train the plan again into a new --out to score proxies")
+    reference, estimator_seconds = _timed(lambda: memorization(mask[count:], data["train"][-1][count:])["mem"])
+    seconds = store.training_seconds()
+    proxy_train = sum(seconds.get(m, np.nan) for m in ids[:count])
+    included = mask[:count]
+    after_own = np.arange(len(data["train"]))[:, None] >= tasks[None]  # [T, n]: boundaries from the own task on
+    values = {
+        "forgetting_events": _timed(lambda: pooled(np.stack([
+            np.where(inc, forgetting_values(m["forget_events_train"], m["never_learned_train"], inc), np.nan)
+            for m, inc in zip(models, included)]), included)),
+        "cumulative_loss": _timed(lambda: pooled(np.stack([
+            np.where(inc, cumulative_loss(np.where(after_own, m["prob_train"].astype(np.float32), 1.0)), np.nan)
+            for m, inc in zip(models, included)]), included)),
+    }
+    rows = [{"name": f"in-stream estimator ({len(ids) - count} learners)",
+             "seconds": sum(seconds.get(m, np.nan) for m in ids[count:]) + estimator_seconds,
+             **agreement(reference, reference, relabeled=relabeled, singleton=singleton, n_boot=args.proxy_boot)}]
+    notes = [f"Proxies from the continual run of learner(s) {', '.join(map(str, ids[:count]))}: forgetting events "
+             f"over the whole stream, and the label cross-entropy summed over the task boundaries from the "
+             f"example's own task to the end; reference: the in-stream estimator at the stream's end from the other "
+             f"{len(ids) - count} learners. Cost: training seconds of the learners used plus computing seconds."]
+    return write_table(rows, values, reference, proxy_train, notes, relabeled, singleton, args, stem)

@@ -198,6 +198,13 @@ def score_stream_store(args: argparse.Namespace, store: SubsetStore, plan: Plan)
     if known is not None:
         summary["auroc_singleton"] = auroc(final, known["singleton"])
         summary["auroc_singleton_own_task"] = auroc(forgetting["mem_own"], known["singleton"])
+    proxies = None
+    if args.proxies:
+        from memorization.proxy_eval import score_stream_proxies
+
+        proxies = score_stream_proxies(store, plan, data, tasks, args, plan.noisy_mask if plan.noisy_mask.any()
+                                       else None, None if known is None else known["singleton"], stem)
+        summary.update(proxies["summary"])
     series = {"stream/mem_mean": [float(np.nanmean(row)) for row in mem],
               "stream/mem_new_task": [float(means[t, t]) for t in range(len(mem))],
               "stream/fraction_memorized": [float(np.mean(row[np.isfinite(row)] >= args.mem_threshold))
@@ -211,13 +218,14 @@ def score_stream_store(args: argparse.Namespace, store: SubsetStore, plan: Plan)
                "n_undefined": summary["n_undefined"], "files": files}
     save_scores(out, final, sidecar)
     report = write_stream_report(Path(f"{stem}_report"), mem=mem, means=means, forgetting=forgetting,
-                                 summary=summary, series=series, args=args,
-                                 low=LOW_MEM)
+                                 summary=summary, series=series, args=args, low=LOW_MEM,
+                                 sections=["", "## Memorization proxies of one continual run", "", proxies["table"]]
+                                 if proxies else [])
     print(f"{out}: in-stream memorization of {int(defined.sum())} examples at {len(mem)} task boundaries from "
           f"{len(data['model_ids'])} learners")
     for key, value in summary.items():
         print(f"  {key}: {value:.4f}" if isinstance(value, float) else f"  {key}: {value}")
-    paths = [out, Path(f"{stem}.json"), *(out.parent / f for f in files.values())]
+    paths = [out, Path(f"{stem}.json"), *(out.parent / f for f in files.values()), *(proxies["files"] if proxies else [])]
     result = {"scores": final, "summary": summary, "mem_tasks": mem, "forgetting": forgetting, "series": series,
               "boundaries": boundaries}
     return result, summary, sidecar, paths, report

@@ -57,7 +57,7 @@ def _forgetting_bars(forgetting: dict, low: float, high: float):
 
 
 def write_stream_report(folder: Path, *, mem: np.ndarray, means: np.ndarray, forgetting: dict, summary: dict,
-                        series: dict, args: argparse.Namespace, low: float) -> list[Path]:
+                        series: dict, args: argparse.Namespace, low: float, sections: list[str] = ()) -> list[Path]:
     """report.md and its figures; returns the written paths."""
     folder.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
@@ -83,6 +83,7 @@ def write_stream_report(folder: Path, *, mem: np.ndarray, means: np.ndarray, for
               f"minus at the end of the stream (tasks 1..{n_tasks - 1}). High memorization: ≥ {args.mem_threshold:g} "
               f"at the end of its own task; low: < {low:g}.", ""]
     lines += [f"![{p.stem}]({p.name})" for p in written]
+    lines += list(sections)
     path = folder / "report.md"
     path.write_text("\n".join(lines) + "\n")
     return [path, *written]

@@ -36,7 +36,8 @@ def test_per_task_boundary_memorization_is_the_held_out_difference_over_the_task
     train_splits.run_plan(train_splits.parse_args([*STREAM, "--n_tasks", "2", "--out", str(out), "--tracking_uri", tracking_uri]))
     plan, models = read_store(out)
     mask = plan.inclusion_mask
-    eval_splits.main(["--run_dir", str(out), "--out", str(tmp_path / "mem.npy"), "--tracking_uri", tracking_uri])
+    eval_splits.main(["--run_dir", str(out), "--out", str(tmp_path / "mem.npy"), "--proxies", "--proxy_boot", "20",
+                      "--tracking_uri", tracking_uri])
     tasks_mem = np.load(tmp_path / "mem_tasks.npy")
     own = np.load(tmp_path / "mem_own_task.npy")
     prob = np.stack([m["prob_train"].astype(np.float32) for m in models], 1)  # [T, K, n]
@@ -48,6 +49,18 @@ def test_per_task_boundary_memorization_is_the_held_out_difference_over_the_task
     np.testing.assert_allclose(tasks_mem[1], held_out_difference(mask, prob[1]), atol=1e-6)
     np.testing.assert_allclose(np.load(tmp_path / "mem.npy"), tasks_mem[1])  # the score file: the stream's end
     np.testing.assert_allclose(own, np.where(seen_first, tasks_mem[0], tasks_mem[1]))
+    # the proxies of one continual run (learner 0) against the in-stream estimator of learners 1..5
+    proxies = np.load(tmp_path / "mem_proxies.npz")
+    np.testing.assert_allclose(proxies["reference"], held_out_difference(mask[1:], prob[1][1:]), atol=1e-6)
+    first, inside = models[0], mask[0]
+    events = np.where(first["never_learned_train"], first["forget_events_train"][inside & ~first["never_learned_train"]]
+                      .max(initial=0) + 1, first["forget_events_train"])
+    np.testing.assert_array_equal(proxies["forgetting_events"][inside], events[inside])
+    assert np.isnan(proxies["forgetting_events"][~inside]).all()
+    loss = -np.log(np.clip(prob[:, 0], 1e-7, 1))  # [T, n]: learner 0's label cross-entropy at each boundary
+    expected = np.where(seen_first, loss.sum(0), loss[1])  # task 2's examples from boundary 2 only
+    np.testing.assert_allclose(proxies["cumulative_loss"][inside], expected[inside], rtol=1e-5)
+    assert "## Memorization proxies of one continual run" in (tmp_path / "mem_report" / "report.md").read_text()
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri)
