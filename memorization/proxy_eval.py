@@ -86,6 +86,10 @@ def write_table(rows: list[dict], values: dict, reference: np.ndarray, proxy_tra
                      **agreement(value, reference, relabeled=relabeled, singleton=singleton, n_boot=args.proxy_boot)})
     if not np.isfinite(proxy_train):
         notes.append("This store does not record training times (trained before they were kept): costs are NaN.")
+    else:
+        notes.append("A model's training seconds are its share of its group's (its vectorised ensemble's, "
+                     "--ensemble) time, warm-up of the worker's first group included: trained alone, one model "
+                     "costs more than its share.")
     table = agreement_table(rows)
     path = Path(f"{stem}_proxies.md")
     path.write_text("# Memorization proxies against the subset estimator\n\n" + "\n".join(notes) + "\n\n" + table
