@@ -2,29 +2,15 @@
 per-task memorization matrices, a reading of the numbers, how to reproduce them)."""
 from __future__ import annotations
 
-import os
-import platform
 from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 
+from maer_digits_report import machine  # noqa: E402  (beside this file: the script's folder is on sys.path)
 from utils.mlflow_logger import git_commit
 
 P_LEVEL = 0.05  # the level at which a Welch p-value is read as a difference
-
-
-def machine() -> str:
-    model = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return f"{model}, {cores} CPU cores (shared with other jobs), Python {platform.python_version()}, no GPU"
 
 
 def shown(folder: str) -> str:

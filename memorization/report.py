@@ -39,7 +39,7 @@ def _stats(values: np.ndarray, threshold: float) -> tuple[float, float, float]:
     return float(values.mean()), float(np.median(values)), float(np.mean(values >= threshold))
 
 
-def _save(figure, path: Path, written: list[Path]) -> None:
+def save_figure(figure, path: Path, written: list[Path]) -> None:
     """Save `figure` as a PNG at `path`, always close it, and record the path."""
     try:
         figure.savefig(path, dpi=100)
@@ -334,34 +334,34 @@ def write_report(folder: Path, *, mem: np.ndarray, se: np.ndarray, n_in: np.ndar
     mem = np.asarray(mem, dtype=float)
     noisy_mask = None if noisy_mask is None else np.asarray(noisy_mask, dtype=bool)
     written: list[Path] = []
-    _save(_mem_histogram(mem, noisy_mask, threshold), folder / "mem_histogram.png", written)
+    save_figure(_mem_histogram(mem, noisy_mask, threshold), folder / "mem_histogram.png", written)
     have_images = train_images is not None and train_labels is not None  # eval_splits passes None without a plan
     for most, name in ((True, "most"), (False, "least")) if have_images else ():
         index = rank_examples(mem, grid_size, most=most)
         title = f"{name.capitalize()} memorized ({len(index)} of {int(np.isfinite(mem).sum())} defined)"
-        _save(_image_grid(train_images, train_labels, index, mem, title), folder / f"{name}_memorized.png", written)
+        save_figure(_image_grid(train_images, train_labels, index, mem, title), folder / f"{name}_memorized.png", written)
     if influence is not None:
         if have_images and test_images is not None and test_labels is not None:
             pairs = _top_pairs(influence, len(train_images), len(test_images))
             figure = _influence_pairs(pairs, train_images, train_labels, test_images, test_labels)
-            _save(figure, folder / "influence_pairs.png", written)
-        _save(_influence_histogram(influence), folder / "influence_histogram.png", written)
+            save_figure(figure, folder / "influence_pairs.png", written)
+        save_figure(_influence_histogram(influence), folder / "influence_histogram.png", written)
     epoch_rows: list[dict] = []
     if per_epoch is not None:
         per_epoch_mem = np.asarray(per_epoch["mem"], dtype=float)
-        _save(_mem_per_epoch(per_epoch_mem, list(per_epoch["epochs"])), folder / "mem_per_epoch.png", written)
+        save_figure(_mem_per_epoch(per_epoch_mem, list(per_epoch["epochs"])), folder / "mem_per_epoch.png", written)
         loss = np.asarray(per_epoch["train_loss"], dtype=float)
-        _save(_mem_vs_loss(per_epoch_mem[-1], loss, noisy_mask), folder / "mem_vs_loss.png", written)
+        save_figure(_mem_vs_loss(per_epoch_mem[-1], loss, noisy_mask), folder / "mem_vs_loss.png", written)
         epoch_rows = per_epoch_rows(per_epoch, threshold)
     rows = summary_rows(mem, se, n_in, n_out, influence, noisy_mask, summary, threshold, forgetting)
     if forgetting is not None:
         rho = next(value for key, value in rows if key == "spearman_forgetting_mem")
         figure = _forgetting_vs_mem(mem, np.asarray(forgetting, dtype=float), rho)
-        _save(figure, folder / "forgetting_vs_mem.png", written)
+        save_figure(figure, folder / "forgetting_vs_mem.png", written)
     if datamodels is not None:
         from memorization.datamodels import report_section, scatter_figure
 
-        _save(scatter_figure(datamodels), folder / "datamodel_vs_influence.png", written)
+        save_figure(scatter_figure(datamodels), folder / "datamodel_vs_influence.png", written)
     _write_markdown(folder / "summary.md", rows, epoch_rows,
                     [*(report_section(datamodels) if datamodels else []), *sections])
     written.append(folder / "summary.md")

@@ -11,15 +11,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from memorization.report import save_figure  # noqa: E402
 from utils.plots import task_heatmap  # noqa: E402
-
-
-def _save(figure, path: Path, written: list[Path]) -> None:
-    try:
-        figure.savefig(path, dpi=100)
-    finally:
-        plt.close(figure)
-    written.append(path)
 
 
 def _own_against_final(forgetting: dict, final: np.ndarray):
@@ -62,10 +55,10 @@ def write_stream_report(folder: Path, *, mem: np.ndarray, means: np.ndarray, for
     folder.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
     n_tasks = len(mem)
-    _save(task_heatmap(means, "mean memorization of task i's examples", "memorization", -0.1, 1.0, "{:.2f}",
+    save_figure(task_heatmap(means, "mean memorization of task i's examples", "memorization", -0.1, 1.0, "{:.2f}",
                        "examples of task i"), folder / "memorization_over_tasks.png", written)
-    _save(_own_against_final(forgetting, mem[-1]), folder / "own_task_vs_end.png", written)
-    _save(_forgetting_bars(forgetting, low, args.mem_threshold), folder / "forgetting_by_memorization.png", written)
+    save_figure(_own_against_final(forgetting, mem[-1]), folder / "own_task_vs_end.png", written)
+    save_figure(_forgetting_bars(forgetting, low, args.mem_threshold), folder / "forgetting_by_memorization.png", written)
     lines = ["# Memorization in the stream", "",
              f"{summary['n_models']} learners, {n_tasks} tasks; target: {args.target}. mem_t(i) = mean target of the "
              f"learners that trained on i − of those that did not, after task t, for the examples of tasks 1..t.", "",

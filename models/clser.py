@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from timm.utils import ModelEmaV3
 
 from models import ContinualModel, register_model
 from utils.lifecycle import StepBatch
@@ -55,6 +54,8 @@ class Clser(ContinualModel):
 
     def __init__(self, backbone, dataset, args):
         super().__init__(backbone, dataset, args)
+        from timm.utils import ModelEmaV3  # imported here: timm and torchvision cost every run 2 s to import
+
         self.plastic_model = ModelEmaV3(self.net).requires_grad_(False)
         self.stable_model = ModelEmaV3(self.net).requires_grad_(False)
 

@@ -43,7 +43,6 @@ def test_every_readme_command_is_accepted_and_those_on_embedded_data_run(tmp_pat
     from continual.run import run
     from continual.sweep_spec import load_sweep
     from datasets import DATASETS
-    from memorization.driver import run_plan
     from memorization.eval_driver import score_store
 
     monkeypatch.chdir(tmp_path)  # the README's relative paths (runs/, scores/) land here
@@ -65,7 +64,7 @@ def test_every_readme_command_is_accepted_and_those_on_embedded_data_run(tmp_pat
             args = train_splits.parse_args(argv)
             if DATASETS.get(args.dataset).EMBEDDED:
                 shorter = LOO_SHORTER if args.plan_kind == "loo" else SHORTER[script]
-                run_plan(train_splits.parse_args([*argv, *shorter, *uri]))
+                train_splits.run_plan(train_splits.parse_args([*argv, *shorter, *uri]))
                 ran.append(" ".join(argv))
         elif script == "eval_splits.py":
             args = eval_splits.parse_args(argv)
