@@ -1,7 +1,9 @@
-"""Plasticity covariates: dead/dormant units, feature ranks, attention entropy, weight magnitudes, neuron ages.
+"""Plasticity covariates: dead/dormant units, feature ranks, attention entropy, weight magnitudes, neuron ages,
+gradient norm and distance from initialisation.
 
-Definitions: dormant units as in ReDO (Sokar et al. 2023), effective rank (Roy & Vetterli 2007) and
-stable rank as Dohare et al. (Nature 2024) use them. All statistics come back as flat dicts of floats
+Definitions: dormant units as in ReDO (Sokar et al. 2023), effective rank (Roy & Vetterli 2007: exp of the
+entropy of the singular values normalised to sum 1) and stable rank as Dohare et al. (Nature 2024) and
+Plasticine use them (the number of singular values needed to reach 99% of their sum). All statistics come back as flat dicts of floats
 whose keys are `<statistic>/<group>` per unit group (or attention block `L{i}`) plus an overall
 `<statistic>` (or `<statistic>_mean`), ready to log as metrics.
 """
@@ -210,6 +212,37 @@ def weight_magnitudes(backbone: nn.Module) -> dict[str, float]:
         count += parameter.numel()
     result["weight_mean_abs"] = total / count if count else math.nan
     return result
+
+
+def gradient_norm(backbone: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 256) -> float:
+    """‖∇θ L‖₂: the L2 norm, over every trainable parameter, of the gradient of the mean cross-entropy of the
+    probe examples (labels over all of the network's outputs). The network runs in eval mode, so measuring
+    changes no BatchNorm statistic; the parameters' .grad are left as they were."""
+    params = [p for p in backbone.parameters() if p.requires_grad]
+    was_training = backbone.training
+    backbone.eval()
+    try:
+        total = [torch.zeros_like(p) for p in params]
+        for start in range(0, len(images), batch_size):
+            x, y = images[start:start + batch_size], labels[start:start + batch_size]
+            loss = nn.functional.cross_entropy(backbone(x), y, reduction="sum") / len(images)
+            for acc, grad in zip(total, torch.autograd.grad(loss, params, allow_unused=True)):
+                if grad is not None:
+                    acc += grad
+    finally:
+        backbone.train(was_training)
+    return math.sqrt(sum(g.double().pow(2).sum().item() for g in total))
+
+
+@torch.no_grad()
+def distance_from_init(backbone: nn.Module, initial: list[torch.Tensor]) -> dict[str, float]:
+    """‖θ − θ₀‖₂ over every parameter (θ₀ the parameters the network was initialised with), and the same
+    divided by ‖θ₀‖₂."""
+    params = list(backbone.parameters())
+    squared = sum((p.double() - p0.double()).pow(2).sum().item() for p, p0 in zip(params, initial, strict=True))
+    norm0 = math.sqrt(sum(p0.double().pow(2).sum().item() for p0 in initial))
+    distance = math.sqrt(squared)
+    return {"distance_from_init": distance, "distance_from_init_rel": distance / norm0 if norm0 else math.nan}
 
 
 def _quantile(sorted_values: torch.Tensor, q: float) -> float:

@@ -70,7 +70,7 @@ def train_task(model: ContinualModel, dataset: ContinualDataset, task: int, args
     lifecycle = model.lifecycle
     lifecycle.begin_task(task)
     data = model.training_data(task)
-    probe = data.images[: args.probe_size]
+    probe, probe_labels = data.images[: args.probe_size], data.labels[: args.probe_size]
     n, batch_size = len(data), args.batch_size
     steps = math.ceil(n / batch_size)
     observe = lifecycle.observe if state.forgetting is None else functools.partial(state.forgetting.observe, model.net, lifecycle.observe)
@@ -89,7 +89,7 @@ def train_task(model: ContinualModel, dataset: ContinualDataset, task: int, args
                 loss_sum += loss.detach() * len(rows)
                 n_stepped += len(rows)
                 if args.log_every and model.plasticity.step % args.log_every == 0:
-                    covariates = measure_covariates(model, probe, args)
+                    covariates = measure_covariates(model, probe, probe_labels, args)
                     records.step_measured(model.plasticity.step, covariates)
             if n_stepped and (step % LOSS_REFRESH_STEPS == LOSS_REFRESH_STEPS - 1 or step == steps - 1):
                 running = loss_sum.item() / n_stepped
@@ -106,12 +106,23 @@ def train_task(model: ContinualModel, dataset: ContinualDataset, task: int, args
     lifecycle.end_task(task)
 
 
-def measure_covariates(model: ContinualModel, images: torch.Tensor, args: argparse.Namespace) -> dict[str, float]:
-    """The plasticity covariates now: probe statistics, weight magnitudes and neuron ages."""
-    from continual.covariates import age_statistics, probe_statistics, weight_magnitudes
+def measure_covariates(model: ContinualModel, images: torch.Tensor, labels: torch.Tensor,
+                       args: argparse.Namespace) -> dict[str, float]:
+    """The plasticity covariates now: probe statistics, weight magnitudes, the gradient norm on the probe,
+    the distance from initialisation and neuron ages."""
+    from continual.covariates import (
+        age_statistics,
+        distance_from_init,
+        gradient_norm,
+        probe_statistics,
+        weight_magnitudes,
+    )
 
-    metrics = probe_statistics(model.net, model.dataset.test_transform(images), args.dormant_tau)
+    inputs = model.dataset.test_transform(images)
+    metrics = probe_statistics(model.net, inputs, args.dormant_tau)
     metrics.update(weight_magnitudes(model.net))
+    metrics["grad_norm"] = gradient_norm(model.net, inputs, labels)
+    metrics.update(distance_from_init(model.net, model.plasticity.initial))
     for unit in ("steps", "tokens"):
         metrics.update(age_statistics(model.plasticity.units.monitor.ages(unit), unit))
     return metrics
@@ -158,7 +169,8 @@ def evaluate_task(model: ContinualModel, dataset: ContinualDataset, task: int,
     # Each component's numbers in a section of its own: the plasticity methods', the covariates', the model's.
     metrics.update({f"plasticity/{k}": v for k, v in model.plasticity.task_metrics(task).items()})
     if args.covariates:
-        covariates = measure_covariates(model, dataset.train_split(task).images[: args.probe_size], args)
+        split = dataset.train_split(task)
+        covariates = measure_covariates(model, split.images[: args.probe_size], split.labels[: args.probe_size], args)
         metrics.update({f"covariates/{k}": v for k, v in covariates.items()})
     record = model.task_record(task)
     metrics.update({f"model/{k}": v for k, v in record.get("metrics", {}).items()})

@@ -86,6 +86,8 @@ class Plasticity:
                                   f"{', '.join(c.NAME for c in classes if c.NEEDS_UNITS) or '--covariates'} "
                                   f"needs; use a backbone with hidden-unit groups (mlp, resnet18, vit)")
         self.methods = [c(net, optimizer, self.units, args) for c in classes]
+        # the parameters at initialisation, for the covariates' distance from initialisation
+        self.initial = [p.detach().clone() for p in net.parameters()] if getattr(args, "covariates", False) else None
         self.step = 0
         self._step_at_task_start = 0
 
@@ -130,7 +132,8 @@ class Plasticity:
 
     def state_dict(self) -> dict:
         return {"step": self.step, "methods": [m.state_dict() for m in self.methods],
-                "monitor": self.units.monitor.state_dict() if self.units is not None else None}
+                "monitor": self.units.monitor.state_dict() if self.units is not None else None,
+                "initial": self.initial}
 
     def load_state_dict(self, state: dict) -> None:
         self.step = state["step"]
@@ -138,3 +141,10 @@ class Plasticity:
             method.load_state_dict(method_state)
         if self.units is not None and state["monitor"] is not None:
             self.units.monitor.load_state_dict(state["monitor"])
+        if self.initial is not None:
+            if state.get("initial") is None:
+                raise ConfigError("this checkpoint does not hold the network's initial parameters, which "
+                                  "--covariates measures the distance from; resume without --covariates or start "
+                                  "the run again")
+            for kept, saved in zip(self.initial, state["initial"], strict=True):
+                kept.copy_(saved)

@@ -323,3 +323,54 @@ def test_age_histogram_returns_a_figure_with_one_histogram_per_group():
     assert len(axes.patches) == 2  # one step histogram per group
     assert axes.get_xscale() == "log"
     close(figure)
+
+
+def test_gradient_norm_by_hand_in_eval_mode_in_any_batching():
+    from continual.covariates import gradient_norm
+
+    net = make_mlp("16,16")
+    images, labels = torch.randn(50, 1, 8, 8), torch.arange(50) % 10
+    net.train()
+    params = list(net.parameters())
+    net.eval()
+    grads = torch.autograd.grad(torch.nn.functional.cross_entropy(net(images), labels), params)
+    expected = math.sqrt(sum(g.double().pow(2).sum().item() for g in grads))
+    net.train()
+    for p in params:
+        p.grad = None
+    assert gradient_norm(net, images, labels, batch_size=7) == pytest.approx(expected, rel=1e-5)
+    assert net.training and all(p.grad is None for p in params)  # mode restored, .grad untouched
+
+
+def test_distance_from_init_by_hand():
+    from continual.covariates import distance_from_init
+
+    net = make_mlp("4")
+    initial = [p.detach().clone() for p in net.parameters()]
+    assert distance_from_init(net, initial)["distance_from_init"] == 0
+    with torch.no_grad():
+        first = next(net.parameters())
+        first[0, :3] += torch.tensor([3.0, 0.0, 4.0])  # moves θ by a vector of norm 5
+    result = distance_from_init(net, initial)
+    norm0 = math.sqrt(sum(p.double().pow(2).sum().item() for p in initial))
+    assert result["distance_from_init"] == pytest.approx(5.0)
+    assert result["distance_from_init_rel"] == pytest.approx(5.0 / norm0)
+
+
+def test_a_run_logs_the_distance_from_its_initial_parameters_across_a_resume(tmp_path):
+    from continual.args import parse_args
+    from continual.run import run
+    from utils.mlflow_logger import RecordingLogger
+
+    argv = ["--model", "sgd", "--lr", "0.1", "--n_epochs", "1", "--n_tasks", "2", "--covariates", "--seed", "3",
+            "--non_verbose", "1", "--no_figures", "--checkpoint_dir", str(tmp_path), "--savecheck", "task"]
+    logger = RecordingLogger("whole")
+    run(parse_args(argv), logger=logger)
+    values = {(k, s): v for k, v, _, s in logger.record["metrics"]}
+    assert values["covariates/distance_from_init", 1] > 0 and values["covariates/distance_from_init", 2] > 0
+    assert values["covariates/grad_norm", 2] > 0
+    checkpoint = next(tmp_path.glob("*_task1.pt"))
+    resumed = RecordingLogger("resumed")
+    run(parse_args([*argv, "--resume", str(checkpoint)]), logger=resumed)
+    again = {(k, s): v for k, v, _, s in resumed.record["metrics"]}
+    assert again["covariates/distance_from_init", 2] == values["covariates/distance_from_init", 2]
