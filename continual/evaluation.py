@@ -13,6 +13,18 @@ EVAL_BATCH_SIZE = 512
 # A task-level key is logged at step = the number of tasks trained, so task 1 is the first task.
 TERMINAL_TEST = "terminal_test_acc"  # each task's test accuracy right after it was trained
 TERMINAL_TRAIN = "train_acc/terminal"  # its training-split accuracy then
+# SNR's summary of a long stream (Farias & Jozefiak): the mean terminal test accuracy of its last 10% of tasks,
+# logged at the stream's end by runs of at least LONG_SUMMARY_FROM tasks (averaged over seeds by sweep reports).
+LAST_TENTH = f"{TERMINAL_TEST}_last_10pct"
+LONG_SUMMARY_FROM = 10
+
+
+def last_tenth(terminal: np.ndarray, n_tasks: int) -> dict[str, float]:
+    """{LAST_TENTH: mean of the last ceil(n_tasks / 10) terminal accuracies} once all n_tasks are done, for a
+    stream of at least LONG_SUMMARY_FROM tasks; {} otherwise."""
+    if n_tasks < LONG_SUMMARY_FROM or len(terminal) < n_tasks:
+        return {}
+    return {LAST_TENTH: float(np.mean(terminal[-int(np.ceil(n_tasks / 10)):]))}
 
 
 def per_task_key(family: str, task: int) -> str:
@@ -140,6 +152,8 @@ def logged_summary_metrics(dataset: type[ContinualDataset], n_tasks: int, eval_s
     names = set()
     for name in (TERMINAL_TEST, TERMINAL_TRAIN):
         names |= {name, *(f"{name}_last_{k}" for k in windows(last_k, n_tasks))}
+    if n_tasks >= LONG_SUMMARY_FROM:
+        names.add(LAST_TENTH)
     if eval_scope == "seen":
         for setting in settings_of(dataset):
             names.add(f"acc_{setting}")

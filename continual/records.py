@@ -22,7 +22,15 @@ import time
 
 import numpy as np
 
-from continual.evaluation import TERMINAL_TEST, TERMINAL_TRAIN, settings_of, summary_metrics, windows
+from continual.evaluation import (
+    LAST_TENTH,
+    TERMINAL_TEST,
+    TERMINAL_TRAIN,
+    last_tenth,
+    settings_of,
+    summary_metrics,
+    windows,
+)
 from utils.plots import (
     accuracy_heatmap,
     close,
@@ -105,6 +113,10 @@ def summary_table(state, args: argparse.Namespace) -> str:
             means += [f"last {k}: {np.mean(values[-k:]):.2f}" for k in windows(args.last_k, n_tasks)
                       if len(values) >= k]
             lines.append(f"{label} (%), mean over " + "  ".join(means))
+        summary = last_tenth(np.asarray(state.history.get(TERMINAL_TEST, [])), n_tasks)
+        if summary:
+            lines.append(f"SNR's summary, mean terminal test accuracy of the last 10% of tasks ({LAST_TENTH}): "
+                         f"{summary[LAST_TENTH]:.2f}")
         return "\n".join(lines)
     last = state.next_task - 1
     for setting, matrix in state.matrices.items():

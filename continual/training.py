@@ -27,6 +27,7 @@ from continual.evaluation import (
     empty_matrix,
     evaluate,
     is_per_task,
+    last_tenth,
     per_task_key,
     settings_of,
     summary_metrics,
@@ -158,6 +159,7 @@ def evaluate_task(model: ContinualModel, dataset: ContinualDataset, task: int,
     train_accuracy = state.history.get(TERMINAL_TRAIN, [])[:task] + [training_accuracy(model, dataset, task)]
     logged_windows = windows(args.last_k, dataset.n_tasks)
     metrics.update(terminal_metrics(state.terminal_accuracy(main_setting), TERMINAL_TEST, logged_windows))
+    metrics.update(last_tenth(state.terminal_accuracy(main_setting), dataset.n_tasks))
     metrics.update(terminal_metrics(np.array(train_accuracy), TERMINAL_TRAIN, logged_windows))
     if dataset.mem_scores is not None:
         for bucket, values in accuracy_by_bucket(model, dataset, task, dataset.mem_scores,

@@ -66,3 +66,26 @@ def test_class_il_and_task_il_come_from_the_same_logits():
     # task 1's examples predict class 4/5, which is unseen, so the masked argmax falls back to the label.
     assert accuracy["class_il"].tolist() == [0.0, 100.0]
     assert accuracy["task_il"].tolist() == [100.0, 100.0]
+
+
+def test_snrs_summary_is_the_mean_terminal_accuracy_of_the_last_tenth_of_a_long_stream():
+    from continual.evaluation import LAST_TENTH, last_tenth
+
+    terminal = np.arange(1.0, 26.0)  # 25 tasks: the last ceil(2.5) = 3
+    assert last_tenth(terminal, 25) == {LAST_TENTH: np.mean([23.0, 24.0, 25.0])}
+    assert last_tenth(terminal[:24], 25) == {}  # only at the stream's end
+    assert last_tenth(np.arange(1.0, 6.0), 5) == {}  # not a long stream
+
+
+def test_a_long_stream_logs_snrs_summary_at_its_end():
+    from continual.args import parse_args
+    from continual.run import run
+    from utils.mlflow_logger import RecordingLogger
+
+    logger = RecordingLogger("long")
+    run(parse_args(["--model", "sgd", "--dataset", "random-label-digits", "--n_tasks", "20", "--n_epochs", "1",
+                    "--lr", "0.1", "--seed", "0", "--non_verbose", "1", "--no_figures"]), logger=logger)
+    logged = [(k, s, v) for k, v, _, s in logger.record["metrics"]]
+    terminal = {s: v for k, s, v in logged if k == "terminal_test_acc"}
+    summary = [(s, v) for k, s, v in logged if k == "terminal_test_acc_last_10pct"]
+    assert summary == [(20, pytest.approx((terminal[19] + terminal[20]) / 2))]  # once, over the last 2 of 20

@@ -149,7 +149,8 @@ def test_a_window_is_logged_only_for_runs_longer_than_it():
         "terminal_test_acc", "train_acc/terminal", "acc_class_il", "acc_task_il", "forgetting_class_il",
         "forgetting_task_il", "bwt_class_il", "bwt_task_il"}
     assert logged_summary_metrics(DATASETS.get("random-label-digits"), 20, "current", [50, 5]) == {
-        "terminal_test_acc", "terminal_test_acc_last_5", "train_acc/terminal", "train_acc/terminal_last_5"}
+        "terminal_test_acc", "terminal_test_acc_last_5", "train_acc/terminal", "train_acc/terminal_last_5",
+        "terminal_test_acc_last_10pct"}  # SNR's summary of a stream of 10 tasks or more
     assert logged_summary_metrics(digits, 1, "seen", [50]) == {"terminal_test_acc", "train_acc/terminal",
                                                                "acc_class_il", "acc_task_il"}
 
