@@ -21,7 +21,8 @@ def default_init(dataset: str | None) -> str:
 
 @register_backbone("mlp")
 class MLP(Backbone):
-    """Input flattened → [Linear → ReLU] × len(hidden sizes) → Linear head (Mammoth's 100-100 by default)."""
+    """Input flattened → [Linear → (LayerNorm) → ReLU] × len(hidden sizes) → Linear head (Mammoth's 100-100 by
+    default; --mlp_norm layernorm adds the LayerNorm, Plasticine's LayerNorm-in-the-backbone variant)."""
 
     @staticmethod
     def add_args(parser):
@@ -33,6 +34,10 @@ class MLP(Backbone):
                                  "Mammoth's MNISTMLP) or torch (PyTorch's nn.Linear default, weights and "
                                  "biases uniform within 1/sqrt(fan_in)); default: xavier on Mammoth's "
                                  f"datasets ({', '.join(MAMMOTH_DATASETS)}), torch on the others")
+        parser.add_argument("--mlp_norm", choices=("none", "layernorm"), default="none",
+                            help="layernorm: a LayerNorm (learned scale and shift per unit) between each hidden "
+                                 "layer and its ReLU, which keeps pre-activations normalised as plasticity "
+                                 "studies (Plasticine, Lyle et al. 2024) use it")
 
     @staticmethod
     def check_args(args):
@@ -46,6 +51,8 @@ class MLP(Backbone):
         self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(widths[:-1], widths[1:]))
         # One ReLU module per layer, so each layer's activations can be observed on its own.
         self.activations = nn.ModuleList(nn.ReLU() for _ in self.layers)
+        self.norms = nn.ModuleList(nn.LayerNorm(w) for w in widths[1:]) if getattr(args, "mlp_norm", "none") == \
+            "layernorm" else None
         self.head = nn.Linear(widths[-1], n_classes)
         if self.init == "xavier":
             # As Mammoth: the layers are built (drawing PyTorch's initialisation), then redrawn in
@@ -64,8 +71,9 @@ class MLP(Backbone):
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         x = x.flatten(1)
-        for layer, act in zip(self.layers, self.activations):
-            x = act(layer(x))
+        for i, (layer, act) in enumerate(zip(self.layers, self.activations)):
+            x = layer(x)
+            x = act(x if self.norms is None else self.norms[i](x))
         return x
 
     def hidden_units(self) -> list[UnitGroup]:
@@ -74,7 +82,8 @@ class MLP(Backbone):
             UnitGroup(
                 name=f"layers.{i}",
                 n_units=layer.out_features,
-                incoming=[(layer.weight, 0), (layer.bias, 0)],
+                incoming=[(layer.weight, 0), (layer.bias, 0),
+                          *([] if self.norms is None else [(self.norms[i].weight, 0), (self.norms[i].bias, 0)])],
                 outgoing=[(reader.weight, 1)],
                 activation=act,
             )

@@ -39,6 +39,9 @@ from utils.mlflow_logger import RunLogger, default_tracking_uri, environment_tag
 from utils.registry import declared_flags
 
 
+BACKBONE_FLAGS_ADDED = {"mlp_norm": "none"}
+
+
 def loo_example_indices(spec: str, train_indices: np.ndarray, n_total: int, args: argparse.Namespace) -> np.ndarray:
     """The training examples a leave-one-out plan leaves out, as sorted dataset indices, from --loo_examples:
     'random:N' (N of the plan's examples, drawn with --seed), indices and ranges such as '0-99,512', or a
@@ -120,7 +123,10 @@ def make_plan(args: argparse.Namespace) -> Plan:
         model_seed = np.random.default_rng([args.seed, 6]).integers(0, 2**31 - 1, len(masks))
     input_noise = np.zeros(len(labels), dtype=bool)
     input_noise[np.random.default_rng([args.seed, 4]).permutation(len(labels))[:round(args.input_noise * len(labels))]] = True
-    backbone_args = {dest: getattr(args, dest) for dest in declared_flags(BACKBONES.get(args.backbone))}
+    # A backbone flag added after the first stores is recorded only where it differs from what they were built with
+    # (BACKBONE_FLAGS_ADDED), so their plans keep their hash; the backbone reads the default when it is absent.
+    backbone_args = {dest: getattr(args, dest) for dest in declared_flags(BACKBONES.get(args.backbone))
+                     if BACKBONE_FLAGS_ADDED.get(dest, object()) != getattr(args, dest)}
     settings = {
         "dataset": args.dataset, "classes": args.classes, "n_train": n, "n_train_total": len(labels),
         "n_test": len(class_rows(dataset.test.labels.numpy(), args.classes)),

@@ -160,8 +160,9 @@ class Ensemble:
 
 
 def build_ensemble(nets: list[nn.Module], training: argparse.Namespace) -> Ensemble | StackedMLP:
-    """The stacked path for the mlp backbone, the vmapped one for every other."""
-    return StackedMLP(nets, training) if isinstance(nets[0], MLP) else Ensemble(nets, training)
+    """The stacked path for the plain mlp backbone (Linear and ReLU only), the vmapped one for every other."""
+    plain = isinstance(nets[0], MLP) and nets[0].norms is None
+    return StackedMLP(nets, training) if plain else Ensemble(nets, training)
 
 
 def autocast(device: torch.device):
