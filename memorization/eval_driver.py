@@ -78,6 +78,20 @@ def load_store(store: SubsetStore, plan, args: argparse.Namespace) -> dict:
             "plan_data": plan_data}
 
 
+def refuse_flags_the_store_cannot_use(args: argparse.Namespace, kind: str) -> None:
+    """Flags of subset stores that a leave-one-out or stream store has no data for end the evaluation in one
+    sentence instead of being ignored."""
+    unusable = {"--influence_full": args.influence_full, "--lds_holdout": args.lds_holdout,
+                "--lds_store": args.lds_store, "--loo_store": args.loo_store,
+                # a leave-one-out store says itself why it has no datamodels (memorization/loo.py)
+                **({"--proxies": args.proxies} if kind == "loo" else {"--datamodels": args.datamodels})}
+    given = [flag for flag, value in unusable.items() if value]
+    if given:
+        what = ("a leave-one-out store has one model per left-out example and seed, not random subsets"
+                if kind == "loo" else "a stream store's influence changes at every task boundary")
+        raise ConfigError(f"{given[0]} scores subset stores, and {what}; drop it")
+
+
 def load_released(run_dir: Path, args: argparse.Namespace) -> dict:
     if getattr(args, "datamodels", False):
         raise ConfigError("--datamodels needs each model's margin (probabilities or logits), and released "
@@ -99,6 +113,8 @@ def score_store(args: argparse.Namespace) -> dict:
     if (run_dir / "plan.json").exists():
         store = SubsetStore(run_dir)
         plan = store.load_plan()  # read once: at full size its masks are gigabytes' worth of bools
+        if is_loo(plan) or plan.kind == "stream":
+            refuse_flags_the_store_cannot_use(args, plan.kind)
         if is_loo(plan):
             result, summary, sidecar, files, report = score_loo_store(args, store, plan)
             log_to_mlflow(args, result["scores"], plan, summary, sidecar, files, report, started)
@@ -106,9 +122,6 @@ def score_store(args: argparse.Namespace) -> dict:
         if plan.kind == "stream":
             from memorization.stream_eval import score_stream_store
 
-            if requested(args):
-                raise ConfigError("--lds_holdout, --lds_store and --loo_store score subset stores; a stream store's "
-                                  "influence changes at every task boundary")
 
             result, summary, sidecar, files, report = score_stream_store(args, store, plan)
             log_to_mlflow(args, result["scores"], plan, summary, sidecar, files, report, started, result["series"])

@@ -25,7 +25,7 @@ import numpy as np
 
 from memorization.estimator import auroc, influence, memorization
 from memorization.plan import Plan, fingerprint
-from memorization.score_format import counts_in_dataset_order, save_scores
+from memorization.score_format import compare_with, counts_in_dataset_order, save_scores
 from memorization.store import CorruptModelFile, SubsetStore
 from utils.errors import ConfigError
 
@@ -159,6 +159,8 @@ def score_stream_store(args: argparse.Namespace, store: SubsetStore, plan: Plan)
     boundaries = per_boundary(data["mask"], data["train"], data["test"], tasks, test_tasks, args.influence_topk,
                               args.influence_threshold)
     mem = boundaries["mem"]
+    # Everything that can refuse the evaluation runs before the first file is written.
+    spearman_with_compare = compare_with(args.compare, mem[-1]) if args.compare else None
     forgetting = forgetting_by_memorization(data["mask"], data["correct"], mem, tasks, args.mem_threshold)
     means = task_means(mem, tasks)
     n_in = data["mask"].sum(0)
@@ -191,6 +193,8 @@ def score_stream_store(args: argparse.Namespace, store: SubsetStore, plan: Plan)
                "learner_seconds_mean": float(np.nanmean(data["seconds"])) if np.isfinite(data["seconds"]).any()
                else float("nan"),
                "final_accuracy_mean": float(np.nanmean(data["accuracy"][:, -1]))} | forgetting["summary"]
+    if spearman_with_compare is not None:
+        summary["spearman_with_compare"] = spearman_with_compare
     if plan.noisy_mask.any():
         summary["auroc_relabeled"] = auroc(final, plan.noisy_mask)
         summary["auroc_relabeled_own_task"] = auroc(forgetting["mem_own"], plan.noisy_mask)

@@ -87,3 +87,12 @@ def test_held_out_models_from_a_second_store_and_the_refusals(stores, tmp_path):
         "--run_dir", str(folder / "subsets"), "--out", str(tmp_path / "m.npy"), "--lds_store",
         str(folder / "subsets"), "--tracking_uri", tracking]))
     assert result["summary"]["lds_models"] == 12 and result["summary"]["lds_influence"] > 0.2
+
+
+def test_subset_only_flags_on_a_leave_one_out_store_are_refused(stores, tmp_path):
+    folder, tracking = stores
+    for flag in (["--proxies"], ["--lds_holdout", "0.3"], ["--influence_full"]):
+        with pytest.raises(ConfigError, match=f"{flag[0]} scores subset stores, and a leave-one-out store"):
+            eval_splits.score_store(eval_splits.parse_args(["--run_dir", str(folder / "loo"), "--out",
+                                                            str(tmp_path / "m.npy"), *flag, "--tracking_uri",
+                                                            tracking]))

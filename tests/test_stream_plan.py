@@ -94,6 +94,15 @@ def test_one_task_stream_equals_the_stationary_estimator(tmp_path, tracking_uri)
     np.testing.assert_allclose(np.load(tmp_path / "mem_se.npy"), stationary["se"], rtol=1e-4)
     sidecar = json.loads((tmp_path / "mem.json").read_text())
     assert sidecar["estimator"] == "stream" and sidecar["n_models"] == 6
+    # --compare works as for subset stores; flags a stream store has no data for are refused, not ignored
+    again = eval_splits.score_store(eval_splits.parse_args(["--run_dir", str(out), "--out", str(tmp_path / "b.npy"),
+                                                            "--compare", str(tmp_path / "mem.npy"),
+                                                            "--tracking_uri", tracking_uri]))
+    assert again["summary"]["spearman_with_compare"] == pytest.approx(1.0)
+    for flag in (["--datamodels"], ["--influence_full"], ["--lds_holdout", "0.3"]):
+        with pytest.raises(ConfigError, match=f"{flag[0]} scores subset stores"):
+            eval_splits.score_store(eval_splits.parse_args(["--run_dir", str(out), "--out", str(tmp_path / "c.npy"),
+                                                            *flag, "--tracking_uri", tracking_uri]))
 
 
 def test_a_stream_store_resumes_to_the_same_bits_and_shares_groups_through_claims(tmp_path, tracking_uri):
