@@ -68,6 +68,21 @@ def held_out_store(args: argparse.Namespace, plan, load_store) -> dict:
     return {"mask": data["mask"], "test": data["test"][-1], "model_ids": data["model_ids"], "margin": data.get("margin")}
 
 
+def loo_store_of(args: argparse.Namespace, plan):
+    """--loo_store's store and plan, checked to be a leave-one-out store of the same data (run before any file
+    of the evaluation is written)."""
+    store = SubsetStore(args.loo_store)
+    loo_plan = store.load_plan()
+    if not is_loo(loo_plan):
+        raise ConfigError(f"--loo_store {args.loo_store} is not a leave-one-out store; pass the --out of "
+                          f"train_splits.py --plan_kind loo on the same dataset")
+    if loo_plan.settings["label_fingerprint"] != plan.settings["label_fingerprint"] or \
+            loo_plan.settings["n_test"] != plan.settings["n_test"]:
+        raise ConfigError(f"--loo_store {args.loo_store} holds models of other data (labels or test set differ); "
+                          f"pass a leave-one-out store of the same dataset")
+    return store, loo_plan
+
+
 def dense_datamodels(path: Path, rows: np.ndarray, n_test: int) -> np.ndarray:
     """θ [n_train, n_test] from a NAME_datamodels.npz (COO with training examples as dataset indices)."""
     with np.load(path) as stored:
@@ -98,15 +113,7 @@ def score_attribution(args: argparse.Namespace, plan, held: dict | None, influen
             lines.append(f"Datamodels (on the margin they fit): LDS {fitted['lds']:.3f} over {fitted['n_defined']} "
                          f"test examples.")
     if args.loo_store:
-        store = SubsetStore(args.loo_store)
-        loo_plan = store.load_plan()
-        if not is_loo(loo_plan):
-            raise ConfigError(f"--loo_store {args.loo_store} is not a leave-one-out store; pass the --out of "
-                              f"train_splits.py --plan_kind loo on the same dataset")
-        if loo_plan.settings["label_fingerprint"] != plan.settings["label_fingerprint"] or \
-                loo_plan.settings["n_test"] != plan.settings["n_test"]:
-            raise ConfigError(f"--loo_store {args.loo_store} holds models of other data (labels or test set differ); "
-                              f"pass a leave-one-out store of the same dataset")
+        store, loo_plan = loo_store_of(args, plan)
         loo = read_loo_store(store, loo_plan, args.target, allow_partial=True)
         left_out = loo_plan.train_indices[loo["positions"]]
         inside = np.isin(left_out, plan.train_indices)

@@ -8,12 +8,12 @@ from pathlib import Path
 
 import numpy as np
 
-from memorization.attribution_eval import hold_out, held_out_store, requested, score_attribution
+from memorization.attribution_eval import hold_out, held_out_store, loo_store_of, requested, score_attribution
 from memorization.datamodels import check_enough_models, stored_margin, write_datamodels
 from memorization.estimator import auroc, consistency_scores, influence, memorization
 from memorization.forgetting import write_pooled_scores
 from memorization.loo import score_loo_store
-from memorization.proxy_eval import score_proxies
+from memorization.proxy_eval import check_proxy_models, score_proxies
 from memorization.plan import is_loo
 from memorization.released_runs import find_released_runs, read_released_runs
 from memorization.report import write_report
@@ -129,6 +129,10 @@ def score_store(args: argparse.Namespace) -> dict:
         data = load_store(store, plan, args)
         held = (hold_out(data, args.lds_holdout) if args.lds_holdout else
                 held_out_store(args, plan, load_store) if args.lds_store else None)
+        if args.loo_store:
+            loo_store_of(args, plan)  # checked before the first file is written
+        if args.proxies:
+            check_proxy_models(len(data["model_ids"]), args.proxy_models)
     elif find_released_runs(run_dir):
         held = None
         if requested(args) or args.proxies:

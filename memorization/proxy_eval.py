@@ -33,6 +33,13 @@ def _timed(compute):
     return value, time.perf_counter() - started
 
 
+def check_proxy_models(n_models: int, count: int) -> None:
+    """The proxies take `count` models and the estimator at least two others."""
+    if n_models < count + 2:
+        raise ConfigError(f"--proxies uses {count} model(s) for the proxies and the others for the estimator, but "
+                          f"the store has {n_models}; train more models or lower --proxy_models")
+
+
 def proxy_values(models: list[dict], included: np.ndarray, epochs: list[int]) -> dict[str, tuple[np.ndarray, float]]:
     """Each proxy pooled over the proxy models (NaN where none trained on the example), with its compute seconds."""
     def per_model(compute) -> np.ndarray:
@@ -58,9 +65,7 @@ def score_proxies(store: SubsetStore, plan, data: dict, args: argparse.Namespace
     """The proxy table (rows, markdown, summary metrics) and the proxies' values file; see the module docstring."""
     count = args.proxy_models
     ids, mask, target = data["model_ids"], data["mask"], data["train"][-1]
-    if len(ids) < count + 2:
-        raise ConfigError(f"--proxies uses {count} model(s) for the proxies and the others for the estimator, but "
-                          f"the store has {len(ids)}; train more models or lower --proxy_models")
+    check_proxy_models(len(ids), count)
     models = [store.read_model(model_id, plan) for model_id in ids[:count]]
     reference, estimator_seconds = _timed(lambda: memorization(mask[count:], target[count:])["mem"])
     seconds = store.training_seconds()
@@ -115,9 +120,7 @@ def score_stream_proxies(store: SubsetStore, plan, data: dict, tasks: np.ndarray
     estimator of the other learners at the stream's end."""
     count = args.proxy_models
     ids, mask = data["model_ids"], data["mask"]
-    if len(ids) < count + 2:
-        raise ConfigError(f"--proxies uses {count} learner(s) for the proxies and the others for the estimator, but "
-                          f"the store has {len(ids)}; train more learners or lower --proxy_models")
+    check_proxy_models(len(ids), count)
     models = [store.read_model(model_id, plan) for model_id in ids[:count]]
     if not all("forget_events_train" in m for m in models):
         raise ConfigError(f"{store.folder}'s learners did not record forgetting events (trained before they were "

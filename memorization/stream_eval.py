@@ -161,6 +161,10 @@ def score_stream_store(args: argparse.Namespace, store: SubsetStore, plan: Plan)
     mem = boundaries["mem"]
     # Everything that can refuse the evaluation runs before the first file is written.
     spearman_with_compare = compare_with(args.compare, mem[-1]) if args.compare else None
+    if args.proxies:
+        from memorization.proxy_eval import check_proxy_models
+
+        check_proxy_models(len(data["model_ids"]), args.proxy_models)
     forgetting = forgetting_by_memorization(data["mask"], data["correct"], mem, tasks, args.mem_threshold)
     means = task_means(mem, tasks)
     n_in = data["mask"].sum(0)

@@ -96,3 +96,16 @@ def test_subset_only_flags_on_a_leave_one_out_store_are_refused(stores, tmp_path
             eval_splits.score_store(eval_splits.parse_args(["--run_dir", str(folder / "loo"), "--out",
                                                             str(tmp_path / "m.npy"), *flag, "--tracking_uri",
                                                             tracking]))
+
+
+def test_a_loo_store_of_other_data_is_refused_before_any_file_is_written(stores, tmp_path):
+    folder, tracking = stores
+    other = tmp_path / "other_loo"
+    run_plan(train_splits.parse_args([*COMMON, "--n_epochs", "1", "--label_noise", "0.1", "--plan_kind", "loo",
+                                      "--loo_examples", "random:1", "--loo_seeds", "1", "--out", str(other),
+                                      "--tracking_uri", tracking]))
+    with pytest.raises(ConfigError, match="holds models of other data"):
+        eval_splits.score_store(eval_splits.parse_args(["--run_dir", str(folder / "subsets"), "--out",
+                                                        str(tmp_path / "out" / "m.npy"), "--loo_store", str(other),
+                                                        "--tracking_uri", tracking]))
+    assert not (tmp_path / "out").exists()
