@@ -124,5 +124,9 @@ class Backbone(nn.Module):
         return self.head(self.features(x))
 
 
+# Backbone flags added after runs, checkpoints and subset-training stores were made, with the value those were made
+# with: a record without such a flag is read as having it at this value (a checkpoint resumes, a plan keeps its hash).
+FLAGS_ADDED = {"mlp_norm": "none"}
+
 BACKBONES: Registry[Backbone] = Registry("backbone", "backbones")
 register_backbone = BACKBONES.register

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 import yaml
 
-from backbones import BACKBONES
+from backbones import BACKBONES, FLAGS_ADDED
 from buffer_policies import BUFFER_POLICIES
 from continual.args import computational_config
 from continual.forgetting import StreamRecorder, log_forgetting
@@ -167,7 +167,7 @@ def _run(args: argparse.Namespace, logger: RunLogger | RecordingLogger | None, c
     if checkpoint is not None:
         if args.seed is None:
             args.seed = checkpoint["config"]["seed"]
-        check_same_config(args.resume, checkpoint["config"], computational_config(args))
+        check_same_config(args.resume, checkpoint["config"], computational_config(args), FLAGS_ADDED)
     elif args.seed is None:
         args.seed = secrets.randbelow(2**31 - 1)
     if logger is None:

@@ -30,6 +30,7 @@ def run_cell(key: str, argv: list[str], checkpoint_dir: str, threads: int | None
     `ended` (seconds since the epoch), and the `seconds` this attempt took."""
     from continual.args import computational_config, parse_args
     from continual.run import run
+    from backbones import FLAGS_ADDED
     from utils.checkpoint import check_same_config, load_checkpoint
 
     checkpoint = Path(checkpoint_dir) / f"{key}.pt"
@@ -42,7 +43,8 @@ def run_cell(key: str, argv: list[str], checkpoint_dir: str, threads: int | None
         args = parse_args(argv)
         if checkpoint.exists():
             try:
-                check_same_config(checkpoint, load_checkpoint(checkpoint)["config"], computational_config(args))
+                check_same_config(checkpoint, load_checkpoint(checkpoint)["config"], computational_config(args),
+                                  FLAGS_ADDED)
                 args.resume = str(checkpoint)
             except ConfigError as problem:  # corrupt, or written for another device: kept aside, the cell restarts
                 checkpoint.rename(checkpoint.with_name(checkpoint.name + ".refused"))

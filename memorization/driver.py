@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from backbones import BACKBONES
+from backbones import BACKBONES, FLAGS_ADDED
 from datasets import DATASETS
 from utils.claims import Claims, driver_gone
 from memorization.plan import (
@@ -37,9 +37,6 @@ from utils.errors import ConfigError
 from utils.launchers import check_launcher, run_jobs
 from utils.mlflow_logger import RunLogger, default_tracking_uri, environment_tags
 from utils.registry import declared_flags
-
-
-BACKBONE_FLAGS_ADDED = {"mlp_norm": "none"}
 
 
 def loo_example_indices(spec: str, train_indices: np.ndarray, n_total: int, args: argparse.Namespace) -> np.ndarray:
@@ -124,9 +121,9 @@ def make_plan(args: argparse.Namespace) -> Plan:
     input_noise = np.zeros(len(labels), dtype=bool)
     input_noise[np.random.default_rng([args.seed, 4]).permutation(len(labels))[:round(args.input_noise * len(labels))]] = True
     # A backbone flag added after the first stores is recorded only where it differs from what they were built with
-    # (BACKBONE_FLAGS_ADDED), so their plans keep their hash; the backbone reads the default when it is absent.
+    # (FLAGS_ADDED), so their plans keep their hash; the backbone reads that value when the flag is absent.
     backbone_args = {dest: getattr(args, dest) for dest in declared_flags(BACKBONES.get(args.backbone))
-                     if BACKBONE_FLAGS_ADDED.get(dest, object()) != getattr(args, dest)}
+                     if FLAGS_ADDED.get(dest, object()) != getattr(args, dest)}
     settings = {
         "dataset": args.dataset, "classes": args.classes, "n_train": n, "n_train_total": len(labels),
         "n_test": len(class_rows(dataset.test.labels.numpy(), args.classes)),

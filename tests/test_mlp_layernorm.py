@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+import numpy as np
+import pytest
 import torch
 
 from backbones import BACKBONES
@@ -56,3 +58,23 @@ def test_subset_training_takes_the_vmapped_path_for_it():
     assert isinstance(ensemble, Ensemble)  # the stacked kernels know no LayerNorm
     x = torch.randn(2, 3, 1, 2, 2)
     torch.testing.assert_close(ensemble(x)[0], make("layernorm")(x[0]))
+
+
+def test_a_checkpoint_written_before_the_flag_resumes_as_a_plain_mlp(tmp_path):
+    from continual.args import parse_args
+    from continual.run import run
+    from utils.checkpoint import load_checkpoint, save_checkpoint
+    from utils.errors import ConfigError
+    from utils.mlflow_logger import RecordingLogger
+
+    argv = ["--model", "sgd", "--lr", "0.1", "--n_epochs", "1", "--n_tasks", "2", "--seed", "1", "--non_verbose",
+            "1", "--no_figures", "--savecheck", "task", "--checkpoint_dir", str(tmp_path)]
+    whole = run(parse_args(argv), logger=RecordingLogger("whole"))
+    path = next(tmp_path.glob("*_task1.pt"))
+    checkpoint = load_checkpoint(path)
+    del checkpoint["config"]["mlp_norm"]  # as written before --mlp_norm existed
+    save_checkpoint(path, checkpoint)
+    resumed = run(parse_args([*argv, "--resume", str(path)]), logger=RecordingLogger("resumed"))
+    np.testing.assert_array_equal(resumed.matrices["class_il"], whole.matrices["class_il"])
+    with pytest.raises(ConfigError, match="--mlp_norm 'none' in the checkpoint, 'layernorm' now"):
+        run(parse_args([*argv, "--resume", str(path), "--mlp_norm", "layernorm"]), logger=RecordingLogger("other"))

@@ -60,8 +60,11 @@ def load_checkpoint(path: str | Path) -> dict:
     return payload
 
 
-def check_same_config(path: str | Path, saved: dict, current: dict) -> None:
-    """Refuse to continue a run whose results-determining arguments differ from the checkpoint's."""
+def check_same_config(path: str | Path, saved: dict, current: dict, added: dict | None = None) -> None:
+    """Refuse to continue a run whose results-determining arguments differ from the checkpoint's. `added` maps flags
+    added after the checkpoint may have been written to the value it ran with: a flag of the current run that the
+    checkpoint lacks is read at that value."""
+    saved = {**{k: v for k, v in (added or {}).items() if k in current}, **saved}
     keys = sorted(set(saved) | set(current))
     differences = [f"--{k} {saved.get(k)!r} in the checkpoint, {current.get(k)!r} now"
                    for k in keys if saved.get(k) != current.get(k)]
