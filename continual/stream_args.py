@@ -27,8 +27,10 @@ NOT_IN_STREAM = ("classes", "input_noise", "split_sampling", "loo_examples", "lo
                  "ensemble", "config")
 # main.py flags a learner does not take: where to log, checkpoint or resume (the store does all three), its seed
 # (the plan's), its device and thread count (train_splits.py's own).
-NOT_FOR_LEARNERS = ("seed", "device", "num_threads", "resume", "savecheck", "checkpoint_dir", "tracking_uri",
-                    "experiment_name", "run_name")
+NOT_FOR_LEARNERS = ("seed", "device", "num_threads", "resume", "loadcheck", "savecheck", "checkpoint_dir",
+                    "tracking_uri", "experiment_name", "run_name")
+# main.py flags whose numbers a learner's record has no place for (it keeps predictions, not MLflow metrics).
+NOT_RECORDED = ("covariates", "log_every")
 # main.py settings that say where or how verbosely a learner runs, not what it computes.
 LOCAL = ("data_path", "download", "non_verbose", "figures", "seed", "device", "num_threads")
 
@@ -52,6 +54,10 @@ def parse_stream_args(argv: list[str], family: Callable) -> argparse.Namespace:
         if flag in given_flags(rest):
             raise ConfigError(f"--{flag} is chosen by the stream plan for each learner (the store keeps its "
                               f"predictions, the plan seeds it); drop it")
+    for flag in NOT_RECORDED:
+        if flag in given_flags(rest):
+            raise ConfigError(f"--{flag} logs a main.py run's metrics, and a stream learner's record keeps its "
+                              f"predictions only; drop it (or run main.py for them)")
     if args.cl_model is None:
         raise ConfigError("--plan_kind stream needs --cl_model, the continual-learning method each learner runs "
                           "(a main.py --model, e.g. er with --buffer_size 200)")

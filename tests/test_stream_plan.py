@@ -146,6 +146,8 @@ def test_forgetting_by_memorization_by_hand():
     (["--dataset", "perm-digits"], "domain-incremental"),
     (["--record_epochs", "1"], "--record_epochs sets stationary subset plans"),
     (["--savecheck"], "--savecheck is chosen by the stream plan"),
+    (["--loadcheck", "x.pt"], "--loadcheck is chosen by the stream plan"),
+    (["--covariates"], "--covariates logs a main.py run's metrics"),
     (["--subset_ratio", "0.5,0.7"], "one --subset_ratio"),
 ])
 def test_stream_plan_flags_that_cannot_apply_are_refused_in_one_sentence(tmp_path, extra, sentence):
