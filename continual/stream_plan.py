@@ -32,11 +32,10 @@ PREDICTION_BATCH = 1024
 
 def make_stream_plan(args: argparse.Namespace) -> Plan:
     """The stream plan of the arguments: per-task balanced subsets, learner seeds, the continual configuration."""
-    from continual.run import build
+    from datasets import DATASETS
 
     learner = learner_args(args.continual_argv, seed=args.seed, device="cpu", data_path=args.data_path)
-    with contextlib.redirect_stdout(io.StringIO()):
-        dataset, _, _ = build(learner)  # the dataset as main.py builds it with the plan's seed
+    dataset = DATASETS.get(learner.dataset)(learner)  # as main.py builds it with the plan's seed; no model needed
     tasks = example_tasks(dataset)
     labels = dataset.train.labels.cpu().numpy()
     rng = np.random.default_rng([args.seed, 5])
@@ -90,9 +89,10 @@ def train_learner(plan: Plan, model_id: int, data_path: str, device: str, on_tas
     settings = plan.settings
     args = learner_args(settings["continual_argv"], seed=int(plan.model_seed[model_id]), device=device,
                         data_path=data_path)
-    if continual_config(args) != settings["continual"]:
-        changed = sorted(k for k in set(settings["continual"]) | set(continual_config(args))
-                         if settings["continual"].get(k) != continual_config(args).get(k))
+    resolved = continual_config(args)
+    if resolved != settings["continual"]:
+        changed = sorted(k for k in set(settings["continual"]) | set(resolved)
+                         if settings["continual"].get(k) != resolved.get(k))
         raise ConfigError(f"main.py resolves this stream plan's flags differently now ({', '.join(changed)}); its "
                           f"learners would not be the plan's: train the plan again into a new --out")
     keep = np.zeros(settings["n_train"], dtype=bool)
