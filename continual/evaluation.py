@@ -43,17 +43,37 @@ def settings_of(dataset: ContinualDataset) -> list[str]:
     return ["domain_il"] if dataset.SETTING == "domain-il" else ["class_il", "task_il"]
 
 
+def task_aware(model: torch.nn.Module) -> bool:
+    """Whether a model predicts only given the task of its inputs (TASK_AWARE = True on its class, as pnn): it is
+    called as model(images, task) on the splits of one task."""
+    return getattr(model, "TASK_AWARE", False)
+
+
+def no_class_il(model: torch.nn.Module, dataset: ContinualDataset) -> bool:
+    """A task-aware model on a class-IL dataset: told the task, its argmax over all seen classes would be a task-IL
+    prediction, so its class-IL accuracy is 0, as Mammoth reports it for models without class-IL compatibility."""
+    return task_aware(model) and dataset.SETTING == "class-il"
+
+
+def split_logits(model: torch.nn.Module, images: torch.Tensor, task: int) -> torch.Tensor:
+    """The model's logits on images of one task: model(images), or model(images, task) for a task-aware model."""
+    return model(images, task) if task_aware(model) else model(images)
+
+
 @torch.no_grad()
-def split_accuracy(model: torch.nn.Module, dataset: ContinualDataset, split, classes: range,
+def split_accuracy(model: torch.nn.Module, dataset: ContinualDataset, split, task: int,
                    n_seen: int) -> dict[str, float]:
-    """Accuracy (%) on one split per setting: argmax over the n_seen classes, and within `classes` (task-IL)."""
+    """Accuracy (%) on one split of `task` per setting: argmax over the n_seen classes, and within the task's
+    classes (task-IL)."""
     settings = settings_of(dataset)
+    classes = dataset.task_classes(task)
     correct = {s: torch.zeros((), dtype=torch.long, device=split.labels.device) for s in settings}
     for start in range(0, len(split), EVAL_BATCH_SIZE):
         images = dataset.test_transform(split.images[start:start + EVAL_BATCH_SIZE])
         labels = split.labels[start:start + EVAL_BATCH_SIZE]
-        logits = model(images)
-        correct[settings[0]] += (logits[:, :n_seen].argmax(1) == labels).sum()
+        logits = split_logits(model, images, task)
+        if not no_class_il(model, dataset):
+            correct[settings[0]] += (logits[:, :n_seen].argmax(1) == labels).sum()
         if "task_il" in settings:
             task_pred = logits[:, classes.start:classes.stop].argmax(1) + classes.start
             correct["task_il"] += (task_pred == labels).sum()
@@ -66,7 +86,7 @@ def evaluate(model: torch.nn.Module, dataset: ContinualDataset, last_task: int,
     """Test accuracy (%) on `tasks` (default 0..last_task) after training task `last_task`, per setting.
 
     Class-IL predicts the argmax over all classes seen so far; task-IL the argmax within the
-    task's own classes; both from the same logits.
+    task's own classes; both from the same logits (a task-aware model's: see `task_aware`).
     """
     was_training = model.training
     model.eval()
@@ -74,7 +94,7 @@ def evaluate(model: torch.nn.Module, dataset: ContinualDataset, last_task: int,
     n_seen = dataset.seen_classes(last_task)
     accuracy = {s: np.zeros(len(tasks)) for s in settings_of(dataset)}
     for j, task in enumerate(tasks):
-        values = split_accuracy(model, dataset, dataset.test_split(task), dataset.task_classes(task), n_seen)
+        values = split_accuracy(model, dataset, dataset.test_split(task), task, n_seen)
         for s, v in values.items():
             accuracy[s][j] = v
     model.train(was_training)
@@ -87,8 +107,7 @@ def training_accuracy(model: torch.nn.Module, dataset: ContinualDataset, task: i
     in the dataset's first setting (class-IL or domain-IL)."""
     was_training = model.training
     model.eval()
-    values = split_accuracy(model, dataset, dataset.train_split(task), dataset.task_classes(task),
-                            dataset.seen_classes(task))
+    values = split_accuracy(model, dataset, dataset.train_split(task), task, dataset.seen_classes(task))
     model.train(was_training)
     return values[settings_of(dataset)[0]]
 
@@ -188,9 +207,10 @@ def accuracy_by_bucket(model: torch.nn.Module, dataset: ContinualDataset, last_t
     for task in range(last_task + 1):
         split = dataset.train_split(task)
         bucket = memorization_buckets(scores[split.indices.cpu().numpy()], *thresholds)
-        correct = torch.cat([model(dataset.test_transform(split.images[i:i + EVAL_BATCH_SIZE]))[:, :n_seen].argmax(1)
-                             == split.labels[i:i + EVAL_BATCH_SIZE] for i in range(0, len(split), EVAL_BATCH_SIZE)])
-        correct = correct.cpu().numpy()
+        correct = torch.cat([split_logits(model, dataset.test_transform(split.images[i:i + EVAL_BATCH_SIZE]), task)
+                             [:, :n_seen].argmax(1) == split.labels[i:i + EVAL_BATCH_SIZE]
+                             for i in range(0, len(split), EVAL_BATCH_SIZE)])
+        correct = correct.cpu().numpy() & (not no_class_il(model, dataset))
         for b, name in enumerate(BUCKETS):
             if (bucket == b).any():
                 out[name][task] = 100.0 * correct[bucket == b].mean()
