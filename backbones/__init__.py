@@ -23,7 +23,11 @@ class UnitGroup:
     conv output channels, biases, norm scales). `outgoing` lists the next layer's parameters with
     the axis that reads unit i (weight columns, conv input channels). `activation` is the module
     whose forward output holds the units' activations, with units along `activation_axis`
-    (1 for [B, n] and [B, C, H, W]; -1 for ViT tokens [B, T, n]).
+    (1 for [B, n] and [B, C, H, W]; -1 for ViT tokens [B, T, n]). An activation that gives each unit
+    several outputs lays them out as `activation_copies` blocks of n along that axis (CReLU: relu(h),
+    then relu(−h)); a weight in `outgoing` then reads unit i at i, i + n, ... (its axis has
+    copies × n entries), the unit's activity is the sum of its blocks' |values|, and it fires when any
+    of them is > 0.
     """
 
     name: str
@@ -32,6 +36,7 @@ class UnitGroup:
     outgoing: list[tuple[nn.Parameter, int]]
     activation: nn.Module
     activation_axis: int = 1
+    activation_copies: int = 1
 
 
 class Backbone(nn.Module):
@@ -126,7 +131,7 @@ class Backbone(nn.Module):
 
 # Backbone flags added after runs, checkpoints and subset-training stores were made, with the value those were made
 # with: a record without such a flag is read as having it at this value (a checkpoint resumes, a plan keeps its hash).
-FLAGS_ADDED = {"mlp_norm": "none"}
+FLAGS_ADDED = {"mlp_norm": "none", "mlp_activation": "relu"}
 
 BACKBONES: Registry[Backbone] = Registry("backbone", "backbones")
 register_backbone = BACKBONES.register

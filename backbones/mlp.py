@@ -19,10 +19,23 @@ def default_init(dataset: str | None) -> str:
     return "xavier" if dataset in MAMMOTH_DATASETS else "torch"
 
 
+class CReLU(nn.Module):
+    """Concatenated ReLU (Shang et al. 2016): [B, n] → [B, 2n] = concat(relu(h), relu(−h)), so every unit passes
+    either its positive or its negative part on and none can die (Abbas et al. 2023)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat((torch.relu(x), torch.relu(-x)), dim=1)
+
+
+ACTIVATIONS = {"relu": nn.ReLU, "crelu": CReLU}
+OUTPUTS_PER_UNIT = {"relu": 1, "crelu": 2}
+
+
 @register_backbone("mlp")
 class MLP(Backbone):
     """Input flattened → [Linear → (LayerNorm) → ReLU] × len(hidden sizes) → Linear head (Mammoth's 100-100 by
-    default; --mlp_norm layernorm adds the LayerNorm, Plasticine's LayerNorm-in-the-backbone variant)."""
+    default; --mlp_norm layernorm adds the LayerNorm, Plasticine's LayerNorm-in-the-backbone variant;
+    --mlp_activation crelu puts CReLU in the ReLU's place, which doubles the inputs of the layer after it)."""
 
     @staticmethod
     def add_args(parser):
@@ -38,6 +51,12 @@ class MLP(Backbone):
                             help="layernorm: a LayerNorm (learned scale and shift per unit) between each hidden "
                                  "layer and its ReLU, which keeps pre-activations normalised as plasticity "
                                  "studies (Plasticine, Lyle et al. 2024) use it")
+        parser.add_argument("--mlp_activation", choices=tuple(ACTIVATIONS), default="relu",
+                            help="crelu: concatenated ReLU, each hidden layer of n units outputs concat(relu(h), "
+                                 "relu(-h)), 2n features; the --mlp_hidden widths stay the layers' unit counts, so "
+                                 "the next layer (or the head) reads twice as many inputs, as in Plasticine (halve "
+                                 "--mlp_hidden for about the parameter count of the relu network, as Abbas et al. "
+                                 "2023)")
 
     @staticmethod
     def check_args(args):
@@ -47,13 +66,16 @@ class MLP(Backbone):
     def __init__(self, args, input_shape: tuple[int, ...], n_classes: int):
         super().__init__()
         self.init = getattr(args, "mlp_init", None) or default_init(getattr(args, "dataset", None))
-        widths = [math.prod(input_shape)] + [int(w) for w in str(args.mlp_hidden).split(",") if w]
-        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(widths[:-1], widths[1:]))
-        # One ReLU module per layer, so each layer's activations can be observed on its own.
-        self.activations = nn.ModuleList(nn.ReLU() for _ in self.layers)
-        self.norms = nn.ModuleList(nn.LayerNorm(w) for w in widths[1:]) if getattr(args, "mlp_norm", "none") == \
+        activation = getattr(args, "mlp_activation", "relu")
+        self.outputs_per_unit = OUTPUTS_PER_UNIT[activation]
+        units = [int(w) for w in str(args.mlp_hidden).split(",") if w]
+        inputs = [math.prod(input_shape)] + [self.outputs_per_unit * w for w in units]  # what each layer reads
+        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(inputs[:-1], units))
+        # One activation module per layer, so each layer's activations can be observed on its own.
+        self.activations = nn.ModuleList(ACTIVATIONS[activation]() for _ in self.layers)
+        self.norms = nn.ModuleList(nn.LayerNorm(w) for w in units) if getattr(args, "mlp_norm", "none") == \
             "layernorm" else None
-        self.head = nn.Linear(widths[-1], n_classes)
+        self.head = nn.Linear(inputs[-1], n_classes)
         if self.init == "xavier":
             # As Mammoth: the layers are built (drawing PyTorch's initialisation), then redrawn in
             # order, so one seed gives Mammoth's initial weights exactly.
@@ -84,8 +106,9 @@ class MLP(Backbone):
                 n_units=layer.out_features,
                 incoming=[(layer.weight, 0), (layer.bias, 0),
                           *([] if self.norms is None else [(self.norms[i].weight, 0), (self.norms[i].bias, 0)])],
-                outgoing=[(reader.weight, 1)],
+                outgoing=[(reader.weight, 1)],  # with CReLU, columns i and i + n read unit i
                 activation=act,
+                activation_copies=self.outputs_per_unit,
             )
             for i, (layer, act, reader) in enumerate(zip(self.layers, self.activations, readers))
         ]

@@ -161,7 +161,7 @@ class Ensemble:
 
 def build_ensemble(nets: list[nn.Module], training: argparse.Namespace) -> Ensemble | StackedMLP:
     """The stacked path for the plain mlp backbone (Linear and ReLU only), the vmapped one for every other."""
-    plain = isinstance(nets[0], MLP) and nets[0].norms is None
+    plain = isinstance(nets[0], MLP) and nets[0].norms is None and nets[0].outputs_per_unit == 1
     return StackedMLP(nets, training) if plain else Ensemble(nets, training)
 
 

@@ -17,7 +17,8 @@ from utils.errors import ConfigError
 class UnitMonitor:
     """Forward hooks that sum, per unit, |h| and the count of h > 0 over the inputs × positions of
     every training-mode forward pass of one optimisation step (a replay model's several passes
-    count together). `end_step` turns the sums into the step's statistics and updates neuron ages.
+    count together). `end_step` turns the sums into the step's statistics and updates neuron ages. A unit with
+    several outputs (CReLU's relu(h) and relu(−h)) adds the sum of their |values| and fires where any is > 0.
 
     Ages: `age_steps` counts the steps since the unit last fired (it fires in a step when any input
     × position is > 0); `age_tokens` counts inputs × positions ("tokens"): a silent step adds all
@@ -70,6 +71,12 @@ class UnitMonitor:
             if not module.training or module is not group.activation:
                 return
             h = output.detach()
+            if group.activation_copies > 1:
+                magnitude, peak = unit_activity(h, group)
+                self.abs_sum[index] += magnitude.sum(0)
+                self.positive[index] += peak.sign().clamp_(min=0).sum(0)
+                self.positions[index] += magnitude.shape[0]
+                return
             axis = group.activation_axis % h.dim()
             dims = [d for d in range(h.dim()) if d != axis]
             # A ReLU's output is its own absolute value; and sign().clamp counts the positive entries
@@ -118,6 +125,23 @@ class UnitMonitor:
 
 def _device(group: UnitGroup) -> torch.device:
     return group.incoming[0][0].device
+
+
+def unit_activity(h: torch.Tensor, group: UnitGroup) -> tuple[torch.Tensor, torch.Tensor]:
+    """For an activation with several outputs per unit (UnitGroup.activation_copies): [positions, n] of each
+    unit's summed |outputs| and of its largest output (> 0 where the unit fires), one row per input × position."""
+    blocks = h.movedim(group.activation_axis % h.dim(), -1).reshape(-1, group.activation_copies, group.n_units)
+    return blocks.abs().sum(1), blocks.amax(1)
+
+
+def unit_columns(mask: torch.Tensor, param: torch.Tensor, axis: int, group: UnitGroup) -> torch.Tensor:
+    """The unit mask along `axis` of an outgoing parameter, repeated over the blocks in which the parameter
+    reads each unit (columns i, i + n, ... under CReLU)."""
+    blocks = param.shape[axis] // group.n_units
+    if blocks * group.n_units != param.shape[axis]:
+        raise RuntimeError(f"{group.name}: an outgoing parameter has {param.shape[axis]} entries along axis {axis}, "
+                           f"not a multiple of the group's {group.n_units} units")
+    return _along(mask.repeat(blocks), param, axis)
 
 
 class Reinitializer:
@@ -184,7 +208,7 @@ class HiddenUnits:
                 param.copy_(torch.where(where, new, param))
             self._zero_state(param, where)
         for param, axis in group.outgoing:
-            where = _along(mask, param, axis)
+            where = unit_columns(mask, param, axis, group)
             param.masked_fill_(where, 0.0)
             self._zero_state(param, where)
         self._restart_running_statistics(incoming, mask)
@@ -221,9 +245,15 @@ class HiddenUnits:
 
             def add(module, module_inputs, output: torch.Tensor) -> None:
                 h = output.detach()
+                group = self.groups[index]
+                if group.activation_copies > 1:
+                    magnitude = unit_activity(h, group)[0]
+                    sums[index] += magnitude.sum(0, dtype=torch.float64)
+                    positions[index] += magnitude.shape[0]
+                    return
                 dims = [d for d in range(h.dim()) if d != axis % h.dim()]
                 sums[index] += h.abs().sum(dim=dims, dtype=torch.float64)
-                positions[index] += h.numel() // self.groups[index].n_units
+                positions[index] += h.numel() // group.n_units
 
             return add
 
@@ -256,10 +286,12 @@ class HiddenUnits:
 
     def outgoing_weight_sum(self, index: int) -> torch.Tensor:
         """Σ_k |w_out,k| per unit of group `index` over every parameter that reads the unit."""
+        group = self.groups[index]
         total = 0
-        for param, axis in self.groups[index].outgoing:
+        for param, axis in group.outgoing:
             dims = [d for d in range(param.dim()) if d != axis]
-            total = total + param.detach().abs().sum(dim=dims)
+            # under CReLU the sum runs over both columns that read the unit
+            total = total + param.detach().abs().sum(dim=dims).view(-1, group.n_units).sum(0)
         return total
 
 
