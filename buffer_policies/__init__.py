@@ -19,6 +19,7 @@ from typing import Callable
 
 import torch
 
+from utils import draws
 from utils.lifecycle import Hooks, Offered
 from utils.registry import Registry
 from utils.state import capture, restore
@@ -104,7 +105,7 @@ class Buffer:
     def get_data(self, size: int, transform: Callable[[torch.Tensor], torch.Tensor] | None = None
                  ) -> dict[str, torch.Tensor]:
         """A random batch (without replacement) of at most `size` stored examples, transformed if asked."""
-        choice = torch.randperm(len(self), device=self.device)[:size]
+        choice = draws.replay_rows(len(self), size, self.device)
         out = {name: getattr(self, name)[choice] for name in FIELDS if getattr(self, name) is not None}
         if transform is not None:
             out["examples"] = transform(out["examples"])

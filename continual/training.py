@@ -39,6 +39,7 @@ from continual.forgetting import StreamRecorder
 from continual.records import RunRecords
 from datasets import ContinualDataset
 from models import ContinualModel
+from utils import draws
 from utils.errors import TrainingDiverged
 
 LOSS_REFRESH_STEPS = 20  # read the loss back from the device this often (progress bar and NaN check)
@@ -76,7 +77,7 @@ def train_task(model: ContinualModel, dataset: ContinualDataset, task: int, args
     steps = math.ceil(n / batch_size)
     observe = lifecycle.observe if state.forgetting is None else functools.partial(state.forgetting.observe, model.net, lifecycle.observe)
     for epoch in range(args.n_epochs):
-        order = torch.randperm(n, device=data.labels.device)
+        order = draws.stream_order(n, data.labels.device, task)
         loss_sum = torch.zeros((), device=data.labels.device)
         n_stepped = 0  # examples of the batches that made an optimizer step
         bar = tqdm(range(steps), desc=f"task {task + 1}/{dataset.n_tasks} epoch {epoch + 1}/{args.n_epochs}",

@@ -7,9 +7,10 @@ memory to first order: with g_ref the gradient of the loss on a batch drawn from
 g·g_ref < 0 is replaced by its projection g − (g·g_ref / g_ref·g_ref) g_ref, which has g·g_ref = 0.
 The projection runs in `after_backward`, between the task loop's backward pass and its optimizer step.
 
-The memory is filled as in Mammoth's agem (the version its DER-paper hyperparameters were tuned with):
-at the end of each task, --buffer_size // n_tasks examples drawn at random from the task's training
-data, unaugmented, are offered to the buffer, so every task keeps an equal share. With a memorization
+The memory is filled as in the paper: at the end of each task, --buffer_size // n_tasks examples drawn
+at random from the task's training data, unaugmented, are offered to the buffer, so every task keeps an
+equal share. Mammoth's agem computes that share but stores one stream batch of each task instead
+(--batch_size examples, the first batch of a fresh pass over the task's data): --agem_memory batch. With a memorization
 --buffer_policy (min, max, ... and --mem_scores) the policy chooses each task's share instead, from all
 of the task's training examples (the replay contract's re-selection in models/__init__.py).
 """
@@ -19,6 +20,7 @@ import torch
 
 from datasets import DATASETS
 from models import ContinualModel, register_model
+from utils import draws
 from utils.errors import ConfigError
 
 
@@ -52,6 +54,12 @@ class AGem(ContinualModel):
 
     USES_BUFFER = True
 
+    @staticmethod
+    def add_args(parser):
+        parser.add_argument("--agem_memory", choices=("share", "batch"), default="share",
+                            help="examples each task leaves in memory: --buffer_size // n_tasks (share, the "
+                                 "paper) or one stream batch (batch: Mammoth's agem)")
+
     @classmethod
     def check_args(cls, args):
         super().check_args(args)
@@ -82,8 +90,10 @@ class AGem(ContinualModel):
         if self.reselects_buffer():
             return  # the --buffer_policy chooses the task's share after this
         data = self.training_data(task)
-        per_task = self.args.buffer_size // self.dataset.n_tasks
-        rows = torch.randperm(len(data), device=data.labels.device)[:per_task]
+        if self.args.agem_memory == "share":
+            rows = torch.randperm(len(data), device=data.labels.device)[:self.args.buffer_size // self.dataset.n_tasks]
+        else:
+            rows = draws.stream_order(len(data), data.labels.device, task, kind="batch")[:self.args.batch_size]
         indices = data.indices[rows]
         self.buffer.add_data(data.images[rows], data.labels[rows], indices=indices,
                              task_labels=torch.full_like(indices, task))

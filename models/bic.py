@@ -6,8 +6,9 @@ part and a small validation part, balanced over classes (each class, old and new
 round(--valset_split · buffer size / old classes) examples to validation). The network learns from
 the training part with (1 - λ) · cross-entropy over the classes seen so far plus λ · T² ·
 distillation, the cross-entropy between the softened (--temp T) outputs of the previous model and of
-this one over the old classes, with λ = old classes / seen classes. With --distill_after_bic the
-previous model's outputs carry its own bias correction.
+this one over the old classes, with λ = old classes / seen classes (the paper's n/(n+m), t/(t+1) for
+tasks of equal size; --bic_lambda mammoth gives Mammoth's 1/(t+1) for task t counted from 0). With
+--distill_after_bic the previous model's outputs carry its own bias correction.
 
 Bias correction: after training task t > 0 the network is frozen and two parameters, α (initially 1)
 and β (initially 0), are fitted with Adam (learning rate 0.001, --bic_epochs passes) to minimise the
@@ -61,6 +62,9 @@ class Bic(ContinualModel):
                             help="weight of the penalty Σ‖θ‖² added to the loss (Mammoth: off)")
         parser.add_argument("--distill_after_bic", type=int, choices=(0, 1), default=1,
                             help="1: distil from the previous model's bias-corrected outputs (Mammoth: 1)")
+        parser.add_argument("--bic_lambda", choices=("paper", "mammoth"), default="paper",
+                            help="distillation weight: old classes / seen classes (paper) or 1/(t+1) for task t "
+                                 "counted from 0 (mammoth: Mammoth's bic)")
 
     @classmethod
     def check_args(cls, args):
@@ -128,7 +132,7 @@ class Bic(ContinualModel):
             temp = self.args.temp
             distill = -(F.softmax(old[:, :n_past] / temp, dim=1)
                         * F.log_softmax(outputs[:, :n_past] / temp, dim=1)).sum(1).mean()
-            lam = n_past / n_seen
+            lam = n_past / n_seen if self.args.bic_lambda == "paper" else 1 / (task + 1)
             loss = (1 - lam) * loss + lam * temp * temp * distill
         if self.args.wd_reg:
             loss = loss + self.args.wd_reg * sum(p.pow(2).sum() for p in self.net.parameters())

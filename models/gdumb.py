@@ -14,6 +14,9 @@ Mammoth fits only after the last task; here the learner is fitted after every ta
 (--fit_after every_task) so each row of the accuracy matrix is GDumb's answer at that point, as in
 the paper, where the learner is retrained whenever it is queried. The last fit is the same (from
 scratch on the final memory) either way; --fit_after last_task gives Mammoth's schedule.
+
+Mammoth's gdumb fills a plain reservoir buffer rather than the paper's class-balanced sampler;
+--gdumb_sampler reservoir gives that memory.
 """
 from __future__ import annotations
 
@@ -22,7 +25,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from buffer_policies import Buffer, BufferPolicy
+from buffer_policies import BUFFER_POLICIES, Buffer, BufferPolicy
 from models import ContinualModel, register_model
 from plasticity import method_names
 from utils.errors import ConfigError
@@ -138,11 +141,14 @@ class GDumb(ContinualModel):
                                  "in the DER and X-DER papers' code; its current default is 1)")
         parser.add_argument("--fit_after", choices=("every_task", "last_task"), default="every_task",
                             help="fit the learner after every task (the paper) or only after the last (Mammoth)")
+        parser.add_argument("--gdumb_sampler", choices=("balanced", "reservoir"), default="balanced",
+                            help="the memory: the paper's greedy class-balanced sampler, or a plain reservoir "
+                                 "buffer (Mammoth's gdumb)")
 
     @classmethod
     def check_args(cls, args):
         if args.buffer_policy != "reservoir":
-            raise ConfigError(f"gdumb fills its memory with its own greedy class-balanced sampler; drop "
+            raise ConfigError(f"gdumb fills its memory with its own sampler (--gdumb_sampler); drop "
                               f"--buffer_policy {args.buffer_policy}")
         super().check_args(args)
         checks = [
@@ -159,7 +165,9 @@ class GDumb(ContinualModel):
 
     def __init__(self, backbone, dataset, args):
         super().__init__(backbone, dataset, args)
-        self.buffer = Buffer(args.buffer_size, self.device, GreedyClassBalanced(args), scorer=self.eval_logits)
+        balanced = args.gdumb_sampler == "balanced"
+        sampler = GreedyClassBalanced(args) if balanced else BUFFER_POLICIES.get("reservoir")(args)
+        self.buffer = Buffer(args.buffer_size, self.device, sampler, scorer=self.eval_logits)
 
     def observe(self, inputs, labels, not_aug_inputs, indices, task):
         self.buffer.add_data(not_aug_inputs, labels, indices=indices, task_labels=torch.full_like(indices, task))
@@ -200,5 +208,5 @@ class GDumb(ContinualModel):
         self.net.train(was_training)
 
     def task_record(self, task):
-        counts = self.buffer.policy.class_counts()
+        counts = torch.bincount(self.buffer.get_all()["labels"].cpu()).tolist() if len(self.buffer) else []
         return {"metrics": {f"buffer_count_class_{c}": n for c, n in enumerate(counts) if n}}

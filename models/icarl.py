@@ -16,7 +16,8 @@ Classification: nearest mean of exemplars. In evaluation mode `forward` returns 
 distance between the normalised features of the input and each class's mean of normalised exemplar
 features (renormalised), -inf for classes without exemplars; in training mode it returns the
 network's outputs. On datasets whose augmentation flips images horizontally the class mean also
-averages the exemplars' flipped copies (Mammoth averages them on every dataset).
+averages the exemplars' flipped copies (the paper's practice); --class_mean_flip always averages them on
+every dataset, digits included, as Mammoth's icarl does.
 """
 from __future__ import annotations
 
@@ -52,6 +53,10 @@ class Icarl(ContinualModel):
         parser.add_argument("--wd_reg", "--opt_wd", dest="wd_reg", type=float, default=1e-5,
                             help="weight of the penalty Σ‖θ‖² added to the loss (Mammoth icarl.py's --opt_wd, "
                                  "default 1e-5; iCaRL's optimizer itself uses no weight decay)")
+        parser.add_argument("--class_mean_flip", choices=("augmentation", "always"), default="augmentation",
+                            help="average the exemplars' horizontally flipped copies into the class means where "
+                                 "the dataset's augmentation flips (augmentation), or on every dataset (always: "
+                                 "Mammoth's icarl)")
 
     @classmethod
     def check_args(cls, args):
@@ -123,10 +128,10 @@ class Icarl(ContinualModel):
     @torch.no_grad()
     def compute_class_means(self) -> torch.Tensor:
         """Per class, the renormalised mean of its exemplars' normalised features (averaged with that of
-        their horizontally flipped copies where the dataset's augmentation flips); NaN without exemplars."""
+        their horizontally flipped copies where --class_mean_flip asks); NaN without exemplars."""
         stored = self.buffer.get_all()
         features = self.normalized_features(stored["examples"])
-        if self.dataset.FLIP:
+        if self.dataset.FLIP or self.args.class_mean_flip == "always":
             features = (features + self.normalized_features(stored["examples"].flip(3))) / 2
         means = torch.full((self.dataset.N_CLASSES, features.shape[1]), float("nan"), device=features.device)
         for c in torch.unique(stored["labels"]).tolist():

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from models import ContinualModel, register_model
+from utils import draws
 from utils.lifecycle import StepBatch
 
 LOGIT_BATCH = 512  # examples per forward pass when recording the logits
@@ -71,7 +72,7 @@ class Lwf(ContinualModel):
         opt = torch.optim.SGD(self.net.head.parameters(), lr=self.args.lr)
         batch_size = self.args.batch_size
         for _ in range(self.args.n_epochs):
-            order = torch.randperm(len(data), device=data.labels.device)
+            order = draws.stream_order(len(data), data.labels.device, task, kind="pass")
             for start in range(0, len(data), batch_size):
                 rows = order[start:start + batch_size]
                 images = data.images[rows]

@@ -44,6 +44,7 @@ from models._exemplars import (
     rewrite_buffer,
     stored_rows,
 )
+from utils import draws
 
 
 @register_model("xder")
@@ -116,7 +117,7 @@ class Xder(ContinualModel):
     def sample(self, size: int, transform=None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """A random batch of at most `size` stored examples and the slots they sit in (the slots let the
         updated logits be written back)."""
-        slots = torch.randperm(len(self.buffer), device=self.device)[:size]
+        slots = draws.replay_rows(len(self.buffer), size, self.device)
         rows = stored_rows(self.buffer, slots)
         if transform is not None:
             rows["examples"] = transform(rows["examples"])

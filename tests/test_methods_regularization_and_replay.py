@@ -317,7 +317,7 @@ def test_si_importance_is_the_path_integral_by_hand_on_a_two_parameter_network()
     (["--model", "gdumb", "--buffer_size", "10", "--n_epochs", "1", "--plasticity", "l2"],
      "gdumb trains outside the task loop's optimizer step"),
     (["--model", "gdumb", "--buffer_size", "10", "--n_epochs", "1", "--buffer_policy", "class_balanced"],
-     "gdumb fills its memory with its own greedy class-balanced sampler"),
+     "gdumb fills its memory with its own sampler"),
     (["--model", "gdumb", "--buffer_size", "10", "--n_epochs", "1", "--minlr", "1"],
      "--minlr must lie in [0, --maxlr], got 1.0 with --maxlr 0.05; pass a --minlr of at most 0.05"),
     (["--model", "gdumb", "--buffer_size", "10", "--n_epochs", "1", "--minlr=-1"],
