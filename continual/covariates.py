@@ -52,20 +52,24 @@ def stable_rank(singular_values: torch.Tensor, mass: float = STABLE_RANK_MASS) -
 class _GroupAccumulator:
     """Per-unit positive counts, |h| sums and the feature Gram matrix of one unit group, over probe chunks."""
 
-    def __init__(self, n_units: int, axis: int, device: torch.device):
+    def __init__(self, n_units: int, axis: int, device: torch.device, copies: int = 1):
         self.n_units = n_units
         self.axis = axis
+        self.copies = copies  # outputs per unit (CReLU: 2), laid out as `copies` blocks of n_units
         self.positives = torch.zeros(n_units, dtype=torch.int64, device=device)
         self.abs_sum = torch.zeros(n_units, dtype=torch.float64, device=device)
         self.rows = 0  # inputs × positions seen
-        self.gram = torch.zeros(n_units, n_units, dtype=torch.float64, device=device)
+        # The ranks are those of everything the layer outputs (2n features under CReLU).
+        self.gram = torch.zeros(n_units * copies, n_units * copies, dtype=torch.float64, device=device)
 
     def hook(self, module: nn.Module, inputs, output: torch.Tensor) -> None:
         """Forward hook: add one chunk's activations to the accumulators."""
         out = output.detach()
-        units = out.movedim(self.axis, -1).reshape(-1, self.n_units)
-        self.positives += (units > 0).sum(0)
-        self.abs_sum += units.abs().sum(0, dtype=torch.float64)
+        units = out.movedim(self.axis, -1).reshape(-1, self.n_units * self.copies)
+        # A unit fires when any of its outputs is positive; its activity is the sum of their |values|.
+        blocks = units.reshape(-1, self.copies, self.n_units)
+        self.positives += (blocks.amax(1) > 0).sum(0)
+        self.abs_sum += blocks.abs().sum(1).sum(0, dtype=torch.float64)
         self.rows += units.shape[0]
         # Conv channels: the rank is that of the spatially averaged features [B, C].
         spatial = self.axis in (1, 1 - out.dim()) and out.dim() > 2
@@ -128,7 +132,7 @@ def _probe(backbone: nn.Module, images: torch.Tensor, batch_size: int):
     attention = list(backbone.attention_modules()) if hasattr(backbone, "attention_modules") else []
     parameter = next(backbone.parameters())
     device, dtype = parameter.device, parameter.dtype
-    accumulators = [_GroupAccumulator(g.n_units, g.activation_axis, device) for g in groups]
+    accumulators = [_GroupAccumulator(g.n_units, g.activation_axis, device, g.activation_copies) for g in groups]
     attention_accumulators = [_AttentionAccumulator() for _ in attention]
 
     modes = {module: module.training for module in backbone.modules()}

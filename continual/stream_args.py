@@ -72,6 +72,11 @@ def parse_stream_args(argv: list[str], family: Callable) -> argparse.Namespace:
     if dataset.SETTING == "domain-il":
         raise ConfigError(f"{learner.dataset} is domain-incremental (every task holds every example), so a stream "
                           f"plan cannot give each task its own subset; pick a class-incremental dataset")
+    from models import MODELS
+
+    if getattr(MODELS.get(learner.model), "TASK_AWARE", False):
+        raise ConfigError(f"{learner.model} predicts only when told each example's task, so a stream plan's "
+                          f"predictions over all seen classes do not exist for it; pick a class-incremental method")
     args.continual = continual_config(learner)
     args.dataset, args.backbone, args.label_noise = learner.dataset, learner.backbone, learner.label_noise
     args.ratios = parse_ratios(args.subset_ratio)

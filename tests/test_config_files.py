@@ -46,3 +46,23 @@ def test_a_train_splits_config_goes_through_the_same_parser(tmp_path, capsys):
     assert (args.lr, args.n_epochs, args.record_epochs) == (0.1, 2, [1, 2])
     code = train_splits.main(["--config", write(tmp_path, "lr: true\n"), "--out", str(tmp_path / "s")])
     assert code == 2 and "sets lr: True, which --lr does not take" in capsys.readouterr().err
+
+
+def test_every_published_configuration_parses_and_sets_its_values():
+    """Each configs/best entry, per dataset, model and buffer size, goes through the parser it is meant for,
+    and the run gets the entry's values (a misspelt key or a value out of range would end the run)."""
+    import yaml
+
+    from continual.args import CONFIG_DIR
+
+    checked = 0
+    for path in sorted(CONFIG_DIR.glob("*.yaml")):
+        for model, entries in yaml.safe_load(path.read_text()).items():
+            if model == "source":
+                continue
+            for key, values in entries.items():
+                argv = ["--dataset", path.stem, "--model", model, "--model_config", "best"]
+                args = parse_args(argv + ([] if key == "any" else ["--buffer_size", str(key)]))
+                assert {k: getattr(args, k) for k in values} == values, (path.name, model, key)
+                checked += 1
+    assert checked > 100

@@ -146,3 +146,21 @@ def test_a_checkpoint_without_the_flag_resumes_only_as_a_relu_mlp():
     with pytest.raises(ConfigError, match="--mlp_activation 'relu' in the checkpoint, 'crelu' now"):
         check_same_config("old.pt", saved, computational_config(parse_args([*argv, "--mlp_activation", "crelu"])),
                           FLAGS_ADDED)
+
+
+def test_covariates_count_a_unit_once_over_both_outputs_and_rank_all_of_them():
+    from continual.covariates import effective_rank, probe_statistics
+
+    net = make("crelu", "3,2")
+    with torch.no_grad():
+        net.layers[0].weight.copy_(torch.tensor([[1.0, 0.0], [0.0, -1.0], [0.0, 0.0]]))  # unit 2: always 0
+        net.layers[0].bias.zero_()
+    x = torch.tensor([[1.0, 2.0], [-1.0, 3.0], [2.0, -1.0], [0.5, 0.5]]).reshape(4, 1, 1, 2)
+    stats = probe_statistics(net, x, dormant_tau=0.0)
+    name = net.hidden_units()[0].name
+    # Units 0 and 1 are nonzero on every input, so one of their two outputs is positive: neither is dead;
+    # unit 2 outputs 0 on both: dead. The rank is that of all 2n outputs the next layer reads.
+    assert stats[f"dead_frac/{name}"] == pytest.approx(1 / 3)
+    h = x.flatten(1) @ net.layers[0].weight.T
+    outputs = torch.cat([h.relu(), (-h).relu()], dim=1).double()
+    assert stats[f"effective_rank/{name}"] == pytest.approx(effective_rank(torch.linalg.svdvals(outputs)), rel=1e-6)

@@ -155,6 +155,13 @@ def test_stream_plan_flags_that_cannot_apply_are_refused_in_one_sentence(tmp_pat
         train_splits.parse_args([*STREAM, "--out", str(tmp_path), *extra])
 
 
+def test_a_task_aware_method_is_refused_by_a_stream_plan(tmp_path):
+    argv = [*STREAM, "--out", str(tmp_path)]
+    argv[argv.index("--cl_model") + 1] = "pnn"
+    with pytest.raises(ConfigError, match="pnn predicts only when told each example's task"):
+        train_splits.parse_args(argv)
+
+
 def test_a_misspelt_learner_flag_is_main_pys_error_and_cl_model_needs_a_stream_plan(tmp_path, capsys):
     with pytest.raises(SystemExit):
         train_splits.parse_args([*STREAM, "--out", str(tmp_path), "--bufer_size", "3"])
