@@ -77,12 +77,13 @@ class MammothDraws:
                 torch.tensor([owner[s] for s in slots], dtype=torch.long, device=device))
 
 
-def install(seed: int) -> MammothDraws:
-    """Route this process's draws through Mammoth's; returns the object holding their state."""
+def install(seed: int, set_attribute=setattr) -> MammothDraws:
+    """Route this process's draws through Mammoth's; returns the object holding their state. `set_attribute`:
+    how to replace a module's function (a test passes pytest's monkeypatch.setattr, which undoes it)."""
     mammoth = MammothDraws(seed)
-    draws.stream_order = mammoth.stream_order
-    draws.replay_rows = mammoth.replay_rows
-    reservoir.reservoir_slots = mammoth.reservoir_slots
+    set_attribute(draws, "stream_order", mammoth.stream_order)
+    set_attribute(draws, "replay_rows", mammoth.replay_rows)
+    set_attribute(reservoir, "reservoir_slots", mammoth.reservoir_slots)
     return mammoth
 
 

@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/mammoth_runs.py --seeds 4 --jobs 2                 # every method below
     .venv/bin/python benchmarks/mammoth_runs.py --models er,derpp --seeds 8
+    .venv/bin/python benchmarks/mammoth_runs.py reference   # writes tests/data/mammoth_runs.json
 
 Both programs read the same MNIST-format files (scikit-learn's digits upsampled to 28x28,
 `benchmarks/startup.py`'s writer; 1438 training and 359 test images), seq-mnist's five tasks, the MLP
@@ -15,8 +16,15 @@ differs by design (the paper against Mammoth), ours runs with the flag that give
 
 A run is identical when the two accuracy matrices (every seen task's class-IL and task-IL accuracy
 after every task, 2 decimals) are equal. The table gives, per method, how many seeds were identical,
-the final class-IL accuracy (mean ± std over seeds) of each side and Welch's two-sided p. Each run's
+the final class-IL accuracy (task-IL for pnn, which is task-incremental only) averaged over the five
+tasks, mean ± std over seeds on each side, and Welch's two-sided p. lucir is not compared: Mammoth's
+calls `torch.cuda.synchronize()` in its finetuning, so it does not run on a CPU. Each run's
 matrices are appended to a JSON-lines file, so an interrupted comparison resumes.
+
+`reference`: Mammoth's runs of the methods in `IDENTICAL` on a small scenario (the first 300 training
+and 150 test images of the same files, seed 0), with the loss of every step
+(`benchmarks/mammoth_trace.py`) and the accuracy matrices, written where tests/test_mammoth_runs.py
+reads them; the test runs this program on the same files through `mammoth_draws` and compares.
 """
 from __future__ import annotations
 
@@ -58,6 +66,12 @@ METHODS = {
     "icarl": REPLAY,
     "bic": REPLAY + ["--bic_epochs", "50"],
     "gdumb": REPLAY + ["--fitting_epochs", "16", "--cutmix_alpha", "1.0"],
+    "gem": REPLAY + ["--gamma", "0.5"],
+    "gss": REPLAY + ["--batch_num", "1", "--gss_minibatch_size", "10"],
+    "hal": REPLAY + ["--hal_lambda", "0.1", "--beta", "0.5", "--gamma", "0.1"],
+    "fdr": REPLAY + ["--alpha", "0.3"],
+    "rpc": REPLAY,
+    "pnn": [],
 }
 # method: this program's flags that choose Mammoth's behaviour where it differs from the paper
 MAMMOTH_FLAGS = {
@@ -66,6 +80,14 @@ MAMMOTH_FLAGS = {
     "bic": ["--bic_lambda", "mammoth"],
     "gdumb": ["--gdumb_sampler", "reservoir", "--fit_after", "last_task"],
 }
+SCENARIO = {"n_train": 300, "n_test": 150, "seed": 0}
+REFERENCE = REPO / "tests" / "data" / "mammoth_runs.json"
+# the methods whose runs came out identical to Mammoth's over seeds (benchmarks/README.md's table)
+IDENTICAL = ("sgd", "er", "der", "derpp")
+# row: (method, this program's extra flags) for runs that show what a difference is: Mammoth's lwf at e75a491
+# never applies its distillation (the recorded logits never reach its observe: no extra field arrives), so
+# its runs are this program's with --alpha 0
+VARIANTS = {"lwf --alpha 0": ("lwf", ["--alpha", "0"])}
 MAMMOTH_RAW = re.compile(r"Raw accuracy values: Class-IL (\[[^\]]*\]) \| Task-IL (\[[^\]]*\])")
 OURS_ROW = re.compile(r"^after (\d+)((?:\s+[0-9.]+)+)\s*$", re.MULTILINE)
 
@@ -89,14 +111,16 @@ def ours_matrices(stdout: str) -> list[list[list[float]]] | None:
     return [[[float(v) for v in row.split()] for _, row in OURS_ROW.findall(part)] for part in tables]
 
 
-def command(side: str, model: str, seed: int, data: Path, store: Path, cli) -> tuple[list[str], Path]:
+def command(side: str, row: str, seed: int, data: Path, store: Path, cli) -> tuple[list[str], Path]:
+    model, extra = VARIANTS.get(row, (row, MAMMOTH_FLAGS.get(row, [])))
     flags = ["--model", model, *COMMON, *METHODS[model], "--seed", str(seed)]
     if side == "mammoth":
         return ([cli.mammoth_python, "main.py", *flags, "--backbone", "mnistmlp", "--base_path", f"{data}/",
                  "--non_verbose", "1", "--num_workers", "0"], cli.mammoth)
-    return ([sys.executable, str(REPO / "benchmarks" / "mammoth_draws.py"), *flags, *MAMMOTH_FLAGS.get(model, []),
+    return ([sys.executable, str(REPO / "benchmarks" / "mammoth_draws.py"), *flags, *extra,
              "--backbone", "mlp", "--mlp_hidden", "100,100", "--data_path", str(data), "--device", "cpu",
-             "--num_threads", "2", "--non_verbose", "--tracking_uri", f"sqlite:///{store}/ours-{model}-{seed}.db"],
+             "--num_threads", "2", "--non_verbose", "--tracking_uri",
+             f"sqlite:///{store}/ours-{model}-{len(extra)}-{seed}.db"],
             REPO)
 
 
@@ -114,46 +138,82 @@ def final_class_il(record: dict) -> float:
     return statistics.mean(record["matrices"][0][-1])
 
 
+def final_task_il(record: dict) -> float:
+    return statistics.mean(record["matrices"][1][-1])
+
+
 def table(records: list[dict], models: list[str], seeds: list[int]) -> str:
     by = {(r["side"], r["model"], r["seed"]): r for r in records}
-    lines = ["| method | identical runs | Mammoth class-IL | ours class-IL | p (Welch) |", "|---|---|---|---|---|"]
+    lines = ["| method | identical runs | setting | Mammoth | ours | p (Welch) |", "|---|---|---|---|---|---|"]
     for model in models:
         pairs = [(by[("mammoth", model, s)], by[("ours", model, s)]) for s in seeds
                  if ("mammoth", model, s) in by and ("ours", model, s) in by]
         if not pairs:
             continue
         same = sum(m["matrices"] == o["matrices"] for m, o in pairs)
-        theirs, ours = [final_class_il(m) for m, _ in pairs], [final_class_il(o) for _, o in pairs]
+        final, setting = (final_task_il, "task-IL") if model == "pnn" else (final_class_il, "class-IL")
+        theirs, ours = [final(m) for m, _ in pairs], [final(o) for _, o in pairs]
         spread = (lambda v: f"{statistics.mean(v):.1f} ± {statistics.stdev(v):.1f}") if len(pairs) > 1 else \
             (lambda v: f"{v[0]:.1f}")
         p = f"{welch_p(ours, theirs):.2f}" if len(pairs) > 1 and theirs != ours else "–"
-        lines.append(f"| {model} {' '.join(MAMMOTH_FLAGS.get(model, []))} | {same} of {len(pairs)} | "
+        lines.append(f"| {model} {' '.join(MAMMOTH_FLAGS.get(model, []))} | {same} of {len(pairs)} | {setting} | "
                      f"{spread(theirs)} | {spread(ours)} | {p} |")
     return "\n".join(lines)
+
+
+def reference(cli, env: dict[str, str]) -> None:
+    """Mammoth's traces of the scenario, one process per method, into REFERENCE."""
+    results = {}
+    with tempfile.TemporaryDirectory(prefix="mammoth-reference-") as scratch:
+        data = Path(scratch)
+        write_digits_as_mnist(data, SCENARIO["n_train"], SCENARIO["n_test"])
+        for model in cli.models.split(","):
+            argv, _ = command("mammoth", model, SCENARIO["seed"], data, data, cli)
+            argv = [cli.mammoth_python, str(REPO / "benchmarks" / "mammoth_trace.py"), "--mammoth", str(cli.mammoth),
+                    "--", *argv[2:]]
+            done = subprocess.run(argv, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT, text=True, errors="replace")
+            traces = [line[len("TRACE "):] for line in done.stdout.splitlines() if line.startswith("TRACE ")]
+            matrices = mammoth_matrices(done.stdout)
+            if done.returncode != 0 or not traces or matrices is None:
+                sys.exit(f"mammoth {model} failed (exit {done.returncode}): {' '.join(argv)}\n{done.stdout[-3000:]}")
+            method, extra = VARIANTS.get(model, (model, MAMMOTH_FLAGS.get(model, [])))
+            results[model] = {"model": method, "flags": METHODS[method], "ours": extra,
+                              "losses": json.loads(traces[-1])["losses"], "matrices": matrices}
+            print(f"  {model}: {len(results[model]['losses'])} steps, final class-IL "
+                  f"{statistics.mean(matrices[0][-1]):.2f}", flush=True)
+    REFERENCE.parent.mkdir(parents=True, exist_ok=True)
+    REFERENCE.write_text(json.dumps({"mammoth": "aimagelab/mammoth e75a491", **SCENARIO, "common": COMMON,
+                                     "methods": results}, indent=1) + "\n")
+    print(f"wrote {REFERENCE}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("mode", nargs="?", choices=("compare", "reference"), default="compare")
     parser.add_argument("--mammoth", type=Path, default=Path("/work/mammoth"), help="Mammoth's work tree")
     parser.add_argument("--mammoth_python", default="/work/mammoth-venv/bin/python",
                         help="the interpreter of a venv with Mammoth's requirements")
-    parser.add_argument("--models", default=",".join(METHODS), help="methods to compare")
+    parser.add_argument("--models", default=None, help="methods to compare (reference: default IDENTICAL)")
     parser.add_argument("--seeds", type=int, default=4, help="how many seeds")
     parser.add_argument("--first_seed", type=int, default=0)
     parser.add_argument("--jobs", type=int, default=2, help="runs at a time")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "mammoth_runs.jsonl"),
                         help="JSON-lines file of per-run accuracy matrices (appended to, read back)")
     cli = parser.parse_args()
+    cli.models = cli.models or ",".join(IDENTICAL if cli.mode == "reference" else [*METHODS, *VARIANTS])
     models = cli.models.split(",")
-    unknown = sorted(set(models) - set(METHODS))
+    unknown = sorted(set(models) - set(METHODS) - set(VARIANTS))
     if unknown:
-        sys.exit(f"no comparison is set up for {', '.join(unknown)}; pick from {', '.join(METHODS)}")
+        sys.exit(f"no comparison is set up for {', '.join(unknown)}; pick from {', '.join([*METHODS, *VARIANTS])}")
     seeds = list(range(cli.first_seed, cli.first_seed + cli.seeds))
     env = {k: v for k, v in ENVIRONMENT.items() if k not in ("PYTHONPATH", "WANDB_ENTITY", "WANDB_PROJECT")}
     env.update({"HF_HUB_OFFLINE": "1"})
     print(f"machine: {machine()}; load average (1, 5, 15 min) {load_average()}", flush=True)
     print(ensure_clip_cache(cli.mammoth, cli.mammoth_python, env))
+    if cli.mode == "reference":
+        return reference(cli, env)
     out = Path(cli.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     records = [json.loads(line) for line in out.read_text().splitlines()] if out.exists() else []

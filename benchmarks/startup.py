@@ -89,9 +89,11 @@ def upsample(images: np.ndarray) -> np.ndarray:
     return x.round().clamp(0, 255).to(torch.uint8)[:, 0].numpy()
 
 
-def write_digits_as_mnist(root: Path) -> tuple[int, int]:
-    """scikit-learn's digits, upsampled to 28x28, as MNIST's four idx files where both programs read them."""
+def write_digits_as_mnist(root: Path, n_train: int | None = None, n_test: int | None = None) -> tuple[int, int]:
+    """scikit-learn's digits, upsampled to 28x28, as MNIST's four idx files where both programs read them
+    (the first n_train / n_test rows of each split where given)."""
     train_x, train_y, test_x, test_y = load_digits_split()
+    train_x, train_y, test_x, test_y = train_x[:n_train], train_y[:n_train], test_x[:n_test], test_y[:n_test]
     arrays = {"train-images-idx3-ubyte": upsample(train_x), "train-labels-idx1-ubyte": train_y,
               "t10k-images-idx3-ubyte": upsample(test_x), "t10k-labels-idx1-ubyte": test_y}
     assert sorted(arrays) == sorted(MNIST_FILES)

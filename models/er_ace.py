@@ -42,7 +42,7 @@ class CosineHead(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x / (x.norm(dim=1, keepdim=True) + COSINE_EPS)
         w = self.weight / (self.weight.norm(dim=1, keepdim=True) + COSINE_EPS)
-        return COSINE_SCALE * x @ w.t()
+        return COSINE_SCALE * (x @ w.t())  # scaled after the product, as Mammoth (the rounding differs otherwise)
 
 
 @register_model("er_ace")

@@ -38,6 +38,7 @@ from models._exemplars import (
     rewrite_buffer,
     stored_rows,
 )
+from utils import draws
 from utils.errors import ConfigError
 
 FEATURE_BATCH = 512  # examples per forward pass when extracting features outside training
@@ -115,8 +116,11 @@ class Icarl(ContinualModel):
             kept = first_per_group(self.buffer.get_all()["labels"], per_class)
             parts.append(stored_rows(self.buffer, kept))
         split = self.dataset.train_split(task)
+        # Herding reads the task's examples in the order of one pass over its stream: the result is the same
+        # in any order but for exact ties, which go to the first candidate read.
+        order = draws.stream_order(len(split), split.labels.device, task, kind="pass")
         for c in self.dataset.task_classes(task):
-            rows = torch.nonzero(split.labels == c).flatten()
+            rows = order[split.labels[order] == c]
             picked = rows[herding(self.normalized_features(split.images[rows]), per_class)]
             parts.append({"examples": split.images[picked], "labels": split.labels[picked],
                           "indices": split.indices[picked], "task_labels": torch.full_like(picked, task)})
