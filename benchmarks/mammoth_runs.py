@@ -79,6 +79,7 @@ MAMMOTH_FLAGS = {
     "icarl": ["--class_mean_flip", "always"],
     "bic": ["--bic_lambda", "mammoth"],
     "gdumb": ["--gdumb_sampler", "reservoir", "--fit_after", "last_task"],
+    "rpc": ["--loss_on_polytope", "0"],
 }
 SCENARIO = {"n_train": 1000, "n_test": 200, "seed": 0}
 REFERENCE = REPO / "tests" / "fixtures" / "mammoth_runs.json"

@@ -103,7 +103,9 @@ def main() -> None:
     parser.add_argument("--mammoth_python", default="/work/mammoth-venv/bin/python",
                         help="the interpreter of a venv with Mammoth's requirements")
     parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--per_class", type=int, default=60, help="training images of each class")
+    parser.add_argument("--per_class", type=int, default=64,
+                        help="training images of each class (a task's two classes must fill whole batches of 32: Mammoth's "
+                             "xder.py indexes its last batch as a full one)")
     parser.add_argument("--jobs", type=int, default=2, help="runs at a time")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "mammoth_xder.jsonl"))
     cli = parser.parse_args()
