@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -39,7 +38,7 @@ from torchvision.transforms import ToTensor
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks.mammoth_parity_lockstep import (MAMMOTH_PACKAGES, PARAMETERS, checksums,  # noqa: E402
+from benchmarks.mammoth_parity_lockstep import (import_from_mammoth, PARAMETERS, checksums,  # noqa: E402
                                                 scenario_images, scenario_weights)
 
 SEED = 0
@@ -154,25 +153,10 @@ def run_ours(name: str, data_path: Path) -> dict:
 
 # -- Mammoth ------------------------------------------------------------------------------------------
 def import_mammoth(root: Path) -> SimpleNamespace:
-    """Mammoth's MLP, seq-mnist and its gem and gss modules, imported from its work tree, then dropped
-    from sys.modules by name (our packages share the names)."""
-    clash = sorted(n for n in sys.modules if n.partition(".")[0] in MAMMOTH_PACKAGES)
-    if clash:
-        raise RuntimeError(f"import Mammoth before this repository's packages; already imported: {clash[:5]}")
-    cwd, path = os.getcwd(), list(sys.path)
-    sys.path.insert(0, str(root))
-    try:
-        import models.gem as gem_module
-        import models.gss as gss_module
-        from backbone.MNISTMLP import BaseMNISTMLP
-        from datasets.seq_mnist import SequentialMNIST
-    finally:
-        os.chdir(cwd)  # Mammoth's models/__init__.py changes into its work tree
-        sys.path[:] = path
-    for module in [n for n in sys.modules if n.partition(".")[0] in MAMMOTH_PACKAGES]:
-        del sys.modules[module]
-    sys.path.insert(0, str(REPO))
-    return SimpleNamespace(net=BaseMNISTMLP, SequentialMNIST=SequentialMNIST, gem=gem_module, gss=gss_module)
+    """Mammoth's MLP, seq-mnist and its gem and gss modules."""
+    return import_from_mammoth(root, {"net": "backbone.MNISTMLP:BaseMNISTMLP",
+                                      "SequentialMNIST": "datasets.seq_mnist:SequentialMNIST",
+                                      "gem": "models.gem", "gss": "models.gss"})
 
 
 def mammoth_model(mammoth: SimpleNamespace, name: str):

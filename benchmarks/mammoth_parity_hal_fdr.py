@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import tempfile
 from pathlib import Path
@@ -42,7 +41,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks.mammoth_parity_lockstep import (MAMMOTH_PACKAGES, PARAMETERS, scenario_images,  # noqa: E402
+from benchmarks.mammoth_parity_lockstep import (import_from_mammoth, PARAMETERS, scenario_images,  # noqa: E402
                                                 scenario_weights)
 
 HAL = {"lr": 0.1, "batch_size": 6, "buffer_size": 30, "minibatch_size": 30, "hal_lambda": 0.1, "beta": 0.5,
@@ -147,24 +146,10 @@ def run_ours(method: str, data_path: str) -> dict:
 
 # -- Mammoth ----------------------------------------------------------------------------------------
 def import_mammoth(root: Path) -> SimpleNamespace:
-    """Mammoth's HAL, FDR, MNISTMLP and seq-mnist, imported from its work tree, then out of sys.modules."""
-    clash = sorted(n for n in sys.modules if n.partition(".")[0] in MAMMOTH_PACKAGES)
-    if clash:
-        raise RuntimeError(f"import Mammoth before this repository's packages; already imported: {clash[:5]}")
-    cwd, path = os.getcwd(), list(sys.path)
-    sys.path.insert(0, str(root))
-    try:
-        from backbone.MNISTMLP import BaseMNISTMLP
-        from datasets.seq_mnist import SequentialMNIST
-        from models.fdr import Fdr
-        from models.hal import HAL as Hal
-    finally:
-        os.chdir(cwd)  # Mammoth's models/__init__.py changes into its work tree
-        sys.path[:] = path
-    for name in [n for n in sys.modules if n.partition(".")[0] in MAMMOTH_PACKAGES]:
-        del sys.modules[name]
-    sys.path.insert(0, str(REPO))
-    return SimpleNamespace(net=BaseMNISTMLP, SequentialMNIST=SequentialMNIST, hal=Hal, fdr=Fdr)
+    """Mammoth's HAL, FDR, MNISTMLP and seq-mnist."""
+    return import_from_mammoth(root, {"net": "backbone.MNISTMLP:BaseMNISTMLP",
+                                      "SequentialMNIST": "datasets.seq_mnist:SequentialMNIST",
+                                      "hal": "models.hal:HAL", "fdr": "models.fdr:Fdr"})
 
 
 def mammoth_model(mammoth: SimpleNamespace, method: str, scenario: dict):

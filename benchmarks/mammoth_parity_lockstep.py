@@ -23,6 +23,7 @@ on its own test loaders, ours `continual.evaluation.evaluate`).
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import sys
@@ -76,30 +77,37 @@ def scenario_batches() -> list[tuple[int, np.ndarray, np.ndarray]]:
 
 
 # -- Mammoth ------------------------------------------------------------------------------------------
-def import_mammoth(root: Path) -> SimpleNamespace:
-    """Mammoth's classes, imported from its work tree, then removed from sys.modules by name."""
+def import_from_mammoth(root: Path, names: dict[str, str]) -> SimpleNamespace:
+    """Objects of Mammoth's work tree, {attribute: "module:Name" or "module"}, imported before this repository's packages
+    (both repositories name theirs `models`, `datasets`, `utils`) and then taken out of sys.modules by name."""
     clash = sorted(n for n in sys.modules if n.partition(".")[0] in MAMMOTH_PACKAGES)
     if clash:
         raise RuntimeError(f"import Mammoth before this repository's packages; already imported: {clash[:5]}")
     cwd, path = os.getcwd(), list(sys.path)
     sys.path.insert(0, str(root))
     try:
-        from backbone.MNISTMLP import BaseMNISTMLP
-        from datasets.seq_mnist import MyMNIST, SequentialMNIST
-        from models.der import Der
-        from models.derpp import Derpp
-        from models.er import Er
-        from models.sgd import Sgd
-        from utils.conf import base_path
-        from utils.evaluate import evaluate
+        found = {}
+        for attribute, spec in names.items():
+            module, _, name = spec.partition(":")
+            found[attribute] = getattr(importlib.import_module(module), name) if name else importlib.import_module(module)
     finally:
         os.chdir(cwd)  # Mammoth's models/__init__.py changes into its work tree
         sys.path[:] = path
-    for name in [n for n in sys.modules if n.partition(".")[0] in MAMMOTH_PACKAGES]:
-        del sys.modules[name]
+    for module in [n for n in sys.modules if n.partition(".")[0] in MAMMOTH_PACKAGES]:
+        del sys.modules[module]
     sys.path.insert(0, str(REPO))
-    return SimpleNamespace(net=BaseMNISTMLP, MyMNIST=MyMNIST, SequentialMNIST=SequentialMNIST, base_path=base_path,
-                           evaluate=evaluate, models={"sgd": Sgd, "er": Er, "der": Der, "derpp": Derpp})
+    return SimpleNamespace(**found)
+
+
+def import_mammoth(root: Path) -> SimpleNamespace:
+    """Mammoth's MLP, seq-mnist, evaluation and the four models compared step by step."""
+    found = import_from_mammoth(root, {
+        "net": "backbone.MNISTMLP:BaseMNISTMLP", "MyMNIST": "datasets.seq_mnist:MyMNIST",
+        "SequentialMNIST": "datasets.seq_mnist:SequentialMNIST", "base_path": "utils.conf:base_path",
+        "evaluate": "utils.evaluate:evaluate", "der": "models.der:Der", "derpp": "models.derpp:Derpp",
+        "er": "models.er:Er", "sgd": "models.sgd:Sgd"})
+    found.models = {name: getattr(found, name) for name in ("sgd", "er", "der", "derpp")}
+    return found
 
 
 def mammoth_model(mammoth: SimpleNamespace, name: str, hyper: dict, seed: int):

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 from pathlib import Path
 
@@ -35,7 +34,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as a script: this repository's `benchmarks` package
     sys.path.append(str(REPO))
-from benchmarks.mammoth_parity_lockstep import MAMMOTH_PACKAGES, scenario_images, scenario_weights  # noqa: E402
+from benchmarks.mammoth_parity_lockstep import import_from_mammoth, scenario_images, scenario_weights  # noqa: E402
 
 N_TRAIN = 60
 SCENARIOS = {
@@ -91,22 +90,10 @@ class DrawnOrder:
 
 
 def import_mammoth(root: Path):
-    clash = sorted(n for n in sys.modules if n.partition(".")[0] in MAMMOTH_PACKAGES)
-    if clash:
-        raise RuntimeError(f"import Mammoth before this repository's packages; already imported: {clash[:5]}")
-    cwd, path = os.getcwd(), list(sys.path)
-    sys.path.insert(0, str(root))
-    try:
-        from backbone.MNISTMLP import BaseMNISTMLP
-        from datasets.seq_mnist import SequentialMNIST
-        from models.lucir import Lucir
-        from models.rpc import RPC
-    finally:
-        os.chdir(cwd)
-        sys.path[:] = path
-    for name in [n for n in sys.modules if n.partition(".")[0] in MAMMOTH_PACKAGES]:
-        del sys.modules[name]
-    return BaseMNISTMLP, SequentialMNIST, {"lucir": Lucir, "rpc": RPC}
+    found = import_from_mammoth(root, {"net": "backbone.MNISTMLP:BaseMNISTMLP",
+                                       "SequentialMNIST": "datasets.seq_mnist:SequentialMNIST",
+                                       "lucir": "models.lucir:Lucir", "rpc": "models.rpc:RPC"})
+    return found.net, found.SequentialMNIST, {"lucir": found.lucir, "rpc": found.rpc}
 
 
 def mammoth_args(hyper: dict) -> argparse.Namespace:

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
-from benchmarks.mammoth_parity_lockstep import MAMMOTH_PACKAGES, scenario_batches, scenario_weights  # noqa: E402
+from benchmarks.mammoth_parity_lockstep import import_from_mammoth, scenario_batches, scenario_weights  # noqa: E402
 
 LR = 0.1
 # Our parameter names → Mammoth's, for the second column and its adapters (adaptor = [AlphaModule, base]).
@@ -78,17 +78,7 @@ def checksums(tensor: torch.Tensor) -> list[float]:
 
 
 def import_mammoth(root: Path):
-    clash = sorted(n for n in sys.modules if n.partition(".")[0] in MAMMOTH_PACKAGES)
-    if clash:
-        raise RuntimeError(f"import Mammoth before this repository's packages; already imported: {clash[:5]}")
-    sys.path.insert(0, str(root))
-    try:
-        from backbone.MNISTMLP_PNN import MNISTMLP_PNN
-    finally:
-        sys.path.remove(str(root))
-    for name in [n for n in sys.modules if n.partition(".")[0] in MAMMOTH_PACKAGES]:
-        del sys.modules[name]
-    return MNISTMLP_PNN
+    return import_from_mammoth(root, {"net": "backbone.MNISTMLP_PNN:MNISTMLP_PNN"}).net
 
 
 def train_column(net, forward, batches) -> list[float]:
