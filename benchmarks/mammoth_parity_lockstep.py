@@ -171,9 +171,9 @@ class Recorder:
             self.draws.append(np.array([held.index(i) for i in out["indices"].tolist()]))
             return out
 
-        def recording_insert(buffer, labels):
-            slots, rows = insert(buffer, labels)
-            by_row = [-1] * len(labels)  # a row that lost its slot to a later row of the batch is not stored
+        def recording_insert(buffer, offered):
+            slots, rows = insert(buffer, offered)
+            by_row = [-1] * len(offered.labels)  # a row that lost its slot to a later row of the batch is not stored
             for s, r in zip(slots.tolist(), rows.tolist()):
                 by_row[r] = s
             self.slots.extend(by_row)
