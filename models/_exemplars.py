@@ -16,6 +16,14 @@ from datasets import DATASETS
 from utils.errors import ConfigError
 
 
+def check_task_share(name: str, args: argparse.Namespace) -> None:
+    """Refuse, with one sentence, a buffer too small to keep --buffer_size // n_tasks >= 1 examples of each task."""
+    n_tasks = args.n_tasks if args.n_tasks is not None else DATASETS.get(args.dataset).N_TASKS
+    if args.buffer_size < n_tasks:
+        raise ConfigError(f"{name} keeps --buffer_size // n_tasks examples of each task, none with --buffer_size "
+                          f"{args.buffer_size} over {n_tasks} tasks; pass --buffer_size of at least {n_tasks}")
+
+
 def check_class_incremental(name: str, args: argparse.Namespace) -> None:
     """Refuse, with one sentence, a dataset that is not class-incremental or a buffer without a slot per class."""
     dataset = DATASETS.get(args.dataset)

@@ -18,10 +18,9 @@ from __future__ import annotations
 
 import torch
 
-from datasets import DATASETS
 from models import ContinualModel, register_model
+from models._exemplars import check_task_share
 from utils import draws
-from utils.errors import ConfigError
 
 
 def project(g: torch.Tensor, g_ref: torch.Tensor) -> torch.Tensor:
@@ -63,10 +62,7 @@ class AGem(ContinualModel):
     @classmethod
     def check_args(cls, args):
         super().check_args(args)
-        n_tasks = args.n_tasks if args.n_tasks is not None else DATASETS.get(args.dataset).N_TASKS
-        if args.buffer_size < n_tasks:
-            raise ConfigError(f"agem keeps --buffer_size // n_tasks examples of each task, none with --buffer_size "
-                              f"{args.buffer_size} over {n_tasks} tasks; pass --buffer_size of at least {n_tasks}")
+        check_task_share(cls.NAME, args)
 
     def observe(self, inputs, labels, not_aug_inputs, indices, task):
         return self.loss(self.net(inputs), labels)

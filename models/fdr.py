@@ -28,9 +28,8 @@ from __future__ import annotations
 
 import torch
 
-from datasets import DATASETS
 from models import ContinualModel, register_model
-from utils.errors import ConfigError
+from models._exemplars import check_task_share
 
 
 def function_distance(outputs: torch.Tensor, stored_logits: torch.Tensor) -> torch.Tensor:
@@ -53,11 +52,7 @@ class Fdr(ContinualModel):
 
     @classmethod
     def check_args(cls, args):
-        n_tasks = args.n_tasks if args.n_tasks is not None else DATASETS.get(args.dataset).N_TASKS
-        if args.buffer_size < n_tasks:
-            raise ConfigError(f"fdr keeps --buffer_size // T examples of each of the T tasks seen, none with "
-                              f"--buffer_size {args.buffer_size} over {n_tasks} tasks; pass --buffer_size of at "
-                              f"least {n_tasks}")
+        check_task_share(cls.NAME, args)
 
     def observe(self, inputs, labels, not_aug_inputs, indices, task):
         loss = self.loss(self.net(inputs), labels)

@@ -38,8 +38,8 @@ import importlib.util
 import numpy as np
 import torch
 
-from datasets import DATASETS
 from models import ContinualModel, register_model
+from models._exemplars import check_task_share
 from models.agem import flat_gradients, write_gradients
 from utils.errors import ConfigError
 
@@ -74,10 +74,7 @@ class Gem(ContinualModel):
 
     @classmethod
     def check_args(cls, args):
-        n_tasks = args.n_tasks if args.n_tasks is not None else DATASETS.get(args.dataset).N_TASKS
-        if args.buffer_size < n_tasks:
-            raise ConfigError(f"gem keeps --buffer_size // n_tasks examples of each task, none with --buffer_size "
-                              f"{args.buffer_size} over {n_tasks} tasks; pass --buffer_size of at least {n_tasks}")
+        check_task_share(cls.NAME, args)
         if importlib.util.find_spec("quadprog") is None:
             raise ConfigError("gem solves its projection with quadprog, which is not installed; pip install "
                               "quadprog (it is in requirements.txt)")
