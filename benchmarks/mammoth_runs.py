@@ -87,6 +87,7 @@ REFERENCE = REPO / "tests" / "fixtures" / "mammoth_runs.json"
 IDENTICAL = ("sgd", "er", "der", "derpp", "er_ace", "agem", "si", "gss", "icarl")
 # row: (method, this program's extra flags), for runs that isolate a difference
 VARIANTS: dict[str, tuple[str, list[str]]] = {}
+DIVERGED = {"mammoth": "assert not torch.isnan(loss)", "ours": "the training loss became "}
 MAMMOTH_RAW = re.compile(r"Raw accuracy values: Class-IL (\[[^\]]*\]) \| Task-IL (\[[^\]]*\])")
 OURS_ROW = re.compile(r"^after (\d+)((?:\s+[0-9.]+)+)\s*$", re.MULTILINE)
 
@@ -128,6 +129,8 @@ def run_one(side: str, model: str, seed: int, data: Path, store: Path, cli, env:
     done = subprocess.run(argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True, errors="replace")
     matrices = (mammoth_matrices if side == "mammoth" else ours_matrices)(done.stdout)
+    if done.returncode != 0 and DIVERGED[side] in done.stdout:  # a NaN loss: Mammoth asserts, ours ends the run
+        return {"side": side, "model": model, "seed": seed, "matrices": None}
     if done.returncode != 0 or matrices is None:
         sys.exit(f"{side} {model} seed {seed} failed (exit {done.returncode}): {' '.join(argv)}\n{done.stdout[-3000:]}")
     return {"side": side, "model": model, "seed": seed, "matrices": matrices}
@@ -147,6 +150,9 @@ def table(records: list[dict], models: list[str], seeds: list[int]) -> str:
     for model in models:
         pairs = [(by[("mammoth", model, s)], by[("ours", model, s)]) for s in seeds
                  if ("mammoth", model, s) in by and ("ours", model, s) in by]
+        diverged = sum(m["matrices"] is None and o["matrices"] is None for m, o in pairs)
+        one_side = sum((m["matrices"] is None) != (o["matrices"] is None) for m, o in pairs)
+        pairs = [(m, o) for m, o in pairs if m["matrices"] is not None and o["matrices"] is not None]
         if not pairs:
             continue
         same = sum(m["matrices"] == o["matrices"] for m, o in pairs)
@@ -155,7 +161,9 @@ def table(records: list[dict], models: list[str], seeds: list[int]) -> str:
         spread = (lambda v: f"{statistics.mean(v):.1f} ± {statistics.stdev(v):.1f}") if len(pairs) > 1 else \
             (lambda v: f"{v[0]:.1f}")
         p = f"{welch_p(ours, theirs):.2f}" if len(pairs) > 1 and theirs != ours else "–"
-        lines.append(f"| {model} {' '.join(MAMMOTH_FLAGS.get(model, []))} | {same} of {len(pairs)} | {setting} | "
+        lines.append(f"| {model} {' '.join(MAMMOTH_FLAGS.get(model, []))} | {same} of {len(pairs)}"
+                     f"{f' (and {diverged} diverged on both sides)' if diverged else ''}"
+                     f"{f' ({one_side} diverged on one side only)' if one_side else ''} | {setting} | "
                      f"{spread(theirs)} | {spread(ours)} | {p} |")
     return "\n".join(lines)
 
@@ -225,8 +233,8 @@ def main() -> None:
         write_digits_as_mnist(data)
         with ThreadPoolExecutor(cli.jobs) as pool:
             for record in pool.map(lambda job: run_one(*job, data, Path(scratch), cli, env), todo):
-                print(f"  {record['side']} {record['model']} seed {record['seed']}: final class-IL "
-                      f"{final_class_il(record):.2f}", flush=True)
+                outcome = "diverged" if record["matrices"] is None else f"final class-IL {final_class_il(record):.2f}"
+                print(f"  {record['side']} {record['model']} seed {record['seed']}: {outcome}", flush=True)
                 sink.write(json.dumps(record) + "\n")
                 sink.flush()
                 records.append(record)
