@@ -47,6 +47,25 @@ def write_gradients(params: list[torch.nn.Parameter], flat: torch.Tensor) -> Non
             p.grad.copy_(chunk)
 
 
+def store_from_task(model: ContinualModel, task: int, choose) -> None:
+    """Offer the rows `choose(n, device)` of the task's n training examples, unaugmented, to the model's buffer
+    with their task label (A-GEM's and GEM's memory); with a memorization --buffer_policy the policy chooses the
+    task's share instead, after this (the replay contract's re-selection)."""
+    if model.reselects_buffer():
+        return
+    data = model.training_data(task)
+    rows = choose(len(data), data.labels.device)
+    indices = data.indices[rows]
+    model.buffer.add_data(data.images[rows], data.labels[rows], indices=indices,
+                          task_labels=torch.full_like(indices, task))
+
+
+def random_share(model: ContinualModel):
+    """`choose` for store_from_task: a uniform draw of --buffer_size // n_tasks rows."""
+    per_task = model.args.buffer_size // model.dataset.n_tasks
+    return lambda n, device: torch.randperm(n, device=device)[:per_task]
+
+
 @register_model("agem")
 class AGem(ContinualModel):
     """Stream cross-entropy; the gradient is projected against the memory's in `after_backward`."""
@@ -83,13 +102,8 @@ class AGem(ContinualModel):
 
     @torch.no_grad()
     def end_task(self, task):
-        if self.reselects_buffer():
-            return  # the --buffer_policy chooses the task's share after this
-        data = self.training_data(task)
         if self.args.agem_memory == "share":
-            rows = torch.randperm(len(data), device=data.labels.device)[:self.args.buffer_size // self.dataset.n_tasks]
+            store_from_task(self, task, random_share(self))
         else:
-            rows = draws.stream_order(len(data), data.labels.device, task, kind="batch")[:self.args.batch_size]
-        indices = data.indices[rows]
-        self.buffer.add_data(data.images[rows], data.labels[rows], indices=indices,
-                             task_labels=torch.full_like(indices, task))
+            store_from_task(self, task,
+                            lambda n, device: draws.stream_order(n, device, task, kind="batch")[:self.args.batch_size])

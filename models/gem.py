@@ -40,7 +40,7 @@ import torch
 
 from models import ContinualModel, register_model
 from models._exemplars import check_task_share
-from models.agem import flat_gradients, write_gradients
+from models.agem import flat_gradients, random_share, store_from_task, write_gradients
 from utils.errors import ConfigError
 
 DIAGONAL_EPS = 1e-3  # added to the memories' Gram matrix (Mammoth's project2cone2 and the GEM authors' code)
@@ -107,10 +107,4 @@ class Gem(ContinualModel):
 
     @torch.no_grad()
     def end_task(self, task):
-        if self.reselects_buffer():
-            return  # the --buffer_policy chooses the task's share after this
-        data = self.training_data(task)
-        rows = torch.randperm(len(data), device=data.labels.device)[:self.args.buffer_size // self.dataset.n_tasks]
-        indices = data.indices[rows]
-        self.buffer.add_data(data.images[rows], data.labels[rows], indices=indices,
-                             task_labels=torch.full_like(indices, task))
+        store_from_task(self, task, random_share(self))
